@@ -1,0 +1,90 @@
+"""Attention probabilities on chosen layers, without eager attention everywhere.
+
+One attention function, registered with transformers under the name ``infoflow``, runs SDPA as usual.
+Inside :func:`capture`, it also accumulates the question's attention norm on the scoring layers, and
+it can stop the forward once a given layer is done, so no layer after the last one needed ever runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+ATTN_IMPLEMENTATION = "infoflow"
+QUERY_CHUNK = 256  # question rows per probability block: bounds memory at (heads, 256, keys)
+
+
+class StopForward(Exception):
+    """Raised inside the forward once the last layer that matters has run."""
+
+
+@dataclass
+class Capture:
+    score_layers: frozenset[int]  # layers whose attention norm is accumulated
+    n_keys: int  # the first n_keys keys are the scored context
+    stop_after: int  # raise StopForward after this layer's attention (or right after its K/V for cacheblend)
+    stop_before_attention: bool = False  # True: only the layer's K/V are wanted, skip its attention
+    scores: torch.Tensor | None = None  # (n_keys,) sum over scoring layers of s_l
+    layers_seen: list[int] = field(default_factory=list)
+
+
+_active: ContextVar[Capture | None] = ContextVar("infoflow_capture", default=None)
+
+
+@contextlib.contextmanager
+def capture(c: Capture) -> Iterator[Capture]:
+    token = _active.set(c)
+    try:
+        yield c
+    finally:
+        _active.reset(token)
+
+
+def attention_norm(
+    query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float, n_keys: int
+) -> torch.Tensor:
+    """s[k] = || mean_heads softmax(QK^T * scaling + mask)[:, k] ||_2 over question rows, for the first n_keys keys.
+
+    query: (1, heads, q, d); key: (1, kv_heads, K, d) (GQA: expanded to the query heads);
+    mask: additive (1, 1, q, K) or None. Returns (n_keys,) float32.
+    """
+    heads, kv_heads = query.shape[1], key.shape[1]
+    key = key.repeat_interleave(heads // kv_heads, dim=1).float()  # (1, heads, K, d)
+    sq = torch.zeros(n_keys, dtype=torch.float32, device=query.device)
+    for start in range(0, query.shape[2], QUERY_CHUNK):
+        q = query[:, :, start : start + QUERY_CHUNK].float()  # (1, heads, c, d)
+        logits = q @ key.transpose(-1, -2) * scaling  # (1, heads, c, K)
+        if mask is not None:
+            logits = logits + mask[:, :, start : start + QUERY_CHUNK].float()
+        probs = logits.softmax(dim=-1).mean(dim=1)[0]  # (c, K)
+        sq += probs[:, :n_keys].pow(2).sum(dim=0)
+    return sq.sqrt()
+
+
+def infoflow_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    c = _active.get()
+    layer = getattr(module, "layer_idx", None)
+    if c is not None and layer == c.stop_after and c.stop_before_attention:
+        raise StopForward
+    if c is not None and layer in c.score_layers:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        s = attention_norm(query, key, attention_mask, scale, c.n_keys)
+        c.scores = s if c.scores is None else c.scores + s
+        c.layers_seen.append(layer)
+    if c is not None and layer == c.stop_after:
+        raise StopForward
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def register() -> str:
+    """Register the attention function and its mask function (without the latter the mask silently becomes None)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, infoflow_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    return ATTN_IMPLEMENTATION

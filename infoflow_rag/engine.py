@@ -1,0 +1,371 @@
+"""The engine: answer a question over passages by reusing their KV caches and recomputing a few tokens.
+
+    place (global RoPE) -> [reorder] -> score/select -> recompute -> decode
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from . import attention, forward
+from .decode import GenerationConfig, generate_tokens, text_deltas
+from .kv import PassageKV
+from .layout import GEOMETRIES, Layout, PlacedContext, Segment, place
+from .models import DEFAULT_MODEL, LoadedModel, load_model
+from .prompt import DEFAULT_QUESTION_TEMPLATE, PromptFormat, QuestionBlock, encode, encode_passage, encode_question
+from .result import AnswerResult, StageTimings
+from .selectors import (
+    DEFAULT_RATIO,
+    InfoFlowSelector,
+    Probe,
+    Selector,
+    default_score_layers,
+    make_selector,
+    ratio_budget,
+    top_candidates,
+)
+from .support import check_supported
+
+Passage = str | PassageKV
+PREFILL_BATCH_TOKENS = 4096  # padded tokens per prefill forward: bounds activation memory
+
+
+GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "seed", "stop")
+
+
+@dataclass(frozen=True)
+class QueryOptions:
+    selector: str = "infoflow"
+    ratio: float = DEFAULT_RATIO
+    reorder: bool = False
+    geometry: str = "global"
+    selector_options: tuple[tuple[str, object], ...] = ()
+
+    def make_selector(self, score_layers: list[int]) -> Selector:
+        sel = make_selector(self.selector, **dict(self.selector_options))
+        if isinstance(sel, InfoFlowSelector) and sel.layers is None:
+            sel.layers = score_layers
+        return sel
+
+
+@dataclass
+class Prepared:
+    """A query made ready to decode: the cache holds the whole prompt, ``out.logits`` the first token's."""
+
+    layout: Layout
+    placed: PlacedContext
+    chosen: torch.Tensor  # (s,) recomputed indices into the placed tokens
+    selector: str
+    options: QueryOptions
+    out: forward.Recomputed
+    timings: StageTimings
+    t0: float  # perf_counter at the call, for TTFT
+
+
+class Engine:
+    """A loaded model plus its fixed prompt prefix, ready to prefill passages and answer over them."""
+
+    def __init__(
+        self,
+        model: LoadedModel | str = DEFAULT_MODEL,
+        *,
+        system_prompt: str | None = None,
+        score_layers: list[int] | None = None,
+        check: bool = True,
+    ):
+        loaded = load_model(model) if isinstance(model, str) else model
+        check_supported(loaded.model.config)
+        self.loaded = loaded
+        self.model: PreTrainedModel = loaded.model
+        self.tokenizer: PreTrainedTokenizerBase = loaded.tokenizer
+        self.model.eval()
+        self.model.config._attn_implementation = attention.register()
+        self.format = PromptFormat.for_tokenizer(self.tokenizer, system_prompt)
+        self.prefix = forward.prefill_prefix(self.model, encode(self.tokenizer, self.format.head))
+        self.inv_freq = self.model.model.rotary_emb.inv_freq.detach().float()  # (head_dim/2,)
+        self.num_layers = self.model.config.num_hidden_layers
+        self.score_layers = score_layers or default_score_layers(self.num_layers)
+        bad = [layer for layer in self.score_layers if not 0 <= layer < self.num_layers]
+        if bad:
+            raise ValueError(f"score_layers {bad} out of range for a {self.num_layers}-layer model")
+        self.max_positions = int(self.model.config.max_position_embeddings)
+        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        if check:
+            from .check import run_check  # the gate drives this engine, so it imports lazily
+
+            report = run_check(self, thorough=False)
+            report.raise_if_failed()
+
+    # --- identity -------------------------------------------------------------------------------------
+
+    @property
+    def fingerprint(self) -> str:
+        """Everything a passage KV depends on: weights identity, config, dtype, prefix and separator tokens."""
+        config = {k: v for k, v in self.model.config.to_dict().items()
+                  if not k.startswith("_") and k not in ("transformers_version",)}
+        blob = json.dumps({
+            "model": self.loaded.name, "sha256": self.loaded.sha256, "config": config,
+            "dtype": str(self.model.dtype), "prefix": self.prefix.token_ids.tolist(),
+            "separator": self.format.separator,
+        }, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    @property
+    def model_info(self) -> dict:
+        cfg = self.model.config
+        return {"name": self.loaded.name, "sha256": self.loaded.sha256, "model_type": cfg.model_type,
+                "layers": self.num_layers, "dtype": str(self.model.dtype).removeprefix("torch."),
+                "score_layers": self.score_layers, "max_positions": self.max_positions,
+                "prompt_head": self.format.head, "prompt_tail": self.format.tail}
+
+    # --- passages -------------------------------------------------------------------------------------
+
+    def passage_ids(self, text: str) -> list[int]:
+        ids = encode_passage(self.tokenizer, self.format, text)
+        if len(ids) + len(self.prefix) > self.max_positions:
+            raise ValueError(
+                f"passage of {len(ids)} tokens does not fit the {self.max_positions}-token context window "
+                f"behind the {len(self.prefix)}-token prefix; split it into smaller passages"
+            )
+        return ids
+
+    def prefill(self, passages: Sequence[str], progress: bool = False) -> list[PassageKV]:
+        """Prefill passages alone behind the prefix, batching similar lengths; returns KVs in input order."""
+        ids = [self.passage_ids(text) for text in passages]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out: list[PassageKV | None] = [None] * len(ids)
+        bar = tqdm(total=len(ids), desc="prefill", unit="passage", disable=not progress)
+        start = 0
+        while start < len(order):
+            end = start + 1  # grow the batch while the padded size stays under the token bound
+            while end < len(order) and (end + 1 - start) * len(ids[order[end]]) <= PREFILL_BATCH_TOKENS:
+                end += 1
+            batch = order[start:end]
+            for i, kv in zip(batch, forward.prefill_passages(self.model, self.prefix, [ids[i] for i in batch]),
+                             strict=True):
+                out[i] = kv
+            bar.update(len(batch))
+            start = end
+        bar.close()
+        return out  # type: ignore[return-value]
+
+    # --- answering ------------------------------------------------------------------------------------
+
+    def answer(self, question: str, passages: Sequence[Passage], **kwargs) -> AnswerResult:
+        """Answer ``question`` over ``passages`` (texts or prefilled :class:`PassageKV`, in prompt order).
+
+        Keyword options: selector ("infoflow", "cacheblend", "epic", "random", "none", "full"), ratio,
+        reorder, geometry, template, selector_options, and generation settings (max_new_tokens,
+        temperature, top_p, seed, stop).
+        """
+        stream = self.stream(question, passages, **kwargs)
+        for _ in stream:
+            pass
+        return stream.result
+
+    def stream(self, question: str, passages: Sequence[Passage], **kwargs) -> AnswerStream:
+        """Like :meth:`answer`, but iterate to receive text deltas; ``.result`` is set once exhausted."""
+        generation = {k: kwargs.pop(k) for k in list(kwargs) if k in GENERATION_KEYS}
+        gen = GenerationConfig(**generation)
+        prepared = self.prepare(question, passages, max_new_tokens=gen.max_new_tokens, **kwargs)
+        return AnswerStream(self._decode(prepared, gen))
+
+    def prepare(
+        self,
+        question: str,
+        passages: Sequence[Passage],
+        *,
+        selector: str = "infoflow",
+        ratio: float = DEFAULT_RATIO,
+        reorder: bool = False,
+        geometry: str = "global",
+        template: str = DEFAULT_QUESTION_TEMPLATE,
+        selector_options: dict | None = None,
+        max_new_tokens: int = 0,
+    ) -> Prepared:
+        """Everything up to the first token's logits: place, [reorder], score, select, recompute."""
+        t0 = time.perf_counter()
+        if not passages:
+            raise ValueError("no passages: pass at least one passage (text or PassageKV) to answer over")
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"ratio must be in (0, 1], got {ratio!r}; e.g. 0.15 recomputes 15 % of context tokens")
+        if geometry not in GEOMETRIES:
+            raise ValueError(f"unknown geometry {geometry!r}; choose one of {', '.join(GEOMETRIES)}")
+        opts = QueryOptions(selector, ratio, reorder, geometry, tuple(sorted((selector_options or {}).items())))
+        sel = opts.make_selector(self.score_layers)
+        block = encode_question(self.tokenizer, self.format, question, template)
+        timings = StageTimings()
+
+        # "full" recomputes every passage token anyway: never prefill text passages just to drop their KV.
+        kvs: list[PassageKV | None] = [p if isinstance(p, PassageKV) else None for p in passages]
+        texts = [i for i, p in enumerate(passages) if isinstance(p, str)]
+        if texts and sel.name != "full":
+            for i, kv in zip(texts, self.prefill([passages[i] for i in texts]), strict=True):
+                kvs[i] = kv
+            timings.prefill = time.perf_counter() - t0
+        segments = []
+        for i, kv in enumerate(kvs):
+            if kv is not None and kv.offset != len(self.prefix):
+                raise ValueError(
+                    f"passage {i} was prefilled behind a {kv.offset}-token prefix, this engine's is "
+                    f"{len(self.prefix)}: it comes from another model or prompt format; prefill it again"
+                )
+            ids = kv.token_ids if kv is not None else torch.tensor(self.passage_ids(passages[i]))
+            segments.append(Segment(ids, kv, passage=i))
+
+        if reorder:
+            t = time.perf_counter()
+            segments = self._reorder(segments, block, opts.ratio)
+            timings.reorder = time.perf_counter() - t
+        layout = self._layout(segments, block)
+        if layout.length + max_new_tokens > self.max_positions:
+            raise ValueError(
+                f"prompt of {layout.length} tokens + max_new_tokens={max_new_tokens} exceeds the "
+                f"{self.max_positions}-token context window; pass fewer or shorter passages"
+            )
+
+        t = time.perf_counter()
+        placed = place(layout, self.inv_freq, self.model.dtype, "global")
+        timings.place = time.perf_counter() - t
+        # Scoring may use an ablation geometry; the recompute always runs in the global one.
+        scored = placed if geometry == "global" else place(layout, self.inv_freq, self.model.dtype, geometry)
+        t = time.perf_counter()
+        budget = sel.budget(placed, opts.ratio)
+        chosen = sel.select(scored, budget, self._probe(scored, layout)) if budget else torch.empty(0, dtype=torch.long)
+        timings.score = time.perf_counter() - t
+
+        fresh = [(s, seg) for s, seg in zip(layout.starts(), layout.segments, strict=True) if seg.kv is None]
+        fresh_ids = torch.cat([seg.token_ids for _, seg in fresh])
+        fresh_pos = torch.cat([s + torch.arange(len(seg)) for s, seg in fresh])
+        t = time.perf_counter()
+        out = forward.recompute(self.model, placed, chosen, fresh_ids, fresh_pos)
+        timings.recompute = time.perf_counter() - t
+        return Prepared(layout, placed, chosen, sel.name, opts, out, timings, t0)
+
+    def _decode(self, prep: Prepared, gen: GenerationConfig) -> Iterator[str]:
+        timings = prep.timings
+        t = time.perf_counter()
+        generated: list[int] = []
+
+        def timed(tokens: Iterator[int]) -> Iterator[int]:
+            for token in tokens:
+                if not generated:
+                    timings.first_token = time.perf_counter() - t
+                    timings.ttft = time.perf_counter() - prep.t0
+                generated.append(token)
+                yield token
+
+        out = prep.out
+        tokens = generate_tokens(self.model, out.cache, out.logits, out.next_position, gen, self.eos_ids)
+        answer = []
+        for delta in text_deltas(timed(tokens), self.tokenizer, gen.stop):
+            answer.append(delta)
+            yield delta
+        if not generated:  # EOS straight away: the first token was still picked
+            timings.first_token = time.perf_counter() - t
+            timings.ttft = time.perf_counter() - prep.t0
+        timings.decode = time.perf_counter() - t - timings.first_token
+        return self._result("".join(answer).strip(), prep, len(generated))
+
+    def _layout(self, segments: list[Segment], block: QuestionBlock) -> Layout:
+        # Only the passage right behind the prefix saw exactly its real left context at prefill.
+        placed_segments = [
+            Segment(seg.token_ids, seg.kv, exact=i == 0 and seg.kv is not None, passage=seg.passage)
+            for i, seg in enumerate(segments)
+        ]
+        q_ids = torch.tensor(block.token_ids, dtype=torch.long)
+        q_start = len(self.prefix) + sum(len(s) for s in segments)
+        placed_segments.append(Segment(q_ids))
+        q = block.question
+        return Layout(self.prefix, placed_segments, q_ids[q], q_start + torch.arange(len(q_ids))[q])
+
+    def _probe(self, placed: PlacedContext, layout: Layout) -> Probe:
+        return Probe(
+            question_scores=lambda layers: forward.question_attention_scores(
+                self.model, placed, layout.query_ids, layers),
+            layer_kv=lambda layer: forward.fresh_layer_kv(self.model, placed, layer),
+        )
+
+    def passage_density(self, question: str, passages: Sequence[PassageKV], ratio: float = DEFAULT_RATIO,
+                        template: str = DEFAULT_QUESTION_TEMPLATE) -> dict[int, float]:
+        """r_c = |selected in c| / |c| from one scoring round without RoPE correction (what reorder sorts by)."""
+        segments = [Segment(kv.token_ids, kv, passage=i) for i, kv in enumerate(passages)]
+        return self._density(segments, encode_question(self.tokenizer, self.format, question, template), ratio)
+
+    def _density(self, segments: list[Segment], block: QuestionBlock, ratio: float) -> dict[int, float]:
+        layout = self._layout(segments, block)
+        unplaced = place(layout, self.inv_freq, self.model.dtype, "head-local/tail-prompt")
+        # Every passage competes here, the first one too: its density must be measured like the others'.
+        unplaced.candidate[unplaced.prefix_len:] = True
+        scores = forward.question_attention_scores(self.model, unplaced, layout.query_ids, self.score_layers)
+        chosen = torch.zeros(unplaced.token_ids.numel(), dtype=torch.bool)
+        chosen[top_candidates(scores, unplaced.candidate, ratio_budget(unplaced, ratio))] = True
+        return {p: float(chosen[s:e].sum()) / (e - s) for p, s, e in unplaced.spans}
+
+    def _reorder(self, segments: list[Segment], block: QuestionBlock, ratio: float) -> list[Segment]:
+        """Published ordering: densest passage last, nearest the question (stable sort, ascending)."""
+        if any(seg.kv is None for seg in segments):
+            return segments  # nothing cached to score
+        density = self._density(segments, block, ratio)
+        return sorted(segments, key=lambda seg: density[seg.passage])
+
+    def _result(self, answer: str, prep: Prepared, n_generated: int) -> AnswerResult:
+        layout, chosen = prep.layout, prep.chosen.tolist()
+        selected: dict[int, list[int]] = {p: [i - s for i in chosen if s <= i < e] for p, s, e in prep.placed.spans}
+        for seg in layout.segments:
+            if seg.kv is None and seg.passage is not None:  # computed fresh: every token counts as recomputed
+                selected[seg.passage] = list(range(len(seg)))
+        passages = [seg for seg in layout.segments if seg.passage is not None]
+        return AnswerResult(
+            answer=answer, timings=prep.timings, selector=prep.selector, ratio=prep.options.ratio,
+            geometry=prep.options.geometry, reorder=prep.options.reorder,
+            passage_order=[seg.passage for seg in passages], selected=selected,
+            passage_tokens={seg.passage: seg.token_ids.tolist() for seg in passages},
+            context_tokens=sum(len(seg) for seg in passages), prompt_tokens=layout.length,
+            generated_tokens=n_generated,
+        )
+
+    # --- reference ------------------------------------------------------------------------------------
+
+    def prompt_ids(self, question: str, passages: Sequence[str], template: str = DEFAULT_QUESTION_TEMPLATE) -> list[int]:
+        """The exact token sequence every method answers from (prefix + passages + question block)."""
+        ids = self.prefix.token_ids.tolist()
+        for text in passages:
+            ids += self.passage_ids(text)
+        return ids + encode_question(self.tokenizer, self.format, question, template).token_ids
+
+    def full_prefill_answer(self, question: str, passages: Sequence[str], template: str = DEFAULT_QUESTION_TEMPLATE,
+                            **generation) -> tuple[str, torch.Tensor]:
+        """Plain prefill of the whole prompt, nothing cached: the reference answer and first-token logits."""
+        gen = GenerationConfig(**generation)
+        out = forward.full_prefill(self.model, self.prompt_ids(question, passages, template))
+        tokens = generate_tokens(self.model, out.cache, out.logits, out.next_position, gen, self.eos_ids)
+        return "".join(text_deltas(tokens, self.tokenizer, gen.stop)).strip(), out.logits
+
+
+class AnswerStream:
+    """Iterate for text deltas; after the last one, ``result`` holds the :class:`AnswerResult`."""
+
+    def __init__(self, run):
+        self._run = run
+        self.result: AnswerResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        self.result = yield from self._run
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = ids if isinstance(ids, list) else [ids]
+    return {int(i) for i in [*ids, tokenizer.eos_token_id] if i is not None}
+
+
+__all__ = ["AnswerStream", "Engine", "Prepared"]

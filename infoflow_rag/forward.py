@@ -1,0 +1,163 @@
+"""Every model forward the engine runs, each a stock ``model(...)`` call with explicit positions and mask.
+
+An explicit additive 4D mask is always passed: with SDPA and no mask transformers assumes is_causal,
+which is wrong for sparse queries, and a bool mask would be wrong under eager attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from .attention import Capture, StopForward, capture
+from .kv import PassageKV
+from .layout import PlacedContext
+
+
+def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (1, 1, q, K): query i sees key j iff pos_k[j] <= pos_q[i]."""
+    visible = k_pos[None, :] <= q_pos[:, None]  # (q, K)
+    mask = torch.zeros(visible.shape, dtype=dtype)
+    mask.masked_fill_(~visible, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def cache_from(keys: torch.Tensor, values: torch.Tensor) -> DynamicCache:
+    """keys/values (layers, kv_heads, n, head_dim) or (layers, B, kv_heads, n, head_dim) -> DynamicCache."""
+    if keys.dim() == 4:
+        keys, values = keys[:, None], values[:, None]
+    return DynamicCache(ddp_cache_data=list(zip(keys.unbind(0), values.unbind(0), strict=True)))
+
+
+def stacked(cache: DynamicCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """DynamicCache -> keys, values (layers, B, kv_heads, n, head_dim)."""
+    return torch.stack([layer.keys for layer in cache.layers]), torch.stack([layer.values for layer in cache.layers])
+
+
+@torch.inference_mode()
+def prefill_prefix(model: PreTrainedModel, prefix_ids: list[int]) -> PassageKV:
+    """The fixed prefix at positions 0 .. p-1 (the attention sink every passage is prefilled behind)."""
+    ids = torch.tensor(prefix_ids, dtype=torch.long)
+    cache = DynamicCache()
+    model(input_ids=ids[None], position_ids=torch.arange(len(ids))[None], past_key_values=cache, logits_to_keep=1)
+    keys, values = stacked(cache)
+    return PassageKV(ids, keys[:, 0], values[:, 0], offset=0)
+
+
+@torch.inference_mode()
+def prefill_passages(model: PreTrainedModel, prefix: PassageKV, passages: list[list[int]]) -> list[PassageKV]:
+    """Prefill one batch of passages, each alone behind ``prefix``, at local positions p .. p+n-1.
+
+    Right padding keeps this exact: under the causal mask no real token sees the padding after it.
+    """
+    p, longest = len(prefix), max(len(t) for t in passages)
+    ids = torch.zeros(len(passages), longest, dtype=torch.long)  # (B, n), padded with token 0
+    for row, tokens in enumerate(passages):
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+    positions = p + torch.arange(longest)
+    dtype = model.dtype
+    batch = len(passages)
+    cache = cache_from(prefix.keys.to(dtype)[:, None].expand(-1, batch, -1, -1, -1),
+                       prefix.values.to(dtype)[:, None].expand(-1, batch, -1, -1, -1))
+    mask = position_mask(positions, torch.cat([torch.arange(p), positions]), dtype)
+    model(input_ids=ids, position_ids=positions.expand(batch, -1), attention_mask=mask,
+          past_key_values=cache, logits_to_keep=1)
+    keys, values = stacked(cache)  # (layers, B, kv_heads, p + longest, head_dim)
+    return [
+        PassageKV(ids[row, : len(t)].clone(), keys[:, row, :, p : p + len(t)].clone(),
+                  values[:, row, :, p : p + len(t)].clone(), offset=p)
+        for row, t in enumerate(passages)
+    ]
+
+
+@torch.inference_mode()
+def question_attention_scores(
+    model: PreTrainedModel, placed: PlacedContext, query_ids: torch.Tensor, layers: list[int]
+) -> torch.Tensor:
+    """InfoFlow score: mean over ``layers`` of the question's attention norm on each cached token. -> (N,)
+
+    Only the question tokens run, on top of the placed cache, and the forward stops after the last
+    scoring layer. The scoring cache is a throwaway: the placed tensors are never written to.
+    """
+    n = placed.token_ids.numel()
+    q_pos = placed.query_positions
+    # The question sees the whole context (any geometry) and itself causally.
+    k_pos = torch.cat([torch.full((n,), -1), q_pos])
+    mask = position_mask(q_pos, k_pos, model.dtype)
+    c = Capture(score_layers=frozenset(layers), n_keys=n, stop_after=max(layers))
+    with capture(c):
+        try:
+            model(input_ids=query_ids[None], position_ids=q_pos[None], attention_mask=mask,
+                  past_key_values=cache_from(placed.keys, placed.values), logits_to_keep=1)
+        except StopForward:
+            pass
+    if c.scores is None:
+        raise RuntimeError("no scoring layer ran: is the model using the 'infoflow' attention implementation?")
+    return c.scores / len(c.layers_seen)
+
+
+@torch.inference_mode()
+def fresh_layer_kv(model: PreTrainedModel, placed: PlacedContext, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V of every cached passage token at ``layer`` under full causal attention over the placed context.
+
+    The prefix stays cached (it is exact); everything after it runs through layers 0..layer only.
+    Returns keys, values (kv_heads, N - p, head_dim) for the tokens after the prefix.
+    """
+    p = placed.prefix_len
+    ids, pos = placed.token_ids[p:], placed.positions[p:]
+    mask = position_mask(pos, placed.positions, model.dtype)
+    cache = cache_from(placed.keys[:, :, :p], placed.values[:, :, :p])
+    with capture(Capture(score_layers=frozenset(), n_keys=0, stop_after=layer, stop_before_attention=True)):
+        try:
+            model(input_ids=ids[None], position_ids=pos[None], attention_mask=mask, past_key_values=cache,
+                  logits_to_keep=1)
+        except StopForward:
+            pass
+    return cache.layers[layer].keys[0, :, p:], cache.layers[layer].values[0, :, p:]
+
+
+@dataclass
+class Recomputed:
+    logits: torch.Tensor  # (vocab,) float32: next-token logits after the last prompt token
+    cache: DynamicCache  # unselected cached tokens + recomputed + fresh tokens (order irrelevant: keys carry RoPE)
+    next_position: int  # position of the first generated token
+
+
+@torch.inference_mode()
+def recompute(
+    model: PreTrainedModel,
+    placed: PlacedContext,
+    selected: torch.Tensor,
+    fresh_ids: torch.Tensor,
+    fresh_positions: torch.Tensor,
+) -> Recomputed:
+    """Run selected cached tokens + fresh tokens through every layer at their global positions.
+
+    selected: (s,) indices into the placed tokens. The cache holds the other cached tokens; the forward
+    appends fresh K/V for the inputs, which attend to the mixed cache under pos_k <= pos_q. Unselected
+    tokens are never forwarded.
+    """
+    keep = torch.ones(placed.token_ids.numel(), dtype=torch.bool)
+    keep[selected] = False
+    inputs = torch.cat([placed.token_ids[selected], fresh_ids])
+    in_pos = torch.cat([placed.positions[selected], fresh_positions])
+    order = in_pos.argsort()
+    inputs, in_pos = inputs[order], in_pos[order]
+    mask = position_mask(in_pos, torch.cat([placed.positions[keep], in_pos]), model.dtype)
+    cache = cache_from(placed.keys[:, :, keep], placed.values[:, :, keep])
+    out = model(input_ids=inputs[None], position_ids=in_pos[None], attention_mask=mask, past_key_values=cache,
+                logits_to_keep=1)
+    return Recomputed(out.logits[0, -1].float(), cache, int(in_pos.max()) + 1)
+
+
+@torch.inference_mode()
+def full_prefill(model: PreTrainedModel, ids: list[int]) -> Recomputed:
+    """The reference: the whole prompt in one plain causal forward, nothing cached."""
+    t = torch.tensor(ids, dtype=torch.long)
+    pos = torch.arange(len(ids))
+    cache = DynamicCache()
+    out = model(input_ids=t[None], position_ids=pos[None], attention_mask=position_mask(pos, pos, model.dtype),
+                past_key_values=cache, logits_to_keep=1)
+    return Recomputed(out.logits[0, -1].float(), cache, len(ids))

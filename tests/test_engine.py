@@ -1,0 +1,215 @@
+"""Exact-equivalence backbone on tiny random models of every supported family."""
+
+import pytest
+import torch
+from conftest import PASSAGES, QUESTION
+from tiny import tiny_model
+from transformers import DynamicCache
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from infoflow_rag.check import rotation_error
+from infoflow_rag.engine import Engine
+from infoflow_rag.errors import UnsupportedModelError
+from infoflow_rag.selectors import SELECTORS
+
+
+def test_rerotated_keys_equal_keys_at_global_positions(family_engine):
+    assert rotation_error(family_engine, n_tokens=48, delta=3000) < 1e-4
+
+
+def test_full_recompute_reproduces_full_prefill(family_engine):
+    e = family_engine
+    kvs = e.prefill(PASSAGES)
+    for selector, ratio in [("full", 0.15), ("infoflow", 1.0), ("random", 1.0)]:
+        prep = e.prepare(QUESTION, kvs, selector=selector, ratio=ratio)
+        _, reference = e.full_prefill_answer(QUESTION, PASSAGES, max_new_tokens=1)
+        assert (prep.out.logits - reference).abs().max() <= 1e-4, selector
+    answer = e.answer(QUESTION, kvs, selector="infoflow", ratio=1.0, max_new_tokens=12).answer
+    assert answer == e.full_prefill_answer(QUESTION, PASSAGES, max_new_tokens=12)[0]
+
+
+def _concatenation_reference(e: Engine, question: str, passages: list[str]) -> torch.Tensor:
+    """Independent 0 % reference: plain per-passage forwards, keys moved with transformers' own RoPE code."""
+    model, prefix = e.model, e.prefix.token_ids
+    rotary = model.model.rotary_emb
+    keys, values = None, None
+    pos = len(prefix)
+    for text in passages:
+        ids = torch.tensor(e.passage_ids(text))
+        cache = DynamicCache()
+        model(input_ids=torch.cat([prefix, ids])[None], past_key_values=cache)
+        k = torch.stack([layer.keys[0, :, len(prefix):] for layer in cache.layers])  # (L, kvh, n, d)
+        v = torch.stack([layer.values[0, :, len(prefix):] for layer in cache.layers])
+        delta = torch.full((1, ids.numel()), pos - len(prefix))
+        cos, sin = rotary(k, delta)
+        cos, sin = cos / rotary.attention_scaling, sin / rotary.attention_scaling
+        _, k = apply_rotary_pos_emb(k, k, cos, sin)
+        if keys is None:  # the prefix rows come from the first passage's forward, exact
+            keys = torch.stack([layer.keys[0, :, : len(prefix)] for layer in cache.layers])
+            values = torch.stack([layer.values[0, :, : len(prefix)] for layer in cache.layers])
+        keys, values = torch.cat([keys, k], 2), torch.cat([values, v], 2)
+        pos += ids.numel()
+    q_ids = torch.tensor(e.prompt_ids(question, passages)[pos:])
+    q_pos = pos + torch.arange(q_ids.numel())
+    cache = DynamicCache(ddp_cache_data=[(k[None], v[None]) for k, v in zip(keys, values, strict=True)])
+    mask = torch.zeros(1, 1, q_ids.numel(), pos + q_ids.numel())
+    mask[0, 0, :, pos:] = torch.triu(torch.full((q_ids.numel(), q_ids.numel()), float("-inf")), 1)
+    out = model(input_ids=q_ids[None], position_ids=q_pos[None], attention_mask=mask, past_key_values=cache)
+    return out.logits[0, -1]
+
+
+def test_zero_recompute_equals_plain_concatenation(family_engine):
+    e = family_engine
+    prep = e.prepare(QUESTION, e.prefill(PASSAGES), selector="none")
+    assert prep.chosen.numel() == 0
+    reference = _concatenation_reference(e, QUESTION, PASSAGES)
+    assert (prep.out.logits - reference).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["infoflow", "cacheblend", "epic", "random"])
+@pytest.mark.parametrize("ratio", [0.05, 0.15, 0.5])
+def test_selectors_spend_exactly_their_budget(engine, name, ratio):
+    kvs = engine.prefill(PASSAGES)
+    prep = engine.prepare(QUESTION, kvs, selector=name, ratio=ratio)
+    total = sum(len(kv) for kv in kvs)
+    assert prep.chosen.numel() == max(1, int(ratio * total))
+    assert torch.equal(prep.chosen, prep.chosen.unique())  # sorted, no repeats
+    first_start, first_end = prep.placed.spans[0][1:]
+    assert not ((prep.chosen >= first_start) & (prep.chosen < first_end)).any(), "first passage is exact"
+
+
+def test_none_and_full_budgets(engine):
+    kvs = engine.prefill(PASSAGES)
+    assert engine.prepare(QUESTION, kvs, selector="none").chosen.numel() == 0
+    full = engine.answer(QUESTION, kvs, selector="full", max_new_tokens=2)
+    assert full.recompute_fraction == 1.0
+
+
+def test_epic_takes_the_head_of_each_passage(engine):
+    kvs = engine.prefill(PASSAGES)
+    r = engine.answer(QUESTION, kvs, selector="epic", selector_options={"k": 3}, max_new_tokens=1)
+    assert r.selected == {0: [], 1: [0, 1, 2], 2: [0, 1, 2], 3: [0, 1, 2]}
+
+
+def test_infoflow_scores_follow_the_question(engine):
+    """The attention norm is computed, finite and differs between questions (it is not a constant)."""
+    kvs = engine.prefill(PASSAGES)
+    a = engine.answer("Who won two Nobel prizes?", kvs, ratio=0.1, max_new_tokens=1).selected
+    b = engine.answer("Where does the Rhine rise?", kvs, ratio=0.1, max_new_tokens=1).selected
+    assert a != b
+
+
+def test_reorder_puts_densest_passage_last_and_keeps_all(engine):
+    kvs = engine.prefill(PASSAGES)
+    r = engine.answer(QUESTION, kvs, reorder=True, max_new_tokens=1)
+    assert sorted(r.passage_order) == list(range(len(PASSAGES)))
+    densities = engine.passage_density(QUESTION, kvs)
+    assert len(set(densities.values())) > 1, "densities should differ, or the order test proves nothing"
+    assert r.passage_order == sorted(range(len(PASSAGES)), key=lambda i: densities[i])
+    assert densities[r.passage_order[-1]] == max(densities.values())
+
+
+def test_geometries_all_run_and_recompute_globally(engine):
+    kvs = engine.prefill(PASSAGES)
+    for geometry in ["global", "head-local/head-prompt", "tail/tail", "head-local/tail-prompt"]:
+        prep = engine.prepare(QUESTION, kvs, geometry=geometry, ratio=1.0)
+        _, reference = engine.full_prefill_answer(QUESTION, PASSAGES, max_new_tokens=1)
+        assert (prep.out.logits - reference).abs().max() <= 1e-4, geometry
+
+
+def test_stream_yields_the_answer_and_stops_on_stop_string(engine):
+    kvs = engine.prefill(PASSAGES)
+    stream = engine.stream(QUESTION, kvs, max_new_tokens=16)
+    deltas = list(stream)
+    assert "".join(deltas).strip() == stream.result.answer
+    full = engine.answer(QUESTION, kvs, max_new_tokens=16).answer
+    if len(full) >= 4:
+        stop = full[2:4]
+        cut = engine.answer(QUESTION, kvs, max_new_tokens=16, stop=(stop,)).answer
+        assert stop not in cut and full.startswith(cut)
+
+
+def test_sampling_is_seeded(engine):
+    kvs = engine.prefill(PASSAGES)
+    a = engine.answer(QUESTION, kvs, temperature=1.0, seed=3, max_new_tokens=8).answer
+    b = engine.answer(QUESTION, kvs, temperature=1.0, seed=3, max_new_tokens=8).answer
+    assert a == b
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"ratio": 0.0}, "ratio must be in"),
+        ({"ratio": 1.5}, "ratio must be in"),
+        ({"selector": "bogus"}, "known selectors: cacheblend, epic, full, infoflow, none, random"),
+        ({"geometry": "sideways"}, "unknown geometry"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(engine, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        engine.answer(QUESTION, PASSAGES, **kwargs)
+
+
+def test_empty_inputs_and_overlong_passages_raise(engine):
+    with pytest.raises(ValueError, match="no passages"):
+        engine.answer(QUESTION, [])
+    with pytest.raises(ValueError, match="empty passage"):
+        engine.answer(QUESTION, ["fine", "  "])
+    with pytest.raises(ValueError, match="context window"):
+        engine.answer(QUESTION, ["x" * 5000])
+    with pytest.raises(ValueError, match="context window"):
+        engine.answer(QUESTION, ["y" * 1500] * 3)
+
+
+@pytest.mark.parametrize(
+    ("rope", "message"),
+    [
+        ({"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}, "dynamic-NTK"),
+        ({"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+          "original_max_position_embeddings": 1024}, "LongRoPE"),
+    ],
+)
+def test_length_dependent_rope_is_refused(rope, message):
+    loaded = tiny_model("llama")
+    loaded.model.config.rope_parameters = rope
+    with pytest.raises(UnsupportedModelError, match=message):
+        Engine(loaded)
+
+
+def test_sliding_window_and_foreign_architectures_are_refused():
+    loaded = tiny_model("mistral")
+    loaded.model.config.sliding_window = 64
+    with pytest.raises(UnsupportedModelError, match="sliding_window=64"):
+        Engine(loaded)
+    loaded = tiny_model("llama")
+    loaded.model.config.model_type = "gpt2"
+    with pytest.raises(UnsupportedModelError, match="model_type 'gpt2'"):
+        Engine(loaded)
+
+
+def test_gate_refuses_a_model_whose_keys_do_not_rotate():
+    """A model whose RoPE drifts with length (like dynamic NTK, but hidden from the config) is refused."""
+    loaded = tiny_model("llama")
+    rotary = loaded.model.model.rotary_emb
+
+    def drifting(x, position_ids):
+        scale = 1.0 + 0.01 * float(position_ids.max() > 256)
+        freqs = position_ids[..., None].float() * rotary.inv_freq * scale
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+    rotary.forward = drifting
+    with pytest.raises(UnsupportedModelError, match="correctness gate failed"):
+        Engine(loaded)
+
+
+def test_passage_kv_from_another_prefix_is_refused(engine):
+    kv = engine.prefill(PASSAGES[:1])[0]
+    kv.offset += 1
+    with pytest.raises(ValueError, match="prefilled behind"):
+        engine.answer(QUESTION, [kv])
+
+
+def test_registry_lists_every_selector():
+    assert set(SELECTORS) == {"infoflow", "cacheblend", "epic", "random", "none", "full"}
