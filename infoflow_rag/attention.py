@@ -35,7 +35,18 @@ class Capture:
     layers_seen: list[int] = field(default_factory=list)
 
 
+@dataclass
+class SparseQueries:
+    """Recompute queries and cached keys, both sorted by position: a query chunk ending at position P sees
+    only the cached keys up to P and the inputs up to its own end, so masked blocks are never computed."""
+
+    cached_positions: torch.Tensor  # (Nu,) ascending: keys [0, Nu) of every layer
+    input_positions: torch.Tensor  # (Q,) ascending: keys [Nu, Nu + Q) and the queries
+    chunks: int = 8
+
+
 _active: ContextVar[Capture | None] = ContextVar("infoflow_capture", default=None)
+_sparse: ContextVar[SparseQueries | None] = ContextVar("infoflow_sparse", default=None)
 
 
 @contextlib.contextmanager
@@ -45,6 +56,35 @@ def capture(c: Capture) -> Iterator[Capture]:
         yield c
     finally:
         _active.reset(token)
+
+
+@contextlib.contextmanager
+def sparse_queries(plan: SparseQueries) -> Iterator[SparseQueries]:
+    token = _sparse.set(plan)
+    try:
+        yield plan
+    finally:
+        _sparse.reset(token)
+
+
+def chunked_attention(module, query, key, value, mask, plan: SparseQueries, **kwargs):
+    """SDPA per query chunk over the visible key prefix; same result as one call with the full mask.
+
+    query: (B, heads, Q, d); key/value: (B, kv_heads, Nu + Q, d); mask: (B, 1, Q, Nu + Q).
+    Returns (B, Q, heads, d) like transformers' attention functions.
+    """
+    n_cached, q_len = plan.cached_positions.numel(), plan.input_positions.numel()
+    step = max(64, -(-q_len // plan.chunks))
+    outputs = []
+    for a in range(0, q_len, step):
+        b = min(a + step, q_len)
+        u = int(torch.searchsorted(plan.cached_positions, plan.input_positions[b - 1], right=True))
+        k = torch.cat([key[:, :, :u], key[:, :, n_cached : n_cached + b]], dim=2)
+        v = torch.cat([value[:, :, :u], value[:, :, n_cached : n_cached + b]], dim=2)
+        m = torch.cat([mask[:, :, a:b, :u], mask[:, :, a:b, n_cached : n_cached + b]], dim=3)
+        out, _ = sdpa_attention_forward(module, query[:, :, a:b], k, v, m, **kwargs)
+        outputs.append(out)
+    return torch.cat(outputs, dim=1), None
 
 
 def attention_norm(
@@ -80,6 +120,10 @@ def infoflow_attention(module, query, key, value, attention_mask, scaling=None, 
         c.layers_seen.append(layer)
     if c is not None and layer == c.stop_after:
         raise StopForward
+    plan = _sparse.get()
+    if plan is not None and query.shape[2] == plan.input_positions.numel() and attention_mask is not None:
+        return chunked_attention(module, query, key, value, attention_mask, plan, dropout=dropout, scaling=scaling,
+                                 **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 

@@ -20,7 +20,7 @@ from .decode import GenerationConfig, generate_tokens, text_deltas
 from .kv import PassageKV
 from .layout import GEOMETRIES, Layout, PlacedContext, Segment, place
 from .models import DEFAULT_MODEL, LoadedModel, load_model
-from .prompt import DEFAULT_QUESTION_TEMPLATE, PromptFormat, QuestionBlock, encode, encode_passage, encode_question
+from .prompt import DEFAULT_QUESTION_TEMPLATE, PromptFormat, encode, encode_passage, encode_question
 from .result import AnswerResult, StageTimings
 from .selectors import (
     DEFAULT_RATIO,
@@ -166,66 +166,86 @@ class Engine:
         reorder, geometry, template, selector_options, and generation settings (max_new_tokens,
         temperature, top_p, seed, stop).
         """
-        stream = self.stream(question, passages, **kwargs)
-        for _ in stream:
-            pass
-        return stream.result
+        return self.stream(question, passages, **kwargs).finish()
 
     def stream(self, question: str, passages: Sequence[Passage], **kwargs) -> AnswerStream:
         """Like :meth:`answer`, but iterate to receive text deltas; ``.result`` is set once exhausted."""
-        generation = {k: kwargs.pop(k) for k in list(kwargs) if k in GENERATION_KEYS}
-        gen = GenerationConfig(**generation)
-        prepared = self.prepare(question, passages, max_new_tokens=gen.max_new_tokens, **kwargs)
-        return AnswerStream(self._decode(prepared, gen))
+        gen = GenerationConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in GENERATION_KEYS})
+        return AnswerStream(self._decode(self.prepare(question, passages, max_new_tokens=gen.max_new_tokens,
+                                                      **kwargs), gen))
+
+    def answer_prompt(self, pieces: Sequence[str | PassageKV], **kwargs) -> AnswerResult:
+        """Answer a prompt given as pieces (fresh text and cached passages); see :meth:`prepare_prompt`."""
+        return self.stream_prompt(pieces, **kwargs).finish()
+
+    def stream_prompt(self, pieces: Sequence[str | PassageKV], **kwargs) -> AnswerStream:
+        gen = GenerationConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in GENERATION_KEYS})
+        return AnswerStream(self._decode(self.prepare_prompt(pieces, max_new_tokens=gen.max_new_tokens, **kwargs), gen))
 
     def prepare(
         self,
         question: str,
         passages: Sequence[Passage],
         *,
+        template: str = DEFAULT_QUESTION_TEMPLATE,
+        **options,
+    ) -> Prepared:
+        """Everything up to the first token's logits: place, [reorder], score, select, recompute.
+
+        Options: selector, ratio, reorder, geometry, selector_options, max_new_tokens (for the length check).
+        """
+        t0 = time.perf_counter()
+        if not passages:
+            raise ValueError("no passages: pass at least one passage (text or PassageKV) to answer over")
+        block = encode_question(self.tokenizer, self.format, question, template)
+        tail = torch.tensor(block.token_ids, dtype=torch.long)
+        return self._prepare(list(passages), [], tail, block.question, t0, **options)
+
+    def prepare_prompt(self, pieces: Sequence[str | PassageKV], **options) -> Prepared:
+        """Like :meth:`prepare` for a prompt given as pieces: fresh text and cached passages, in order.
+
+        This is how a framework's ready-made prompt string is served: the caller found the cached passages
+        inside it; everything else is computed fresh. The text after the last passage scores the context.
+        """
+        t0 = time.perf_counter()
+        pieces = list(pieces)
+        trailing = pieces.pop() if pieces and isinstance(pieces[-1], str) else ""
+        tail = torch.tensor(encode(self.tokenizer, trailing + self.format.tail), dtype=torch.long)
+        fresh = {i: torch.tensor(encode(self.tokenizer, p), dtype=torch.long) for i, p in enumerate(pieces)
+                 if isinstance(p, str)}
+        kvs = [p for p in pieces if isinstance(p, PassageKV)]
+        order = [fresh.get(i) for i in range(len(pieces))]  # None marks a passage slot
+        return self._prepare(kvs, order, tail, slice(0, len(tail)), t0, **options)
+
+    def _prepare(
+        self,
+        passages: list[Passage],
+        slots: list[torch.Tensor | None],
+        tail: torch.Tensor,
+        query: slice,
+        t0: float,
+        *,
         selector: str = "infoflow",
         ratio: float = DEFAULT_RATIO,
         reorder: bool = False,
         geometry: str = "global",
-        template: str = DEFAULT_QUESTION_TEMPLATE,
         selector_options: dict | None = None,
         max_new_tokens: int = 0,
     ) -> Prepared:
-        """Everything up to the first token's logits: place, [reorder], score, select, recompute."""
-        t0 = time.perf_counter()
-        if not passages:
-            raise ValueError("no passages: pass at least one passage (text or PassageKV) to answer over")
+        """passages fill the None slots of ``slots`` (all slots when it is empty); ``tail`` ends the prompt."""
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"ratio must be in (0, 1], got {ratio!r}; e.g. 0.15 recomputes 15 % of context tokens")
         if geometry not in GEOMETRIES:
             raise ValueError(f"unknown geometry {geometry!r}; choose one of {', '.join(GEOMETRIES)}")
         opts = QueryOptions(selector, ratio, reorder, geometry, tuple(sorted((selector_options or {}).items())))
         sel = opts.make_selector(self.score_layers)
-        block = encode_question(self.tokenizer, self.format, question, template)
         timings = StageTimings()
-
-        # "full" recomputes every passage token anyway: never prefill text passages just to drop their KV.
-        kvs: list[PassageKV | None] = [p if isinstance(p, PassageKV) else None for p in passages]
-        texts = [i for i, p in enumerate(passages) if isinstance(p, str)]
-        if texts and sel.name != "full":
-            for i, kv in zip(texts, self.prefill([passages[i] for i in texts]), strict=True):
-                kvs[i] = kv
-            timings.prefill = time.perf_counter() - t0
-        segments = []
-        for i, kv in enumerate(kvs):
-            if kv is not None and kv.offset != len(self.prefix):
-                raise ValueError(
-                    f"passage {i} was prefilled behind a {kv.offset}-token prefix, this engine's is "
-                    f"{len(self.prefix)}: it comes from another model or prompt format; prefill it again"
-                )
-            ids = kv.token_ids if kv is not None else torch.tensor(self.passage_ids(passages[i]))
-            segments.append(Segment(ids, kv, passage=i))
-
+        passages_segs = self._passage_segments(passages, prefill=sel.name != "full", timings=timings, t0=t0)
         if reorder:
             t = time.perf_counter()
-            segments = self._reorder(segments, block, opts.ratio)
+            passages_segs = self._reorder(passages_segs, tail, query, slots, opts.ratio)
             timings.reorder = time.perf_counter() - t
-        layout = self._layout(segments, block)
+        layout = self._layout(passages_segs, slots, tail, query)
         if layout.length + max_new_tokens > self.max_positions:
             raise ValueError(
                 f"prompt of {layout.length} tokens + max_new_tokens={max_new_tokens} exceeds the "
@@ -249,6 +269,26 @@ class Engine:
         out = forward.recompute(self.model, placed, chosen, fresh_ids, fresh_pos)
         timings.recompute = time.perf_counter() - t
         return Prepared(layout, placed, chosen, sel.name, opts, out, timings, t0)
+
+    def _passage_segments(self, passages: list[Passage], prefill: bool, timings: StageTimings,
+                          t0: float) -> list[Segment]:
+        """One segment per passage; text passages are prefilled here, unless they will be computed fresh anyway."""
+        kvs: list[PassageKV | None] = [p if isinstance(p, PassageKV) else None for p in passages]
+        texts = [i for i, p in enumerate(passages) if isinstance(p, str)]
+        if texts and prefill:
+            for i, kv in zip(texts, self.prefill([passages[i] for i in texts]), strict=True):
+                kvs[i] = kv
+            timings.prefill = time.perf_counter() - t0
+        segments = []
+        for i, kv in enumerate(kvs):
+            if kv is not None and kv.offset != len(self.prefix):
+                raise ValueError(
+                    f"passage {i} was prefilled behind a {kv.offset}-token prefix, this engine's is "
+                    f"{len(self.prefix)}: it comes from another model or prompt format; prefill it again"
+                )
+            ids = kv.token_ids if kv is not None else torch.tensor(self.passage_ids(passages[i]))
+            segments.append(Segment(ids, kv, passage=i))
+        return segments
 
     def _decode(self, prep: Prepared, gen: GenerationConfig) -> Iterator[str]:
         timings = prep.timings
@@ -275,17 +315,17 @@ class Engine:
         timings.decode = time.perf_counter() - t - timings.first_token
         return self._result("".join(answer).strip(), prep, len(generated))
 
-    def _layout(self, segments: list[Segment], block: QuestionBlock) -> Layout:
-        # Only the passage right behind the prefix saw exactly its real left context at prefill.
-        placed_segments = [
-            Segment(seg.token_ids, seg.kv, exact=i == 0 and seg.kv is not None, passage=seg.passage)
-            for i, seg in enumerate(segments)
-        ]
-        q_ids = torch.tensor(block.token_ids, dtype=torch.long)
-        q_start = len(self.prefix) + sum(len(s) for s in segments)
-        placed_segments.append(Segment(q_ids))
-        q = block.question
-        return Layout(self.prefix, placed_segments, q_ids[q], q_start + torch.arange(len(q_ids))[q])
+    def _layout(self, passages: list[Segment], slots: list[torch.Tensor | None], tail: torch.Tensor,
+                query: slice) -> Layout:
+        """Passages into their slots (or back to back), fresh slot text between, ``tail`` last."""
+        remaining = iter(passages)
+        ordered = [next(remaining) if ids is None else Segment(ids) for ids in slots] or list(remaining)
+        # Only a passage right behind the prefix saw exactly its real left context at prefill.
+        segments = [Segment(seg.token_ids, seg.kv, exact=i == 0 and seg.kv is not None, passage=seg.passage)
+                     for i, seg in enumerate(ordered)]
+        tail_start = len(self.prefix) + sum(len(seg) for seg in segments)
+        segments.append(Segment(tail))
+        return Layout(self.prefix, segments, tail[query], tail_start + torch.arange(len(tail))[query])
 
     def _probe(self, placed: PlacedContext, layout: Layout) -> Probe:
         return Probe(
@@ -298,10 +338,12 @@ class Engine:
                         template: str = DEFAULT_QUESTION_TEMPLATE) -> dict[int, float]:
         """r_c = |selected in c| / |c| from one scoring round without RoPE correction (what reorder sorts by)."""
         segments = [Segment(kv.token_ids, kv, passage=i) for i, kv in enumerate(passages)]
-        return self._density(segments, encode_question(self.tokenizer, self.format, question, template), ratio)
+        block = encode_question(self.tokenizer, self.format, question, template)
+        return self._density(segments, [], torch.tensor(block.token_ids), block.question, ratio)
 
-    def _density(self, segments: list[Segment], block: QuestionBlock, ratio: float) -> dict[int, float]:
-        layout = self._layout(segments, block)
+    def _density(self, passages: list[Segment], slots: list[torch.Tensor | None], tail: torch.Tensor, query: slice,
+                 ratio: float) -> dict[int, float]:
+        layout = self._layout(passages, slots, tail, query)
         unplaced = place(layout, self.inv_freq, self.model.dtype, "head-local/tail-prompt")
         # Every passage competes here, the first one too: its density must be measured like the others'.
         unplaced.candidate[unplaced.prefix_len:] = True
@@ -310,12 +352,13 @@ class Engine:
         chosen[top_candidates(scores, unplaced.candidate, ratio_budget(unplaced, ratio))] = True
         return {p: float(chosen[s:e].sum()) / (e - s) for p, s, e in unplaced.spans}
 
-    def _reorder(self, segments: list[Segment], block: QuestionBlock, ratio: float) -> list[Segment]:
+    def _reorder(self, passages: list[Segment], tail: torch.Tensor, query: slice,
+                 slots: list[torch.Tensor | None], ratio: float) -> list[Segment]:
         """Published ordering: densest passage last, nearest the question (stable sort, ascending)."""
-        if any(seg.kv is None for seg in segments):
-            return segments  # nothing cached to score
-        density = self._density(segments, block, ratio)
-        return sorted(segments, key=lambda seg: density[seg.passage])
+        if any(seg.kv is None for seg in passages):
+            return passages  # nothing cached to score
+        density = self._density(passages, slots, tail, query, ratio)
+        return sorted(passages, key=lambda seg: density[seg.passage])
 
     def _result(self, answer: str, prep: Prepared, n_generated: int) -> AnswerResult:
         layout, chosen = prep.layout, prep.chosen.tolist()
@@ -360,6 +403,12 @@ class AnswerStream:
 
     def __iter__(self) -> Iterator[str]:
         self.result = yield from self._run
+
+    def finish(self) -> AnswerResult:
+        """Consume the stream; return the result."""
+        for _ in self:
+            pass
+        return self.result
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:

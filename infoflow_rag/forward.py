@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
-from .attention import Capture, StopForward, capture
+from .attention import Capture, SparseQueries, StopForward, capture, sparse_queries
 from .kv import PassageKV
 from .layout import PlacedContext
 
@@ -25,10 +26,20 @@ def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype) 
 
 
 def cache_from(keys: torch.Tensor, values: torch.Tensor) -> DynamicCache:
-    """keys/values (layers, kv_heads, n, head_dim) or (layers, B, kv_heads, n, head_dim) -> DynamicCache."""
+    """keys/values (layers, kv_heads, n, head_dim) or (layers, B, kv_heads, n, head_dim) -> DynamicCache.
+
+    The layers take the given tensors as they are (no copy); the forward's update concatenates onto them
+    into new tensors, so the caller's tensors are never written to.
+    """
     if keys.dim() == 4:
         keys, values = keys[:, None], values[:, None]
-    return DynamicCache(ddp_cache_data=list(zip(keys.unbind(0), values.unbind(0), strict=True)))
+    cache = DynamicCache()
+    for k, v in zip(keys.unbind(0), values.unbind(0), strict=True):
+        layer = DynamicLayer()
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+        cache.layers.append(layer)
+    return cache
 
 
 def stacked(cache: DynamicCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,10 +156,12 @@ def recompute(
     in_pos = torch.cat([placed.positions[selected], fresh_positions])
     order = in_pos.argsort()
     inputs, in_pos = inputs[order], in_pos[order]
-    mask = position_mask(in_pos, torch.cat([placed.positions[keep], in_pos]), model.dtype)
+    cached_pos = placed.positions[keep]  # ascending: placed tokens are in prompt order
+    mask = position_mask(in_pos, torch.cat([cached_pos, in_pos]), model.dtype)
     cache = cache_from(placed.keys[:, :, keep], placed.values[:, :, keep])
-    out = model(input_ids=inputs[None], position_ids=in_pos[None], attention_mask=mask, past_key_values=cache,
-                logits_to_keep=1)
+    with sparse_queries(SparseQueries(cached_pos, in_pos)):
+        out = model(input_ids=inputs[None], position_ids=in_pos[None], attention_mask=mask, past_key_values=cache,
+                    logits_to_keep=1)
     return Recomputed(out.logits[0, -1].float(), cache, int(in_pos.max()) + 1)
 
 

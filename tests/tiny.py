@@ -1,7 +1,13 @@
-"""Tiny random-weight models of every supported family, and a byte-level chat tokenizer, built in code."""
+"""Tiny random-weight models of every supported family, a byte-level chat tokenizer and a bag-of-words
+embedder, all built in code."""
 
 from __future__ import annotations
 
+import re
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
@@ -67,3 +73,21 @@ def tiny_model(family: str = "llama", seed: int = 0) -> LoadedModel:
                 param.mul_(8.0)
     model.eval()
     return LoadedModel(model, byte_tokenizer(), f"tiny-{family}", None)
+
+
+class BagOfWordsEmbedder:
+    """Hashed bag of words, normalised: instant and deterministic, and shared words mean high scores."""
+
+    name = "test-bag-of-words"
+    dim = 64
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
+        self.calls.append(list(texts))
+        vectors = np.zeros((len(texts), self.dim), dtype=np.float32)  # (n, dim)
+        for row, text in enumerate(texts):
+            for word in re.findall(r"\w+", text.lower()):
+                vectors[row, zlib.crc32(word.encode()) % self.dim] += 1
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)

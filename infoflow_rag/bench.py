@@ -1,0 +1,89 @@
+"""TTFT of every method side by side in one run, against plain full prefill on the same model.
+
+Methods are interleaved within each repeat, so a busy neighbour slows them all alike; medians are reported.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+from . import forward
+from .corpus import hotpotqa, paragraph_text
+from .engine import Engine
+
+BENCH_METHODS = ("full", "infoflow", "infoflow+reorder", "cacheblend", "epic", "random", "none")
+
+
+@dataclass
+class BenchRow:
+    context_tokens: int
+    method: str
+    ttft_s: float  # median
+    speedup: float  # median full-prefill TTFT / median method TTFT
+    score_share: float  # median share of TTFT spent scoring (InfoFlow attention / CacheBlend check layer)
+    recompute_fraction: float
+    runs: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_context(engine: Engine, n_tokens: int) -> tuple[str, list[str]]:
+    """HotpotQA paragraphs, in dataset order, until the passages hold ``n_tokens`` tokens."""
+    passages, total = [], 0
+    items = hotpotqa()
+    question = items[0]["question"]
+    for item in items:
+        for title, sentences in item["context"]:
+            text = paragraph_text(title, sentences)
+            n = len(engine.passage_ids(text))
+            if total + n > n_tokens:
+                return question, passages
+            passages.append(text)
+            total += n
+    return question, passages
+
+
+def bench_ttft(engine: Engine, contexts: list[int], ratio: float = 0.15, methods: tuple[str, ...] = BENCH_METHODS,
+               repeats: int = 3) -> list[BenchRow]:
+    rows = []
+    for n_tokens in contexts:
+        question, texts = build_context(engine, n_tokens)
+        kvs = engine.prefill(texts)  # offline work: never part of TTFT
+        ids = engine.prompt_ids(question, texts)
+        ttft: dict[str, list[float]] = {m: [] for m in ("prefill", *methods)}
+        share: dict[str, list[float]] = {m: [] for m in methods}
+        fraction: dict[str, float] = {}
+        for repeat in range(repeats + 1):  # repeat 0 warms up allocators and is discarded
+            t = time.perf_counter()
+            int(forward.full_prefill(engine.model, ids).logits.argmax())
+            elapsed = time.perf_counter() - t
+            if repeat:
+                ttft["prefill"].append(elapsed)
+            for method in methods:
+                selector, _, flag = method.partition("+")
+                r = engine.answer(question, kvs, selector=selector, ratio=ratio, reorder=flag == "reorder",
+                                  max_new_tokens=1)
+                if repeat:
+                    ttft[method].append(r.timings.ttft)
+                    share[method].append((r.timings.score + r.timings.reorder) / r.timings.ttft)
+                    fraction[method] = r.recompute_fraction
+        reference = statistics.median(ttft["prefill"])
+        context = sum(len(kv) for kv in kvs)
+        rows.append(BenchRow(context, "full prefill", reference, 1.0, 0.0, 1.0, repeats))
+        for method in methods:
+            median = statistics.median(ttft[method])
+            rows.append(BenchRow(context, method, median, reference / median, statistics.median(share[method]),
+                                 fraction[method], repeats))
+    return rows
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    lines = ["| context | method | TTFT (s) | speedup vs prefill | scoring share | recomputed |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.context_tokens} | {r.method} | {r.ttft_s:.3f} | {r.speedup:.2f}x | "
+                     f"{100 * r.score_share:.1f} % | {100 * r.recompute_fraction:.1f} % |")
+    return "\n".join(lines)

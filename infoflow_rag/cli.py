@@ -1,0 +1,213 @@
+"""``infoflow-rag``: a thin command line over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .models import DEFAULT_MODEL, REGISTRY
+
+
+def _engine(name: str):
+    from .engine import Engine
+
+    return Engine(name)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .check import run_check
+
+    report = run_check(_engine(args.model), thorough=True)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(f"{report.model}: key re-rotation error {report.key_rotation_error:.2e} (shift {report.rotation_delta}), "
+              f"100 % recompute logit diff {report.logit_diff:.2e} -> {'ok' if report.ok else 'FAILED'}")
+    return 0 if report.ok else 1
+
+
+def cmd_bench_ttft(args: argparse.Namespace) -> int:
+    from .bench import bench_ttft, format_table
+
+    contexts = [int(c) for c in args.context.split(",")]
+    methods = tuple(args.methods.split(","))
+    rows = bench_ttft(_engine(args.model), contexts, ratio=args.ratio, methods=methods, repeats=args.repeats)
+    if args.json:
+        print(json.dumps({"model": args.model, "ratio": args.ratio, "rows": [r.to_dict() for r in rows]}, indent=2))
+    else:
+        print(format_table(rows))
+    return 0
+
+
+def cmd_eval_run(args: argparse.Namespace) -> int:
+    from .eval.datasets import load_hotpotqa, load_squad
+    from .eval.methods import parse_method
+    from .eval.report import write_report
+    from .eval.runner import run_eval
+
+    methods = [parse_method(m) for m in args.methods.split(",")]
+    engine = _engine(args.model)
+    tok = engine.tokenizer
+    if args.dataset == "hotpotqa":
+        examples = load_hotpotqa("passage", start=args.start, limit=args.limit)
+    elif args.dataset == "hotpotqa-fixed":  # windows cut with the model's own tokenizer
+        examples = load_hotpotqa("fixed", start=args.start, limit=args.limit, chunk_tokens=args.chunk_tokens,
+                                 tokenize=lambda s: tok(s, add_special_tokens=False)["input_ids"],
+                                 detokenize=tok.decode)
+    else:
+        examples = load_squad(start=args.start, limit=args.limit)
+    run_eval(engine, examples, methods, args.out, max_new_tokens=args.max_new_tokens)
+    print(f"report: {write_report(args.out, Path(args.out).parent)}")
+    return 0
+
+
+def cmd_eval_suite(args: argparse.Namespace) -> int:
+    from .eval.suite import run_suite, suite_parts
+
+    parts = suite_parts(args.main_n, args.sweep_n, args.ablation_n, args.ratio)
+    parts = [p for p in parts if p.name in args.parts.split(",")]
+    print(f"wrote {run_suite(_engine(args.model), args.out, parts, start=args.start)}")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from .ingest import ingest
+    from .pipeline import Pipeline
+
+    with Pipeline.open(args.index, model=args.model, store=args.store, create=True) as pipeline:
+        summary = ingest(pipeline, args.source, split=args.split, window=args.window, batch_size=args.batch_size,
+                         progress=not args.json)
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2))
+    else:
+        print(f"{summary.passages} passages from {summary.documents} documents: {summary.new_passages} new, "
+              f"{summary.kv_computed} prefilled ({summary.tokens} tokens, {summary.kv_bytes / 2**20:.1f} MiB KV) "
+              f"in {summary.seconds:.1f} s = {summary.passages_per_s:.1f} passages/s, "
+              f"{summary.tokens_per_s:.0f} tokens/s")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from .pipeline import Pipeline
+
+    with Pipeline.open(args.index, model=args.model, store=args.store) as pipeline:
+        options = dict(top_k=args.top_k, selector=args.selector, ratio=args.ratio, reorder=args.reorder,
+                       max_new_tokens=args.max_new_tokens)
+        if args.json:
+            print(json.dumps(pipeline.ask(args.question, **options).to_dict(), indent=2))
+            return 0
+        stream = pipeline.stream(args.question, **options)
+        for delta in stream:
+            print(delta, end="", flush=True)
+        answer = stream.answer
+        t = answer.result.timings
+        print(f"\n\nTTFT {t.ttft:.3f} s (retrieve {t.retrieve * 1000:.0f} ms, KV load {t.load_kv * 1000:.0f} ms, "
+              f"place {t.place * 1000:.0f} ms, score {t.score * 1000:.0f} ms, recompute {t.recompute:.3f} s); "
+              f"recomputed {100 * answer.result.recompute_fraction:.1f} % of {answer.result.context_tokens} tokens")
+        for i, hit in enumerate(answer.sources):
+            print(f"[{i}] {hit.score:.3f} {hit.source or ''} {hit.text[:90]}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, model=args.model, n_items=args.items, n_questions=args.questions,
+             color=sys.stdout.isatty() and not args.no_color)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="infoflow-rag", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    models = ", ".join(sorted(REGISTRY))
+
+    p = sub.add_parser("check", help="correctness gate: key re-rotation and 100 %% recompute vs full prefill")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered name ({models}), HF dir or .gguf file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_check)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("ttft", help="time-to-first-token of every method vs full prefill, side by side")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--context", default="1024,2048,4096", help="comma-separated context sizes in tokens")
+    p.add_argument("--ratio", type=float, default=0.15)
+    p.add_argument("--methods", default="full,infoflow,infoflow+reorder,cacheblend,epic,random,none")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per method (median reported)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_ttft)
+
+    p = sub.add_parser("ingest", help="index a folder of .txt/.md files or a .jsonl file, prefill and store KV")
+    p.add_argument("source")
+    p.add_argument("--index", required=True, help="index directory (created if missing)")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--store", default=None, help="KV store: disk:DIR, memory[:SIZE] or redis://... "
+                   "(default: disk store inside the index directory)")
+    p.add_argument("--split", choices=["paragraph", "tokens"], default="paragraph")
+    p.add_argument("--window", type=int, default=256, help="tokens per passage for --split tokens")
+    p.add_argument("--batch-size", type=int, default=64, help="passages committed together")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("ask", help="retrieve, reuse KV, selectively recompute, answer")
+    p.add_argument("question")
+    p.add_argument("--index", required=True)
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--store", default=None)
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--selector", default="infoflow", help="infoflow, cacheblend, epic, random, none or full")
+    p.add_argument("--ratio", type=float, default=0.15)
+    p.add_argument("--reorder", action="store_true", help="densest passage last (for independent passages)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("demo", help="end-to-end demo on HotpotQA paragraphs with the embedded model")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--items", type=int, default=20, help="HotpotQA questions whose paragraphs form the corpus")
+    p.add_argument("--questions", type=int, default=3)
+    p.add_argument("--no-color", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser("eval", help="quality (F1/EM) and TTFT of every method").add_subparsers(dest="eval",
+                                                                                              required=True)
+    p = ev.add_parser("run", help="one dataset slice x a list of methods, resumable, with a report")
+    p.add_argument("--model", default="qwen2.5-0.5b")
+    p.add_argument("--dataset", choices=["hotpotqa", "hotpotqa-fixed", "squad"], default="hotpotqa")
+    p.add_argument("--chunk-tokens", type=int, default=128, help="window size of the hotpotqa-fixed split")
+    p.add_argument("--start", type=int, default=0)
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--methods", default="full,none,infoflow@0.15,cacheblend@0.15,epic@0.15")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--out", default="runs/eval/results.jsonl", help="results file (resumed if it exists)")
+    p.set_defaults(func=cmd_eval_run)
+    p = ev.add_parser("suite", help="main table + ratio sweep + RoPE ablation on held-out HotpotQA -> RESULTS.md")
+    p.add_argument("--model", default="qwen2.5-0.5b")
+    p.add_argument("--out", default="docs", help="directory for the results files, plots and RESULTS.md")
+    p.add_argument("--parts", default="main,sweep,ablation")
+    p.add_argument("--start", type=int, default=1000, help="first question (0-999 is the development slice)")
+    p.add_argument("--main-n", type=int, default=100)
+    p.add_argument("--sweep-n", type=int, default=30)
+    p.add_argument("--ablation-n", type=int, default=30)
+    p.add_argument("--ratio", type=float, default=0.15)
+    p.set_defaults(func=cmd_eval_suite)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, ModuleNotFoundError, FileNotFoundError) as err:
+        print(f"infoflow-rag: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

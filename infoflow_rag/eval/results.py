@@ -1,0 +1,173 @@
+"""The results file: append-only JSON lines, so an interrupted run loses at most the line being written.
+
+Line 1 is the header (``"type": "header"``: model info, prompt template, generation settings, command
+line). Every later start of the same run adds a ``"resume"`` line with its command line, and every
+finished (question, method) pair adds a ``"result"`` line.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+
+def current_command() -> str:
+    """This process's command line, shell-quoted."""
+    return shlex.join(sys.argv)
+
+
+@dataclass
+class RunHeader:
+    """What must stay fixed for results to be comparable, plus how the run was started."""
+
+    model_info: dict[str, Any]
+    prompt: str
+    max_new_tokens: int
+    command: str
+    started: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+    def mismatches(self, other: RunHeader) -> list[str]:
+        """Descriptions of the comparability fields on which ``other`` differs from this header."""
+        names = ("model_info", "prompt", "max_new_tokens")
+        # Compare as read back from JSON: a tuple returns as a list, an int dict key as a string.
+        return [
+            f"{name}: file has {getattr(self, name)!r}, this run has {getattr(other, name)!r}"
+            for name in names
+            if _as_json(getattr(self, name)) != _as_json(getattr(other, name))
+        ]
+
+
+@dataclass
+class QuestionResult:
+    """One method's answer to one question, with its score and timings."""
+
+    dataset: str
+    id: str
+    method: str  # MethodSpec.key
+    name: str
+    selector: str
+    ratio: float
+    reorder: bool
+    geometry: str
+    prediction: str  # after clean_prediction; what f1/em score
+    raw_answer: str
+    f1: float
+    em: float
+    ttft: float  # seconds, from the engine; excludes a shared per-question prefill
+    ttft_ratio: float | None  # ttft / ttft of `full` on the same question, None if `full` was not run
+    score_time: float  # seconds spent choosing tokens to recompute, included in ttft
+    recompute_fraction: float
+    context_tokens: int
+    passage_order: list[int]
+    prefill_time: float | None  # seconds of the shared passage prefill, None when not used
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pair_key(self) -> tuple[str, str, str]:
+        return (self.dataset, self.id, self.method)
+
+
+@dataclass
+class ResultsRun:
+    """Everything a results file holds."""
+
+    header: RunHeader
+    commands: list[str]  # the header's command, then one per resume
+    results: list[QuestionResult]
+
+
+def read_results(path: str | Path) -> ResultsRun:
+    """Parse a results file; a truncated last line (a run killed mid-write) is ignored."""
+    records = _read_records(Path(path)).records
+    if not records or records[0].get("type") != "header":
+        raise ValueError(f"{path} is not a results file: its first line is not a header record")
+    header = RunHeader(**{k: v for k, v in records[0].items() if k != "type"})
+    commands = [header.command] + [r["command"] for r in records if r["type"] == "resume"]
+    results = [
+        QuestionResult(**{k: v for k, v in r.items() if k != "type"})
+        for r in records
+        if r["type"] == "result"
+    ]
+    return ResultsRun(header, commands, results)
+
+
+class ResultsLog:
+    """Appends results to ``path``, creating it with ``header`` or resuming it if it exists.
+
+    Resuming needs ``resume=True`` and an identical model, prompt and ``max_new_tokens``; ``existing`` then
+    holds the results already on file.
+    """
+
+    def __init__(self, path: str | Path, header: RunHeader, resume: bool) -> None:
+        self.path = Path(path)
+        self.existing: list[QuestionResult] = []
+        if self.path.exists():
+            if not resume:
+                raise FileExistsError(
+                    f"results file {self.path} exists; resume it or choose a new output path"
+                )
+            run = read_results(self.path)
+            if problems := run.header.mismatches(header):
+                raise ValueError(
+                    f"cannot resume {self.path}: it was produced under different settings "
+                    f"({'; '.join(problems)}). Write to a new output path instead."
+                )
+            self.existing = run.results
+            self._drop_partial_line()
+            self._file: TextIO = self.path.open("a", encoding="utf-8")
+            self._write({"type": "resume", "command": header.command, "started": header.started})
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("w", encoding="utf-8")
+            self._write({"type": "header", **asdict(header)})
+
+    def append(self, result: QuestionResult) -> None:
+        self._write({"type": "result", **asdict(result)})
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> ResultsLog:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()  # each record must survive a kill right after it is reported done
+
+    def _drop_partial_line(self) -> None:
+        # Appending after a half-written line would glue the next record onto it.
+        complete_bytes = _read_records(self.path).complete_bytes
+        with self.path.open("r+b") as f:
+            f.truncate(complete_bytes)
+
+
+@dataclass
+class _Records:
+    records: list[dict[str, Any]]
+    complete_bytes: int  # file length up to the end of the last complete line
+
+
+def _read_records(path: Path) -> _Records:
+    data = path.read_bytes()
+    records, complete_bytes = [], 0
+    for number, line in enumerate(data.splitlines(keepends=True), start=1):
+        if not line.endswith(b"\n"):
+            break  # the last line, cut off mid-write
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}: line {number} is not valid JSON; the file is corrupt") from None
+        complete_bytes += len(line)
+    return _Records(records, complete_bytes)
+
+
+def _as_json(value: Any) -> Any:
+    return json.loads(json.dumps(value))

@@ -1,0 +1,149 @@
+"""Run methods over evaluation examples against an engine, recording every answer as it completes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from infoflow_rag.eval.datasets import EvalExample
+from infoflow_rag.eval.methods import FIXED_RATIOS, MethodSpec
+from infoflow_rag.eval.metrics import best_em, best_f1, clean_prediction
+from infoflow_rag.eval.results import QuestionResult, ResultsLog, RunHeader, current_command
+
+# Pinned here rather than taken from the engine, so results stay comparable if the engine default changes.
+DEFAULT_PROMPT = (
+    "Answer the question using the passages above. Reply with the answer only, a short phrase with no "
+    "explanation.\nQuestion: {question}"
+)
+
+
+def run_eval(
+    engine: Any,
+    examples: Sequence[EvalExample],
+    methods: Sequence[MethodSpec],
+    out_path: str | Path,
+    *,
+    resume: bool = True,
+    prompt: str = DEFAULT_PROMPT,
+    max_new_tokens: int = 32,
+    prefill_once: bool = True,
+    progress: bool = True,
+    command: str | None = None,
+) -> list[QuestionResult]:
+    """Answer every example with every method; return the results in (example, method) order.
+
+    ``prompt`` is the question template passed to ``engine.answer`` as ``template`` (``{question}`` exactly
+    once); the engine places it after the passages. Each question runs all its pending methods back to
+    back, ``full`` first so the others get a TTFT ratio. With ``prefill_once`` and an engine that has
+    ``prefill(passages)``, the passages are prefilled once per question and the cached methods receive
+    those caches instead of strings; that prefill time is recorded as ``prefill_time``, outside TTFT.
+    Pairs already in ``out_path`` are skipped (see :class:`ResultsLog` for when resuming is refused).
+    ``command`` (recorded in the file) defaults to this process's command line.
+    """
+    if prompt.count("{question}") != 1:
+        raise ValueError(f"prompt template {prompt!r} must contain '{{question}}' exactly once")
+    if not methods:
+        raise ValueError("no methods to run; pass at least one MethodSpec (see parse_method)")
+    keys = [m.key for m in methods]
+    if duplicates := sorted({k for k in keys if keys.count(k) > 1}):
+        raise ValueError(f"methods repeat {duplicates}; give each configuration once")
+    if sum(m.selector == "full" for m in methods) > 1:
+        raise ValueError(f"at most one 'full' method, got {keys}: it is the TTFT reference")
+    ordered = sorted(methods, key=lambda m: m.selector != "full")
+    header = RunHeader(
+        model_info=dict(engine.model_info),
+        prompt=prompt,
+        max_new_tokens=max_new_tokens,
+        command=command if command is not None else current_command(),
+    )
+    use_prefill = prefill_once and callable(getattr(engine, "prefill", None))
+    full = next((m for m in methods if m.selector == "full"), None)
+    with ResultsLog(out_path, header, resume) as log:
+        done = {r.pair_key: r for r in log.existing}
+        pending = sum((ex.dataset, ex.id, m.key) not in done for ex in examples for m in methods)
+        with tqdm(total=pending, desc="eval", unit="answer", disable=not progress) as bar:
+            for example in examples:
+                todo = [m for m in ordered if (example.dataset, example.id, m.key) not in done]
+                if not todo:
+                    continue
+                full_result = done.get((example.dataset, example.id, full.key)) if full else None
+                for result in _run_question(
+                    engine, example, todo, full_result, use_prefill, prompt, max_new_tokens
+                ):
+                    log.append(result)
+                    done[result.pair_key] = result
+                    bar.update()
+    return [done[(ex.dataset, ex.id, m.key)] for ex in examples for m in methods]
+
+
+def _run_question(
+    engine: Any,
+    example: EvalExample,
+    todo: list[MethodSpec],
+    full_result: QuestionResult | None,
+    use_prefill: bool,
+    prompt: str,
+    max_new_tokens: int,
+) -> Iterator[QuestionResult]:
+    """Each method's result on one question, yielded as soon as it is known."""
+    caches, prefill_time = None, None
+    if use_prefill and any(m.selector != "full" for m in todo):
+        started = time.perf_counter()
+        caches = engine.prefill(example.passages)
+        prefill_time = time.perf_counter() - started
+    for method in todo:
+        cached = caches is not None and method.selector != "full"
+        # The engine rejects ratio 0 even for selectors that ignore it, so a fixed ratio is not passed.
+        ratio = {} if method.selector in FIXED_RATIOS else {"ratio": method.ratio}
+        output = engine.answer(
+            example.question,
+            caches if cached else example.passages,
+            selector=method.selector,
+            reorder=method.reorder,
+            geometry=method.geometry,
+            template=prompt,
+            max_new_tokens=max_new_tokens,
+            **ratio,
+        )
+        result = _result(example, method, output, full_result, prefill_time if cached else None)
+        if method.selector == "full":
+            full_result = result
+        yield result
+
+
+def _result(
+    example: EvalExample,
+    method: MethodSpec,
+    output: Any,
+    full_result: QuestionResult | None,
+    prefill_time: float | None,
+) -> QuestionResult:
+    prediction = clean_prediction(output.answer)
+    ttft = float(output.timings.ttft)
+    reference = ttft if method.selector == "full" else full_result.ttft if full_result else None
+    return QuestionResult(
+        dataset=example.dataset,
+        id=example.id,
+        method=method.key,
+        name=method.name,
+        selector=method.selector,
+        ratio=method.ratio,
+        reorder=method.reorder,
+        geometry=method.geometry,
+        prediction=prediction,
+        raw_answer=output.answer,
+        f1=best_f1(prediction, example.answers),
+        em=best_em(prediction, example.answers),
+        ttft=ttft,
+        ttft_ratio=ttft / reference if reference else None,
+        score_time=float(output.timings.score),
+        recompute_fraction=float(output.recompute_fraction),
+        context_tokens=int(output.context_tokens),
+        passage_order=list(output.passage_order),
+        prefill_time=prefill_time,
+        meta=example.meta,
+    )

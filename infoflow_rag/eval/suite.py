@@ -1,0 +1,79 @@
+"""The published comparison as one resumable command: main table, ratio sweep, RoPE geometry ablation.
+
+Questions 0-999 of HotpotQA dev are the development slice; the reported runs use questions from 1000 on,
+which no setting here was tuned on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .datasets import load_hotpotqa
+from .methods import GEOMETRIES, MethodSpec, parse_method
+from .report import Section, paired_table, plot_tradeoff, summary_table, write_results_md
+from .results import read_results
+from .runner import run_eval
+
+HELD_OUT_START = 1000
+MAIN_METHODS = ("full", "none", "infoflow", "infoflow+reorder", "cacheblend", "epic", "random")
+SWEEP_RATIOS = (0.05, 0.1, 0.15, 0.25, 0.5)
+SWEEP_SELECTORS = ("infoflow", "cacheblend", "epic")
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    title: str
+    limit: int
+    methods: tuple[str, ...]
+
+
+def suite_parts(main_n: int = 100, sweep_n: int = 30, ablation_n: int = 30, ratio: float = 0.15) -> list[Part]:
+    main = tuple(m if m in ("full", "none") else f"{m}@{ratio:g}" for m in MAIN_METHODS)
+    sweep = ("full", *(f"{s}@{r:g}" for s in SWEEP_SELECTORS for r in SWEEP_RATIOS))
+    ablation = ("full", *(f"infoflow[{g}]@{ratio:g}" for g in GEOMETRIES))
+    return [
+        Part("main", f"HotpotQA passage split, {main_n} held-out questions, ratio {ratio:g}", main_n, main),
+        Part("sweep", f"Speed-accuracy sweep, {sweep_n} held-out questions", sweep_n, sweep),
+        Part("ablation", f"RoPE geometry ablation (InfoFlow scoring), {ablation_n} held-out questions",
+             ablation_n, ablation),
+    ]
+
+
+def run_suite(engine, out_dir: str | Path, parts: list[Part], start: int = HELD_OUT_START,
+              max_new_tokens: int = 32, progress: bool = True) -> Path:
+    """Run (or resume) every part into ``out_dir/<part>.jsonl``, then write ``out_dir/RESULTS.md``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for part in parts:
+        examples = load_hotpotqa("passage", start=start, limit=part.limit)
+        methods: list[MethodSpec] = [parse_method(m) for m in part.methods]
+        run_eval(engine, examples, methods, out / f"{part.name}.jsonl", max_new_tokens=max_new_tokens,
+                 progress=progress)
+    return write_suite_report(out, parts)
+
+
+def write_suite_report(out_dir: str | Path, parts: list[Part]) -> Path:
+    out = Path(out_dir)
+    sections = []
+    first = None
+    for part in parts:
+        path = out / f"{part.name}.jsonl"
+        if not path.exists():
+            continue
+        run = read_results(path)
+        first = first or run
+        body = [summary_table(run.results)]
+        baseline = next((r.method for r in run.results if r.selector == "infoflow" and r.geometry == "global"
+                         and not r.reorder and abs(r.ratio - 0.15) < 1e-9), None)
+        if baseline:
+            body.append(f"Paired against `{baseline}` on the same questions:\n\n"
+                        + paired_table(run.results, baseline))
+        if part.name == "sweep":
+            plot = plot_tradeoff(run.results, out / "tradeoff.png")
+            body.append(f"![F1 vs TTFT]({plot.name})")
+        sections.append(Section(part.title, "\n\n".join(body)))
+    if first is None:
+        raise FileNotFoundError(f"no results in {out}: run the suite first")
+    return write_results_md(out / "RESULTS.md", first, *sections, title="infoflow-rag evaluation")

@@ -1,0 +1,147 @@
+"""Turn sources into passages: documents from files, paragraphs, fixed token windows. Model-free."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TEXT_SUFFIXES = (".txt", ".md")
+_BLANK_LINE = re.compile(r"\n\s*\n")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+@dataclass(frozen=True)
+class Document:
+    """One source text before splitting."""
+
+    id: str  # relative path for files, the "id" field (else the line number) for jsonl
+    text: str
+    source: str  # file path, or "<file>:<line>" for jsonl
+    title: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TokenWindow:
+    """``token_ids[start : start + size]`` of the full sequence."""
+
+    start: int
+    token_ids: list[int]
+    text: str | None  # the window detokenized, when a detokenize callable was given
+
+
+def split_paragraphs(text: str, max_chars: int | None = None) -> list[str]:
+    """Blank-line separated paragraphs, stripped, empties dropped.
+
+    With ``max_chars``, a longer paragraph is cut at sentence ends into greedy chunks of at most
+    ``max_chars`` (sentences re-joined by one space); a single sentence longer than that stays whole.
+    """
+    if max_chars is not None and max_chars <= 0:
+        raise ValueError(f"max_chars must be positive, got {max_chars}")
+    paragraphs = [p.strip() for p in _BLANK_LINE.split(text.replace("\r\n", "\n"))]
+    chunks = []
+    for paragraph in filter(None, paragraphs):
+        if max_chars is None or len(paragraph) <= max_chars:
+            chunks.append(paragraph)
+        else:
+            chunks.extend(_pack_sentences(paragraph, max_chars))
+    return chunks
+
+
+def _pack_sentences(paragraph: str, max_chars: int) -> list[str]:
+    chunks: list[str] = []
+    current = ""
+    for sentence in _SENTENCE_END.split(paragraph):
+        candidate = f"{current} {sentence}" if current else sentence
+        if current and len(candidate) > max_chars:
+            chunks.append(current)
+            current = sentence
+        else:
+            current = candidate
+    chunks.append(current)
+    return chunks
+
+
+def split_token_windows(
+    source: str | Sequence[int],
+    size: int,
+    *,
+    tokenize: Callable[[str], Sequence[int]] | None = None,
+    detokenize: Callable[[list[int]], str] | None = None,
+) -> list[TokenWindow]:
+    """Consecutive non-overlapping windows of ``size`` tokens (the last may be shorter).
+
+    ``source`` is token ids, or text split with ``tokenize`` (e.g. a tokenizer's encode without
+    special tokens); ``detokenize`` fills each window's ``text``.
+    """
+    if size <= 0:
+        raise ValueError(f"window size must be positive, got {size}")
+    if isinstance(source, str):
+        if tokenize is None:
+            raise ValueError("splitting text needs tokenize=...; pass the tokenizer's encode function")
+        source = tokenize(source)
+    ids = [int(t) for t in source]
+    windows = []
+    for start in range(0, len(ids), size):
+        window = ids[start : start + size]
+        windows.append(TokenWindow(start, window, detokenize(window) if detokenize else None))
+    return windows
+
+
+def load_source(path: str | os.PathLike[str]) -> list[Document]:
+    """Documents from a directory of .txt/.md files (recursive, sorted), one such file, or a .jsonl file.
+
+    jsonl lines are objects with "text" and optional "id", "title", "metadata"; blank lines are
+    skipped and a malformed line raises ValueError naming its line number.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(
+            (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES),
+            key=lambda p: p.relative_to(path).as_posix(),
+        )
+        return [_read_text(p, p.relative_to(path).as_posix()) for p in files]
+    if not path.exists():
+        raise FileNotFoundError(f"no such source: {path}")
+    if path.suffix.lower() == ".jsonl":
+        return _read_jsonl(path)
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        return [_read_text(path, path.name)]
+    raise ValueError(
+        f"cannot load {path}: expected a directory of .txt/.md files, a .txt/.md file or a .jsonl file"
+    )
+
+
+def _read_text(path: Path, doc_id: str) -> Document:
+    return Document(id=doc_id, text=path.read_text(encoding="utf-8"), source=str(path))
+
+
+def _read_jsonl(path: Path) -> list[Document]:
+    documents = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if line.strip():
+                documents.append(_parse_jsonl_line(line, f"{path}:{line_no}", line_no))
+    return documents
+
+
+def _parse_jsonl_line(line: str, where: str, line_no: int) -> Document:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
+    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        raise ValueError(f'{where}: expected an object with a string "text" field')
+    title, metadata = obj.get("title"), obj.get("metadata", {})
+    if title is not None and not isinstance(title, str):
+        raise ValueError(f'{where}: "title" must be a string, got {type(title).__name__}')
+    if not isinstance(metadata, dict):
+        raise ValueError(f'{where}: "metadata" must be an object, got {type(metadata).__name__}')
+    return Document(
+        id=str(obj.get("id", line_no)), text=obj["text"], source=where, title=title, metadata=metadata
+    )

@@ -1,0 +1,237 @@
+"""The one module that wires the parts: retriever (FAISS index) + KV store + engine.
+
+Storage knows nothing of models, the engine nothing of storage; here a passage's text becomes a store
+key (engine fingerprint + its token ids) and a missing KV is prefilled on the spot and stored.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .engine import AnswerStream, Engine
+from .index.passage_index import Hit, PassageIndex
+from .kv import PassageKV
+from .matching import PassageMatcher
+from .models import DEFAULT_MODEL
+from .result import AnswerResult
+from .store import CacheKey, KVStore, open_store
+
+KV_DIR = "kv"
+
+
+@dataclass
+class KVLookup:
+    kvs: list[PassageKV]
+    hits: int  # served from the store
+    computed: int  # prefilled now and stored
+    load_s: float  # reading from the store
+    prefill_s: float
+    fresh: list[bool]  # per passage: prefilled by this call
+
+
+@dataclass
+class ReuseStats:
+    passages_hit: int  # passages found in the prompt whose KV came from the store
+    passages_computed: int  # found in the prompt but not yet stored: prefilled now, reused next time
+    reused_tokens: int  # prompt tokens served from cached KV (before selective recompute)
+    prompt_tokens: int
+
+    @property
+    def reused_share(self) -> float:
+        return self.reused_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "reused_share": self.reused_share}
+
+
+@dataclass
+class PipelineAnswer:
+    answer: str
+    sources: list[Hit]
+    result: AnswerResult
+    reuse: ReuseStats | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"answer": self.answer, "sources": [asdict(s) for s in self.sources],
+                "result": self.result.to_dict(), "reuse": self.reuse.to_dict() if self.reuse else None}
+
+
+class PipelineStream:
+    """Iterate for answer text deltas; ``.answer`` holds the :class:`PipelineAnswer` afterwards."""
+
+    def __init__(self, stream: AnswerStream, make: callable):
+        self._stream, self._make = stream, make
+        self.answer: PipelineAnswer | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._stream
+        self.answer = self._make(self._stream.result)
+
+    def finish(self) -> PipelineAnswer:
+        for _ in self:
+            pass
+        return self.answer
+
+
+class Pipeline:
+    def __init__(self, engine: Engine, store: KVStore, index: PassageIndex | None = None):
+        self.engine, self.store, self.index = engine, store, index
+        self.matcher = PassageMatcher((r.id, r.text) for r in index or ())
+        self._texts: dict[int, str] = {}  # passages registered without an index (framework ingestion)
+
+    @classmethod
+    def open(cls, index_dir: str | Path, model: str | Engine = DEFAULT_MODEL, store: str | KVStore | None = None,
+             create: bool = False, **index_options) -> Pipeline:
+        """Open (or create) the index directory; the KV store defaults to ``<index_dir>/kv`` on disk."""
+        index_dir = Path(index_dir)
+        has_index = (index_dir / "index.json").exists()
+        if not has_index and not create:
+            raise FileNotFoundError(
+                f"no passage index in {index_dir}; build one with: infoflow-rag ingest SOURCE --index {index_dir}"
+            )
+        index = PassageIndex.open(index_dir) if has_index else PassageIndex.create(index_dir, **index_options)
+        engine = model if isinstance(model, Engine) else Engine(model)
+        if store is None:
+            store = open_store(f"disk:{index_dir / KV_DIR}")
+        elif isinstance(store, str):
+            store = open_store(store)
+        return cls(engine, store, index)
+
+    def close(self) -> None:
+        self.store.close()
+        if self.index is not None:
+            self.index.close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- KV ---------------------------------------------------------------------------------------------
+
+    def key(self, token_ids: Sequence[int] | torch.Tensor) -> CacheKey:
+        return CacheKey.for_tokens(self.engine.fingerprint, token_ids)
+
+    def kv_for(self, texts: Sequence[str], progress: bool = False) -> KVLookup:
+        """KV of each passage: from the store, or prefilled now and stored (then served from the store)."""
+        t = time.perf_counter()
+        keys = [self.key(self.engine.passage_ids(text)) for text in texts]
+        found = self.store.get_many(keys)
+        load_s = time.perf_counter() - t
+        missing = [i for i, kv in enumerate(found) if kv is None]
+        prefill_s = 0.0
+        if missing:
+            t = time.perf_counter()
+            computed = self.engine.prefill([texts[i] for i in missing], progress=progress)
+            self.store.put_many((keys[i], kv) for i, kv in zip(missing, computed, strict=True))
+            for i, kv in zip(missing, computed, strict=True):
+                found[i] = kv
+            prefill_s = time.perf_counter() - t
+        fresh = [i in set(missing) for i in range(len(texts))]
+        return KVLookup(found, len(texts) - len(missing), len(missing), load_s, prefill_s, fresh)
+
+    def register(self, texts: Sequence[str], progress: bool = False) -> KVLookup:
+        """Make passages recognisable inside prompts and make sure their KV is stored (framework ingestion)."""
+        start = max(self._texts, default=-1) + 1
+        new = [(start + i, t) for i, t in enumerate(texts) if t not in self._texts.values()]
+        self._texts.update(new)
+        self.matcher.add(new)
+        return self.kv_for(texts, progress=progress)
+
+    # --- answering --------------------------------------------------------------------------------------
+
+    def retrieve(self, question: str, top_k: int = 5) -> list[Hit]:
+        if self.index is None:
+            raise ValueError("this pipeline has no passage index: open one with Pipeline.open(index_dir)")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        return self.index.search(question, top_k)
+
+    def ask(self, question: str, top_k: int = 5, **options) -> PipelineAnswer:
+        """Retrieve top_k passages, load (or prefill) their KV, answer. Options as for :meth:`Engine.answer`."""
+        return self.stream(question, top_k, **options).finish()
+
+    def stream(self, question: str, top_k: int = 5, **options) -> PipelineStream:
+        t = time.perf_counter()
+        hits = self.retrieve(question, top_k)
+        retrieve_s = time.perf_counter() - t
+        return self.stream_passages(question, [h.text for h in hits], sources=hits, retrieve_s=retrieve_s,
+                                    **options)
+
+    def stream_passages(self, question: str, passages: Sequence[str], sources: Sequence[Hit] = (),
+                        retrieve_s: float = 0.0, **options) -> PipelineStream:
+        """Answer over given passage texts (kept as separate passages), their KV from the store."""
+        # "full" recomputes every passage token: it needs no stored KV, and is the uncached reference.
+        lookup = self.kv_for(passages) if options.get("selector") != "full" else None
+        stream = self.engine.stream(question, lookup.kvs if lookup else list(passages), **options)
+
+        def make(result: AnswerResult) -> PipelineAnswer:
+            _account(result, retrieve_s, lookup)
+            return PipelineAnswer(result.answer, list(sources), result,
+                                  extra={"kv_hits": lookup.hits if lookup else 0,
+                                         "kv_computed": lookup.computed if lookup else 0})
+
+        return PipelineStream(stream, make)
+
+    def answer_prompt(self, prompt: str, **options) -> PipelineAnswer:
+        return self.stream_prompt(prompt, **options).finish()
+
+    def stream_prompt(self, prompt: str, **options) -> PipelineStream:
+        """Serve a ready-made prompt: known passages inside it reuse their KV, the rest is computed fresh."""
+        pieces: list[str | int] = []
+        pos = 0
+        for m in self.matcher.find(prompt):
+            if m.start > pos:
+                pieces.append(prompt[pos : m.start])
+            pieces.append(m.key)
+            pos = m.end
+        if pos < len(prompt):
+            pieces.append(prompt[pos:])
+        texts = [self._text(p) for p in pieces if isinstance(p, int)]
+        lookup = self.kv_for(texts) if texts else None
+        kvs = iter(lookup.kvs if lookup else [])
+        resolved = [p if isinstance(p, str) else self._head(next(kvs), self._text(p)) for p in pieces]
+        stream = self.engine.stream_prompt(resolved, **options)
+
+        def make(result: AnswerResult) -> PipelineAnswer:
+            _account(result, 0.0, lookup)
+            reused = sum(len(p) for p in resolved if isinstance(p, PassageKV))
+            reuse = ReuseStats(lookup.hits if lookup else 0, lookup.computed if lookup else 0, reused,
+                               result.prompt_tokens)
+            return PipelineAnswer(result.answer, [], result, reuse)
+
+        return PipelineStream(stream, make)
+
+    def _text(self, key: int) -> str:
+        if key in self._texts:
+            return self._texts[key]
+        return self.index.get([key])[0].text
+
+    def _head(self, kv: PassageKV, text: str) -> PassageKV | str:
+        """The cached tokens of ``text`` as it appears in a prompt: the stored KV minus its separator tokens.
+
+        A causal prefill's first n tokens do not depend on what follows, so a head slice is still exact.
+        Returns the text itself (computed fresh) if the text's tokens are not a prefix of the stored ones.
+        """
+        ids = self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if kv.token_ids[: len(ids)].tolist() != list(ids):
+            return text
+        return kv.head(len(ids))
+
+
+def _account(result: AnswerResult, retrieve_s: float, lookup: KVLookup | None) -> None:
+    """Fold retrieval and KV loading into the engine's timings, so TTFT counts from the question."""
+    timings = result.timings
+    timings.retrieve = retrieve_s
+    timings.ttft += retrieve_s
+    if lookup is not None:
+        timings.load_kv = lookup.load_s
+        timings.prefill += lookup.prefill_s
+        timings.ttft += lookup.load_s + lookup.prefill_s

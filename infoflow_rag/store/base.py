@@ -1,0 +1,105 @@
+"""The KVStore interface every backend implements, with batching and hit/miss accounting on top."""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+from infoflow_rag.kv import PassageKV
+from infoflow_rag.store.codec import StorageDtype, check_dtype
+from infoflow_rag.store.keys import CacheKey
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StoreStats:
+    """Counters since the store was opened (this process only)."""
+
+    hits: int = 0
+    misses: int = 0  # includes corrupt reads
+    corrupt: int = 0  # entries that failed verification and were deleted
+    evictions: int = 0  # entries dropped to respect a size bound
+
+    @property
+    def hit_rate(self) -> float:
+        lookups = self.hits + self.misses
+        return self.hits / lookups if lookups else 0.0
+
+
+class KVStore(ABC):
+    """Maps :class:`CacheKey` to :class:`PassageKV`.
+
+    K/V are converted to ``dtype`` on put and come back as float32 on get (see ``store.codec``).
+    Backends implement ``put``, ``_get``, ``contains``, ``delete`` and ``close``; ``get``/``get_many`` add the
+    statistics, and the batched methods loop unless a backend overrides them.
+    """
+
+    def __init__(self, dtype: StorageDtype = "float32") -> None:
+        self.dtype: StorageDtype = check_dtype(dtype)
+        self.stats = StoreStats()
+
+    @abstractmethod
+    def put(self, key: CacheKey, kv: PassageKV) -> None:
+        """Store ``kv`` under ``key``, replacing any previous entry."""
+
+    @abstractmethod
+    def _get(self, key: CacheKey) -> PassageKV | None:
+        """The entry, or None if absent or dropped as corrupt."""
+
+    @abstractmethod
+    def contains(self, key: CacheKey) -> bool:
+        """Whether an entry exists (not verified: ``get`` may still miss on a corrupt one)."""
+
+    @abstractmethod
+    def delete(self, key: CacheKey) -> None:
+        """Remove the entry if present."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections, handles or memory; the store is unusable afterwards."""
+
+    def get(self, key: CacheKey) -> PassageKV | None:
+        """The K/V stored under ``key`` (float32), or None on a miss."""
+        return self._count(self._get(key))
+
+    def get_many(self, keys: Sequence[CacheKey]) -> list[PassageKV | None]:
+        """``get`` for each key, in order."""
+        return [self._count(kv) for kv in self._get_many(keys)]
+
+    def _get_many(self, keys: Sequence[CacheKey]) -> list[PassageKV | None]:
+        return [self._get(key) for key in keys]
+
+    def put_many(self, items: Iterable[tuple[CacheKey, PassageKV]]) -> None:
+        """``put`` for each ``(key, kv)`` pair."""
+        for key, kv in items:
+            self.put(key, kv)
+
+    def contains_many(self, keys: Sequence[CacheKey]) -> list[bool]:
+        """``contains`` for each key, in order."""
+        return [self.contains(key) for key in keys]
+
+    def _count(self, kv: PassageKV | None) -> PassageKV | None:
+        if kv is None:
+            self.stats.misses += 1
+        else:
+            self.stats.hits += 1
+        return kv
+
+    def _drop_corrupt(self, key: CacheKey, error: Exception) -> None:
+        """Delete an entry that failed verification, so it is recomputed rather than served."""
+        logger.warning("dropping corrupt KV entry %s from %s: %s", key.to_string(), self, error)
+        self.stats.corrupt += 1
+        self.delete(key)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

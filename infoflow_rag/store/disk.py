@@ -1,0 +1,59 @@
+"""KV store on a local file system: one verified safetensors file per passage."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from infoflow_rag.kv import PassageKV
+from infoflow_rag.store.base import KVStore
+from infoflow_rag.store.codec import StorageDtype, decode, encode
+from infoflow_rag.store.files import atomic_write
+from infoflow_rag.store.format import CorruptEntryError, pack, unpack_file
+from infoflow_rag.store.keys import CacheKey
+
+
+class DiskKVStore(KVStore):
+    """Entries at ``root/<fingerprint digest>/<token hash>.safetensors``.
+
+    Writes are atomic (temp file + fsync + rename), so concurrent writers of one key, in any number
+    of processes, leave exactly one complete file. Reads memory-map the file and verify its
+    checksum; a torn or corrupt file is logged, deleted, counted in ``stats.corrupt`` and reported
+    as a miss. The directory needs no locking and can be shared by processes on one host.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], dtype: StorageDtype = "float32") -> None:
+        super().__init__(dtype)
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, key: CacheKey) -> Path:
+        """Where the entry for ``key`` lives (whether or not it exists)."""
+        return self.root / key.fingerprint_digest / f"{key.token_hash}.safetensors"
+
+    def put(self, key: CacheKey, kv: PassageKV) -> None:
+        path = self.path_for(key)
+        path.parent.mkdir(exist_ok=True)
+        atomic_write(path, pack(key, encode(kv, self.dtype)))
+
+    def _get(self, key: CacheKey) -> PassageKV | None:
+        try:
+            enc = unpack_file(key, self.path_for(key))
+        except FileNotFoundError:
+            return None
+        except CorruptEntryError as e:
+            self._drop_corrupt(key, e)
+            return None
+        return decode(enc)
+
+    def contains(self, key: CacheKey) -> bool:
+        return self.path_for(key).is_file()
+
+    def delete(self, key: CacheKey) -> None:
+        self.path_for(key).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Nothing to release: every call opens and closes its own file."""
+
+    def __repr__(self) -> str:
+        return f"DiskKVStore({str(self.root)!r}, dtype={self.dtype!r})"

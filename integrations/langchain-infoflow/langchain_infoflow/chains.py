@@ -1,0 +1,82 @@
+"""create_infoflow_rag_chain: retrieve, then answer over the documents as separate cached passages."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from langchain_core.documents import Document
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
+from langchain_core.runnables.utils import AddableDict
+
+from infoflow_rag.pipeline import PipelineStream
+
+from .chat_models import ChatInfoFlow
+from .stats import answer_stats
+
+
+def create_infoflow_rag_chain(
+    retriever: Runnable[str, list[Document]], llm: ChatInfoFlow
+) -> Runnable[dict, dict]:
+    """``{"question": str}`` -> ``{"answer": str, "documents": [Document], "stats": dict}``.
+
+    Each document's ``page_content`` is one passage: its KV comes from the pipeline's store (prefilled
+    and stored on first sight), and ``llm``'s selector recomputes a share of its tokens.
+
+    ``.stream()`` yields :class:`AddableDict` chunks: ``{"documents": [...]}`` first, then
+    ``{"answer": delta}`` per text delta (raw, before the final strip ``invoke`` applies), then
+    ``{"stats": {...}}``; adding the chunks up gives the whole output. ``astream`` yields one final chunk.
+    """
+    if not isinstance(llm, ChatInfoFlow):
+        raise TypeError(f"llm must be a ChatInfoFlow (it owns the KV pipeline), got {type(llm).__name__}")
+
+    # Retrieval runs in the caller's thread, not in RunnableParallel's pool: the core's SQLite passage
+    # records may only be read from the thread that opened them.
+    def retrieve(inputs: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
+        question = _question(inputs)
+        return {"question": question, "documents": retriever.invoke(question, config)}
+
+    async def aretrieve(inputs: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
+        question = _question(inputs)
+        return {"question": question, "documents": await retriever.ainvoke(question, config)}
+
+    steps = RunnableLambda(retrieve, afunc=aretrieve, name="retrieve") | InfoFlowAnswer(llm)
+    return steps.with_config(run_name="infoflow_rag_chain")
+
+
+def _question(inputs: dict[str, Any]) -> str:
+    if not isinstance(inputs, dict) or not isinstance(inputs.get("question"), str):
+        raise ValueError(f'the chain takes {{"question": str}}, got {inputs!r}')
+    return inputs["question"]
+
+
+class InfoFlowAnswer(Runnable[dict, dict]):
+    """``{"question", "documents"}`` -> ``{"answer", "documents", "stats"}``, by ``stream_passages``."""
+
+    def __init__(self, llm: ChatInfoFlow) -> None:
+        self.llm = llm
+
+    # Engine options come from the ChatInfoFlow; Runnable's **kwargs are accepted but not forwarded.
+    def invoke(self, input: dict, config: RunnableConfig | None = None, **kwargs: Any) -> dict:
+        return self._call_with_config(self._answer, input, config)
+
+    def stream(self, input: dict, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[dict]:
+        yield from self._transform_stream_with_config(iter([input]), self._chunks, config)
+
+    def _answer(self, inputs: dict) -> dict:
+        answer = self._start(inputs).finish()
+        return {"answer": answer.answer, "documents": inputs["documents"], "stats": answer_stats(answer)}
+
+    def _chunks(self, inputs: Iterator[dict]) -> Iterator[AddableDict]:
+        for item in inputs:
+            yield AddableDict(documents=item["documents"])
+            stream = self._start(item)
+            for delta in stream:
+                yield AddableDict(answer=delta)
+            yield AddableDict(stats=answer_stats(stream.answer))
+
+    def _start(self, inputs: dict) -> PipelineStream:
+        passages = [doc.page_content for doc in inputs["documents"]]
+        return self.llm.get_pipeline().stream_passages(
+            inputs["question"], passages, **self.llm.engine_options()
+        )

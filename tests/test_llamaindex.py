@@ -1,0 +1,229 @@
+"""LlamaIndex integration: stock query engines over the ingestion hook reuse passage KV (tiny model)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import faiss
+import pytest
+from conftest import PASSAGES, QUESTION
+from llama_index.core import Document, StorageContext, VectorStoreIndex
+from llama_index.core.base.llms.types import ChatMessage, CompletionResponse
+from llama_index.core.embeddings import MockEmbedding
+from llama_index.core.ingestion import IngestionPipeline
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+from llama_index.core.instrumentation.events.llm import LLMCompletionEndEvent
+from llama_index.core.node_parser import SentenceSplitter
+from llama_index.core.query_engine import RetrieverQueryEngine
+from llama_index.core.schema import MetadataMode
+from llama_index.llms.infoflow import STATS_KEY, InfoFlowEmbedding, InfoFlowKVCacheTransform, InfoFlowLLM
+from llama_index.vector_stores.faiss import FaissVectorStore
+from pydantic import ValidationError
+
+from infoflow_rag.engine import Engine
+from infoflow_rag.pipeline import Pipeline
+from infoflow_rag.store import open_store
+
+EMBED_DIM = 8
+MAX_NEW_TOKENS = 8
+
+
+class CompletionLog(BaseEventHandler):
+    """The (prompt, response) pairs of every LLM completion, read from LlamaIndex instrumentation."""
+
+    calls: list[tuple[str, CompletionResponse]] = []
+
+    def handle(self, event, **kwargs) -> None:
+        if isinstance(event, LLMCompletionEndEvent):
+            self.calls.append((event.prompt, event.response))
+
+
+@pytest.fixture
+def completions():
+    log = CompletionLog(calls=[])
+    root = get_dispatcher()
+    root.add_event_handler(log)
+    yield log.calls
+    root.event_handlers.remove(log)
+
+
+@pytest.fixture
+def pipeline(engine) -> Pipeline:
+    return Pipeline(engine, open_store("memory"))
+
+
+def documents() -> list[Document]:
+    # Metadata, an excluded key, stray whitespace: the registered text must still be what the prompt quotes.
+    return [
+        Document(
+            text=f"  {text}\n",
+            metadata={"title": f"fact {i}", "internal_id": i},
+            excluded_llm_metadata_keys=["internal_id"],
+        )
+        for i, text in enumerate(PASSAGES)
+    ]
+
+
+def registered_texts() -> list[str]:
+    """What the ingestion hook registers, and a synthesizer quotes, for each of :func:`documents`."""
+    return [doc.get_content(metadata_mode=MetadataMode.LLM).strip() for doc in documents()]
+
+
+def embed_model() -> MockEmbedding:
+    return MockEmbedding(embed_dim=EMBED_DIM)  # one constant vector: every node ties, top_k takes any
+
+
+def ingested_index(pipeline: Pipeline) -> VectorStoreIndex:
+    return VectorStoreIndex.from_documents(
+        documents(), embed_model=embed_model(), transformations=[InfoFlowKVCacheTransform(pipeline)]
+    )
+
+
+def llm(pipeline: Pipeline, **fields) -> InfoFlowLLM:
+    return InfoFlowLLM(pipeline=pipeline, max_new_tokens=MAX_NEW_TOKENS, **fields)
+
+
+def test_stock_query_engine_reuses_the_ingested_passages_kv(pipeline, completions):
+    index = ingested_index(pipeline)
+    response = index.as_query_engine(llm=llm(pipeline), similarity_top_k=len(PASSAGES)).query(QUESTION)
+
+    [(prompt, completion)] = completions
+    stats = completion.additional_kwargs[STATS_KEY]
+    assert response.response == completion.text
+    assert stats["passages_hit"] == len(PASSAGES) and stats["passages_computed"] == 0
+    assert 0 < stats["reused_share"] < 1 and stats["reused_tokens"] == stats["context_tokens"]
+    assert 0 < stats["recompute_fraction"] <= 0.16 and stats["ttft"] > 0
+    assert completion.raw["reuse"]["reused_tokens"] == stats["reused_tokens"]
+    assert all(f"\n{text}\n" in prompt for text in registered_texts())
+    assert "\ntitle: fact 2\n\n  The capital of Australia" in prompt and "internal_id" not in prompt
+
+
+def test_full_recompute_gives_the_uncached_answer(pipeline, engine, completions):
+    index = ingested_index(pipeline)
+    uncached_pipeline = Pipeline(engine, open_store("memory"))  # nothing registered: the plain path
+    answers = [
+        index.as_query_engine(llm=llm(p, selector="full")).query(QUESTION).response
+        for p in (pipeline, uncached_pipeline)
+    ]
+    (cached_prompt, cached), (uncached_prompt, uncached) = completions
+    assert cached_prompt == uncached_prompt
+    assert cached.additional_kwargs[STATS_KEY]["passages_hit"] == 2
+    assert uncached.additional_kwargs[STATS_KEY]["reused_share"] == 0
+    assert answers[0] == answers[1] != ""
+
+
+def test_prompt_without_known_passages_reports_no_reuse(pipeline):
+    ingested_index(pipeline)
+    response = llm(pipeline).complete("Name a river in Europe.")
+    stats = response.additional_kwargs[STATS_KEY]
+    assert stats["passages_hit"] == stats["passages_computed"] == stats["reused_tokens"] == 0
+    assert stats["reused_share"] == 0 and stats["generated_tokens"] >= 1
+    assert response.raw["answer"] == response.text
+
+
+def test_streaming_query_engine_and_stream_complete(pipeline, completions):
+    index = ingested_index(pipeline)
+    answer = index.as_query_engine(llm=llm(pipeline)).query(QUESTION).response
+    streamed = index.as_query_engine(llm=llm(pipeline), streaming=True).query(QUESTION)
+    deltas = list(streamed.response_gen)
+    assert len(deltas) > 1 and "".join(deltas).strip() == answer
+
+    prompt = completions[0][0]
+    responses = list(llm(pipeline).stream_complete(prompt))
+    last = responses[-1]
+    assert last.text == "".join(r.delta or "" for r in responses)
+    assert last.additional_kwargs[STATS_KEY]["passages_hit"] == 2  # as_query_engine retrieves 2 by default
+    assert all(STATS_KEY not in r.additional_kwargs for r in responses[:-1])
+
+
+def test_retriever_query_engine_over_faiss_with_an_ingestion_pipeline(pipeline, completions):
+    nodes = IngestionPipeline(
+        transformations=[SentenceSplitter(chunk_size=64, chunk_overlap=0), InfoFlowKVCacheTransform(pipeline)]
+    ).run(documents=documents())
+    storage = StorageContext.from_defaults(
+        vector_store=FaissVectorStore(faiss_index=faiss.IndexFlatL2(EMBED_DIM))
+    )
+    index = VectorStoreIndex(nodes, storage_context=storage, embed_model=embed_model())
+    query_engine = RetrieverQueryEngine.from_args(index.as_retriever(similarity_top_k=3), llm=llm(pipeline))
+    response = query_engine.query(QUESTION)
+    stats = completions[0][1].additional_kwargs[STATS_KEY]
+    assert stats["passages_hit"] == 3 and stats["reused_share"] > 0
+    assert len(response.source_nodes) == 3
+
+
+def test_chat_and_async_completion_go_through_the_pipeline(pipeline):
+    ingested_index(pipeline)
+    prompt = "Facts:\n" + "\n\n".join(registered_texts())
+    chat = llm(pipeline).chat([ChatMessage(role="user", content=prompt)])
+    assert chat.message.additional_kwargs[STATS_KEY]["passages_hit"] == len(PASSAGES)
+
+    async def run() -> tuple[CompletionResponse, list[CompletionResponse]]:
+        model = llm(pipeline)
+        return await model.acomplete(prompt), [r async for r in await model.astream_complete(prompt)]
+
+    completed, streamed = asyncio.run(run())
+    assert streamed[-1].text.strip() == completed.text
+    assert completed.additional_kwargs[STATS_KEY]["passages_hit"] == len(PASSAGES)
+
+
+def test_metadata_and_fields(pipeline, engine):
+    model = llm(pipeline, reorder=True, ratio=0.3)
+    meta = model.metadata
+    assert meta.context_window == engine.max_positions and meta.num_output == MAX_NEW_TOKENS
+    assert meta.model_name == model.model == "tiny-llama" and not meta.is_chat_model
+    assert model.pipeline is pipeline
+    stats = model.complete(PASSAGES[2]).additional_kwargs[STATS_KEY]
+    assert stats["ratio"] == 0.3
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"selector": "bogus"}, "unknown selector 'bogus'"),
+        ({"ratio": 0.0}, "greater than 0"),
+        ({"max_new_tokens": 0}, "greater than or equal to 1"),
+    ],
+)
+def test_bad_fields_are_rejected_at_construction(pipeline, fields, message):
+    with pytest.raises(ValidationError, match=message):
+        InfoFlowLLM(pipeline=pipeline, **fields)
+
+
+def test_model_must_match_the_given_pipeline(pipeline):
+    with pytest.raises(ValueError, match="model='smollm2-135m' but the given pipeline serves 'tiny-llama'"):
+        InfoFlowLLM(pipeline=pipeline, model="smollm2-135m")
+
+
+def test_transform_returns_nodes_unchanged_and_skips_empty_text(pipeline):
+    nodes = [Document(text=PASSAGES[0]), Document(text="  \n")]
+    assert InfoFlowKVCacheTransform(pipeline)(nodes) is nodes
+    answer = pipeline.answer_prompt(f"Read:\n{PASSAGES[0]}\n\nWhat rises in the Alps?", max_new_tokens=2)
+    assert answer.reuse.passages_hit == 1
+
+
+FACTS = [
+    "The Eiffel Tower in Paris was completed in 1889 for the World's Fair.",
+    "Mount Kilimanjaro, in Tanzania, is the highest mountain in Africa.",
+    "The telephone was invented by Alexander Graham Bell, who was born in Edinburgh.",
+]
+
+
+@pytest.mark.real_model
+def test_smollm_query_engine_reuses_kv_and_names_the_fact(completions):
+    pipeline = Pipeline(Engine("smollm2-135m"), open_store("memory"))
+    index = VectorStoreIndex.from_documents(
+        [Document(text=t) for t in FACTS],
+        embed_model=InfoFlowEmbedding(),
+        transformations=[InfoFlowKVCacheTransform(pipeline)],
+    )
+    query_engine = index.as_query_engine(
+        llm=InfoFlowLLM(pipeline=pipeline, max_new_tokens=24), similarity_top_k=3
+    )
+    response = query_engine.query("When was the Eiffel Tower completed?")
+    stats = completions[0][1].additional_kwargs[STATS_KEY]
+    assert (
+        response.source_nodes[0].node.text == FACTS[0]
+    )  # the offline MiniLM ranks the asked-about fact first
+    assert "1889" in response.response
+    assert stats["passages_hit"] == 3 and stats["reused_share"] > 0.3 and stats["recompute_fraction"] <= 0.16

@@ -1,0 +1,114 @@
+"""Retriever + KV store + engine wired together; ingest that survives kill -9."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import PASSAGES, QUESTION
+from tiny import BagOfWordsEmbedder, tiny_model
+
+from infoflow_rag.engine import Engine
+from infoflow_rag.index.passage_index import PassageIndex
+from infoflow_rag.ingest import ingest
+from infoflow_rag.matching import PassageMatcher
+from infoflow_rag.pipeline import Pipeline
+from infoflow_rag.store import DiskKVStore, open_store
+
+
+def test_matcher_finds_passages_at_line_starts_longest_first():
+    m = PassageMatcher([(1, "alpha beta gamma"), (2, "alpha beta gamma delta"), (3, "omega")])
+    prompt = "Context:\nalpha beta gamma delta\n\n  omega\nnot omega here\nalpha beta gamma"
+    found = [(x.key, prompt[x.start:x.end]) for x in m.find(prompt)]
+    assert found == [(2, "alpha beta gamma delta"), (3, "omega"), (1, "alpha beta gamma")]
+    assert m.find("nothing known") == []
+
+
+@pytest.fixture()
+def pipeline(tmp_path, engine) -> Pipeline:
+    index = PassageIndex.create(tmp_path / "index", embedder=BagOfWordsEmbedder())
+    index.add_passages(PASSAGES, ["test"] * len(PASSAGES), [{} for _ in PASSAGES])
+    return Pipeline(engine, open_store("memory"), index)
+
+
+def test_ask_retrieves_loads_and_reports_stages(pipeline):
+    first = pipeline.ask(QUESTION, top_k=2, max_new_tokens=4)
+    assert [h.text for h in first.sources][0] == PASSAGES[2]  # bag of words: shares "capital", "Australia"
+    assert first.extra == {"kv_hits": 0, "kv_computed": 2}
+    second = pipeline.ask(QUESTION, top_k=2, max_new_tokens=4)
+    assert second.extra == {"kv_hits": 2, "kv_computed": 0}  # served from the store now
+    assert second.answer == first.answer
+    t = second.result.timings
+    assert t.retrieve > 0 and t.load_kv > 0 and t.prefill == 0
+    assert t.ttft >= t.retrieve + t.load_kv + t.recompute
+
+
+def test_stored_kv_is_the_prefilled_kv(pipeline):
+    lookup = pipeline.kv_for(PASSAGES[:2])
+    again = pipeline.kv_for(PASSAGES[:2])
+    assert again.hits == 2
+    for a, b in zip(lookup.kvs, again.kvs, strict=True):
+        assert (a.keys == b.keys).all() and (a.values == b.values).all()
+
+
+def test_prompt_with_known_passages_reuses_them(engine):
+    cached = Pipeline(engine, open_store("memory"))
+    cached.register(PASSAGES)
+    prompt = "Context information is below.\n---\n" + "\n\n".join(PASSAGES) + f"\n---\nQuery: {QUESTION}\nAnswer: "
+    reuse = cached.answer_prompt(prompt, max_new_tokens=6)
+    assert reuse.reuse.passages_hit == len(PASSAGES) and reuse.reuse.reused_share > 0.5
+    # 100 % recompute through the cached path answers exactly as the plain uncached prompt does.
+    full = cached.answer_prompt(prompt, selector="full", max_new_tokens=6)
+    plain = Pipeline(engine, open_store("memory")).answer_prompt(prompt, max_new_tokens=6)
+    assert plain.reuse.passages_hit == 0 and plain.reuse.reused_share == 0
+    assert full.answer == plain.answer
+
+
+def _tiny_model_dir(path: Path) -> Path:
+    loaded = tiny_model("llama")
+    loaded.model.save_pretrained(path)
+    loaded.tokenizer.save_pretrained(path)
+    return path
+
+
+def test_kill_9_during_ingest_then_rerun_gives_a_complete_consistent_index(tmp_path):
+    model_dir = _tiny_model_dir(tmp_path / "model")
+    corpus = tmp_path / "corpus.jsonl"
+    texts = [f"Document {i} talks about topic {i % 17} and item {i * 7 % 101} in some detail." for i in range(400)]
+    corpus.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
+    index_dir = tmp_path / "index"
+    cmd = [sys.executable, "-m", "infoflow_rag.cli", "ingest", str(corpus), "--index", str(index_dir),
+           "--model", str(model_dir), "--batch-size", "8", "--json"]
+    env = {**os.environ, "INFOFLOW_RAG_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    kv_dir = index_dir / "kv"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if kv_dir.exists() and sum(1 for _ in kv_dir.rglob("*.safetensors")) >= 40:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "ingest finished before it could be killed: make the corpus larger"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stored_before = sum(1 for _ in kv_dir.rglob("*.safetensors"))
+    assert 0 < stored_before < len(texts)
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout)
+    assert summary["passages"] == len(texts)
+    assert summary["kv_computed"] == len(texts) - stored_before  # resumed: nothing redone
+
+    engine = Engine(str(model_dir))
+    with Pipeline.open(index_dir, model=engine) as pipeline:
+        assert len(pipeline.index) == len(texts)
+        assert sorted(h.text for h in pipeline.index.search(texts[5], k=1)) == [texts[5]]
+        store = pipeline.store
+        assert isinstance(store, DiskKVStore)
+        keys = [pipeline.key(engine.passage_ids(t)) for t in texts]
+        assert all(kv is not None for kv in store.get_many(keys))
+        assert store.stats.corrupt == 0
