@@ -84,10 +84,7 @@ def main() -> None:
         response = query_engine.query(item["question"])
         stats = handler.stats
         print(f"Q: {item['question']}\nA: {response.response}\n   (gold: {item['answer']})")
-        print(
-            "   sources: "
-            + "; ".join(f"{n.node.metadata['title']} ({n.score:.2f})" for n in response.source_nodes)
-        )
+        print("   sources: " + "; ".join(f"{n.node.metadata['title']} ({n.score:.2f})" for n in response.source_nodes))
         print(
             f"   reuse: {stats['passages_hit']} passages from the KV store = {stats['reused_share']:.0%} of "
             f"{stats['prompt_tokens']} prompt tokens; {stats['recompute_fraction']:.0%} of passage tokens "

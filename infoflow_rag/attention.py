@@ -8,7 +8,6 @@ it can stop the forward once a given layer is done, so no layer after the last o
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -50,21 +49,22 @@ _sparse: ContextVar[SparseQueries | None] = ContextVar("infoflow_sparse", defaul
 
 
 @contextlib.contextmanager
-def capture(c: Capture) -> Iterator[Capture]:
-    token = _active.set(c)
+def _setting(var: ContextVar, value):
+    token = var.set(value)
     try:
-        yield c
+        yield value
     finally:
-        _active.reset(token)
+        var.reset(token)
 
 
-@contextlib.contextmanager
-def sparse_queries(plan: SparseQueries) -> Iterator[SparseQueries]:
-    token = _sparse.set(plan)
-    try:
-        yield plan
-    finally:
-        _sparse.reset(token)
+def capture(c: Capture) -> contextlib.AbstractContextManager[Capture]:
+    """Within: accumulate attention norms on ``c.score_layers`` and stop after ``c.stop_after``."""
+    return _setting(_active, c)
+
+
+def sparse_queries(plan: SparseQueries) -> contextlib.AbstractContextManager[SparseQueries]:
+    """Within: recompute forwards attend per query chunk to the visible key prefix only."""
+    return _setting(_sparse, plan)
 
 
 def chunked_attention(module, query, key, value, mask, plan: SparseQueries, **kwargs):
@@ -122,8 +122,9 @@ def infoflow_attention(module, query, key, value, attention_mask, scaling=None, 
         raise StopForward
     plan = _sparse.get()
     if plan is not None and query.shape[2] == plan.input_positions.numel() and attention_mask is not None:
-        return chunked_attention(module, query, key, value, attention_mask, plan, dropout=dropout, scaling=scaling,
-                                 **kwargs)
+        return chunked_attention(
+            module, query, key, value, attention_mask, plan, dropout=dropout, scaling=scaling, **kwargs
+        )
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 

@@ -46,8 +46,13 @@ def build_context(engine: Engine, n_tokens: int) -> tuple[str, list[str]]:
     return question, passages
 
 
-def bench_ttft(engine: Engine, contexts: list[int], ratio: float = 0.15, methods: tuple[str, ...] = BENCH_METHODS,
-               repeats: int = 3) -> list[BenchRow]:
+def bench_ttft(
+    engine: Engine,
+    contexts: list[int],
+    ratio: float = 0.15,
+    methods: tuple[str, ...] = BENCH_METHODS,
+    repeats: int = 3,
+) -> list[BenchRow]:
     rows = []
     for n_tokens in contexts:
         question, texts = build_context(engine, n_tokens)
@@ -64,8 +69,9 @@ def bench_ttft(engine: Engine, contexts: list[int], ratio: float = 0.15, methods
                 ttft["prefill"].append(elapsed)
             for method in methods:
                 selector, _, flag = method.partition("+")
-                r = engine.answer(question, kvs, selector=selector, ratio=ratio, reorder=flag == "reorder",
-                                  max_new_tokens=1)
+                r = engine.answer(
+                    question, kvs, selector=selector, ratio=ratio, reorder=flag == "reorder", max_new_tokens=1
+                )
                 if repeat:
                     ttft[method].append(r.timings.ttft)
                     share[method].append((r.timings.score + r.timings.reorder) / r.timings.ttft)
@@ -75,15 +81,82 @@ def bench_ttft(engine: Engine, contexts: list[int], ratio: float = 0.15, methods
         rows.append(BenchRow(context, "full prefill", reference, 1.0, 0.0, 1.0, repeats))
         for method in methods:
             median = statistics.median(ttft[method])
-            rows.append(BenchRow(context, method, median, reference / median, statistics.median(share[method]),
-                                 fraction[method], repeats))
+            rows.append(
+                BenchRow(
+                    context,
+                    method,
+                    median,
+                    reference / median,
+                    statistics.median(share[method]),
+                    fraction[method],
+                    repeats,
+                )
+            )
     return rows
 
 
 def format_table(rows: list[BenchRow]) -> str:
-    lines = ["| context | method | TTFT (s) | speedup vs prefill | scoring share | recomputed |",
-             "|---:|---|---:|---:|---:|---:|"]
+    lines = [
+        "| context | method | TTFT (s) | speedup vs prefill | scoring share | recomputed |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r.context_tokens} | {r.method} | {r.ttft_s:.3f} | {r.speedup:.2f}x | "
-                     f"{100 * r.score_share:.1f} % | {100 * r.recompute_fraction:.1f} % |")
+        lines.append(
+            f"| {r.context_tokens} | {r.method} | {r.ttft_s:.3f} | {r.speedup:.2f}x | "
+            f"{100 * r.score_share:.1f} % | {100 * r.recompute_fraction:.1f} % |"
+        )
     return "\n".join(lines)
+
+
+@dataclass
+class StoreRow:
+    dtype: str
+    bytes_per_token: float  # on disk, per passage token
+    load_gb_s: float  # warm reads from disk, GB of stored bytes per second
+    load_ms_per_passage: float
+    max_logit_diff: float  # first-token logits vs float32 KV, same query
+    same_answer: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def bench_store(engine: Engine, directory: str, n_passages: int = 40, repeats: int = 3) -> list[StoreRow]:
+    """Disk KV store per storage dtype: size, warm load speed, and the effect on the answer."""
+    from pathlib import Path
+
+    from .store import CacheKey, DiskKVStore
+
+    question, texts = build_context(engine, 10**9)
+    texts = texts[:n_passages]
+    kvs = engine.prefill(texts)
+    keys = [CacheKey.for_tokens(engine.fingerprint, kv.token_ids) for kv in kvs]
+    tokens = sum(len(kv) for kv in kvs)
+    reference = engine.prepare(question, kvs[:8]).out.logits
+    ref_answer = engine.answer(question, kvs[:8], max_new_tokens=16).answer
+    rows = []
+    for dtype in ("float32", "float16", "bfloat16", "int8"):
+        root = Path(directory) / dtype
+        with DiskKVStore(root, dtype=dtype) as store:
+            store.put_many(zip(keys, kvs, strict=True))
+            size = sum(p.stat().st_size for p in root.rglob("*.safetensors"))
+            store.get_many(keys)  # warm the page cache
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                loaded = store.get_many(keys)
+                times.append(time.perf_counter() - t)
+            elapsed = statistics.median(times)
+            logits = engine.prepare(question, loaded[:8]).out.logits
+            answer = engine.answer(question, loaded[:8], max_new_tokens=16).answer
+        rows.append(
+            StoreRow(
+                dtype,
+                size / tokens,
+                size / elapsed / 1e9,
+                1000 * elapsed / len(keys),
+                float((logits - reference).abs().max()),
+                answer == ref_answer,
+            )
+        )
+    return rows

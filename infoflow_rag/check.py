@@ -53,8 +53,13 @@ def keys_at(engine: Engine, ids: torch.Tensor, start: int) -> torch.Tensor:
     """Keys of ``ids`` prefilled alone at positions start .. start+n-1: (layers, kv_heads, n, head_dim)."""
     pos = start + torch.arange(ids.numel())
     cache = DynamicCache()
-    engine.model(input_ids=ids[None], position_ids=pos[None], attention_mask=position_mask(pos, pos, engine.model.dtype),
-                 past_key_values=cache, logits_to_keep=1)
+    engine.model(
+        input_ids=ids[None],
+        position_ids=pos[None],
+        attention_mask=position_mask(pos, pos, engine.model.dtype),
+        past_key_values=cache,
+        logits_to_keep=1,
+    )
     return stacked(cache)[0][:, 0]
 
 

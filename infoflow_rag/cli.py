@@ -17,6 +17,26 @@ def _engine(name: str):
     return Engine(name)
 
 
+def cmd_bench_store(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .bench import bench_store
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as directory:
+        rows = bench_store(_engine(args.model), directory, n_passages=args.passages)
+    if args.json:
+        print(json.dumps({"model": args.model, "rows": [r.to_dict() for r in rows]}, indent=2))
+        return 0
+    print("| storage dtype | bytes/token | warm load GB/s | ms/passage | max first-token logit diff | same answer |")
+    print("|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        print(
+            f"| {r.dtype} | {r.bytes_per_token:.0f} | {r.load_gb_s:.2f} | {r.load_ms_per_passage:.2f} | "
+            f"{r.max_logit_diff:.2e} | {'yes' if r.same_answer else 'no'} |"
+        )
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from .check import run_check
 
@@ -24,8 +44,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        print(f"{report.model}: key re-rotation error {report.key_rotation_error:.2e} (shift {report.rotation_delta}), "
-              f"100 % recompute logit diff {report.logit_diff:.2e} -> {'ok' if report.ok else 'FAILED'}")
+        print(
+            f"{report.model}: key re-rotation error {report.key_rotation_error:.2e} (shift {report.rotation_delta}), "
+            f"100 % recompute logit diff {report.logit_diff:.2e} -> {'ok' if report.ok else 'FAILED'}"
+        )
     return 0 if report.ok else 1
 
 
@@ -54,9 +76,14 @@ def cmd_eval_run(args: argparse.Namespace) -> int:
     if args.dataset == "hotpotqa":
         examples = load_hotpotqa("passage", start=args.start, limit=args.limit)
     elif args.dataset == "hotpotqa-fixed":  # windows cut with the model's own tokenizer
-        examples = load_hotpotqa("fixed", start=args.start, limit=args.limit, chunk_tokens=args.chunk_tokens,
-                                 tokenize=lambda s: tok(s, add_special_tokens=False)["input_ids"],
-                                 detokenize=tok.decode)
+        examples = load_hotpotqa(
+            "fixed",
+            start=args.start,
+            limit=args.limit,
+            chunk_tokens=args.chunk_tokens,
+            tokenize=lambda s: tok(s, add_special_tokens=False)["input_ids"],
+            detokenize=tok.decode,
+        )
     else:
         examples = load_squad(start=args.start, limit=args.limit)
     run_eval(engine, examples, methods, args.out, max_new_tokens=args.max_new_tokens)
@@ -78,15 +105,23 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from .pipeline import Pipeline
 
     with Pipeline.open(args.index, model=args.model, store=args.store, create=True) as pipeline:
-        summary = ingest(pipeline, args.source, split=args.split, window=args.window, batch_size=args.batch_size,
-                         progress=not args.json)
+        summary = ingest(
+            pipeline,
+            args.source,
+            split=args.split,
+            window=args.window,
+            batch_size=args.batch_size,
+            progress=not args.json,
+        )
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
     else:
-        print(f"{summary.passages} passages from {summary.documents} documents: {summary.new_passages} new, "
-              f"{summary.kv_computed} prefilled ({summary.tokens} tokens, {summary.kv_bytes / 2**20:.1f} MiB KV) "
-              f"in {summary.seconds:.1f} s = {summary.passages_per_s:.1f} passages/s, "
-              f"{summary.tokens_per_s:.0f} tokens/s")
+        print(
+            f"{summary.passages} passages from {summary.documents} documents: {summary.new_passages} new, "
+            f"{summary.kv_computed} prefilled ({summary.tokens} tokens, {summary.kv_bytes / 2**20:.1f} MiB KV) "
+            f"in {summary.seconds:.1f} s = {summary.passages_per_s:.1f} passages/s, "
+            f"{summary.tokens_per_s:.0f} tokens/s"
+        )
     return 0
 
 
@@ -94,8 +129,13 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from .pipeline import Pipeline
 
     with Pipeline.open(args.index, model=args.model, store=args.store) as pipeline:
-        options = dict(top_k=args.top_k, selector=args.selector, ratio=args.ratio, reorder=args.reorder,
-                       max_new_tokens=args.max_new_tokens)
+        options = dict(
+            top_k=args.top_k,
+            selector=args.selector,
+            ratio=args.ratio,
+            reorder=args.reorder,
+            max_new_tokens=args.max_new_tokens,
+        )
         if args.json:
             print(json.dumps(pipeline.ask(args.question, **options).to_dict(), indent=2))
             return 0
@@ -104,9 +144,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
             print(delta, end="", flush=True)
         answer = stream.answer
         t = answer.result.timings
-        print(f"\n\nTTFT {t.ttft:.3f} s (retrieve {t.retrieve * 1000:.0f} ms, KV load {t.load_kv * 1000:.0f} ms, "
-              f"place {t.place * 1000:.0f} ms, score {t.score * 1000:.0f} ms, recompute {t.recompute:.3f} s); "
-              f"recomputed {100 * answer.result.recompute_fraction:.1f} % of {answer.result.context_tokens} tokens")
+        print(
+            f"\n\nTTFT {t.ttft:.3f} s (retrieve {t.retrieve * 1000:.0f} ms, KV load {t.load_kv * 1000:.0f} ms, "
+            f"place {t.place * 1000:.0f} ms, score {t.score * 1000:.0f} ms, recompute {t.recompute:.3f} s); "
+            f"recomputed {100 * answer.result.recompute_fraction:.1f} % of {answer.result.context_tokens} tokens"
+        )
         for i, hit in enumerate(answer.sources):
             print(f"[{i}] {hit.score:.3f} {hit.source or ''} {hit.text[:90]}")
     return 0
@@ -115,8 +157,13 @@ def cmd_ask(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, model=args.model, n_items=args.items, n_questions=args.questions,
-             color=sys.stdout.isatty() and not args.no_color)
+    run_demo(
+        args.out,
+        model=args.model,
+        n_items=args.items,
+        n_questions=args.questions,
+        color=sys.stdout.isatty() and not args.no_color,
+    )
     return 0
 
 
@@ -140,13 +187,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per method (median reported)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_ttft)
+    p = bench.add_parser("store", help="disk KV store per storage dtype: bytes/token, warm load speed, answer effect")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--passages", type=int, default=40)
+    p.add_argument("--dir", default=None, help="where to write the temporary stores (default: system temp)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_store)
 
     p = sub.add_parser("ingest", help="index a folder of .txt/.md files or a .jsonl file, prefill and store KV")
     p.add_argument("source")
     p.add_argument("--index", required=True, help="index directory (created if missing)")
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--store", default=None, help="KV store: disk:DIR, memory[:SIZE] or redis://... "
-                   "(default: disk store inside the index directory)")
+    p.add_argument(
+        "--store",
+        default=None,
+        help="KV store: disk:DIR, memory[:SIZE] or redis://... (default: disk store inside the index directory)",
+    )
     p.add_argument("--split", choices=["paragraph", "tokens"], default="paragraph")
     p.add_argument("--window", type=int, default=256, help="tokens per passage for --split tokens")
     p.add_argument("--batch-size", type=int, default=64, help="passages committed together")
@@ -174,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-color", action="store_true")
     p.set_defaults(func=cmd_demo)
 
-    ev = sub.add_parser("eval", help="quality (F1/EM) and TTFT of every method").add_subparsers(dest="eval",
-                                                                                              required=True)
+    ev = sub.add_parser("eval", help="quality (F1/EM) and TTFT of every method").add_subparsers(
+        dest="eval", required=True
+    )
     p = ev.add_parser("run", help="one dataset slice x a list of methods, resumable, with a report")
     p.add_argument("--model", default="qwen2.5-0.5b")
     p.add_argument("--dataset", choices=["hotpotqa", "hotpotqa-fixed", "squad"], default="hotpotqa")

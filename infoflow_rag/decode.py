@@ -58,8 +58,11 @@ def generate_tokens(
         yield token
         if step + 1 == cfg.max_new_tokens:
             return
-        out = model(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[next_position + step]]),
-                    past_key_values=cache)
+        out = model(
+            input_ids=torch.tensor([[token]]),
+            position_ids=torch.tensor([[next_position + step]]),
+            past_key_values=cache,
+        )
         token = pick(out.logits[0, -1], cfg, generator)
 
 

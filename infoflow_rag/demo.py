@@ -51,15 +51,23 @@ def highlight_terminal(spans: list[tuple[str, bool]], color: bool) -> str:
     return "".join(f"{BOLD_YELLOW}{t}{RESET}" if hit else f"{DIM}{t}{RESET}" for t, hit in spans)
 
 
-def run_demo(out_dir: str | Path = "runs/demo", model: str = "smollm2-135m", n_items: int = 20,
-             n_questions: int = 3, top_k: int = 4, color: bool = True) -> Path:
+def run_demo(
+    out_dir: str | Path = "runs/demo",
+    model: str = "smollm2-135m",
+    n_items: int = 20,
+    n_questions: int = 3,
+    top_k: int = 4,
+    color: bool = True,
+) -> Path:
     out = Path(out_dir)
     items = write_corpus(out / "corpus.jsonl", n_items)
     pipeline = Pipeline.open(out / "index", model=model, create=True)
     with pipeline:
         summary = ingest(pipeline, out / "corpus.jsonl", split="paragraph")
-        print(f"\nindexed {summary.passages} passages ({summary.new_passages} new, {summary.kv_computed} prefilled, "
-              f"{summary.tokens} tokens, {summary.kv_bytes / 2**20:.1f} MiB KV) in {summary.seconds:.1f} s\n")
+        print(
+            f"\nindexed {summary.passages} passages ({summary.new_passages} new, {summary.kv_computed} prefilled, "
+            f"{summary.tokens} tokens, {summary.kv_bytes / 2**20:.1f} MiB KV) in {summary.seconds:.1f} s\n"
+        )
         asked = []
         for item in items[:n_questions]:
             q = item["question"]
@@ -75,11 +83,15 @@ def run_demo(out_dir: str | Path = "runs/demo", model: str = "smollm2-135m", n_i
 def print_question(pipeline: Pipeline, d: DemoQuestion, color: bool) -> None:
     r, f = d.cached.result, d.full.result
     print(f"Q: {d.question}\n   gold: {d.gold}")
-    print(f"   infoflow (15 %): {d.cached.answer!r}   TTFT {r.timings.ttft:.2f} s "
-          f"(KV load {r.timings.load_kv * 1000:.0f} ms, score {r.timings.score * 1000:.0f} ms, "
-          f"recompute {r.timings.recompute:.2f} s)")
-    print(f"   full prefill:    {d.full.answer!r}   TTFT {f.timings.ttft:.2f} s  "
-          f"-> {f.timings.ttft / r.timings.ttft:.1f}x faster first token")
+    print(
+        f"   infoflow (15 %): {d.cached.answer!r}   TTFT {r.timings.ttft:.2f} s "
+        f"(KV load {r.timings.load_kv * 1000:.0f} ms, score {r.timings.score * 1000:.0f} ms, "
+        f"recompute {r.timings.recompute:.2f} s)"
+    )
+    print(
+        f"   full prefill:    {d.full.answer!r}   TTFT {f.timings.ttft:.2f} s  "
+        f"-> {f.timings.ttft / r.timings.ttft:.1f}x faster first token"
+    )
     for i, hit in enumerate(d.cached.sources):
         print(f"   [{i}] score {hit.score:.3f}  {hit.text[:70]}...")
     for i in r.passage_order:
@@ -93,8 +105,9 @@ def write_html(pipeline: Pipeline, asked: list[DemoQuestion], path: Path) -> Pat
         r, f = d.cached.result, d.full.result
         passages = []
         for i in r.passage_order:
-            spans = "".join(f"<mark>{html.escape(t)}</mark>" if hit else html.escape(t)
-                            for t, hit in token_spans(pipeline, r, i))
+            spans = "".join(
+                f"<mark>{html.escape(t)}</mark>" if hit else html.escape(t) for t, hit in token_spans(pipeline, r, i)
+            )
             passages.append(f"<li><span class=score>{d.cached.sources[i].score:.3f}</span> {spans}</li>")
         blocks.append(
             f"<section><h2>{html.escape(d.question)}</h2>"
@@ -106,8 +119,13 @@ def write_html(pipeline: Pipeline, asked: list[DemoQuestion], path: Path) -> Pat
             f"({100 * r.recompute_fraction:.1f} % of context tokens).</p><ol start=0>{''.join(passages)}</ol>"
             f"</section>"
         )
-    style = ("body{font-family:sans-serif;max-width:60em;margin:auto}mark{background:#fd4}"
-             "li{margin:.5em 0;line-height:1.5}.score{color:#888;font-size:.8em}td,th{padding:.2em .8em}")
-    path.write_text(f"<!doctype html><meta charset=utf-8><title>infoflow-rag demo</title><style>{style}</style>"
-                    f"<h1>infoflow-rag demo</h1>{''.join(blocks)}\n", encoding="utf-8")
+    style = (
+        "body{font-family:sans-serif;max-width:60em;margin:auto}mark{background:#fd4}"
+        "li{margin:.5em 0;line-height:1.5}.score{color:#888;font-size:.8em}td,th{padding:.2em .8em}"
+    )
+    path.write_text(
+        f"<!doctype html><meta charset=utf-8><title>infoflow-rag demo</title><style>{style}</style>"
+        f"<h1>infoflow-rag demo</h1>{''.join(blocks)}\n",
+        encoding="utf-8",
+    )
     return path

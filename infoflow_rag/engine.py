@@ -1,6 +1,6 @@
 """The engine: answer a question over passages by reusing their KV caches and recomputing a few tokens.
 
-    place (global RoPE) -> [reorder] -> score/select -> recompute -> decode
+place (global RoPE) -> [reorder] -> score/select -> recompute -> decode
 """
 
 from __future__ import annotations
@@ -109,22 +109,39 @@ class Engine:
     @property
     def fingerprint(self) -> str:
         """Everything a passage KV depends on: weights identity, config, dtype, prefix and separator tokens."""
-        config = {k: v for k, v in self.model.config.to_dict().items()
-                  if not k.startswith("_") and k not in ("transformers_version",)}
-        blob = json.dumps({
-            "model": self.loaded.name, "sha256": self.loaded.sha256, "config": config,
-            "dtype": str(self.model.dtype), "prefix": self.prefix.token_ids.tolist(),
-            "separator": self.format.separator,
-        }, sort_keys=True, default=str)
+        config = {
+            k: v
+            for k, v in self.model.config.to_dict().items()
+            if not k.startswith("_") and k not in ("transformers_version",)
+        }
+        blob = json.dumps(
+            {
+                "model": self.loaded.name,
+                "sha256": self.loaded.sha256,
+                "config": config,
+                "dtype": str(self.model.dtype),
+                "prefix": self.prefix.token_ids.tolist(),
+                "separator": self.format.separator,
+            },
+            sort_keys=True,
+            default=str,
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
     @property
     def model_info(self) -> dict:
         cfg = self.model.config
-        return {"name": self.loaded.name, "sha256": self.loaded.sha256, "model_type": cfg.model_type,
-                "layers": self.num_layers, "dtype": str(self.model.dtype).removeprefix("torch."),
-                "score_layers": self.score_layers, "max_positions": self.max_positions,
-                "prompt_head": self.format.head, "prompt_tail": self.format.tail}
+        return {
+            "name": self.loaded.name,
+            "sha256": self.loaded.sha256,
+            "model_type": cfg.model_type,
+            "layers": self.num_layers,
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "score_layers": self.score_layers,
+            "max_positions": self.max_positions,
+            "prompt_head": self.format.head,
+            "prompt_tail": self.format.tail,
+        }
 
     # --- passages -------------------------------------------------------------------------------------
 
@@ -149,8 +166,9 @@ class Engine:
             while end < len(order) and (end + 1 - start) * len(ids[order[end]]) <= PREFILL_BATCH_TOKENS:
                 end += 1
             batch = order[start:end]
-            for i, kv in zip(batch, forward.prefill_passages(self.model, self.prefix, [ids[i] for i in batch]),
-                             strict=True):
+            for i, kv in zip(
+                batch, forward.prefill_passages(self.model, self.prefix, [ids[i] for i in batch]), strict=True
+            ):
                 out[i] = kv
             bar.update(len(batch))
             start = end
@@ -171,8 +189,9 @@ class Engine:
     def stream(self, question: str, passages: Sequence[Passage], **kwargs) -> AnswerStream:
         """Like :meth:`answer`, but iterate to receive text deltas; ``.result`` is set once exhausted."""
         gen = GenerationConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in GENERATION_KEYS})
-        return AnswerStream(self._decode(self.prepare(question, passages, max_new_tokens=gen.max_new_tokens,
-                                                      **kwargs), gen))
+        return AnswerStream(
+            self._decode(self.prepare(question, passages, max_new_tokens=gen.max_new_tokens, **kwargs), gen)
+        )
 
     def answer_prompt(self, pieces: Sequence[str | PassageKV], **kwargs) -> AnswerResult:
         """Answer a prompt given as pieces (fresh text and cached passages); see :meth:`prepare_prompt`."""
@@ -211,8 +230,11 @@ class Engine:
         pieces = list(pieces)
         trailing = pieces.pop() if pieces and isinstance(pieces[-1], str) else ""
         tail = torch.tensor(encode(self.tokenizer, trailing + self.format.tail), dtype=torch.long)
-        fresh = {i: torch.tensor(encode(self.tokenizer, p), dtype=torch.long) for i, p in enumerate(pieces)
-                 if isinstance(p, str)}
+        fresh = {
+            i: torch.tensor(encode(self.tokenizer, p), dtype=torch.long)
+            for i, p in enumerate(pieces)
+            if isinstance(p, str)
+        }
         kvs = [p for p in pieces if isinstance(p, PassageKV)]
         order = [fresh.get(i) for i in range(len(pieces))]  # None marks a passage slot
         return self._prepare(kvs, order, tail, slice(0, len(tail)), t0, **options)
@@ -270,8 +292,9 @@ class Engine:
         timings.recompute = time.perf_counter() - t
         return Prepared(layout, placed, chosen, sel.name, opts, out, timings, t0)
 
-    def _passage_segments(self, passages: list[Passage], prefill: bool, timings: StageTimings,
-                          t0: float) -> list[Segment]:
+    def _passage_segments(
+        self, passages: list[Passage], prefill: bool, timings: StageTimings, t0: float
+    ) -> list[Segment]:
         """One segment per passage; text passages are prefilled here, unless they will be computed fresh anyway."""
         kvs: list[PassageKV | None] = [p if isinstance(p, PassageKV) else None for p in passages]
         texts = [i for i, p in enumerate(passages) if isinstance(p, str)]
@@ -315,14 +338,17 @@ class Engine:
         timings.decode = time.perf_counter() - t - timings.first_token
         return self._result("".join(answer).strip(), prep, len(generated))
 
-    def _layout(self, passages: list[Segment], slots: list[torch.Tensor | None], tail: torch.Tensor,
-                query: slice) -> Layout:
+    def _layout(
+        self, passages: list[Segment], slots: list[torch.Tensor | None], tail: torch.Tensor, query: slice
+    ) -> Layout:
         """Passages into their slots (or back to back), fresh slot text between, ``tail`` last."""
         remaining = iter(passages)
         ordered = [next(remaining) if ids is None else Segment(ids) for ids in slots] or list(remaining)
         # Only a passage right behind the prefix saw exactly its real left context at prefill.
-        segments = [Segment(seg.token_ids, seg.kv, exact=i == 0 and seg.kv is not None, passage=seg.passage)
-                     for i, seg in enumerate(ordered)]
+        segments = [
+            Segment(seg.token_ids, seg.kv, exact=i == 0 and seg.kv is not None, passage=seg.passage)
+            for i, seg in enumerate(ordered)
+        ]
         tail_start = len(self.prefix) + sum(len(seg) for seg in segments)
         segments.append(Segment(tail))
         return Layout(self.prefix, segments, tail[query], tail_start + torch.arange(len(tail))[query])
@@ -330,30 +356,48 @@ class Engine:
     def _probe(self, placed: PlacedContext, layout: Layout) -> Probe:
         return Probe(
             question_scores=lambda layers: forward.question_attention_scores(
-                self.model, placed, layout.query_ids, layers),
+                self.model, placed, layout.query_ids, layers
+            ),
             layer_kv=lambda layer: forward.fresh_layer_kv(self.model, placed, layer),
         )
 
-    def passage_density(self, question: str, passages: Sequence[PassageKV], ratio: float = DEFAULT_RATIO,
-                        template: str = DEFAULT_QUESTION_TEMPLATE) -> dict[int, float]:
+    def passage_density(
+        self,
+        question: str,
+        passages: Sequence[PassageKV],
+        ratio: float = DEFAULT_RATIO,
+        template: str = DEFAULT_QUESTION_TEMPLATE,
+    ) -> dict[int, float]:
         """r_c = |selected in c| / |c| from one scoring round without RoPE correction (what reorder sorts by)."""
         segments = [Segment(kv.token_ids, kv, passage=i) for i, kv in enumerate(passages)]
         block = encode_question(self.tokenizer, self.format, question, template)
         return self._density(segments, [], torch.tensor(block.token_ids), block.question, ratio)
 
-    def _density(self, passages: list[Segment], slots: list[torch.Tensor | None], tail: torch.Tensor, query: slice,
-                 ratio: float) -> dict[int, float]:
+    def _density(
+        self,
+        passages: list[Segment],
+        slots: list[torch.Tensor | None],
+        tail: torch.Tensor,
+        query: slice,
+        ratio: float,
+    ) -> dict[int, float]:
         layout = self._layout(passages, slots, tail, query)
         unplaced = place(layout, self.inv_freq, self.model.dtype, "head-local/tail-prompt")
         # Every passage competes here, the first one too: its density must be measured like the others'.
-        unplaced.candidate[unplaced.prefix_len:] = True
+        unplaced.candidate[unplaced.prefix_len :] = True
         scores = forward.question_attention_scores(self.model, unplaced, layout.query_ids, self.score_layers)
         chosen = torch.zeros(unplaced.token_ids.numel(), dtype=torch.bool)
         chosen[top_candidates(scores, unplaced.candidate, ratio_budget(unplaced, ratio))] = True
         return {p: float(chosen[s:e].sum()) / (e - s) for p, s, e in unplaced.spans}
 
-    def _reorder(self, passages: list[Segment], tail: torch.Tensor, query: slice,
-                 slots: list[torch.Tensor | None], ratio: float) -> list[Segment]:
+    def _reorder(
+        self,
+        passages: list[Segment],
+        tail: torch.Tensor,
+        query: slice,
+        slots: list[torch.Tensor | None],
+        ratio: float,
+    ) -> list[Segment]:
         """Published ordering: densest passage last, nearest the question (stable sort, ascending)."""
         if any(seg.kv is None for seg in passages):
             return passages  # nothing cached to score
@@ -368,25 +412,34 @@ class Engine:
                 selected[seg.passage] = list(range(len(seg)))
         passages = [seg for seg in layout.segments if seg.passage is not None]
         return AnswerResult(
-            answer=answer, timings=prep.timings, selector=prep.selector, ratio=prep.options.ratio,
-            geometry=prep.options.geometry, reorder=prep.options.reorder,
-            passage_order=[seg.passage for seg in passages], selected=selected,
+            answer=answer,
+            timings=prep.timings,
+            selector=prep.selector,
+            ratio=prep.options.ratio,
+            geometry=prep.options.geometry,
+            reorder=prep.options.reorder,
+            passage_order=[seg.passage for seg in passages],
+            selected=selected,
             passage_tokens={seg.passage: seg.token_ids.tolist() for seg in passages},
-            context_tokens=sum(len(seg) for seg in passages), prompt_tokens=layout.length,
+            context_tokens=sum(len(seg) for seg in passages),
+            prompt_tokens=layout.length,
             generated_tokens=n_generated,
         )
 
     # --- reference ------------------------------------------------------------------------------------
 
-    def prompt_ids(self, question: str, passages: Sequence[str], template: str = DEFAULT_QUESTION_TEMPLATE) -> list[int]:
+    def prompt_ids(
+        self, question: str, passages: Sequence[str], template: str = DEFAULT_QUESTION_TEMPLATE
+    ) -> list[int]:
         """The exact token sequence every method answers from (prefix + passages + question block)."""
         ids = self.prefix.token_ids.tolist()
         for text in passages:
             ids += self.passage_ids(text)
         return ids + encode_question(self.tokenizer, self.format, question, template).token_ids
 
-    def full_prefill_answer(self, question: str, passages: Sequence[str], template: str = DEFAULT_QUESTION_TEMPLATE,
-                            **generation) -> tuple[str, torch.Tensor]:
+    def full_prefill_answer(
+        self, question: str, passages: Sequence[str], template: str = DEFAULT_QUESTION_TEMPLATE, **generation
+    ) -> tuple[str, torch.Tensor]:
         """Plain prefill of the whole prompt, nothing cached: the reference answer and first-token logits."""
         gen = GenerationConfig(**generation)
         out = forward.full_prefill(self.model, self.prompt_ids(question, passages, template))

@@ -52,7 +52,12 @@ def prefill_prefix(model: PreTrainedModel, prefix_ids: list[int]) -> PassageKV:
     """The fixed prefix at positions 0 .. p-1 (the attention sink every passage is prefilled behind)."""
     ids = torch.tensor(prefix_ids, dtype=torch.long)
     cache = DynamicCache()
-    model(input_ids=ids[None], position_ids=torch.arange(len(ids))[None], past_key_values=cache, logits_to_keep=1)
+    model(
+        input_ids=ids[None],
+        position_ids=torch.arange(len(ids))[None],
+        past_key_values=cache,
+        logits_to_keep=1,
+    )
     keys, values = stacked(cache)
     return PassageKV(ids, keys[:, 0], values[:, 0], offset=0)
 
@@ -70,15 +75,26 @@ def prefill_passages(model: PreTrainedModel, prefix: PassageKV, passages: list[l
     positions = p + torch.arange(longest)
     dtype = model.dtype
     batch = len(passages)
-    cache = cache_from(prefix.keys.to(dtype)[:, None].expand(-1, batch, -1, -1, -1),
-                       prefix.values.to(dtype)[:, None].expand(-1, batch, -1, -1, -1))
+    cache = cache_from(
+        prefix.keys.to(dtype)[:, None].expand(-1, batch, -1, -1, -1),
+        prefix.values.to(dtype)[:, None].expand(-1, batch, -1, -1, -1),
+    )
     mask = position_mask(positions, torch.cat([torch.arange(p), positions]), dtype)
-    model(input_ids=ids, position_ids=positions.expand(batch, -1), attention_mask=mask,
-          past_key_values=cache, logits_to_keep=1)
+    model(
+        input_ids=ids,
+        position_ids=positions.expand(batch, -1),
+        attention_mask=mask,
+        past_key_values=cache,
+        logits_to_keep=1,
+    )
     keys, values = stacked(cache)  # (layers, B, kv_heads, p + longest, head_dim)
     return [
-        PassageKV(ids[row, : len(t)].clone(), keys[:, row, :, p : p + len(t)].clone(),
-                  values[:, row, :, p : p + len(t)].clone(), offset=p)
+        PassageKV(
+            ids[row, : len(t)].clone(),
+            keys[:, row, :, p : p + len(t)].clone(),
+            values[:, row, :, p : p + len(t)].clone(),
+            offset=p,
+        )
         for row, t in enumerate(passages)
     ]
 
@@ -100,8 +116,13 @@ def question_attention_scores(
     c = Capture(score_layers=frozenset(layers), n_keys=n, stop_after=max(layers))
     with capture(c):
         try:
-            model(input_ids=query_ids[None], position_ids=q_pos[None], attention_mask=mask,
-                  past_key_values=cache_from(placed.keys, placed.values), logits_to_keep=1)
+            model(
+                input_ids=query_ids[None],
+                position_ids=q_pos[None],
+                attention_mask=mask,
+                past_key_values=cache_from(placed.keys, placed.values),
+                logits_to_keep=1,
+            )
         except StopForward:
             pass
     if c.scores is None:
@@ -122,8 +143,13 @@ def fresh_layer_kv(model: PreTrainedModel, placed: PlacedContext, layer: int) ->
     cache = cache_from(placed.keys[:, :, :p], placed.values[:, :, :p])
     with capture(Capture(score_layers=frozenset(), n_keys=0, stop_after=layer, stop_before_attention=True)):
         try:
-            model(input_ids=ids[None], position_ids=pos[None], attention_mask=mask, past_key_values=cache,
-                  logits_to_keep=1)
+            model(
+                input_ids=ids[None],
+                position_ids=pos[None],
+                attention_mask=mask,
+                past_key_values=cache,
+                logits_to_keep=1,
+            )
         except StopForward:
             pass
     return cache.layers[layer].keys[0, :, p:], cache.layers[layer].values[0, :, p:]
@@ -160,8 +186,13 @@ def recompute(
     mask = position_mask(in_pos, torch.cat([cached_pos, in_pos]), model.dtype)
     cache = cache_from(placed.keys[:, :, keep], placed.values[:, :, keep])
     with sparse_queries(SparseQueries(cached_pos, in_pos)):
-        out = model(input_ids=inputs[None], position_ids=in_pos[None], attention_mask=mask, past_key_values=cache,
-                    logits_to_keep=1)
+        out = model(
+            input_ids=inputs[None],
+            position_ids=in_pos[None],
+            attention_mask=mask,
+            past_key_values=cache,
+            logits_to_keep=1,
+        )
     return Recomputed(out.logits[0, -1].float(), cache, int(in_pos.max()) + 1)
 
 
@@ -171,6 +202,11 @@ def full_prefill(model: PreTrainedModel, ids: list[int]) -> Recomputed:
     t = torch.tensor(ids, dtype=torch.long)
     pos = torch.arange(len(ids))
     cache = DynamicCache()
-    out = model(input_ids=t[None], position_ids=pos[None], attention_mask=position_mask(pos, pos, model.dtype),
-                past_key_values=cache, logits_to_keep=1)
+    out = model(
+        input_ids=t[None],
+        position_ids=pos[None],
+        attention_mask=position_mask(pos, pos, model.dtype),
+        past_key_values=cache,
+        logits_to_keep=1,
+    )
     return Recomputed(out.logits[0, -1].float(), cache, len(ids))

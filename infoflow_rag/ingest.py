@@ -46,13 +46,22 @@ def split_documents(texts: list[str], split: str, window: int, tokenize: Callabl
     if split == "paragraph":
         return [p for text in texts for p in split_paragraphs(text, max_chars=window * 4)]
     if split == "tokens":
-        return [w.text for text in texts
-                for w in split_token_windows(text, window, tokenize=tokenize, detokenize=detokenize)]
+        return [
+            w.text
+            for text in texts
+            for w in split_token_windows(text, window, tokenize=tokenize, detokenize=detokenize)
+        ]
     raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
 
 
-def ingest(pipeline: Pipeline, source: str | Path, split: str = "paragraph", window: int = 256,
-           batch_size: int = 64, progress: bool = True) -> IngestSummary:
+def ingest(
+    pipeline: Pipeline,
+    source: str | Path,
+    split: str = "paragraph",
+    window: int = 256,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> IngestSummary:
     """Index and prefill every passage of ``source`` (folder of .txt/.md, or .jsonl)."""
     if window < 8:
         raise ValueError(f"window must be at least 8 tokens, got {window}")
@@ -61,8 +70,9 @@ def ingest(pipeline: Pipeline, source: str | Path, split: str = "paragraph", win
     tok = pipeline.engine.tokenizer
     passages, sources, metas = [], [], []
     for doc in docs:
-        for text in split_documents([doc.text], split, window,
-                                    lambda s: tok(s, add_special_tokens=False)["input_ids"], tok.decode):
+        for text in split_documents(
+            [doc.text], split, window, lambda s: tok(s, add_special_tokens=False)["input_ids"], tok.decode
+        ):
             passages.append(text)
             sources.append(doc.source)
             metas.append({**doc.metadata, "document": doc.id, **({"title": doc.title} if doc.title else {})})

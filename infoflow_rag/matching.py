@@ -46,8 +46,11 @@ class PassageMatcher:
             if start < covered:
                 continue
             candidates = [c for n in self._anchor_lengths for c in self._by_anchor.get(prompt[start : start + n], ())]
-            best = max((c for c in candidates if prompt.startswith(c[1], start)), key=lambda c: len(c[1]),
-                       default=None)
+            best = max(
+                (c for c in candidates if prompt.startswith(c[1], start)),
+                key=lambda c: len(c[1]),
+                default=None,
+            )
             if best is not None:
                 matches.append(Match(start, start + len(best[1]), best[0]))
                 covered = start + len(best[1])

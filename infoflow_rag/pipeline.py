@@ -57,9 +57,29 @@ class PipelineAnswer:
     reuse: ReuseStats | None = None
     extra: dict = field(default_factory=dict)
 
+    def stats(self) -> dict:
+        """A flat, JSON-able summary for framework response metadata: method, TTFT, recompute, KV reuse."""
+        result = self.result
+        return {
+            "selector": result.selector,
+            "ratio": result.ratio,
+            "ttft": result.timings.ttft,
+            "recompute_fraction": result.recompute_fraction,
+            "context_tokens": result.context_tokens,
+            "generated_tokens": result.generated_tokens,
+            **(self.reuse.to_dict() if self.reuse is not None else {}),
+            "prompt_tokens": result.prompt_tokens,
+            **self.extra,
+            "timings": result.timings.to_dict(),
+        }
+
     def to_dict(self) -> dict:
-        return {"answer": self.answer, "sources": [asdict(s) for s in self.sources],
-                "result": self.result.to_dict(), "reuse": self.reuse.to_dict() if self.reuse else None}
+        return {
+            "answer": self.answer,
+            "sources": [asdict(s) for s in self.sources],
+            "result": self.result.to_dict(),
+            "reuse": self.reuse.to_dict() if self.reuse else None,
+        }
 
 
 class PipelineStream:
@@ -86,8 +106,14 @@ class Pipeline:
         self._texts: dict[int, str] = {}  # passages registered without an index (framework ingestion)
 
     @classmethod
-    def open(cls, index_dir: str | Path, model: str | Engine = DEFAULT_MODEL, store: str | KVStore | None = None,
-             create: bool = False, **index_options) -> Pipeline:
+    def open(
+        cls,
+        index_dir: str | Path,
+        model: str | Engine = DEFAULT_MODEL,
+        store: str | KVStore | None = None,
+        create: bool = False,
+        **index_options,
+    ) -> Pipeline:
         """Open (or create) the index directory; the KV store defaults to ``<index_dir>/kv`` on disk."""
         index_dir = Path(index_dir)
         has_index = (index_dir / "index.json").exists()
@@ -162,11 +188,16 @@ class Pipeline:
         t = time.perf_counter()
         hits = self.retrieve(question, top_k)
         retrieve_s = time.perf_counter() - t
-        return self.stream_passages(question, [h.text for h in hits], sources=hits, retrieve_s=retrieve_s,
-                                    **options)
+        return self.stream_passages(question, [h.text for h in hits], sources=hits, retrieve_s=retrieve_s, **options)
 
-    def stream_passages(self, question: str, passages: Sequence[str], sources: Sequence[Hit] = (),
-                        retrieve_s: float = 0.0, **options) -> PipelineStream:
+    def stream_passages(
+        self,
+        question: str,
+        passages: Sequence[str],
+        sources: Sequence[Hit] = (),
+        retrieve_s: float = 0.0,
+        **options,
+    ) -> PipelineStream:
         """Answer over given passage texts (kept as separate passages), their KV from the store."""
         # "full" recomputes every passage token: it needs no stored KV, and is the uncached reference.
         lookup = self.kv_for(passages) if options.get("selector") != "full" else None
@@ -174,9 +205,12 @@ class Pipeline:
 
         def make(result: AnswerResult) -> PipelineAnswer:
             _account(result, retrieve_s, lookup)
-            return PipelineAnswer(result.answer, list(sources), result,
-                                  extra={"kv_hits": lookup.hits if lookup else 0,
-                                         "kv_computed": lookup.computed if lookup else 0})
+            hits, computed = (lookup.hits, lookup.computed) if lookup else (0, 0)
+            # Every passage token starts from cached KV when the store served it (recompute refreshes some).
+            reuse = ReuseStats(hits, computed, result.context_tokens if lookup else 0, result.prompt_tokens)
+            return PipelineAnswer(
+                result.answer, list(sources), result, reuse, extra={"kv_hits": hits, "kv_computed": computed}
+            )
 
         return PipelineStream(stream, make)
 
@@ -203,8 +237,9 @@ class Pipeline:
         def make(result: AnswerResult) -> PipelineAnswer:
             _account(result, 0.0, lookup)
             reused = sum(len(p) for p in resolved if isinstance(p, PassageKV))
-            reuse = ReuseStats(lookup.hits if lookup else 0, lookup.computed if lookup else 0, reused,
-                               result.prompt_tokens)
+            reuse = ReuseStats(
+                lookup.hits if lookup else 0, lookup.computed if lookup else 0, reused, result.prompt_tokens
+            )
             return PipelineAnswer(result.answer, [], result, reuse)
 
         return PipelineStream(stream, make)

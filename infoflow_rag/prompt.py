@@ -14,8 +14,7 @@ from transformers import PreTrainedTokenizerBase
 _SENTINEL = "\x00INFOFLOW_USER_CONTENT\x00"
 PASSAGE_SEPARATOR = "\n\n"
 DEFAULT_QUESTION_TEMPLATE = (
-    "Answer the question using the passages above. Reply with the answer only, in a few words.\n"
-    "Question: {question}"
+    "Answer the question using the passages above. Reply with the answer only, in a few words.\nQuestion: {question}"
 )
 
 
@@ -62,7 +61,10 @@ def encode_passage(tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat, text: 
 
 
 def encode_question(
-    tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat, question: str, template: str = DEFAULT_QUESTION_TEMPLATE
+    tokenizer: PreTrainedTokenizerBase,
+    fmt: PromptFormat,
+    question: str,
+    template: str = DEFAULT_QUESTION_TEMPLATE,
 ) -> QuestionBlock:
     if not question.strip():
         raise ValueError("empty question: pass the question text to answer")

@@ -150,8 +150,10 @@ class EpicSelector(Selector):
                     progressed = True
             if not progressed:
                 break
-        return torch.cat([torch.arange(s, s + q) for (s, _), q in zip(spans, quota, strict=True)] or
-                         [torch.empty(0, dtype=torch.long)])
+        return torch.cat(
+            [torch.arange(s, s + q) for (s, _), q in zip(spans, quota, strict=True)]
+            or [torch.empty(0, dtype=torch.long)]
+        )
 
 
 @register

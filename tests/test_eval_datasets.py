@@ -4,10 +4,10 @@ import json
 
 import pytest
 
+from infoflow_rag.corpus import data_file
 from infoflow_rag.eval.datasets import (
     DEV_RANGE,
     NIAH_NEEDLE,
-    data_file,
     fixed_windows,
     load_hotpotqa,
     load_niah,
@@ -30,9 +30,7 @@ def test_hotpotqa_passage_split(hotpot):
     assert all(ex.answers and all(a.strip() for a in ex.answers) for ex in hotpot)
     first = hotpot[0]
     assert (first.id, first.answers, first.dataset) == ("5a8b57f25542995d1e6f1371", ["yes"], "hotpotqa")
-    assert first.passages[1].startswith(
-        "Scott Derrickson: Scott Derrickson (born July 16, 1966) is an American"
-    )
+    assert first.passages[1].startswith("Scott Derrickson: Scott Derrickson (born July 16, 1966) is an American")
     assert "director, screenwriter and producer. He lives in Los Angeles" in first.passages[1]
     assert first.meta["gold_passages"] == [1, 4]
     assert [first.passages[i].split(":")[0] for i in (1, 4)] == ["Scott Derrickson", "Ed Wood"]

@@ -116,9 +116,7 @@ def test_mean_ci_of_constant_values_is_a_point():
     assert mean_ci([0.5] * 10) == Estimate(mean=0.5, low=0.5, high=0.5, n=10)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "match"), [({"values": []}, "non-empty"), ({"values": [1.0], "alpha": 0}, "alpha")]
-)
+@pytest.mark.parametrize(("kwargs", "match"), [({"values": []}, "non-empty"), ({"values": [1.0], "alpha": 0}, "alpha")])
 def test_mean_ci_rejects_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         mean_ci(**kwargs)

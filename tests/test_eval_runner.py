@@ -57,9 +57,7 @@ class PrefillingEngine(FakeEngine):
         return [f"KV<{p}>" for p in passages]
 
 
-EXAMPLES = [
-    EvalExample(f"q{i}", f"What colour is thing {i}?", ["blue"], ["p1", "p2"], {}, "toy") for i in range(3)
-]
+EXAMPLES = [EvalExample(f"q{i}", f"What colour is thing {i}?", ["blue"], ["p1", "p2"], {}, "toy") for i in range(3)]
 METHODS = [parse_method(m) for m in ("none", "infoflow@0.15", "full")]  # full listed last on purpose
 
 
@@ -199,9 +197,7 @@ def test_run_eval_rejects_bad_configuration(tmp_path, methods, prompt, match):
         ("infoflow[tail/tail]@0.1", MethodSpec("infoflow[tail/tail]", "infoflow", 0.1, geometry="tail/tail")),
         (
             "infoflow+reorder[head-local/tail-prompt]@0.05",
-            MethodSpec(
-                "infoflow+reorder[head-local/tail-prompt]", "infoflow", 0.05, True, "head-local/tail-prompt"
-            ),
+            MethodSpec("infoflow+reorder[head-local/tail-prompt]", "infoflow", 0.05, True, "head-local/tail-prompt"),
         ),
         ("infoflow[global]@0.15", MethodSpec("infoflow", "infoflow", 0.15)),
     ],

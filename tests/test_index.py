@@ -201,9 +201,7 @@ def test_open_repairs_records_committed_without_vectors(
 
 def test_failed_embedding_is_retried_by_the_next_add(tmp_path: Path) -> None:
     class FailingOnce(BagOfWordsEmbedder):
-        def encode(
-            self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False
-        ) -> np.ndarray:
+        def encode(self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
             if not self.calls:
                 self.calls.append([])
                 raise RuntimeError("out of memory")

@@ -95,9 +95,7 @@ def test_chain_answers_over_the_documents_as_separate_cached_passages(pipeline, 
 
 
 def test_chain_with_full_recompute_matches_full_prefill(pipeline, engine):
-    chain = create_infoflow_rag_chain(
-        InfoFlowRetriever(index=pipeline.index, k=3), chat(pipeline, selector="full")
-    )
+    chain = create_infoflow_rag_chain(InfoFlowRetriever(index=pipeline.index, k=3), chat(pipeline, selector="full"))
     out = chain.invoke({"question": QUESTION})
     texts = [doc.page_content for doc in out["documents"]]
     assert out["answer"] == engine.full_prefill_answer(QUESTION, texts, max_new_tokens=MAX_TOKENS)[0]
@@ -140,9 +138,7 @@ def test_chat_model_reuses_indexed_passages_quoted_in_the_prompt(pipeline):
     assert meta["model_name"] == "tiny-llama"
     usage = message.usage_metadata
     assert usage["input_token_details"]["cache_read"] == meta["reused_tokens"]
-    assert (
-        usage["input_tokens"] == meta["prompt_tokens"] and usage["output_tokens"] == meta["generated_tokens"]
-    )
+    assert usage["input_tokens"] == meta["prompt_tokens"] and usage["output_tokens"] == meta["generated_tokens"]
 
 
 def test_chat_model_without_known_passages_reports_no_reuse(tiny_pipeline):
@@ -191,9 +187,7 @@ def test_messages_to_prompt_keeps_system_and_human_text_only():
 def test_bad_fields_are_rejected(tiny_pipeline):
     with pytest.raises(ValidationError, match="unknown selector 'bogus'"):
         ChatInfoFlow(pipeline=tiny_pipeline, selector="bogus")
-    with pytest.raises(
-        ValidationError, match="model='smollm2-135m' but the given pipeline serves 'tiny-llama'"
-    ):
+    with pytest.raises(ValidationError, match="model='smollm2-135m' but the given pipeline serves 'tiny-llama'"):
         ChatInfoFlow(pipeline=tiny_pipeline, model="smollm2-135m")
     with pytest.raises(ValidationError, match="greater than 0"):
         ChatInfoFlow(pipeline=tiny_pipeline, ratio=0)

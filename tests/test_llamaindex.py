@@ -141,9 +141,7 @@ def test_retriever_query_engine_over_faiss_with_an_ingestion_pipeline(pipeline, 
     nodes = IngestionPipeline(
         transformations=[SentenceSplitter(chunk_size=64, chunk_overlap=0), InfoFlowKVCacheTransform(pipeline)]
     ).run(documents=documents())
-    storage = StorageContext.from_defaults(
-        vector_store=FaissVectorStore(faiss_index=faiss.IndexFlatL2(EMBED_DIM))
-    )
+    storage = StorageContext.from_defaults(vector_store=FaissVectorStore(faiss_index=faiss.IndexFlatL2(EMBED_DIM)))
     index = VectorStoreIndex(nodes, storage_context=storage, embed_model=embed_model())
     query_engine = RetrieverQueryEngine.from_args(index.as_retriever(similarity_top_k=3), llm=llm(pipeline))
     response = query_engine.query(QUESTION)
@@ -217,13 +215,9 @@ def test_smollm_query_engine_reuses_kv_and_names_the_fact(completions):
         embed_model=InfoFlowEmbedding(),
         transformations=[InfoFlowKVCacheTransform(pipeline)],
     )
-    query_engine = index.as_query_engine(
-        llm=InfoFlowLLM(pipeline=pipeline, max_new_tokens=24), similarity_top_k=3
-    )
+    query_engine = index.as_query_engine(llm=InfoFlowLLM(pipeline=pipeline, max_new_tokens=24), similarity_top_k=3)
     response = query_engine.query("When was the Eiffel Tower completed?")
     stats = completions[0][1].additional_kwargs[STATS_KEY]
-    assert (
-        response.source_nodes[0].node.text == FACTS[0]
-    )  # the offline MiniLM ranks the asked-about fact first
+    assert response.source_nodes[0].node.text == FACTS[0]  # the offline MiniLM ranks the asked-about fact first
     assert "1889" in response.response
     assert stats["passages_hit"] == 3 and stats["reused_share"] > 0.3 and stats["recompute_fraction"] <= 0.16

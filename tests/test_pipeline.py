@@ -14,7 +14,6 @@ from tiny import BagOfWordsEmbedder, tiny_model
 
 from infoflow_rag.engine import Engine
 from infoflow_rag.index.passage_index import PassageIndex
-from infoflow_rag.ingest import ingest
 from infoflow_rag.matching import PassageMatcher
 from infoflow_rag.pipeline import Pipeline
 from infoflow_rag.store import DiskKVStore, open_store
@@ -23,7 +22,7 @@ from infoflow_rag.store import DiskKVStore, open_store
 def test_matcher_finds_passages_at_line_starts_longest_first():
     m = PassageMatcher([(1, "alpha beta gamma"), (2, "alpha beta gamma delta"), (3, "omega")])
     prompt = "Context:\nalpha beta gamma delta\n\n  omega\nnot omega here\nalpha beta gamma"
-    found = [(x.key, prompt[x.start:x.end]) for x in m.find(prompt)]
+    found = [(x.key, prompt[x.start : x.end]) for x in m.find(prompt)]
     assert found == [(2, "alpha beta gamma delta"), (3, "omega"), (1, "alpha beta gamma")]
     assert m.find("nothing known") == []
 
@@ -81,8 +80,20 @@ def test_kill_9_during_ingest_then_rerun_gives_a_complete_consistent_index(tmp_p
     texts = [f"Document {i} talks about topic {i % 17} and item {i * 7 % 101} in some detail." for i in range(400)]
     corpus.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
     index_dir = tmp_path / "index"
-    cmd = [sys.executable, "-m", "infoflow_rag.cli", "ingest", str(corpus), "--index", str(index_dir),
-           "--model", str(model_dir), "--batch-size", "8", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "infoflow_rag.cli",
+        "ingest",
+        str(corpus),
+        "--index",
+        str(index_dir),
+        "--model",
+        str(model_dir),
+        "--batch-size",
+        "8",
+        "--json",
+    ]
     env = {**os.environ, "INFOFLOW_RAG_CACHE": str(tmp_path / "cache")}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     kv_dir = index_dir / "kv"

@@ -8,12 +8,21 @@ from infoflow_rag.engine import Engine
 pytestmark = pytest.mark.real_model
 
 FACTS = [
-    ("The Eiffel Tower is located in Paris and was completed in 1889.", "When was the Eiffel Tower completed?",
-     "1889"),
-    ("Mount Kilimanjaro is the highest mountain in Africa, in Tanzania.", "In which country is Mount Kilimanjaro?",
-     "Tanzania"),
-    ("The inventor of the telephone was Alexander Graham Bell, born in Edinburgh.", "Who invented the telephone?",
-     "Bell"),
+    (
+        "The Eiffel Tower is located in Paris and was completed in 1889.",
+        "When was the Eiffel Tower completed?",
+        "1889",
+    ),
+    (
+        "Mount Kilimanjaro is the highest mountain in Africa, in Tanzania.",
+        "In which country is Mount Kilimanjaro?",
+        "Tanzania",
+    ),
+    (
+        "The inventor of the telephone was Alexander Graham Bell, born in Edinburgh.",
+        "Who invented the telephone?",
+        "Bell",
+    ),
 ]
 
 
@@ -33,7 +42,7 @@ def test_gate_passes_on_the_embedded_model(smollm):
 def test_infoflow_names_the_fact_full_prefill_names(smollm, target):
     passages = [text for text, _, _ in FACTS]
     # Put the asked-about passage away from the head, so it is one the selector must repair.
-    passages = passages[target + 1:] + passages[: target + 1]
+    passages = passages[target + 1 :] + passages[: target + 1]
     _, question, fact = FACTS[target]
     kvs = smollm.prefill(passages)
     full = smollm.answer(question, passages, selector="full", max_new_tokens=24).answer

@@ -112,9 +112,7 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Calla
         elif backend == "disk":
             store = DiskKVStore(tmp_path / "kv", dtype=dtype)
         else:
-            store = RedisKVStore(
-                request.getfixturevalue("redis_url"), prefix=f"t{uuid.uuid4().hex}:", dtype=dtype
-            )
+            store = RedisKVStore(request.getfixturevalue("redis_url"), prefix=f"t{uuid.uuid4().hex}:", dtype=dtype)
         opened.append(store)
         return store
 
@@ -359,9 +357,7 @@ def test_disk_concurrent_writers_leave_one_valid_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.redis
-@pytest.mark.parametrize(
-    "damage", [lambda b: b[: len(b) // 2], lambda b: b[:-3] + bytes([b[-3] ^ 0xFF]) + b[-2:]]
-)
+@pytest.mark.parametrize("damage", [lambda b: b[: len(b) // 2], lambda b: b[:-3] + bytes([b[-3] ^ 0xFF]) + b[-2:]])
 def test_redis_damaged_value_is_dropped_not_served(redis_url: str, damage: Callable[[bytes], bytes]) -> None:
     kv = make_kv()
     with RedisKVStore(redis_url) as store:

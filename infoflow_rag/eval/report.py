@@ -34,8 +34,7 @@ def summary_table(results: Sequence[QuestionResult], n_boot: int = 1000, seed: i
     recompute is the mean recomputed share of context tokens.
     """
     lines = [
-        "| Dataset | Method | n | F1 [95% CI] | EM [95% CI] "
-        "| TTFT ms (median) | TTFT / full (median) | Recompute |",
+        "| Dataset | Method | n | F1 [95% CI] | EM [95% CI] | TTFT ms (median) | TTFT / full (median) | Recompute |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for (dataset, method), rows in _by_dataset_method(results).items():
@@ -118,18 +117,14 @@ def plot_niah_heatmap(results: Sequence[QuestionResult], path: str | Path, metri
     depths = sorted({r.meta["depth"] for r in niah})
     lengths = sorted({r.meta["context_tokens"] for r in niah})
     methods = _methods(niah)
-    fig = Figure(
-        figsize=(1.2 + 0.9 * len(lengths) * len(methods), 1.2 + 0.45 * len(depths)), layout="constrained"
-    )
+    fig = Figure(figsize=(1.2 + 0.9 * len(lengths) * len(methods), 1.2 + 0.45 * len(depths)), layout="constrained")
     FigureCanvasAgg(fig)
     for panel, method in enumerate(methods, start=1):
         cells: dict[tuple[float, int], list[float]] = defaultdict(list)
         for r in niah:
             if r.method == method:
                 cells[(r.meta["depth"], r.meta["context_tokens"])].append(getattr(r, metric))
-        grid = np.array(
-            [[np.mean(cells[(d, n)]) if cells[(d, n)] else np.nan for n in lengths] for d in depths]
-        )
+        grid = np.array([[np.mean(cells[(d, n)]) if cells[(d, n)] else np.nan for n in lengths] for d in depths])
         ax = fig.add_subplot(1, len(methods), panel)
         image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
         for (i, j), value in np.ndenumerate(grid):

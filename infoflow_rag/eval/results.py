@@ -88,11 +88,7 @@ def read_results(path: str | Path) -> ResultsRun:
         raise ValueError(f"{path} is not a results file: its first line is not a header record")
     header = RunHeader(**{k: v for k, v in records[0].items() if k != "type"})
     commands = [header.command] + [r["command"] for r in records if r["type"] == "resume"]
-    results = [
-        QuestionResult(**{k: v for k, v in r.items() if k != "type"})
-        for r in records
-        if r["type"] == "result"
-    ]
+    results = [QuestionResult(**{k: v for k, v in r.items() if k != "type"}) for r in records if r["type"] == "result"]
     return ResultsRun(header, commands, results)
 
 
@@ -108,9 +104,7 @@ class ResultsLog:
         self.existing: list[QuestionResult] = []
         if self.path.exists():
             if not resume:
-                raise FileExistsError(
-                    f"results file {self.path} exists; resume it or choose a new output path"
-                )
+                raise FileExistsError(f"results file {self.path} exists; resume it or choose a new output path")
             run = read_results(self.path)
             if problems := run.header.mismatches(header):
                 raise ValueError(

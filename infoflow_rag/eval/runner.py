@@ -71,9 +71,7 @@ def run_eval(
                 if not todo:
                     continue
                 full_result = done.get((example.dataset, example.id, full.key)) if full else None
-                for result in _run_question(
-                    engine, example, todo, full_result, use_prefill, prompt, max_new_tokens
-                ):
+                for result in _run_question(engine, example, todo, full_result, use_prefill, prompt, max_new_tokens):
                     log.append(result)
                     done[result.pair_key] = result
                     bar.update()

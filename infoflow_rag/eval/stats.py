@@ -55,9 +55,7 @@ def paired_diff(
 def win_tie_loss(a: Sequence[float], b: Sequence[float]) -> WinTieLoss:
     """How many questions ``a`` scores higher than, equal to, or lower than ``b``."""
     diffs = _paired_diffs(a, b)
-    return WinTieLoss(
-        wins=int((diffs > 0).sum()), ties=int((diffs == 0).sum()), losses=int((diffs < 0).sum())
-    )
+    return WinTieLoss(wins=int((diffs > 0).sum()), ties=int((diffs == 0).sum()), losses=int((diffs < 0).sum()))
 
 
 def _paired_diffs(a: Sequence[float], b: Sequence[float]) -> np.ndarray:

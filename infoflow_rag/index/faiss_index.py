@@ -44,9 +44,7 @@ class IndexSpec:
         unknown = set(params) - set(DEFAULT_PARAMS[kind])
         if unknown:
             accepted = ", ".join(DEFAULT_PARAMS[kind]) or "none"
-            raise ValueError(
-                f"unknown parameters {sorted(unknown)} for a {kind!r} index; accepted: {accepted}"
-            )
+            raise ValueError(f"unknown parameters {sorted(unknown)} for a {kind!r} index; accepted: {accepted}")
         bad = {name: value for name, value in params.items() if not isinstance(value, int) or value <= 0}
         if bad or dim <= 0:
             raise ValueError(f"dim and index parameters must be positive integers, got dim={dim}, {bad}")
@@ -90,9 +88,7 @@ class VectorIndex:
     def load(cls, path: str | os.PathLike[str], spec: IndexSpec) -> VectorIndex:
         """The index saved at ``path``, checked against ``spec``."""
         index = faiss.read_index(str(path))
-        inner = (
-            type(faiss.downcast_index(index.index)).__name__ if isinstance(index, faiss.IndexIDMap2) else None
-        )
+        inner = type(faiss.downcast_index(index.index)).__name__ if isinstance(index, faiss.IndexIDMap2) else None
         expected = {
             "flat": ("IndexFlatIP",),
             "hnsw": ("IndexHNSWFlat",),
@@ -109,9 +105,7 @@ class VectorIndex:
     @property
     def is_trained(self) -> bool:
         """False only for an IVF index still holding its vectors in the exact flat buffer."""
-        return self.spec.kind != "ivf" or isinstance(
-            faiss.downcast_index(self._index.index), faiss.IndexIVFFlat
-        )
+        return self.spec.kind != "ivf" or isinstance(faiss.downcast_index(self._index.index), faiss.IndexIVFFlat)
 
     def __len__(self) -> int:
         return int(self._index.ntotal)
@@ -126,8 +120,7 @@ class VectorIndex:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # (n, dim)
         if vectors.ndim != 2 or vectors.shape[1] != self.spec.dim or ids.shape != (vectors.shape[0],):
             raise ValueError(
-                f"add() got ids {ids.shape} and vectors {vectors.shape}; "
-                f"expected (n,) and (n, {self.spec.dim})"
+                f"add() got ids {ids.shape} and vectors {vectors.shape}; expected (n,) and (n, {self.spec.dim})"
             )
         if ids.size and ids.min() < 0:
             raise ValueError("passage ids must be non-negative (FAISS uses -1 for 'no result')")
@@ -139,9 +132,7 @@ class VectorIndex:
         """The ``k`` highest inner products for each row of ``vectors`` (queries, dim) or one (dim,) query."""
         queries = np.atleast_2d(np.ascontiguousarray(vectors, dtype=np.float32))  # (queries, dim)
         if k <= 0 or queries.ndim != 2 or queries.shape[1] != self.spec.dim:
-            raise ValueError(
-                f"search() got k={k} and queries {queries.shape}; expected k > 0 and (q, {self.spec.dim})"
-            )
+            raise ValueError(f"search() got k={k} and queries {queries.shape}; expected k > 0 and (q, {self.spec.dim})")
         scores, ids = self._index.search(queries, k)
         return SearchResult(scores, ids)
 
@@ -154,9 +145,7 @@ class VectorIndex:
         vectors = flat.reconstruct_n(0, flat.ntotal)  # (n, dim)
         ids = self.ids()
         quantizer = faiss.IndexFlatIP(self.spec.dim)
-        ivf = faiss.IndexIVFFlat(
-            quantizer, self.spec.dim, self.spec.params["nlist"], faiss.METRIC_INNER_PRODUCT
-        )
+        ivf = faiss.IndexIVFFlat(quantizer, self.spec.dim, self.spec.params["nlist"], faiss.METRIC_INNER_PRODUCT)
         ivf.train(vectors)
         self._index = faiss.IndexIDMap2(ivf)
         self._index.add_with_ids(vectors, ids)

@@ -50,9 +50,7 @@ class Hit:
 class PassageIndex:
     """Dense retrieval over deduplicated passages; build with :meth:`create` or :meth:`open`."""
 
-    def __init__(
-        self, directory: Path, records: PassageRecords, vectors: VectorIndex, embedder: TextEmbedder
-    ) -> None:
+    def __init__(self, directory: Path, records: PassageRecords, vectors: VectorIndex, embedder: TextEmbedder) -> None:
         self.directory = directory
         self.embedder = embedder
         self._records = records
@@ -97,14 +95,10 @@ class PassageIndex:
         directory = Path(directory)
         meta_path = directory / META_FILE
         if not meta_path.exists():
-            raise FileNotFoundError(
-                f"{directory} is not a passage index (no {META_FILE}); use PassageIndex.create"
-            )
+            raise FileNotFoundError(f"{directory} is not a passage index (no {META_FILE}); use PassageIndex.create")
         meta = json.loads(meta_path.read_text())
         if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{meta_path}: format version {meta.get('format_version')!r}, expected {FORMAT_VERSION}"
-            )
+            raise ValueError(f"{meta_path}: format version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
         if embedder is None:
             embedder = Embedder(meta["embedder"])
         elif embedder.name != meta["embedder"]:
@@ -147,10 +141,7 @@ class PassageIndex:
         found = self._vectors.search(self.embedder.encode([query]), k)
         pairs = [(int(i), float(s)) for i, s in zip(found.ids[0], found.scores[0], strict=True) if i >= 0]
         records = self._records.get_many([i for i, _ in pairs])
-        return [
-            Hit(r.id, score, r.text, r.source, r.metadata)
-            for r, (_, score) in zip(records, pairs, strict=True)
-        ]
+        return [Hit(r.id, score, r.text, r.source, r.metadata) for r, (_, score) in zip(records, pairs, strict=True)]
 
     def get(self, ids: Sequence[int]) -> list[PassageRecord]:
         """Records for ``ids``, in order; KeyError naming unknown ids."""

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -57,20 +58,20 @@ def _record(row: tuple[Any, ...]) -> PassageRecord:
 def _check_lengths(texts: Sequence[str], **columns: Sequence[Any] | None) -> None:
     for name, values in columns.items():
         if values is not None and len(values) != len(texts):
-            raise ValueError(
-                f"{name} has {len(values)} entries for {len(texts)} texts; pass one per text or None"
-            )
+            raise ValueError(f"{name} has {len(values)} entries for {len(texts)} texts; pass one per text or None")
 
 
 class PassageRecords:
     """A ``passages`` table in a WAL-mode SQLite file; every ``add_many`` is one transaction.
 
-    Single writer per file; readers in other processes are fine (WAL).
+    Single writer per file; readers in other processes are fine (WAL). One connection may be used from
+    several threads (frameworks run retrievers in thread pools): a lock serialises its use.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = path
-        self._conn = sqlite3.connect(path)
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(path, check_same_thread=False)
         self._conn.execute("PRAGMA journal_mode=WAL")
         # FULL, not WAL's usual NORMAL: the FAISS file is written after our commit and must never
         # reference ids that a power loss could roll back (and a later insert reuse).
@@ -89,7 +90,7 @@ class PassageRecords:
         _check_lengths(texts, sources=sources, metadatas=metadatas, n_tokens=n_tokens)
         created_at = datetime.now(UTC).isoformat(timespec="seconds")
         ids, new_ids = [], []
-        with self._conn:  # commits on success, rolls the whole batch back on any error
+        with self._lock, self._conn:  # commits on success, rolls the whole batch back on any error
             for i, text in enumerate(texts):
                 hash_ = content_hash(text)
                 cursor = self._conn.execute(
@@ -109,9 +110,7 @@ class PassageRecords:
                     new_ids.append(cursor.lastrowid)
                 else:
                     ids.append(
-                        self._conn.execute(
-                            "SELECT id FROM passages WHERE content_hash = ?", (hash_,)
-                        ).fetchone()[0]
+                        self._conn.execute("SELECT id FROM passages WHERE content_hash = ?", (hash_,)).fetchone()[0]
                     )
         return AddResult(ids, new_ids)
 
@@ -121,9 +120,7 @@ class PassageRecords:
         unique = list(dict.fromkeys(int(i) for i in ids))
         for start in range(0, len(unique), _MAX_PARAMS):
             chunk = unique[start : start + _MAX_PARAMS]
-            rows = self._conn.execute(
-                f"SELECT {_COLUMNS} FROM passages WHERE id IN ({','.join('?' * len(chunk))})", chunk
-            )
+            rows = self._fetch(f"SELECT {_COLUMNS} FROM passages WHERE id IN ({','.join('?' * len(chunk))})", chunk)
             found.update((row[0], _record(row)) for row in rows)
         missing = [i for i in unique if i not in found]
         if missing:
@@ -132,24 +129,26 @@ class PassageRecords:
 
     def find_by_hash(self, hash_: str) -> PassageRecord | None:
         """The record whose text has this :func:`content_hash`, if any."""
-        row = self._conn.execute(
-            f"SELECT {_COLUMNS} FROM passages WHERE content_hash = ?", (hash_,)
-        ).fetchone()
-        return _record(row) if row else None
+        rows = self._fetch(f"SELECT {_COLUMNS} FROM passages WHERE content_hash = ?", (hash_,))
+        return _record(rows[0]) if rows else None
 
     def ids(self) -> list[int]:
         """All passage ids, ascending."""
-        return [row[0] for row in self._conn.execute("SELECT id FROM passages ORDER BY id")]
+        return [row[0] for row in self._fetch("SELECT id FROM passages ORDER BY id")]
 
     def count(self) -> int:
-        return self._conn.execute("SELECT COUNT(*) FROM passages").fetchone()[0]
+        return self._fetch("SELECT COUNT(*) FROM passages")[0][0]
+
+    def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
 
     def __len__(self) -> int:
         return self.count()
 
     def __iter__(self) -> Iterator[PassageRecord]:
-        """All records by ascending id, streamed."""
-        return map(_record, self._conn.execute(f"SELECT {_COLUMNS} FROM passages ORDER BY id"))
+        """All records by ascending id."""
+        return map(_record, self._fetch(f"SELECT {_COLUMNS} FROM passages ORDER BY id"))
 
     def close(self) -> None:
         self._conn.close()

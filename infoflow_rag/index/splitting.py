@@ -112,9 +112,7 @@ def load_source(path: str | os.PathLike[str]) -> list[Document]:
         return _read_jsonl(path)
     if path.suffix.lower() in TEXT_SUFFIXES:
         return [_read_text(path, path.name)]
-    raise ValueError(
-        f"cannot load {path}: expected a directory of .txt/.md files, a .txt/.md file or a .jsonl file"
-    )
+    raise ValueError(f"cannot load {path}: expected a directory of .txt/.md files, a .txt/.md file or a .jsonl file")
 
 
 def _read_text(path: Path, doc_id: str) -> Document:
@@ -142,6 +140,4 @@ def _parse_jsonl_line(line: str, where: str, line_no: int) -> Document:
         raise ValueError(f'{where}: "title" must be a string, got {type(title).__name__}')
     if not isinstance(metadata, dict):
         raise ValueError(f'{where}: "metadata" must be an object, got {type(metadata).__name__}')
-    return Document(
-        id=str(obj.get("id", line_no)), text=obj["text"], source=where, title=title, metadata=metadata
-    )
+    return Document(id=str(obj.get("id", line_no)), text=obj["text"], source=where, title=title, metadata=metadata)

@@ -84,9 +84,5 @@ def decode(enc: EncodedKV) -> PassageKV:
     else:
         keys = t["keys"].to(torch.float32, copy=True)  # (layers, kv_heads, n, head_dim)
         values = t["values"].to(torch.float32, copy=True)
-    signals = {
-        name.removeprefix(_SIGNAL_PREFIX): s.clone()
-        for name, s in t.items()
-        if name.startswith(_SIGNAL_PREFIX)
-    }
+    signals = {name.removeprefix(_SIGNAL_PREFIX): s.clone() for name, s in t.items() if name.startswith(_SIGNAL_PREFIX)}
     return PassageKV(t["token_ids"].clone(), keys, values, enc.offset, signals)

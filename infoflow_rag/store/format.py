@@ -58,9 +58,7 @@ def pack(key: CacheKey, enc: EncodedKV) -> bytes:
         "dtype": enc.dtype,
         "offset": str(enc.offset),
     }
-    return safetensors.torch.save(
-        enc.tensors, metadata={**fields, "checksum": _checksum(enc.tensors, fields)}
-    )
+    return safetensors.torch.save(enc.tensors, metadata={**fields, "checksum": _checksum(enc.tensors, fields)})
 
 
 def _verify(key: CacheKey, tensors: dict[str, torch.Tensor], metadata: Mapping[str, str]) -> EncodedKV:
@@ -97,18 +95,12 @@ def _parse(buffer: bytearray | mmap.mmap) -> tuple[dict[str, torch.Tensor], dict
     for name, info in header.items():
         dtype, shape, (begin, end) = _DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
         count = math.prod(shape)
-        if (
-            min(shape, default=0) < 0
-            or not 0 <= begin <= end <= data_size
-            or end - begin != count * dtype.itemsize
-        ):
+        if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_size or end - begin != count * dtype.itemsize:
             raise ValueError(f"tensor {name!r} does not fit the data section")
         if count == 0:  # torch.frombuffer rejects empty views
             tensors[name] = torch.empty(shape, dtype=dtype)
         else:
-            tensors[name] = torch.frombuffer(
-                buffer, dtype=dtype, count=count, offset=data_start + begin
-            ).reshape(shape)
+            tensors[name] = torch.frombuffer(buffer, dtype=dtype, count=count, offset=data_start + begin).reshape(shape)
     return tensors, metadata
 
 

@@ -28,9 +28,7 @@ class RedisKVStore(KVStore):
     miss is the caller's policy. Bound memory on the server (``maxmemory`` + ``allkeys-lru``).
     """
 
-    def __init__(
-        self, url: str = DEFAULT_URL, prefix: str = "infoflow:", dtype: StorageDtype = "float32"
-    ) -> None:
+    def __init__(self, url: str = DEFAULT_URL, prefix: str = "infoflow:", dtype: StorageDtype = "float32") -> None:
         super().__init__(dtype)
         self.url = _without_credentials(url)  # it appears in logs
         self.prefix = prefix

@@ -3,13 +3,11 @@
 from langchain_infoflow.chains import InfoFlowAnswer, create_infoflow_rag_chain
 from langchain_infoflow.chat_models import ChatInfoFlow, messages_to_prompt
 from langchain_infoflow.retrievers import InfoFlowRetriever
-from langchain_infoflow.stats import answer_stats
 
 __all__ = [
     "ChatInfoFlow",
     "InfoFlowAnswer",
     "InfoFlowRetriever",
-    "answer_stats",
     "create_infoflow_rag_chain",
     "messages_to_prompt",
 ]

@@ -12,12 +12,9 @@ from langchain_core.runnables.utils import AddableDict
 from infoflow_rag.pipeline import PipelineStream
 
 from .chat_models import ChatInfoFlow
-from .stats import answer_stats
 
 
-def create_infoflow_rag_chain(
-    retriever: Runnable[str, list[Document]], llm: ChatInfoFlow
-) -> Runnable[dict, dict]:
+def create_infoflow_rag_chain(retriever: Runnable[str, list[Document]], llm: ChatInfoFlow) -> Runnable[dict, dict]:
     """``{"question": str}`` -> ``{"answer": str, "documents": [Document], "stats": dict}``.
 
     Each document's ``page_content`` is one passage: its KV comes from the pipeline's store (prefilled
@@ -65,7 +62,7 @@ class InfoFlowAnswer(Runnable[dict, dict]):
 
     def _answer(self, inputs: dict) -> dict:
         answer = self._start(inputs).finish()
-        return {"answer": answer.answer, "documents": inputs["documents"], "stats": answer_stats(answer)}
+        return {"answer": answer.answer, "documents": inputs["documents"], "stats": answer.stats()}
 
     def _chunks(self, inputs: Iterator[dict]) -> Iterator[AddableDict]:
         for item in inputs:
@@ -73,10 +70,8 @@ class InfoFlowAnswer(Runnable[dict, dict]):
             stream = self._start(item)
             for delta in stream:
                 yield AddableDict(answer=delta)
-            yield AddableDict(stats=answer_stats(stream.answer))
+            yield AddableDict(stats=stream.answer.stats())
 
     def _start(self, inputs: dict) -> PipelineStream:
         passages = [doc.page_content for doc in inputs["documents"]]
-        return self.llm.get_pipeline().stream_passages(
-            inputs["question"], passages, **self.llm.engine_options()
-        )
+        return self.llm.get_pipeline().stream_passages(inputs["question"], passages, **self.llm.engine_options())

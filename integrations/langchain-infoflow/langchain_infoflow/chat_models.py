@@ -18,8 +18,6 @@ from infoflow_rag.pipeline import Pipeline, PipelineAnswer
 from infoflow_rag.selectors import DEFAULT_RATIO, SELECTORS
 from infoflow_rag.store import open_store
 
-from .stats import answer_stats
-
 
 class ChatInfoFlow(BaseChatModel):
     """Answers with passage KV reuse: registered or indexed passages quoted in the prompt reuse their KV.
@@ -104,10 +102,8 @@ class ChatInfoFlow(BaseChatModel):
     ) -> ChatResult:
         options = self.engine_options(stop, **kwargs)
         answer = self.get_pipeline().answer_prompt(messages_to_prompt(messages), **options)
-        message = AIMessage(
-            content=answer.answer, response_metadata=self._metadata(), usage_metadata=_usage(answer)
-        )
-        return ChatResult(generations=[ChatGeneration(message=message, generation_info=answer_stats(answer))])
+        message = AIMessage(content=answer.answer, response_metadata=self._metadata(), usage_metadata=_usage(answer))
+        return ChatResult(generations=[ChatGeneration(message=message, generation_info=answer.stats())])
 
     def _stream(
         self,
@@ -130,7 +126,7 @@ class ChatInfoFlow(BaseChatModel):
             usage_metadata=_usage(stream.answer),
             chunk_position="last",
         )
-        yield ChatGenerationChunk(message=last, generation_info=answer_stats(stream.answer))
+        yield ChatGenerationChunk(message=last, generation_info=stream.answer.stats())
 
     def _metadata(self) -> dict[str, Any]:
         return {"model_name": self.model, "model_provider": "infoflow"}

@@ -16,9 +16,7 @@ class InfoFlowRetriever(BaseRetriever):
     index: PassageIndex = Field(description="The infoflow-rag passage index to search.")
     k: int = Field(default=4, ge=1, description="Number of passages to return.")
 
-    def _get_relevant_documents(
-        self, query: str, *, run_manager: CallbackManagerForRetrieverRun
-    ) -> list[Document]:
+    def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
         return [
             Document(
                 page_content=hit.text,

@@ -2,7 +2,6 @@
 
 from llama_index.llms.infoflow.base import STATS_KEY, InfoFlowLLM
 from llama_index.llms.infoflow.embedding import InfoFlowEmbedding
-from llama_index.llms.infoflow.stats import answer_stats
 from llama_index.llms.infoflow.transform import InfoFlowKVCacheTransform
 
-__all__ = ["STATS_KEY", "InfoFlowEmbedding", "InfoFlowKVCacheTransform", "InfoFlowLLM", "answer_stats"]
+__all__ = ["STATS_KEY", "InfoFlowEmbedding", "InfoFlowKVCacheTransform", "InfoFlowLLM"]

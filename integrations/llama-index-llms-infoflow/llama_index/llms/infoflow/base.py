@@ -15,9 +15,7 @@ from infoflow_rag.pipeline import Pipeline, PipelineAnswer
 from infoflow_rag.selectors import DEFAULT_RATIO, SELECTORS
 from infoflow_rag.store import open_store
 
-from .stats import answer_stats
-
-STATS_KEY = "infoflow"  # CompletionResponse.additional_kwargs[STATS_KEY] holds answer_stats()
+STATS_KEY = "infoflow"  # CompletionResponse.additional_kwargs[STATS_KEY] holds PipelineAnswer.stats()
 
 
 class InfoFlowLLM(CustomLLM):
@@ -109,5 +107,5 @@ class InfoFlowLLM(CustomLLM):
 
 def _response(text: str, answer: PipelineAnswer, delta: str | None = None) -> CompletionResponse:
     return CompletionResponse(
-        text=text, delta=delta, additional_kwargs={STATS_KEY: answer_stats(answer)}, raw=answer.to_dict()
+        text=text, delta=delta, additional_kwargs={STATS_KEY: answer.stats()}, raw=answer.to_dict()
     )
