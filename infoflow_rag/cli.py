@@ -104,7 +104,21 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from .ingest import ingest
     from .pipeline import Pipeline
 
-    with Pipeline.open(args.index, model=args.model, store=args.store, create=True) as pipeline:
+    params = {}
+    for item in args.index_param:
+        key, _, value = item.partition("=")
+        if not value.isdigit():
+            raise ValueError(f"--index-param takes KEY=INTEGER (e.g. M=32, nlist=256), got {item!r}")
+        params[key] = int(value)
+    with Pipeline.open(
+        args.index,
+        model=args.model,
+        store=args.store,
+        create=True,
+        kv_dtype=args.kv_dtype,
+        kind=args.index_kind,
+        **params,
+    ) as pipeline:
         summary = ingest(
             pipeline,
             args.source,
@@ -206,6 +220,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["paragraph", "tokens"], default="paragraph")
     p.add_argument("--window", type=int, default=256, help="tokens per passage for --split tokens")
     p.add_argument("--batch-size", type=int, default=64, help="passages committed together")
+    p.add_argument(
+        "--kv-dtype",
+        choices=["float32", "float16", "bfloat16", "int8"],
+        default="float32",
+        help="how new KV is stored (size and answer effect per dtype: README, `infoflow-rag bench store`)",
+    )
+    p.add_argument(
+        "--index-kind",
+        choices=["flat", "hnsw", "ivf"],
+        default="flat",
+        help="FAISS index for a new index directory: exact inner product, or approximate for large corpora",
+    )
+    p.add_argument(
+        "--index-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="hnsw: M, ef_construction, ef_search; ivf: nlist, nprobe (repeatable)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ingest)
 

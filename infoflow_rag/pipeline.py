@@ -112,9 +112,13 @@ class Pipeline:
         model: str | Engine = DEFAULT_MODEL,
         store: str | KVStore | None = None,
         create: bool = False,
+        kv_dtype: str = "float32",
         **index_options,
     ) -> Pipeline:
-        """Open (or create) the index directory; the KV store defaults to ``<index_dir>/kv`` on disk."""
+        """Open (or create) the index directory; the KV store defaults to ``<index_dir>/kv`` on disk.
+
+        ``kv_dtype`` is how new KV is written (float32, float16, bfloat16, int8); reads accept any.
+        """
         index_dir = Path(index_dir)
         has_index = (index_dir / "index.json").exists()
         if not has_index and not create:
@@ -122,11 +126,12 @@ class Pipeline:
                 f"no passage index in {index_dir}; build one with: infoflow-rag ingest SOURCE --index {index_dir}"
             )
         index = PassageIndex.open(index_dir) if has_index else PassageIndex.create(index_dir, **index_options)
+        index.embedder.encode(["warm-up"])  # load the embedder now: a query's retrieval time is then a search
         engine = model if isinstance(model, Engine) else Engine(model)
         if store is None:
-            store = open_store(f"disk:{index_dir / KV_DIR}")
+            store = open_store(f"disk:{index_dir / KV_DIR}", dtype=kv_dtype)
         elif isinstance(store, str):
-            store = open_store(store)
+            store = open_store(store, dtype=kv_dtype)
         return cls(engine, store, index)
 
     def close(self) -> None:

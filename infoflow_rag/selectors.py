@@ -74,10 +74,15 @@ def register(cls: type[Selector]) -> type[Selector]:
     return cls
 
 
-def make_selector(name: str, **options) -> Selector:
+def validate_selector(name: str) -> str:
+    """``name`` if it is a registered selector; else ValueError listing the known ones."""
     if name not in SELECTORS:
         raise ValueError(f"unknown selector {name!r}; known selectors: {', '.join(sorted(SELECTORS))}")
-    return SELECTORS[name](**options)
+    return name
+
+
+def make_selector(name: str, **options) -> Selector:
+    return SELECTORS[validate_selector(name)](**options)
 
 
 def default_score_layers(num_layers: int) -> list[int]:

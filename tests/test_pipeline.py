@@ -123,3 +123,60 @@ def test_kill_9_during_ingest_then_rerun_gives_a_complete_consistent_index(tmp_p
         keys = [pipeline.key(engine.passage_ids(t)) for t in texts]
         assert all(kv is not None for kv in store.get_many(keys))
         assert store.stats.corrupt == 0
+
+
+def test_cli_ingest_ask_and_check_in_process(tmp_path, capsys, monkeypatch):
+    from infoflow_rag.cli import main
+
+    monkeypatch.setenv("INFOFLOW_RAG_CACHE", str(tmp_path / "cache"))
+    model_dir = _tiny_model_dir(tmp_path / "model")
+    corpus = tmp_path / "docs"
+    corpus.mkdir()
+    (corpus / "a.md").write_text("\n\n".join(PASSAGES))
+    index = str(tmp_path / "index")
+    assert (
+        main(
+            [
+                "ingest",
+                str(corpus),
+                "--index",
+                index,
+                "--model",
+                str(model_dir),
+                "--kv-dtype",
+                "float16",
+                "--index-kind",
+                "hnsw",
+                "--index-param",
+                "M=8",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["passages"] == summary["kv_computed"] == len(PASSAGES)
+    assert (
+        main(
+            [
+                "ask",
+                QUESTION,
+                "--index",
+                index,
+                "--model",
+                str(model_dir),
+                "--top-k",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    answer = json.loads(capsys.readouterr().out)
+    assert len(answer["sources"]) == 2 and answer["result"]["timings"]["load_kv"] > 0
+    assert main(["check", "--model", str(model_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+    assert main(["ask", QUESTION, "--index", str(tmp_path / "missing"), "--model", str(model_dir)]) == 2
+    assert "no passage index" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from infoflow_rag.engine import Engine
 from infoflow_rag.models import DEFAULT_MODEL
 from infoflow_rag.pipeline import Pipeline, PipelineAnswer
-from infoflow_rag.selectors import DEFAULT_RATIO, SELECTORS
+from infoflow_rag.selectors import DEFAULT_RATIO, SELECTORS, validate_selector
 from infoflow_rag.store import open_store
 
 
@@ -50,9 +50,7 @@ class ChatInfoFlow(BaseChatModel):
     @field_validator("selector")
     @classmethod
     def _known_selector(cls, value: str) -> str:
-        if value not in SELECTORS:
-            raise ValueError(f"unknown selector {value!r}; choose one of {', '.join(sorted(SELECTORS))}")
-        return value
+        return validate_selector(value)
 
     @property
     def _llm_type(self) -> str:

@@ -12,7 +12,7 @@ from llama_index.core.llms.custom import CustomLLM
 from infoflow_rag.engine import Engine
 from infoflow_rag.models import DEFAULT_MODEL
 from infoflow_rag.pipeline import Pipeline, PipelineAnswer
-from infoflow_rag.selectors import DEFAULT_RATIO, SELECTORS
+from infoflow_rag.selectors import DEFAULT_RATIO, SELECTORS, validate_selector
 from infoflow_rag.store import open_store
 
 STATS_KEY = "infoflow"  # CompletionResponse.additional_kwargs[STATS_KEY] holds PipelineAnswer.stats()
@@ -47,9 +47,7 @@ class InfoFlowLLM(CustomLLM):
     @field_validator("selector")
     @classmethod
     def _known_selector(cls, value: str) -> str:
-        if value not in SELECTORS:
-            raise ValueError(f"unknown selector {value!r}; choose one of {', '.join(sorted(SELECTORS))}")
-        return value
+        return validate_selector(value)
 
     @classmethod
     def class_name(cls) -> str:
