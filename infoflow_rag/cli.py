@@ -181,6 +181,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_report(args: argparse.Namespace) -> int:
+    from .eval.suite import suite_parts, write_suite_report
+
+    parts = suite_parts(args.main_n, args.sweep_n, args.ablation_n, args.ratio)
+    print(f"wrote {write_suite_report(args.out, parts)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infoflow-rag", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -286,6 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation-n", type=int, default=30)
     p.add_argument("--ratio", type=float, default=0.15)
     p.set_defaults(func=cmd_eval_suite)
+    p = ev.add_parser("report", help="rewrite RESULTS.md from the suite's results files (complete or not)")
+    p.add_argument("--out", default="docs")
+    p.add_argument("--main-n", type=int, default=100)
+    p.add_argument("--sweep-n", type=int, default=30)
+    p.add_argument("--ablation-n", type=int, default=30)
+    p.add_argument("--ratio", type=float, default=0.15)
+    p.set_defaults(func=cmd_eval_report)
     return parser
 
 

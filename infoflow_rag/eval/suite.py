@@ -94,7 +94,9 @@ def write_suite_report(out_dir: str | Path, parts: list[Part]) -> Path:
         if part.name == "sweep":
             plot = plot_tradeoff(run.results, out / "tradeoff.png")
             body.append(f"![F1 vs TTFT]({plot.name})")
-        sections.append(Section(part.title, "\n\n".join(body)))
+        answered = len({r.id for r in run.results})
+        title = part.title if answered >= part.limit else f"{part.title} (partial: {answered} answered so far)"
+        sections.append(Section(title, "\n\n".join(body)))
     if first is None:
         raise FileNotFoundError(f"no results in {out}: run the suite first")
     return write_results_md(out / "RESULTS.md", first, *sections, title="infoflow-rag evaluation")
