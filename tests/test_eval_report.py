@@ -176,3 +176,18 @@ def test_write_report_end_to_end(tmp_path):
         assert f"({png})" in md
     assert "## Paired comparison with infoflow@0.15" in md
     assert "| niah | infoflow@0.15 | 6 | 50.0 [50.0, 50.0] | 50.0 [50.0, 50.0] |" in md
+
+
+def test_verdict_states_the_goal_from_the_numbers():
+    from infoflow_rag.eval.suite import verdict
+
+    rows = []
+    for qid, (full, inf, cb, epic) in enumerate([(1.0, 1.0, 0.0, 1.0), (0.5, 0.4, 0.4, 0.0), (1.0, 1.0, 1.0, 0.0)]):
+        for method, f1 in [("full", full), ("infoflow@0.15", inf), ("cacheblend@0.15", cb), ("epic@0.15", epic)]:
+            rows.append(result("hotpotqa", str(qid), method, f1, f1, 1.0, 0.15))
+    text = verdict(rows)
+    # full 2.5/3, infoflow 2.4/3: relative gap 4 % -> not within 2 %; ahead of both baselines on average.
+    assert "F1 80.0 vs 83.3" in text and "relative gap 4.0 % — NOT within the 2 % goal" in text
+    assert "vs `cacheblend@0.15` on 3 questions: F1 80.0 vs 46.7" in text and "W/T/L 1/2/0 — ahead" in text
+    assert "vs `epic@0.15` on 3 questions: F1 80.0 vs 33.3" in text and "W/T/L 2/1/0 — ahead" in text
+    assert verdict(rows[:1]).startswith("No verdict")

@@ -14,6 +14,7 @@ from .methods import GEOMETRIES, MethodSpec, parse_method
 from .report import Section, paired_table, plot_tradeoff, summary_table, write_results_md
 from .results import read_results
 from .runner import run_eval
+from .stats import paired_diff, win_tie_loss
 
 HELD_OUT_START = 1000
 MAIN_METHODS = ("full", "none", "infoflow", "infoflow+reorder", "cacheblend", "epic", "random")
@@ -70,6 +71,41 @@ def run_suite(
     return write_suite_report(out, parts)
 
 
+def verdict(results: list, method: str = "infoflow@0.15", target_gap: float = 0.02) -> str:
+    """The goal stated plainly from the numbers: ``method`` within ``target_gap`` (relative) of full-prefill F1,
+    and ahead of CacheBlend and EPIC at the same budget, on the questions every method answered."""
+    by_method: dict[str, dict[str, float]] = {}
+    for r in results:
+        by_method.setdefault(r.method, {})[r.id] = r.f1
+    if method not in by_method or "full" not in by_method:
+        return f"No verdict: `{method}` and `full` must both have been run."
+    ratio = method.rpartition("@")[2]
+    lines = []
+    for other in ("full", f"cacheblend@{ratio}", f"epic@{ratio}"):
+        if other not in by_method:
+            continue
+        ids = sorted(by_method[method].keys() & by_method[other].keys())
+        ours, theirs = [by_method[method][i] for i in ids], [by_method[other][i] for i in ids]
+        diff, wtl = paired_diff(ours, theirs), win_tie_loss(ours, theirs)
+        mean_ours, mean_theirs = sum(ours) / len(ids), sum(theirs) / len(ids)
+        line = (
+            f"- `{method}` vs `{other}` on {len(ids)} questions: F1 {100 * mean_ours:.1f} vs "
+            f"{100 * mean_theirs:.1f}, paired difference {100 * diff.mean:+.1f} "
+            f"[{100 * diff.low:+.1f}, {100 * diff.high:+.1f}], W/T/L {wtl.wins}/{wtl.ties}/{wtl.losses}"
+        )
+        if other == "full":
+            gap = (mean_theirs - mean_ours) / mean_theirs if mean_theirs else 0.0
+            line += (
+                f"; relative gap {100 * gap:.1f} % — {'within' if gap <= target_gap else 'NOT within'} "
+                f"the {100 * target_gap:.0f} % goal"
+            )
+        else:
+            line += f" — {'ahead' if diff.mean > 0 else 'tied' if diff.mean == 0 else 'behind'}"
+            line += " (the interval excludes 0)" if diff.low > 0 or diff.high < 0 else " (the interval includes 0)"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def write_suite_report(out_dir: str | Path, parts: list[Part]) -> Path:
     out = Path(out_dir)
     sections = []
@@ -91,6 +127,8 @@ def write_suite_report(out_dir: str | Path, parts: list[Part]) -> Path:
         )
         if baseline:
             body.append(f"Paired against `{baseline}` on the same questions:\n\n" + paired_table(run.results, baseline))
+        if part.name == "main":
+            body.insert(0, "Verdict, computed from the table below:\n\n" + verdict(run.results))
         if part.name == "sweep":
             plot = plot_tradeoff(run.results, out / "tradeoff.png")
             body.append(f"![F1 vs TTFT]({plot.name})")
