@@ -95,7 +95,10 @@ def cmd_eval_suite(args: argparse.Namespace) -> int:
     from .eval.suite import run_suite, suite_parts
 
     parts = suite_parts(args.main_n, args.sweep_n, args.ablation_n, args.ratio)
-    parts = [p for p in parts if p.name in args.parts.split(",")]
+    by_name = {p.name: p for p in parts}
+    if unknown := [n for n in args.parts.split(",") if n not in by_name]:
+        raise ValueError(f"unknown suite parts {unknown}; choose from {', '.join(by_name)}")
+    parts = [by_name[n] for n in args.parts.split(",")]  # run in the order given
     print(f"wrote {run_suite(_engine(args.model), args.out, parts, start=args.start)}")
     return 0
 
@@ -287,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = ev.add_parser("suite", help="main table + ratio sweep + RoPE ablation on held-out HotpotQA -> RESULTS.md")
     p.add_argument("--model", default="qwen2.5-0.5b")
     p.add_argument("--out", default="docs", help="directory for the results files, plots and RESULTS.md")
-    p.add_argument("--parts", default="main,sweep,ablation")
+    p.add_argument("--parts", default="main,ablation,sweep")
     p.add_argument("--start", type=int, default=1000, help="first question (0-999 is the development slice)")
     p.add_argument("--main-n", type=int, default=100)
     p.add_argument("--sweep-n", type=int, default=30)

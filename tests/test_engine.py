@@ -221,3 +221,22 @@ def test_passage_kv_from_another_prefix_is_refused(engine):
 
 def test_registry_lists_every_selector():
     assert set(SELECTORS) == {"infoflow", "cacheblend", "epic", "random", "none", "full"}
+
+
+@pytest.mark.parametrize("selector", ["random", "infoflow", "epic"])
+def test_chunked_recompute_attention_equals_one_full_mask_call(engine, monkeypatch, selector):
+    """Query chunks that see only their visible key prefix give what one SDPA call with the whole mask gives."""
+    import contextlib
+
+    from infoflow_rag import forward
+
+    long_passages = [p * 6 for p in PASSAGES]  # enough queries for several chunks
+    prep = engine.prepare(QUESTION, engine.prefill(long_passages), selector=selector, ratio=0.4)
+    fresh = prep.layout.segments[-1]
+    start = prep.layout.length - len(fresh)
+    args = (engine.model, prep.placed, prep.chosen, fresh.token_ids, start + torch.arange(len(fresh)))
+    assert prep.chosen.numel() > 2 * 64  # more than two chunks of the minimum size
+    chunked = forward.recompute(*args).logits
+    monkeypatch.setattr(forward, "sparse_queries", lambda plan: contextlib.nullcontext())
+    whole = forward.recompute(*args).logits
+    assert (chunked - whole).abs().max() <= 1e-5
