@@ -104,6 +104,15 @@ def verdict(results: list, method: str = "infoflow@0.15", target_gap: float = 0.
             line += f" — {'ahead' if diff.mean > 0 else 'tied' if diff.mean == 0 else 'behind'}"
             line += " (the interval excludes 0)" if diff.low > 0 or diff.high < 0 else " (the interval includes 0)"
         lines.append(line)
+    if "none" in by_method:
+        ids = sorted(by_method["none"].keys() & by_method["full"].keys())
+        none_f1 = sum(by_method["none"][i] for i in ids) / len(ids)
+        full_f1 = sum(by_method["full"][i] for i in ids) / len(ids)
+        lines.append(
+            f"- headroom: `none` (cached passages, nothing recomputed) scores F1 {100 * none_f1:.1f} vs full "
+            f"{100 * full_f1:.1f} on {len(ids)} questions. Where that gap is inside the intervals above, this "
+            "model and slice cannot tell the selectors apart, whatever the verdicts say."
+        )
     return "\n".join(lines)
 
 
