@@ -56,7 +56,7 @@ def main() -> None:
                     stats = chunk["stats"]
             print(f"\n   (gold: {item['answer']})\n   sources: {sources}")
             print(
-                f"   reuse: {stats['kv_hits']} passages from the KV store ({stats['context_tokens']} of "
+                f"   reuse: {stats['passages_hit']} passages from the KV store ({stats['context_tokens']} of "
                 f"{stats['prompt_tokens']} prompt tokens); {stats['recompute_fraction']:.0%} of passage "
                 f"tokens recomputed; TTFT {stats['ttft']:.2f} s\n"
             )

@@ -54,7 +54,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_bench_ttft(args: argparse.Namespace) -> int:
     from .bench import bench_ttft, format_table
 
-    contexts = [int(c) for c in args.context.split(",")]
+    contexts = [int(c) for c in args.context.split(",") if c.strip().isdigit()]
+    if len(contexts) != len(args.context.split(",")) or min(contexts, default=0) < 64:
+        raise ValueError(
+            f"--context takes comma-separated token counts >= 64, e.g. 1024,2048,4096; got {args.context!r}"
+        )
     methods = tuple(args.methods.split(","))
     rows = bench_ttft(_engine(args.model), contexts, ratio=args.ratio, methods=methods, repeats=args.repeats)
     if args.json:
@@ -99,7 +103,7 @@ def cmd_eval_suite(args: argparse.Namespace) -> int:
     if unknown := [n for n in args.parts.split(",") if n not in by_name]:
         raise ValueError(f"unknown suite parts {unknown}; choose from {', '.join(by_name)}")
     parts = [by_name[n] for n in args.parts.split(",")]  # run in the order given
-    print(f"wrote {run_suite(_engine(args.model), args.out, parts, start=args.start)}")
+    print(f"wrote {run_suite(_engine(args.model), args.out, parts, start=args.start, ratio=args.ratio)}")
     return 0
 
 
@@ -174,6 +178,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    if args.items < 1 or not 1 <= args.questions <= args.items:
+        raise ValueError(f"need --items >= 1 and 1 <= --questions <= --items, got {args.items} and {args.questions}")
     run_demo(
         args.out,
         model=args.model,
@@ -188,7 +194,7 @@ def cmd_eval_report(args: argparse.Namespace) -> int:
     from .eval.suite import suite_parts, write_suite_report
 
     parts = suite_parts(args.main_n, args.sweep_n, args.ablation_n, args.ratio)
-    print(f"wrote {write_suite_report(args.out, parts)}")
+    print(f"wrote {write_suite_report(args.out, parts, args.ratio)}")
     return 0
 
 

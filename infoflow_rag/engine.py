@@ -63,7 +63,6 @@ class Prepared:
     layout: Layout
     placed: PlacedContext
     chosen: torch.Tensor  # (s,) recomputed indices into the placed tokens
-    selector: str
     options: QueryOptions
     out: forward.Recomputed
     timings: StageTimings
@@ -290,7 +289,7 @@ class Engine:
         t = time.perf_counter()
         out = forward.recompute(self.model, placed, chosen, fresh_ids, fresh_pos)
         timings.recompute = time.perf_counter() - t
-        return Prepared(layout, placed, chosen, sel.name, opts, out, timings, t0)
+        return Prepared(layout, placed, chosen, opts, out, timings, t0)
 
     def _passage_segments(
         self, passages: list[Passage], prefill: bool, timings: StageTimings, t0: float
@@ -414,7 +413,7 @@ class Engine:
         return AnswerResult(
             answer=answer,
             timings=prep.timings,
-            selector=prep.selector,
+            selector=prep.options.selector,
             ratio=prep.options.ratio,
             geometry=prep.options.geometry,
             reorder=prep.options.reorder,

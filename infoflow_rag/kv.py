@@ -48,7 +48,3 @@ class PassageKV:
             offset=self.offset,
             signals={name: s[:n] for name, s in self.signals.items()},
         )
-
-    def to(self, dtype: torch.dtype) -> PassageKV:
-        """K/V cast to ``dtype`` (token ids and signals untouched)."""
-        return PassageKV(self.token_ids, self.keys.to(dtype), self.values.to(dtype), self.offset, self.signals)

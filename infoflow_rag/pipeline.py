@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from .closing import Closing
 from .engine import AnswerStream, Engine
 from .index.passage_index import Hit, PassageIndex
 from .kv import PassageKV
@@ -27,11 +28,17 @@ KV_DIR = "kv"
 @dataclass
 class KVLookup:
     kvs: list[PassageKV]
-    hits: int  # served from the store
-    computed: int  # prefilled now and stored
+    fresh: list[bool]  # per passage: prefilled by this call (else served from the store)
     load_s: float  # reading from the store
     prefill_s: float
-    fresh: list[bool]  # per passage: prefilled by this call
+
+    @property
+    def computed(self) -> int:
+        return sum(self.fresh)
+
+    @property
+    def hits(self) -> int:
+        return len(self.fresh) - self.computed
 
 
 @dataclass
@@ -54,8 +61,7 @@ class PipelineAnswer:
     answer: str
     sources: list[Hit]
     result: AnswerResult
-    reuse: ReuseStats | None = None
-    extra: dict = field(default_factory=dict)
+    reuse: ReuseStats
 
     def stats(self) -> dict:
         """A flat, JSON-able summary for framework response metadata: method, TTFT, recompute, KV reuse."""
@@ -67,9 +73,7 @@ class PipelineAnswer:
             "recompute_fraction": result.recompute_fraction,
             "context_tokens": result.context_tokens,
             "generated_tokens": result.generated_tokens,
-            **(self.reuse.to_dict() if self.reuse is not None else {}),
-            "prompt_tokens": result.prompt_tokens,
-            **self.extra,
+            **self.reuse.to_dict(),
             "timings": result.timings.to_dict(),
         }
 
@@ -78,7 +82,7 @@ class PipelineAnswer:
             "answer": self.answer,
             "sources": [asdict(s) for s in self.sources],
             "result": self.result.to_dict(),
-            "reuse": self.reuse.to_dict() if self.reuse else None,
+            "reuse": self.reuse.to_dict(),
         }
 
 
@@ -99,7 +103,7 @@ class PipelineStream:
         return self.answer
 
 
-class Pipeline:
+class Pipeline(Closing):
     def __init__(self, engine: Engine, store: KVStore, index: PassageIndex | None = None):
         self.engine, self.store, self.index = engine, store, index
         self.matcher = PassageMatcher((r.id, r.text) for r in index or ())
@@ -139,12 +143,6 @@ class Pipeline:
         if self.index is not None:
             self.index.close()
 
-    def __enter__(self) -> Pipeline:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     # --- KV ---------------------------------------------------------------------------------------------
 
     def key(self, token_ids: Sequence[int] | torch.Tensor) -> CacheKey:
@@ -156,7 +154,8 @@ class Pipeline:
         keys = [self.key(self.engine.passage_ids(text)) for text in texts]
         found = self.store.get_many(keys)
         load_s = time.perf_counter() - t
-        missing = [i for i, kv in enumerate(found) if kv is None]
+        fresh = [kv is None for kv in found]
+        missing = [i for i, new in enumerate(fresh) if new]
         prefill_s = 0.0
         if missing:
             t = time.perf_counter()
@@ -165,8 +164,7 @@ class Pipeline:
             for i, kv in zip(missing, computed, strict=True):
                 found[i] = kv
             prefill_s = time.perf_counter() - t
-        fresh = [i in set(missing) for i in range(len(texts))]
-        return KVLookup(found, len(texts) - len(missing), len(missing), load_s, prefill_s, fresh)
+        return KVLookup(found, fresh, load_s, prefill_s)
 
     def register(self, texts: Sequence[str], progress: bool = False) -> KVLookup:
         """Make passages recognisable inside prompts and make sure their KV is stored (framework ingestion)."""
@@ -210,12 +208,8 @@ class Pipeline:
 
         def make(result: AnswerResult) -> PipelineAnswer:
             _account(result, retrieve_s, lookup)
-            hits, computed = (lookup.hits, lookup.computed) if lookup else (0, 0)
             # Every passage token starts from cached KV when the store served it (recompute refreshes some).
-            reuse = ReuseStats(hits, computed, result.context_tokens if lookup else 0, result.prompt_tokens)
-            return PipelineAnswer(
-                result.answer, list(sources), result, reuse, extra={"kv_hits": hits, "kv_computed": computed}
-            )
+            return PipelineAnswer(result.answer, list(sources), result, _reuse(lookup, result.context_tokens, result))
 
         return PipelineStream(stream, make)
 
@@ -242,10 +236,7 @@ class Pipeline:
         def make(result: AnswerResult) -> PipelineAnswer:
             _account(result, 0.0, lookup)
             reused = sum(len(p) for p in resolved if isinstance(p, PassageKV))
-            reuse = ReuseStats(
-                lookup.hits if lookup else 0, lookup.computed if lookup else 0, reused, result.prompt_tokens
-            )
-            return PipelineAnswer(result.answer, [], result, reuse)
+            return PipelineAnswer(result.answer, [], result, _reuse(lookup, reused, result))
 
         return PipelineStream(stream, make)
 
@@ -264,6 +255,12 @@ class Pipeline:
         if kv.token_ids[: len(ids)].tolist() != list(ids):
             return text
         return kv.head(len(ids))
+
+
+def _reuse(lookup: KVLookup | None, reused_tokens: int, result: AnswerResult) -> ReuseStats:
+    if lookup is None:  # nothing cached was used
+        return ReuseStats(0, 0, 0, result.prompt_tokens)
+    return ReuseStats(lookup.hits, lookup.computed, reused_tokens, result.prompt_tokens)
 
 
 def _account(result: AnswerResult, retrieve_s: float, lookup: KVLookup | None) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 
 @dataclass
@@ -38,7 +38,6 @@ class AnswerResult:
     context_tokens: int  # passage tokens in the prompt
     prompt_tokens: int  # everything before the answer, prefix and question included
     generated_tokens: int
-    extra: dict = field(default_factory=dict)
 
     @property
     def recompute_fraction(self) -> float:

@@ -123,10 +123,10 @@ def test_stream_yields_the_answer_and_stops_on_stop_string(engine):
     deltas = list(stream)
     assert "".join(deltas).strip() == stream.result.answer
     full = engine.answer(QUESTION, kvs, max_new_tokens=16).answer
-    if len(full) >= 4:
-        stop = full[2:4]
-        cut = engine.answer(QUESTION, kvs, max_new_tokens=16, stop=(stop,)).answer
-        assert stop not in cut and full.startswith(cut)
+    assert len(full) >= 4, "the stop-string check below needs a longer answer"
+    stop = full[2:4]
+    cut = engine.answer(QUESTION, kvs, max_new_tokens=16, stop=(stop,)).answer
+    assert stop not in cut and full.startswith(cut)
 
 
 def test_sampling_is_seeded(engine):

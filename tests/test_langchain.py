@@ -87,7 +87,7 @@ def test_chain_answers_over_the_documents_as_separate_cached_passages(pipeline, 
 
     texts = [doc.page_content for doc in first["documents"]]
     assert texts[0] == CAPITAL and len(texts) == 2
-    assert first["stats"]["kv_computed"] == 2 and again["stats"]["kv_hits"] == 2
+    assert first["stats"]["passages_computed"] == 2 and again["stats"]["passages_hit"] == 2
     # One passage per document, each with its own separator: not one joined string.
     assert first["stats"]["context_tokens"] == sum(len(engine.passage_ids(t)) for t in texts)
     assert 0 < again["stats"]["recompute_fraction"] <= 0.16 and again["stats"]["ttft"] > 0
@@ -112,13 +112,13 @@ def test_chain_streams_documents_then_answer_deltas_then_stats(pipeline):
     invoked = chain.invoke({"question": QUESTION})
     assert total["answer"].strip() == invoked["answer"]
     assert total["documents"] == invoked["documents"]
-    assert total["stats"]["kv_computed"] == 2 and invoked["stats"]["kv_hits"] == 2
+    assert total["stats"]["passages_computed"] == 2 and invoked["stats"]["passages_hit"] == 2
 
 
 def test_chain_runs_async(pipeline):
     chain = create_infoflow_rag_chain(InfoFlowRetriever(index=pipeline.index, k=2), chat(pipeline))
     out = asyncio.run(chain.ainvoke({"question": QUESTION}))
-    assert out["documents"][0].page_content == CAPITAL and out["stats"]["kv_computed"] == 2
+    assert out["documents"][0].page_content == CAPITAL and out["stats"]["passages_computed"] == 2
 
 
 def test_chain_rejects_a_bad_question_and_a_foreign_llm(pipeline):
@@ -212,7 +212,7 @@ def test_smollm_chain_reuses_kv_and_names_the_fact(tmp_path):
     first = chain.invoke({"question": question})
     again = chain.invoke({"question": question})
     assert first["documents"][0].page_content == FACTS[0]
-    assert first["stats"]["kv_computed"] == 3 and again["stats"]["kv_hits"] == 3
+    assert first["stats"]["passages_computed"] == 3 and again["stats"]["passages_hit"] == 3
     assert "1889" in again["answer"] and again["stats"]["recompute_fraction"] <= 0.16
 
     message = ChatInfoFlow(pipeline=pipeline, max_tokens=24).invoke(

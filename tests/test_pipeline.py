@@ -37,9 +37,9 @@ def pipeline(tmp_path, engine) -> Pipeline:
 def test_ask_retrieves_loads_and_reports_stages(pipeline):
     first = pipeline.ask(QUESTION, top_k=2, max_new_tokens=4)
     assert [h.text for h in first.sources][0] == PASSAGES[2]  # bag of words: shares "capital", "Australia"
-    assert first.extra == {"kv_hits": 0, "kv_computed": 2}
+    assert (first.reuse.passages_hit, first.reuse.passages_computed) == (0, 2)
     second = pipeline.ask(QUESTION, top_k=2, max_new_tokens=4)
-    assert second.extra == {"kv_hits": 2, "kv_computed": 0}  # served from the store now
+    assert (second.reuse.passages_hit, second.reuse.passages_computed) == (2, 0)  # served from the store now
     assert second.answer == first.answer
     t = second.result.timings
     assert t.retrieve > 0 and t.load_kv > 0 and t.prefill == 0
@@ -180,3 +180,19 @@ def test_cli_ingest_ask_and_check_in_process(tmp_path, capsys, monkeypatch):
     assert json.loads(capsys.readouterr().out)["ok"] is True
     assert main(["ask", QUESTION, "--index", str(tmp_path / "missing"), "--model", str(model_dir)]) == 2
     assert "no passage index" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["bench", "ttft", "--context", "2k"], "--context takes comma-separated token counts"),
+        (["demo", "--items", "2", "--questions", "3"], "1 <= --questions <= --items"),
+        (["ask", "q", "--index", "nowhere"], "no passage index in nowhere"),
+        (["ingest", "x", "--index", "i", "--index-param", "M=big"], "--index-param takes KEY=INTEGER"),
+    ],
+)
+def test_cli_names_bad_values_before_loading_anything(argv, message, capsys):
+    from infoflow_rag.cli import main
+
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

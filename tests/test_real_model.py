@@ -58,7 +58,7 @@ def test_ingest_a_real_corpus_and_ask(smollm, tmp_path):
     from infoflow_rag.ingest import ingest
     from infoflow_rag.pipeline import Pipeline
 
-    items = write_corpus(tmp_path / "corpus.jsonl", n_items=3)
+    write_corpus(tmp_path / "corpus.jsonl", n_items=3)
     with Pipeline.open(tmp_path / "index", model=smollm, create=True) as pipeline:
         summary = ingest(pipeline, tmp_path / "corpus.jsonl", progress=False)
         assert summary.passages == summary.kv_computed == len(pipeline.index) >= 30
@@ -67,4 +67,3 @@ def test_ingest_a_real_corpus_and_ask(smollm, tmp_path):
             answer = pipeline.ask(question, top_k=3, selector=selector, max_new_tokens=16)
             assert any("Scott Derrickson" in hit.text for hit in answer.sources)
             assert "American" in answer.answer or "United States" in answer.answer, (selector, answer.answer)
-        assert items[0]["answer"] == "yes"

@@ -12,9 +12,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-SELECTORS = ("full", "none", "infoflow", "cacheblend", "epic", "random")
-GEOMETRIES = ("global", "head-local/head-prompt", "tail/tail", "head-local/tail-prompt")
-DEFAULT_RATIO = 0.15
+from infoflow_rag.layout import GEOMETRIES
+from infoflow_rag.selectors import DEFAULT_RATIO, SELECTORS
+
 FIXED_RATIOS = {"full": 1.0, "none": 0.0}
 
 _METHOD = re.compile(r"(?P<selector>[a-z]+)(?P<reorder>\+reorder)?(?:\[(?P<geometry>[^\]]+)\])?(?:@(?P<ratio>.+))?")

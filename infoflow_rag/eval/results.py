@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from infoflow_rag.closing import Closing
+
 
 def current_command() -> str:
     """This process's command line, shell-quoted."""
@@ -92,7 +94,7 @@ def read_results(path: str | Path) -> ResultsRun:
     return ResultsRun(header, commands, results)
 
 
-class ResultsLog:
+class ResultsLog(Closing):
     """Appends results to ``path``, creating it with ``header`` or resuming it if it exists.
 
     Resuming needs ``resume=True`` and an identical model, prompt and ``max_new_tokens``; ``existing`` then
@@ -125,12 +127,6 @@ class ResultsLog:
 
     def close(self) -> None:
         self._file.close()
-
-    def __enter__(self) -> ResultsLog:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def _write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, ensure_ascii=False) + "\n")

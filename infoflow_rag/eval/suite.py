@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .datasets import load_hotpotqa
-from .methods import GEOMETRIES, MethodSpec, parse_method
+from .methods import DEFAULT_RATIO, GEOMETRIES, MethodSpec, parse_method
 from .report import Section, paired_table, plot_tradeoff, summary_table, write_results_md
 from .results import read_results
 from .runner import run_eval
@@ -54,6 +54,7 @@ def run_suite(
     start: int = HELD_OUT_START,
     max_new_tokens: int = 32,
     progress: bool = True,
+    ratio: float = DEFAULT_RATIO,
 ) -> Path:
     """Run (or resume) every part into ``out_dir/<part>.jsonl``, then write ``out_dir/RESULTS.md``."""
     out = Path(out_dir)
@@ -69,10 +70,10 @@ def run_suite(
             max_new_tokens=max_new_tokens,
             progress=progress,
         )
-    return write_suite_report(out, parts)
+    return write_suite_report(out, parts, ratio)
 
 
-def verdict(results: list, method: str = "infoflow@0.15", target_gap: float = 0.02) -> str:
+def verdict(results: list, method: str = f"infoflow@{DEFAULT_RATIO:g}", target_gap: float = 0.02) -> str:
     """The goal stated plainly from the numbers: ``method`` within ``target_gap`` (relative) of full-prefill F1,
     and ahead of CacheBlend and EPIC at the same budget, on the questions every method answered."""
     by_method: dict[str, dict[str, float]] = {}
@@ -116,7 +117,7 @@ def verdict(results: list, method: str = "infoflow@0.15", target_gap: float = 0.
     return "\n".join(lines)
 
 
-def write_suite_report(out_dir: str | Path, parts: list[Part]) -> Path:
+def write_suite_report(out_dir: str | Path, parts: list[Part], ratio: float = DEFAULT_RATIO) -> Path:
     out = Path(out_dir)
     sections = []
     first = None
@@ -127,18 +128,12 @@ def write_suite_report(out_dir: str | Path, parts: list[Part]) -> Path:
         run = read_results(path)
         first = first or run
         body = [summary_table(run.results)]
-        baseline = next(
-            (
-                r.method
-                for r in run.results
-                if r.selector == "infoflow" and r.geometry == "global" and not r.reorder and abs(r.ratio - 0.15) < 1e-9
-            ),
-            None,
-        )
+        methods = {r.method for r in run.results}
+        baseline = f"infoflow@{ratio:g}" if f"infoflow@{ratio:g}" in methods else None
         if baseline:
             body.append(f"Paired against `{baseline}` on the same questions:\n\n" + paired_table(run.results, baseline))
         if part.name == "main":
-            body.insert(0, "Verdict, computed from the table below:\n\n" + verdict(run.results))
+            body.insert(0, "Verdict, computed from the table below:\n\n" + verdict(run.results, f"infoflow@{ratio:g}"))
         if part.name == "sweep":
             plot = plot_tradeoff(run.results, out / "tradeoff.png")
             body.append(f"![F1 vs TTFT]({plot.name})")

@@ -20,11 +20,11 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 
+from infoflow_rag.closing import Closing
 from infoflow_rag.index.embedder import Embedder, TextEmbedder
 from infoflow_rag.index.faiss_index import IndexSpec, VectorIndex
 from infoflow_rag.index.records import PassageRecord, PassageRecords
@@ -47,7 +47,7 @@ class Hit:
     metadata: dict[str, Any]
 
 
-class PassageIndex:
+class PassageIndex(Closing):
     """Dense retrieval over deduplicated passages; build with :meth:`create` or :meth:`open`."""
 
     def __init__(self, directory: Path, records: PassageRecords, vectors: VectorIndex, embedder: TextEmbedder) -> None:
@@ -156,14 +156,6 @@ class PassageIndex:
 
     def close(self) -> None:
         self._records.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def _embed_missing(self, batch_size: int = 64, show_progress: bool = False) -> list[int]:
         """Embed the records that have no vector yet, add them to FAISS and save it; their ids."""

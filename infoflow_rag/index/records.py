@@ -10,8 +10,9 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
+
+from infoflow_rag.closing import Closing
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS passages (
@@ -61,7 +62,7 @@ def _check_lengths(texts: Sequence[str], **columns: Sequence[Any] | None) -> Non
             raise ValueError(f"{name} has {len(values)} entries for {len(texts)} texts; pass one per text or None")
 
 
-class PassageRecords:
+class PassageRecords(Closing):
     """A ``passages`` table in a WAL-mode SQLite file; every ``add_many`` is one transaction.
 
     Single writer per file; readers in other processes are fine (WAL). One connection may be used from
@@ -152,11 +153,3 @@ class PassageRecords:
 
     def close(self) -> None:
         self._conn.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

@@ -6,9 +6,8 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Self
 
+from infoflow_rag.closing import Closing
 from infoflow_rag.kv import PassageKV
 from infoflow_rag.store.codec import StorageDtype, check_dtype
 from infoflow_rag.store.keys import CacheKey
@@ -31,7 +30,7 @@ class StoreStats:
         return self.hits / lookups if lookups else 0.0
 
 
-class KVStore(ABC):
+class KVStore(Closing, ABC):
     """Maps :class:`CacheKey` to :class:`PassageKV`.
 
     K/V are converted to ``dtype`` on put and come back as float32 on get (see ``store.codec``).
@@ -95,11 +94,3 @@ class KVStore(ABC):
         logger.warning("dropping corrupt KV entry %s from %s: %s", key.to_string(), self, error)
         self.stats.corrupt += 1
         self.delete(key)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

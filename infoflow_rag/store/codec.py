@@ -1,7 +1,7 @@
 """Storage dtypes: a PassageKV <-> flat named tensors, with K/V converted or int8-quantized.
 
 K/V always come back from :func:`decode` as float32, whatever the storage dtype, so callers need a
-single code path; cast with ``PassageKV.to`` if the model runs in another dtype. Token ids, offset
+single code path; the engine casts to its compute dtype when it places the keys. Token ids, offset
 and signals are stored exactly.
 
 int8 is symmetric absmax quantization per (layer, head, token): each head_dim row ``x`` is stored
