@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .compress import POLICIES, validate_keep
+from .eval.methods import parse_keep
 from .models import DEFAULT_MODEL, REGISTRY
 
 
@@ -98,12 +100,14 @@ def cmd_eval_run(args: argparse.Namespace) -> int:
 def cmd_eval_suite(args: argparse.Namespace) -> int:
     from .eval.suite import run_suite, suite_parts
 
-    parts = suite_parts(args.main_n, args.sweep_n, args.ablation_n, args.ratio)
-    by_name = {p.name: p for p in parts}
+    every = suite_parts(args.main_n, args.sweep_n, args.ablation_n, args.ratio, args.compress_n)
+    by_name = {p.name: p for p in every}
     if unknown := [n for n in args.parts.split(",") if n not in by_name]:
         raise ValueError(f"unknown suite parts {unknown}; choose from {', '.join(by_name)}")
     parts = [by_name[n] for n in args.parts.split(",")]  # run in the order given
-    print(f"wrote {run_suite(_engine(args.model), args.out, parts, start=args.start, ratio=args.ratio)}")
+    # The report keeps the sections of parts already on file, so running one part alone drops none.
+    path = run_suite(_engine(args.model), args.out, parts, start=args.start, ratio=args.ratio, report_parts=every)
+    print(f"wrote {path}")
     return 0
 
 
@@ -146,9 +150,29 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keep(text: str) -> float | int:
+    """``--keep``: a share of context tokens such as 0.5, or a token count such as 256."""
+    try:
+        return validate_keep(parse_keep(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _compression(compress: str, keep: float | int | None) -> dict:
+    """The answer options of ``--compress`` and ``--keep``; none without compression, so answers stay as before."""
+    if compress == "none":
+        if keep is not None:
+            raise ValueError(f"--keep {keep} needs a compression policy, e.g. --compress snapkv")
+        return {}
+    if keep is None:
+        raise ValueError(f"--compress {compress} needs --keep: a share such as 0.5 or a token count such as 256")
+    return {"compress": compress, "keep": keep}
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
     from .pipeline import Pipeline
 
+    compression = _compression(args.compress, args.keep)  # before the model loads
     with Pipeline.open(args.index, model=args.model, store=args.store) as pipeline:
         options = dict(
             top_k=args.top_k,
@@ -156,6 +180,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
             ratio=args.ratio,
             reorder=args.reorder,
             max_new_tokens=args.max_new_tokens,
+            **compression,
         )
         if args.json:
             print(json.dumps(pipeline.ask(args.question, **options).to_dict(), indent=2))
@@ -170,6 +195,12 @@ def cmd_ask(args: argparse.Namespace) -> int:
             f"place {t.place * 1000:.0f} ms, score {t.score * 1000:.0f} ms, recompute {t.recompute:.3f} s); "
             f"recomputed {100 * answer.result.recompute_fraction:.1f} % of {answer.result.context_tokens} tokens"
         )
+        if compression:
+            r = answer.result
+            print(
+                f"KV compression {r.compress} (keep {r.keep}, {t.compress * 1000:.0f} ms): decoded from "
+                f"{r.kv_tokens} cache entries, peak {r.kv_bytes / 2**20:.2f} MiB"
+            )
         for i, hit in enumerate(answer.sources):
             print(f"[{i}] {hit.score:.3f} {hit.source or ''} {hit.text[:90]}")
     return 0
@@ -193,7 +224,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_eval_report(args: argparse.Namespace) -> int:
     from .eval.suite import suite_parts, write_suite_report
 
-    parts = suite_parts(args.main_n, args.sweep_n, args.ablation_n, args.ratio)
+    parts = suite_parts(args.main_n, args.sweep_n, args.ablation_n, args.ratio, args.compress_n)
     print(f"wrote {write_suite_report(args.out, parts, args.ratio)}")
     return 0
 
@@ -268,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--selector", default="infoflow", help="infoflow, cacheblend, epic, random, none or full")
     p.add_argument("--ratio", type=float, default=0.15)
     p.add_argument("--reorder", action="store_true", help="densest passage last (for independent passages)")
+    p.add_argument("--compress", choices=list(POLICIES), default="none", help="KV compression before decoding")
+    p.add_argument(
+        "--keep", type=_keep, default=None, help="with --compress: share of context tokens kept (0.5) or count (256)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ask)
@@ -289,18 +324,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-tokens", type=int, default=128, help="window size of the hotpotqa-fixed split")
     p.add_argument("--start", type=int, default=0)
     p.add_argument("--limit", type=int, default=20)
-    p.add_argument("--methods", default="full,none,infoflow@0.15,cacheblend@0.15,epic@0.15")
+    p.add_argument(
+        "--methods",
+        default="full,none,infoflow@0.15,cacheblend@0.15,epic@0.15",
+        help="comma-separated SELECTOR[+reorder][[GEOMETRY]][@RATIO][+POLICY:KEEP], e.g. infoflow@0.15+infokv:0.5",
+    )
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--out", default="runs/eval/results.jsonl", help="results file (resumed if it exists)")
     p.set_defaults(func=cmd_eval_run)
-    p = ev.add_parser("suite", help="main table + ratio sweep + RoPE ablation on held-out HotpotQA -> RESULTS.md")
+    p = ev.add_parser(
+        "suite", help="main table + ratio sweep + RoPE ablation + KV compression on held-out HotpotQA -> RESULTS.md"
+    )
     p.add_argument("--model", default="qwen2.5-0.5b")
     p.add_argument("--out", default="docs", help="directory for the results files, plots and RESULTS.md")
-    p.add_argument("--parts", default="main,ablation,sweep")
+    p.add_argument("--parts", default="main,ablation,sweep,compress")
     p.add_argument("--start", type=int, default=1000, help="first question (0-999 is the development slice)")
     p.add_argument("--main-n", type=int, default=100)
     p.add_argument("--sweep-n", type=int, default=30)
     p.add_argument("--ablation-n", type=int, default=30)
+    p.add_argument("--compress-n", type=int, default=100)
     p.add_argument("--ratio", type=float, default=0.15)
     p.set_defaults(func=cmd_eval_suite)
     p = ev.add_parser("report", help="rewrite RESULTS.md from the suite's results files (complete or not)")
@@ -308,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--main-n", type=int, default=100)
     p.add_argument("--sweep-n", type=int, default=30)
     p.add_argument("--ablation-n", type=int, default=30)
+    p.add_argument("--compress-n", type=int, default=100)
     p.add_argument("--ratio", type=float, default=0.15)
     p.set_defaults(func=cmd_eval_report)
     return parser

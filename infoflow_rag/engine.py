@@ -16,12 +16,14 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import attention, forward
+from .compress import Policy, PromptMap, compress_cache, make_policy, validate_keep
 from .decode import GenerationConfig, generate_tokens, text_deltas
 from .kv import PassageKV
 from .layout import GEOMETRIES, Layout, PlacedContext, Segment, place
 from .models import DEFAULT_MODEL, LoadedModel, load_model
 from .prompt import DEFAULT_QUESTION_TEMPLATE, PromptFormat, encode, encode_passage, encode_question
 from .result import AnswerResult, StageTimings
+from .signals import SIGNALS
 from .selectors import (
     DEFAULT_RATIO,
     InfoFlowSelector,
@@ -48,12 +50,18 @@ class QueryOptions:
     reorder: bool = False
     geometry: str = "global"
     selector_options: tuple[tuple[str, object], ...] = ()
+    compress: str = "none"
+    keep: float | int = 1.0
+    compress_options: tuple[tuple[str, object], ...] = ()
 
     def make_selector(self, score_layers: list[int]) -> Selector:
         sel = make_selector(self.selector, **dict(self.selector_options))
         if isinstance(sel, InfoFlowSelector) and sel.layers is None:
             sel.layers = score_layers
         return sel
+
+    def make_policy(self) -> Policy:
+        return make_policy(self.compress, **dict(self.compress_options))
 
 
 @dataclass
@@ -121,6 +129,7 @@ class Engine:
                 "dtype": str(self.model.dtype),
                 "prefix": self.prefix.token_ids.tolist(),
                 "separator": self.format.separator,
+                "signals": list(SIGNALS),  # entries stored before signals existed must not hit
             },
             sort_keys=True,
             default=str,
@@ -180,8 +189,9 @@ class Engine:
         """Answer ``question`` over ``passages`` (texts or prefilled :class:`PassageKV`, in prompt order).
 
         Keyword options: selector ("infoflow", "cacheblend", "epic", "random", "none", "full"), ratio,
-        reorder, geometry, template, selector_options, and generation settings (max_new_tokens,
-        temperature, top_p, seed, stop).
+        reorder, geometry, template, selector_options; KV compression for decoding: compress ("none",
+        "snapkv", "infokv"), keep (float ratio of passage tokens, or int count), compress_options; and
+        generation settings (max_new_tokens, temperature, top_p, seed, stop).
         """
         return self.stream(question, passages, **kwargs).finish()
 
@@ -208,9 +218,10 @@ class Engine:
         template: str = DEFAULT_QUESTION_TEMPLATE,
         **options,
     ) -> Prepared:
-        """Everything up to the first token's logits: place, [reorder], score, select, recompute.
+        """Everything up to the first token's logits: place, [reorder], score, select, recompute, [compress].
 
-        Options: selector, ratio, reorder, geometry, selector_options, max_new_tokens (for the length check).
+        Options: selector, ratio, reorder, geometry, selector_options, compress, keep, compress_options,
+        max_new_tokens (for the length check).
         """
         t0 = time.perf_counter()
         if not passages:
@@ -251,6 +262,9 @@ class Engine:
         reorder: bool = False,
         geometry: str = "global",
         selector_options: dict | None = None,
+        compress: str = "none",
+        keep: float | int = 1.0,
+        compress_options: dict | None = None,
         max_new_tokens: int = 0,
     ) -> Prepared:
         """passages fill the None slots of ``slots`` (all slots when it is empty); ``tail`` ends the prompt."""
@@ -258,8 +272,18 @@ class Engine:
             raise ValueError(f"ratio must be in (0, 1], got {ratio!r}; e.g. 0.15 recomputes 15 % of context tokens")
         if geometry not in GEOMETRIES:
             raise ValueError(f"unknown geometry {geometry!r}; choose one of {', '.join(GEOMETRIES)}")
-        opts = QueryOptions(selector, ratio, reorder, geometry, tuple(sorted((selector_options or {}).items())))
+        opts = QueryOptions(
+            selector,
+            ratio,
+            reorder,
+            geometry,
+            tuple(sorted((selector_options or {}).items())),
+            compress,
+            validate_keep(keep),
+            tuple(sorted((compress_options or {}).items())),
+        )
         sel = opts.make_selector(self.score_layers)
+        policy = opts.make_policy()
         timings = StageTimings()
         passages_segs = self._passage_segments(passages, prefill=sel.name != "full", timings=timings, t0=t0)
         if reorder:
@@ -289,6 +313,10 @@ class Engine:
         t = time.perf_counter()
         out = forward.recompute(self.model, placed, chosen, fresh_ids, fresh_pos)
         timings.recompute = time.perf_counter() - t
+        if opts.compress != "none":
+            t = time.perf_counter()
+            out = compress_cache(self.model, out, PromptMap.from_layout(layout), policy, opts.keep)
+            timings.compress = time.perf_counter() - t
         return Prepared(layout, placed, chosen, opts, out, timings, t0)
 
     def _passage_segments(
@@ -326,6 +354,7 @@ class Engine:
                 yield token
 
         out = prep.out
+        kv_tokens = out.cache.get_seq_length()
         tokens = generate_tokens(self.model, out.cache, out.logits, out.next_position, gen, self.eos_ids)
         answer = []
         for delta in text_deltas(timed(tokens), self.tokenizer, gen.stop):
@@ -335,7 +364,8 @@ class Engine:
             timings.first_token = time.perf_counter() - t
             timings.ttft = time.perf_counter() - prep.t0
         timings.decode = time.perf_counter() - t - timings.first_token
-        return self._result("".join(answer).strip(), prep, len(generated))
+        kv_bytes = sum(t.nbytes for layer in out.cache.layers for t in (layer.keys, layer.values))
+        return self._result("".join(answer).strip(), prep, len(generated), kv_tokens, kv_bytes)
 
     def _layout(
         self, passages: list[Segment], slots: list[torch.Tensor | None], tail: torch.Tensor, query: slice
@@ -403,7 +433,7 @@ class Engine:
         density = self._density(passages, slots, tail, query, ratio)
         return sorted(passages, key=lambda seg: density[seg.passage])
 
-    def _result(self, answer: str, prep: Prepared, n_generated: int) -> AnswerResult:
+    def _result(self, answer: str, prep: Prepared, n_generated: int, kv_tokens: int, kv_bytes: int) -> AnswerResult:
         layout, chosen = prep.layout, prep.chosen.tolist()
         selected: dict[int, list[int]] = {p: [i - s for i in chosen if s <= i < e] for p, s, e in prep.placed.spans}
         for seg in layout.segments:
@@ -423,6 +453,10 @@ class Engine:
             context_tokens=sum(len(seg) for seg in passages),
             prompt_tokens=layout.length,
             generated_tokens=n_generated,
+            compress=prep.options.compress,
+            keep=prep.options.keep,
+            kv_tokens=kv_tokens,
+            kv_bytes=kv_bytes,
         )
 
     # --- reference ------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from transformers.cache_utils import DynamicLayer
 from .attention import Capture, SparseQueries, StopForward, capture, sparse_queries
 from .kv import PassageKV
 from .layout import PlacedContext
+from .signals import recording
 
 
 def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -67,6 +68,7 @@ def prefill_passages(model: PreTrainedModel, prefix: PassageKV, passages: list[l
     """Prefill one batch of passages, each alone behind ``prefix``, at local positions p .. p+n-1.
 
     Right padding keeps this exact: under the causal mask no real token sees the padding after it.
+    The same forward records each token's question-independent signals (see :mod:`signals`).
     """
     p, longest = len(prefix), max(len(t) for t in passages)
     ids = torch.zeros(len(passages), longest, dtype=torch.long)  # (B, n), padded with token 0
@@ -80,13 +82,15 @@ def prefill_passages(model: PreTrainedModel, prefix: PassageKV, passages: list[l
         prefix.values.to(dtype)[:, None].expand(-1, batch, -1, -1, -1),
     )
     mask = position_mask(positions, torch.cat([torch.arange(p), positions]), dtype)
-    model(
-        input_ids=ids,
-        position_ids=positions.expand(batch, -1),
-        attention_mask=mask,
-        past_key_values=cache,
-        logits_to_keep=1,
-    )
+    with recording(model) as recorder:
+        model(
+            input_ids=ids,
+            position_ids=positions.expand(batch, -1),
+            attention_mask=mask,
+            past_key_values=cache,
+            logits_to_keep=1,
+        )
+    signals = recorder.signals(model)  # name -> (B, longest)
     keys, values = stacked(cache)  # (layers, B, kv_heads, p + longest, head_dim)
     return [
         PassageKV(
@@ -94,6 +98,7 @@ def prefill_passages(model: PreTrainedModel, prefix: PassageKV, passages: list[l
             keys[:, row, :, p : p + len(t)].clone(),
             values[:, row, :, p : p + len(t)].clone(),
             offset=p,
+            signals={name: s[row, : len(t)].clone() for name, s in signals.items()},
         )
         for row, t in enumerate(passages)
     ]
@@ -108,19 +113,34 @@ def question_attention_scores(
     Only the question tokens run, on top of the placed cache, and the forward stops after the last
     scoring layer. The scoring cache is a throwaway: the placed tensors are never written to.
     """
-    n = placed.token_ids.numel()
-    q_pos = placed.query_positions
-    # The question sees the whole context (any geometry) and itself causally.
-    k_pos = torch.cat([torch.full((n,), -1), q_pos])
-    mask = position_mask(q_pos, k_pos, model.dtype)
+    return attention_scores(model, placed.keys, placed.values, query_ids, placed.query_positions, layers)
+
+
+@torch.inference_mode()
+def attention_scores(
+    model: PreTrainedModel,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    query_ids: torch.Tensor,
+    query_positions: torch.Tensor,
+    layers: list[int],
+) -> torch.Tensor:
+    """Mean over ``layers`` of the queries' attention norm on each of N cached entries. -> (N,)
+
+    keys/values: (layers, kv_heads, N, head_dim), the context in any order; the queries see all of it and
+    themselves causally. The forward stops after the last of ``layers``.
+    """
+    n = keys.shape[2]
+    k_pos = torch.cat([torch.full((n,), -1), query_positions])
+    mask = position_mask(query_positions, k_pos, model.dtype)
     c = Capture(score_layers=frozenset(layers), n_keys=n, stop_after=max(layers))
     with capture(c):
         try:
             model(
                 input_ids=query_ids[None],
-                position_ids=q_pos[None],
+                position_ids=query_positions[None],
                 attention_mask=mask,
-                past_key_values=cache_from(placed.keys, placed.values),
+                past_key_values=cache_from(keys, values),
                 logits_to_keep=1,
             )
         except StopForward:
@@ -160,6 +180,7 @@ class Recomputed:
     logits: torch.Tensor  # (vocab,) float32: next-token logits after the last prompt token
     cache: DynamicCache  # unselected cached tokens + recomputed + fresh tokens (order irrelevant: keys carry RoPE)
     next_position: int  # position of the first generated token
+    positions: torch.Tensor  # (M,) prompt position of each cache entry, in cache order
 
 
 @torch.inference_mode()
@@ -193,7 +214,7 @@ def recompute(
             past_key_values=cache,
             logits_to_keep=1,
         )
-    return Recomputed(out.logits[0, -1].float(), cache, int(in_pos.max()) + 1)
+    return Recomputed(out.logits[0, -1].float(), cache, int(in_pos.max()) + 1, torch.cat([cached_pos, in_pos]))
 
 
 @torch.inference_mode()
@@ -209,4 +230,4 @@ def full_prefill(model: PreTrainedModel, ids: list[int]) -> Recomputed:
         past_key_values=cache,
         logits_to_keep=1,
     )
-    return Recomputed(out.logits[0, -1].float(), cache, len(ids))
+    return Recomputed(out.logits[0, -1].float(), cache, len(ids), pos)

@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from infoflow_rag.eval.methods import DEFAULT_RATIO
+from infoflow_rag.eval.methods import DEFAULT_RATIO, MethodSpec
 from infoflow_rag.eval.results import QuestionResult, ResultsRun, current_command, read_results
 from infoflow_rag.eval.stats import Estimate, mean_ci, paired_diff, win_tie_loss
 
@@ -73,9 +73,34 @@ def paired_table(
             continue
         ours, theirs = [r.f1 for r in shared], [base[r.id] for r in shared]
         diff = paired_diff(ours, theirs, n_boot=n_boot, seed=seed)
+        lines.append(f"| {dataset} | {method} | {diff.n} | {_signed_ci(diff)} | {win_tie_loss(ours, theirs)} |")
+    return "\n".join(lines)
+
+
+def compression_table(results: Sequence[QuestionResult], n_boot: int = 1000, seed: int = 0) -> str:
+    """Markdown table of KV compression, one row per (dataset, method) in order of first appearance.
+
+    Each compressed method is measured against its baseline, the same method without compression, on the
+    questions both answered (ΔF1 names their number when it is not n): KV saved is ``1 - its total peak KV
+    bytes / the baseline's``, ΔF1 the mean per-question F1 difference with a 95 % bootstrap CI. F1 (with CI)
+    and EM are means x100, peak KV the mean over questions, TTFT the median.
+    """
+    groups = _by_dataset_method(results)
+    lines = [
+        "| Dataset | Method | n | F1 [95% CI] | EM | Peak KV MiB (mean) | KV saved vs baseline | "
+        "ΔF1 vs baseline [95% CI] | TTFT s (median) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (dataset, method), rows in groups.items():
+        f1 = mean_ci([r.f1 for r in rows], n_boot=n_boot, seed=seed)
+        em = np.mean([r.em for r in rows]) * 100
+        sizes = [r.kv_bytes for r in rows if r.kv_bytes is not None]
+        peak = f"{np.mean(sizes) / 2**20:.2f}" if sizes else "n/a"
+        saved, delta = _against_baseline(rows, groups, n_boot, seed)
+        ttft = np.median([r.ttft for r in rows])
         lines.append(
-            f"| {dataset} | {method} | {diff.n} | {diff.mean * 100:+.1f} [{diff.low * 100:+.1f}, "
-            f"{diff.high * 100:+.1f}] | {win_tie_loss(ours, theirs)} |"
+            f"| {dataset} | {method} | {len(rows)} | {_percent_ci(f1)} | {em:.1f} | {peak} | {saved} | {delta} | "
+            f"{ttft:.3f} |"
         )
     return "\n".join(lines)
 
@@ -92,7 +117,7 @@ def plot_tradeoff(results: Sequence[QuestionResult], path: str | Path) -> Path:
         curves: dict[str, dict[float, list[QuestionResult]]] = defaultdict(lambda: defaultdict(list))
         for r in results:
             if r.dataset == dataset:
-                curves[r.name][r.ratio].append(r)
+                curves[_curve_label(r)][r.ratio].append(r)
         for name, by_ratio in curves.items():
             ratios = sorted(by_ratio)
             ttft_ms = [np.mean([r.ttft for r in by_ratio[x]]) * 1000 for x in ratios]
@@ -177,13 +202,16 @@ def write_results_md(
 def write_report(results_path: str | Path, out_dir: str | Path, baseline: str = DEFAULT_BASELINE) -> Path:
     """The standard report of a results file: ``results.md`` plus its PNGs in ``out_dir``.
 
-    The paired comparison is included when ``baseline`` was run, the NIAH heatmap when NIAH results exist.
+    The paired comparison is included when ``baseline`` was run, the compression table when a method
+    compressed the KV cache, the NIAH heatmap when NIAH results exist.
     """
     run = read_results(results_path)
     out = Path(out_dir)
     sections = [Section("Accuracy and speed", summary_table(run.results))]
     if any(r.method == baseline for r in run.results):
         sections.append(Section(f"Paired comparison with {baseline}", paired_table(run.results, baseline)))
+    if any(r.compress != "none" for r in run.results):
+        sections.append(Section("KV compression", compression_table(run.results)))
     tradeoff = plot_tradeoff(run.results, out / "tradeoff.png")
     sections.append(Section("F1 vs TTFT", f"![F1 vs TTFT]({tradeoff.name})"))
     if _niah(run.results):
@@ -199,6 +227,37 @@ def _by_dataset_method(results: Sequence[QuestionResult]) -> dict[tuple[str, str
     return groups
 
 
+def _baseline_key(r: QuestionResult) -> str:
+    """Key of the uncompressed method a compressed result is compared with."""
+    spec = MethodSpec(r.name, r.selector, r.ratio, r.reorder, r.geometry, r.compress, r.keep)
+    return spec.uncompressed.key
+
+
+def _against_baseline(
+    rows: list[QuestionResult], groups: dict[tuple[str, str], list[QuestionResult]], n_boot: int, seed: int
+) -> tuple[str, str]:
+    """The KV-saved and ΔF1 cells of a compression-table row: "—" for a baseline, "n/a" when it was not run."""
+    first = rows[0]
+    if first.compress == "none":
+        return "—", "—"
+    by_id = {r.id: r for r in groups.get((first.dataset, _baseline_key(first)), [])}
+    shared = [(r, by_id[r.id]) for r in rows if r.id in by_id]
+    if not shared:
+        return "n/a", "n/a"
+    diff = paired_diff([r.f1 for r, _ in shared], [b.f1 for _, b in shared], n_boot=n_boot, seed=seed)
+    sized = [(r.kv_bytes, b.kv_bytes) for r, b in shared if r.kv_bytes is not None and b.kv_bytes is not None]
+    ours, theirs = sum(a for a, _ in sized), sum(b for _, b in sized)
+    # A ratio of totals, so long contexts, which hold most of the memory, weigh most.
+    saved = f"{(1 - ours / theirs) * 100:.1f}%" if theirs else "n/a"
+    partial = f" on {len(shared)}" if len(shared) < len(rows) else ""  # e.g. the baseline's run was cut short
+    return saved, _signed_ci(diff) + partial
+
+
+def _curve_label(r: QuestionResult) -> str:
+    # Compressed runs of one method at several keeps are separate curves over the ratio.
+    return r.name if r.compress == "none" else f"{r.name}:{r.keep}"
+
+
 def _methods(results: Sequence[QuestionResult]) -> list[str]:
     return list(dict.fromkeys(r.method for r in results))
 
@@ -209,6 +268,11 @@ def _niah(results: Sequence[QuestionResult]) -> list[QuestionResult]:
 
 def _percent_ci(estimate: Estimate) -> str:
     return f"{estimate.mean * 100:.1f} [{estimate.low * 100:.1f}, {estimate.high * 100:.1f}]"
+
+
+def _signed_ci(estimate: Estimate) -> str:
+    """A difference x100 with its CI, signs always shown."""
+    return f"{estimate.mean * 100:+.1f} [{estimate.low * 100:+.1f}, {estimate.high * 100:+.1f}]"
 
 
 def _save(fig: Figure, path: str | Path) -> Path:

@@ -68,6 +68,11 @@ class QuestionResult:
     passage_order: list[int]
     prefill_time: float | None  # seconds of the shared passage prefill, None when not used
     meta: dict[str, Any] = field(default_factory=dict)
+    # KV compression; the defaults let results files from before it was added still load.
+    compress: str = "none"
+    keep: float | int = 1.0  # share of context tokens kept (float) or their count (int), see MethodSpec
+    kv_tokens: int | None = None  # KV cache entries when decoding starts; None if the engine does not report it
+    kv_bytes: int | None = None  # peak KV cache bytes while decoding; None if the engine does not report it
 
     @property
     def pair_key(self) -> tuple[str, str, str]:

@@ -38,7 +38,7 @@ def run_eval(
 
     ``prompt`` is the question template passed to ``engine.answer`` as ``template`` (``{question}`` exactly
     once); the engine places it after the passages. Each question runs all its pending methods back to
-    back, ``full`` first so the others get a TTFT ratio. With ``prefill_once`` and an engine that has
+    back, ``full`` (uncompressed) first so the others get a TTFT ratio. With ``prefill_once`` and an engine that has
     ``prefill(passages)``, the passages are prefilled once per question and the cached methods receive
     those caches instead of strings; that prefill time is recorded as ``prefill_time``, outside TTFT.
     Pairs already in ``out_path`` are skipped (see :class:`ResultsLog` for when resuming is refused).
@@ -51,9 +51,9 @@ def run_eval(
     keys = [m.key for m in methods]
     if duplicates := sorted({k for k in keys if keys.count(k) > 1}):
         raise ValueError(f"methods repeat {duplicates}; give each configuration once")
-    if sum(m.selector == "full" for m in methods) > 1:
-        raise ValueError(f"at most one 'full' method, got {keys}: it is the TTFT reference")
-    ordered = sorted(methods, key=lambda m: m.selector != "full")
+    if sum(_is_reference(m) for m in methods) > 1:
+        raise ValueError(f"at most one uncompressed 'full' method, got {keys}: it is the TTFT reference")
+    ordered = sorted(methods, key=lambda m: not _is_reference(m))
     header = RunHeader(
         model_info=dict(engine.model_info),
         prompt=prompt,
@@ -61,7 +61,7 @@ def run_eval(
         command=command if command is not None else current_command(),
     )
     use_prefill = prefill_once and callable(getattr(engine, "prefill", None))
-    full = next((m for m in methods if m.selector == "full"), None)
+    full = next((m for m in methods if _is_reference(m)), None)
     with ResultsLog(out_path, header, resume) as log:
         done = {r.pair_key: r for r in log.existing}
         pending = sum((ex.dataset, ex.id, m.key) not in done for ex in examples for m in methods)
@@ -95,8 +95,6 @@ def _run_question(
         prefill_time = time.perf_counter() - started
     for method in todo:
         cached = caches is not None and method.selector != "full"
-        # The engine rejects ratio 0 even for selectors that ignore it, so a fixed ratio is not passed.
-        ratio = {} if method.selector in FIXED_RATIOS else {"ratio": method.ratio}
         output = engine.answer(
             example.question,
             caches if cached else example.passages,
@@ -105,12 +103,26 @@ def _run_question(
             geometry=method.geometry,
             template=prompt,
             max_new_tokens=max_new_tokens,
-            **ratio,
+            **_optional_options(method),
         )
         result = _result(example, method, output, full_result, prefill_time if cached else None)
-        if method.selector == "full":
+        if _is_reference(method):
             full_result = result
         yield result
+
+
+def _is_reference(method: MethodSpec) -> bool:
+    """Whether ``method`` is the full prefill that other methods' TTFT is divided by."""
+    return method.selector == "full" and method.compress == "none"
+
+
+def _optional_options(method: MethodSpec) -> dict[str, Any]:
+    """``engine.answer`` options passed only when they apply, so other calls stay exactly as before."""
+    # The engine rejects ratio 0 even for selectors that ignore it, so a fixed ratio is not passed.
+    options: dict[str, Any] = {} if method.selector in FIXED_RATIOS else {"ratio": method.ratio}
+    if method.compress != "none":
+        options.update(compress=method.compress, keep=method.keep)
+    return options
 
 
 def _result(
@@ -122,7 +134,7 @@ def _result(
 ) -> QuestionResult:
     prediction = clean_prediction(output.answer)
     ttft = float(output.timings.ttft)
-    reference = ttft if method.selector == "full" else full_result.ttft if full_result else None
+    reference = ttft if _is_reference(method) else full_result.ttft if full_result else None
     return QuestionResult(
         dataset=example.dataset,
         id=example.id,
@@ -144,4 +156,14 @@ def _result(
         passage_order=list(output.passage_order),
         prefill_time=prefill_time,
         meta=example.meta,
+        compress=method.compress,
+        keep=method.keep,
+        kv_tokens=_reported_size(output, "kv_tokens"),
+        kv_bytes=_reported_size(output, "kv_bytes"),
     )
+
+
+def _reported_size(output: Any, field: str) -> int | None:
+    # Engines from before KV compression do not report cache sizes.
+    value = getattr(output, field, None)
+    return None if value is None else int(value)

@@ -1,4 +1,5 @@
-"""The published comparison as one resumable command: main table, ratio sweep, RoPE geometry ablation.
+"""The published comparison as one resumable command: main table, ratio sweep, RoPE geometry ablation,
+KV compression.
 
 Questions 0-999 of HotpotQA dev are the development slice; the reported runs use questions from 1000 on,
 which no setting here was tuned on.
@@ -11,8 +12,8 @@ from pathlib import Path
 
 from .datasets import load_hotpotqa
 from .methods import DEFAULT_RATIO, GEOMETRIES, MethodSpec, parse_method
-from .report import Section, paired_table, plot_tradeoff, summary_table, write_results_md
-from .results import read_results
+from .report import Section, compression_table, paired_table, plot_tradeoff, summary_table, write_results_md
+from .results import ResultsRun, read_results
 from .runner import run_eval
 from .stats import paired_diff, win_tie_loss
 
@@ -20,6 +21,7 @@ HELD_OUT_START = 1000
 MAIN_METHODS = ("full", "none", "infoflow", "infoflow+reorder", "cacheblend", "epic", "random")
 SWEEP_RATIOS = (0.05, 0.1, 0.15, 0.25, 0.5)
 SWEEP_SELECTORS = ("infoflow", "cacheblend", "epic")
+COMPRESSIONS = ("snapkv:0.25", "snapkv:0.5", "infokv:0.25", "infokv:0.5")
 
 
 @dataclass(frozen=True)
@@ -30,11 +32,15 @@ class Part:
     methods: tuple[str, ...]
 
 
-def suite_parts(main_n: int = 100, sweep_n: int = 30, ablation_n: int = 30, ratio: float = 0.15) -> list[Part]:
+def suite_parts(
+    main_n: int = 100, sweep_n: int = 30, ablation_n: int = 30, ratio: float = 0.15, compress_n: int = 100
+) -> list[Part]:
     main = tuple(m if m in ("full", "none") else f"{m}@{ratio:g}" for m in MAIN_METHODS)
     sweep = ("full", *(f"{s}@{r:g}" for s in SWEEP_SELECTORS for r in SWEEP_RATIOS))
     # Quality only: the geometry changes which tokens are picked, not the recompute cost, so no TTFT reference.
     ablation = tuple(f"infoflow[{g}]@{ratio:g}" for g in GEOMETRIES)
+    # Its own uncompressed run, on the same questions, is the baseline every compression is paired with.
+    compress = (f"infoflow@{ratio:g}", *(f"infoflow@{ratio:g}+{c}" for c in COMPRESSIONS))
     return [
         Part("main", f"HotpotQA passage split, {main_n} held-out questions, ratio {ratio:g}", main_n, main),
         Part("sweep", f"Speed-accuracy sweep, {sweep_n} held-out questions", sweep_n, sweep),
@@ -43,6 +49,13 @@ def suite_parts(main_n: int = 100, sweep_n: int = 30, ablation_n: int = 30, rati
             f"RoPE geometry ablation (InfoFlow scoring), {ablation_n} held-out questions",
             ablation_n,
             ablation,
+        ),
+        Part(
+            "compress",
+            f"KV compression stacked on InfoFlow {ratio * 100:g} % recompute, {compress_n} held-out questions, "
+            "HotpotQA passage split",
+            compress_n,
+            compress,
         ),
     ]
 
@@ -55,8 +68,13 @@ def run_suite(
     max_new_tokens: int = 32,
     progress: bool = True,
     ratio: float = DEFAULT_RATIO,
+    report_parts: list[Part] | None = None,
 ) -> Path:
-    """Run (or resume) every part into ``out_dir/<part>.jsonl``, then write ``out_dir/RESULTS.md``."""
+    """Run (or resume) every part into ``out_dir/<part>.jsonl``, then write ``out_dir/RESULTS.md``.
+
+    The report shows the results on file of ``report_parts`` (default ``parts``): pass every part so that
+    running one part does not drop the others' sections.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for part in parts:
@@ -70,7 +88,7 @@ def run_suite(
             max_new_tokens=max_new_tokens,
             progress=progress,
         )
-    return write_suite_report(out, parts, ratio)
+    return write_suite_report(out, parts if report_parts is None else report_parts, ratio)
 
 
 def verdict(results: list, method: str = f"infoflow@{DEFAULT_RATIO:g}", target_gap: float = 0.02) -> str:
@@ -127,19 +145,27 @@ def write_suite_report(out_dir: str | Path, parts: list[Part], ratio: float = DE
             continue
         run = read_results(path)
         first = first or run
-        body = [summary_table(run.results)]
-        methods = {r.method for r in run.results}
-        baseline = f"infoflow@{ratio:g}" if f"infoflow@{ratio:g}" in methods else None
-        if baseline:
-            body.append(f"Paired against `{baseline}` on the same questions:\n\n" + paired_table(run.results, baseline))
-        if part.name == "main":
-            body.insert(0, "Verdict, computed from the table below:\n\n" + verdict(run.results, f"infoflow@{ratio:g}"))
-        if part.name == "sweep":
-            plot = plot_tradeoff(run.results, out / "tradeoff.png")
-            body.append(f"![F1 vs TTFT]({plot.name})")
         answered = len({r.id for r in run.results})
         title = part.title if answered >= part.limit else f"{part.title} (partial: {answered} answered so far)"
-        sections.append(Section(title, "\n\n".join(body)))
+        sections.append(Section(title, "\n\n".join(_part_body(part, run, out, ratio))))
     if first is None:
         raise FileNotFoundError(f"no results in {out}: run the suite first")
     return write_results_md(out / "RESULTS.md", first, *sections, title="infoflow-rag evaluation")
+
+
+def _part_body(part: Part, run: ResultsRun, out: Path, ratio: float) -> list[str]:
+    """The Markdown blocks of one part's section."""
+    if part.name == "compress":
+        note = "Each compressed method against its uncompressed baseline on the same questions:"
+        return [f"{note}\n\n{compression_table(run.results)}"]
+    body = [summary_table(run.results)]
+    methods = {r.method for r in run.results}
+    baseline = f"infoflow@{ratio:g}" if f"infoflow@{ratio:g}" in methods else None
+    if baseline:
+        body.append(f"Paired against `{baseline}` on the same questions:\n\n" + paired_table(run.results, baseline))
+    if part.name == "main":
+        body.insert(0, "Verdict, computed from the table below:\n\n" + verdict(run.results, f"infoflow@{ratio:g}"))
+    if part.name == "sweep":
+        plot = plot_tradeoff(run.results, out / "tradeoff.png")
+        body.append(f"![F1 vs TTFT]({plot.name})")
+    return body
