@@ -23,7 +23,6 @@ from .layout import GEOMETRIES, Layout, PlacedContext, Segment, place
 from .models import DEFAULT_MODEL, LoadedModel, load_model
 from .prompt import DEFAULT_QUESTION_TEMPLATE, PromptFormat, encode, encode_passage, encode_question
 from .result import AnswerResult, StageTimings
-from .signals import SIGNALS
 from .selectors import (
     DEFAULT_RATIO,
     InfoFlowSelector,
@@ -34,6 +33,7 @@ from .selectors import (
     ratio_budget,
     top_candidates,
 )
+from .signals import SIGNALS
 from .support import check_supported
 
 Passage = str | PassageKV
