@@ -191,3 +191,42 @@ def test_verdict_states_the_goal_from_the_numbers():
     assert "vs `cacheblend@0.15` on 3 questions: F1 80.0 vs 46.7" in text and "W/T/L 1/2/0 — ahead" in text
     assert "vs `epic@0.15` on 3 questions: F1 80.0 vs 33.3" in text and "W/T/L 2/1/0 — ahead" in text
     assert verdict(rows[:1]).startswith("No verdict")
+
+
+def _answering(dataset, qid, method, prediction):
+    r = result(dataset, qid, method, 0.0, 0.0, 1.0, 0.15)
+    r.prediction = prediction
+    return r
+
+
+def test_agreement_table_scores_answers_against_the_reference_answer_by_hand():
+    from infoflow_rag.eval.report import agreement_table
+
+    answers = {
+        "full": ["Paris", "the red fox", "1889"],
+        "infoflow@0.15": ["Paris", "red fox jumps", "1889"],  # F1 1, 0.8, 1 vs full
+        "none": ["London", "fox", "1889"],  # F1 0, 0.667, 1
+    }
+    rows = [_answering("d", f"q{i}", m, a) for m, per_q in answers.items() for i, a in enumerate(per_q)]
+    table = table_rows(agreement_table(rows, "full", "infoflow@0.15"))
+    assert [row[:5] for row in table] == [
+        ["d", "infoflow@0.15", "3", table[0][3], "67%"],
+        ["d", "none", "3", table[1][3], "33%"],
+    ]
+    assert table[0][3].startswith("93.3 ") and table[1][3].startswith("55.6 ")
+    assert table[0][5:] == ["—", "—"]
+    assert table[1][5].startswith("-37.8 ") and table[1][6] == "0/1/2"
+    # the verdict adds the same comparison
+    from infoflow_rag.eval.suite import verdict
+
+    assert "`infoflow@0.15` vs `none`: 93.3 vs 55.6, paired difference +37.8" in verdict(rows)
+
+
+def test_agreement_plot_is_written(tmp_path):
+    from infoflow_rag.eval.report import plot_agreement
+
+    rows = [_answering("d", "q0", m, a) for m, a in (("full", "a b"), ("infoflow@0.1", "a"), ("infoflow@0.5", "a b"))]
+    path = plot_agreement(rows, tmp_path / "agreement.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no results next to 'full'"):
+        plot_agreement(rows[1:], tmp_path / "none.png")

@@ -13,6 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from infoflow_rag.eval.methods import DEFAULT_RATIO, MethodSpec
+from infoflow_rag.eval.metrics import exact_match, token_f1
 from infoflow_rag.eval.results import QuestionResult, ResultsRun, current_command, read_results
 from infoflow_rag.eval.stats import Estimate, mean_ci, paired_diff, win_tie_loss
 
@@ -75,6 +76,78 @@ def paired_table(
         diff = paired_diff(ours, theirs, n_boot=n_boot, seed=seed)
         lines.append(f"| {dataset} | {method} | {diff.n} | {_signed_ci(diff)} | {win_tie_loss(ours, theirs)} |")
     return "\n".join(lines)
+
+
+def agreement_table(
+    results: Sequence[QuestionResult],
+    reference: str = "full",
+    baseline: str | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> str:
+    """Markdown table of how closely each method reproduces ``reference``'s answers (a method key).
+
+    Gold F1 can hide differences: a small model's wrong answers score 0 whether or not they changed. What a
+    cache-reuse method promises is the answer the reference would give, so each answer is also scored
+    (token F1, x100) against the reference's answer on the same question; "same" is the share of identical
+    normalised answers. ``baseline`` adds the paired difference of that score to the baseline's.
+    """
+    groups = _by_dataset_method(results)
+    lines = [
+        f"| Dataset | Method | n | F1 vs {reference} answer [95% CI] | Same as {reference} |"
+        + (f" Δ vs {baseline} [95% CI] | W/T/L |" if baseline else ""),
+        "|---|---|---:|---:|---:|" + ("---:|---:|" if baseline else ""),
+    ]
+    scores = agreement_scores(results, reference)
+    answers = {(r.dataset, r.id): r.prediction for r in results if r.method == reference}
+    for (dataset, method), rows in groups.items():
+        mine = {r.id: scores[r.pair_key] for r in rows if r.pair_key in scores}
+        if method == reference or not mine:
+            continue
+        same = np.mean([exact_match(r.prediction, answers[(r.dataset, r.id)]) for r in rows if r.pair_key in scores])
+        same *= 100
+        line = f"| {dataset} | {method} | {len(mine)} | {_percent_ci(mean_ci(list(mine.values()), n_boot, seed))} | "
+        line += f"{same:.0f}% |"
+        if baseline:
+            base = {r.id: scores[r.pair_key] for r in groups.get((dataset, baseline), []) if r.pair_key in scores}
+            shared = sorted(mine.keys() & base.keys())
+            if method == baseline or not shared:
+                line += " — | — |"
+            else:
+                ours, theirs = [mine[i] for i in shared], [base[i] for i in shared]
+                diff = paired_diff(ours, theirs, n_boot=n_boot, seed=seed)
+                line += f" {_signed_ci(diff)} | {win_tie_loss(ours, theirs)} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def agreement_scores(results: Sequence[QuestionResult], reference: str) -> dict[tuple[str, str, str], float]:
+    """pair_key -> token F1 of the answer against ``reference``'s answer to the same question (0..1)."""
+    answers = {(r.dataset, r.id): r.prediction for r in results if r.method == reference}
+    return {
+        r.pair_key: token_f1(r.prediction, answers[(r.dataset, r.id)]) for r in results if (r.dataset, r.id) in answers
+    }
+
+
+def plot_agreement(results: Sequence[QuestionResult], path: str | Path, reference: str = "full") -> Path:
+    """PNG of mean F1 against the ``reference`` answer by recompute ratio, one curve per method name."""
+    scores = agreement_scores(results, reference)
+    curves: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        if r.pair_key in scores and r.method != reference:
+            curves[_curve_label(r)][r.ratio].append(scores[r.pair_key])
+    if not curves:
+        raise ValueError(f"no results next to {reference!r} answers to plot")
+    fig = Figure(figsize=(5.5, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, by_ratio in curves.items():
+        ratios = sorted(by_ratio)
+        ax.plot(ratios, [np.mean(by_ratio[x]) * 100 for x in ratios], marker="o", label=name)
+    ax.set(xlabel="recompute ratio", ylabel=f"mean F1 vs {reference} answer (x100)", ylim=(0, 100))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
 
 
 def compression_table(results: Sequence[QuestionResult], n_boot: int = 1000, seed: int = 0) -> str:

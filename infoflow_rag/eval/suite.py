@@ -12,7 +12,17 @@ from pathlib import Path
 
 from .datasets import load_hotpotqa
 from .methods import DEFAULT_RATIO, GEOMETRIES, MethodSpec, parse_method
-from .report import Section, compression_table, paired_table, plot_tradeoff, summary_table, write_results_md
+from .report import (
+    Section,
+    agreement_scores,
+    agreement_table,
+    compression_table,
+    paired_table,
+    plot_agreement,
+    plot_tradeoff,
+    summary_table,
+    write_results_md,
+)
 from .results import ResultsRun, read_results
 from .runner import run_eval
 from .stats import paired_diff, win_tie_loss
@@ -123,6 +133,23 @@ def verdict(results: list, method: str = f"infoflow@{DEFAULT_RATIO:g}", target_g
             line += f" — {'ahead' if diff.mean > 0 else 'tied' if diff.mean == 0 else 'behind'}"
             line += " (the interval excludes 0)" if diff.low > 0 or diff.high < 0 else " (the interval includes 0)"
         lines.append(line)
+    scores = agreement_scores(results, "full")
+    agree: dict[str, dict[str, float]] = {}
+    for r in results:
+        if r.pair_key in scores:
+            agree.setdefault(r.method, {})[r.id] = scores[r.pair_key]
+    for other in ("none", f"cacheblend@{ratio}", f"epic@{ratio}"):
+        if other not in agree or method not in agree:
+            continue
+        ids = sorted(agree[method].keys() & agree[other].keys())
+        ours, theirs = [agree[method][i] for i in ids], [agree[other][i] for i in ids]
+        diff = paired_diff(ours, theirs)
+        lines.append(
+            f"- agreement with the full-prefill answer (F1 of each answer against full's), `{method}` vs `{other}`: "
+            f"{100 * sum(ours) / len(ids):.1f} vs {100 * sum(theirs) / len(ids):.1f}, paired difference "
+            f"{100 * diff.mean:+.1f} [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}]"
+            + (" (the interval excludes 0)" if diff.low > 0 or diff.high < 0 else " (the interval includes 0)")
+        )
     if "none" in by_method:
         ids = sorted(by_method["none"].keys() & by_method["full"].keys())
         none_f1 = sum(by_method["none"][i] for i in ids) / len(ids)
@@ -155,17 +182,26 @@ def write_suite_report(out_dir: str | Path, parts: list[Part], ratio: float = DE
 
 def _part_body(part: Part, run: ResultsRun, out: Path, ratio: float) -> list[str]:
     """The Markdown blocks of one part's section."""
-    if part.name == "compress":
-        note = "Each compressed method against its uncompressed baseline on the same questions:"
-        return [f"{note}\n\n{compression_table(run.results)}"]
-    body = [summary_table(run.results)]
     methods = {r.method for r in run.results}
     baseline = f"infoflow@{ratio:g}" if f"infoflow@{ratio:g}" in methods else None
+    if part.name == "compress":
+        note = "Each compressed method against its uncompressed baseline on the same questions:"
+        body = [f"{note}\n\n{compression_table(run.results)}"]
+        if baseline:
+            note = f"How often decoding from the compressed cache still gives the answer `{baseline}` gives:"
+            body.append(f"{note}\n\n{agreement_table(run.results, baseline)}")
+        return body
+    body = [summary_table(run.results)]
     if baseline:
         body.append(f"Paired against `{baseline}` on the same questions:\n\n" + paired_table(run.results, baseline))
+    if "full" in methods:
+        note = "Agreement with the full-prefill answer (what reuse is meant to reproduce), paired against the baseline:"
+        body.append(f"{note}\n\n{agreement_table(run.results, 'full', baseline)}")
     if part.name == "main":
         body.insert(0, "Verdict, computed from the table below:\n\n" + verdict(run.results, f"infoflow@{ratio:g}"))
     if part.name == "sweep":
         plot = plot_tradeoff(run.results, out / "tradeoff.png")
         body.append(f"![F1 vs TTFT]({plot.name})")
+        plot = plot_agreement(run.results, out / "agreement.png")
+        body.append(f"![F1 against the full-prefill answer, by ratio]({plot.name})")
     return body
