@@ -109,6 +109,43 @@ def format_table(rows: list[BenchRow]) -> str:
 
 
 @dataclass
+class PrefillRow:
+    passages: int
+    tokens: int
+    plain_s: float  # median prefill time without signals
+    signals_s: float  # median prefill time recording entropy and layer evolution
+    runs: int
+
+    @property
+    def overhead(self) -> float:
+        return self.signals_s / self.plain_s - 1
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "overhead": self.overhead}
+
+
+def bench_prefill(engine: Engine, n_tokens: int = 4096, repeats: int = 3) -> PrefillRow:
+    """Passage prefill with and without InfoKV's signals, interleaved on the same passages; medians."""
+    _, texts = build_context(engine, n_tokens)
+    if not texts:
+        raise ValueError(f"no passage fits in {n_tokens} tokens; ask for more tokens")
+    times: dict[bool, list[float]] = {False: [], True: []}
+    recording = engine.record_signals
+    try:
+        for repeat in range(repeats + 1):  # repeat 0 warms up and is discarded
+            for signals in (False, True):
+                engine.record_signals = signals
+                t = time.perf_counter()
+                kvs = engine.prefill(texts)
+                if repeat:
+                    times[signals].append(time.perf_counter() - t)
+    finally:
+        engine.record_signals = recording
+    tokens = sum(len(kv) for kv in kvs)
+    return PrefillRow(len(texts), tokens, statistics.median(times[False]), statistics.median(times[True]), repeats)
+
+
+@dataclass
 class StoreRow:
     dtype: str
     bytes_per_token: float  # on disk, per passage token

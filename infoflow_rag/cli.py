@@ -39,6 +39,23 @@ def cmd_bench_store(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_prefill(args: argparse.Namespace) -> int:
+    from .bench import bench_prefill
+
+    if args.tokens < 64:
+        raise ValueError(f"--tokens must be >= 64, got {args.tokens}")
+    row = bench_prefill(_engine(args.model), n_tokens=args.tokens, repeats=args.repeats)
+    if args.json:
+        print(json.dumps({"model": args.model, **row.to_dict()}, indent=2))
+        return 0
+    print(
+        f"{row.passages} passages, {row.tokens} tokens: prefill {row.plain_s:.2f} s without signals, "
+        f"{row.signals_s:.2f} s recording entropy + layer evolution (+{100 * row.overhead:.0f} %), "
+        f"median of {row.runs}"
+    )
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from .check import run_check
 
@@ -249,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per method (median reported)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_ttft)
+    p = bench.add_parser("prefill", help="passage prefill time with and without InfoKV's per-token signals")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--tokens", type=int, default=4096, help="passage tokens prefilled per run")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs each (median reported)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_prefill)
     p = bench.add_parser("store", help="disk KV store per storage dtype: bytes/token, warm load speed, answer effect")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--passages", type=int, default=40)

@@ -87,7 +87,11 @@ class Engine:
         system_prompt: str | None = None,
         score_layers: list[int] | None = None,
         check: bool = True,
+        record_signals: bool = True,
     ):
+        """``record_signals``: record InfoKV's per-token signals at prefill (costs extra prefill time, see
+        ``infoflow-rag bench prefill``); without them ``compress="infokv"`` needs its entropy/evolution weights at 0.
+        """
         loaded = load_model(model) if isinstance(model, str) else model
         check_supported(loaded.model.config)
         self.loaded = loaded
@@ -104,6 +108,7 @@ class Engine:
         if bad:
             raise ValueError(f"score_layers {bad} out of range for a {self.num_layers}-layer model")
         self.max_positions = int(self.model.config.max_position_embeddings)
+        self.record_signals = record_signals
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         if check:
             from .check import run_check  # the gate drives this engine, so it imports lazily
@@ -129,7 +134,8 @@ class Engine:
                 "dtype": str(self.model.dtype),
                 "prefix": self.prefix.token_ids.tolist(),
                 "separator": self.format.separator,
-                "signals": list(SIGNALS),  # entries stored before signals existed must not hit
+                # KV stored without signals must not be served to an engine that records them
+                "signals": list(SIGNALS) if self.record_signals else [],
             },
             sort_keys=True,
             default=str,
@@ -175,7 +181,9 @@ class Engine:
                 end += 1
             batch = order[start:end]
             for i, kv in zip(
-                batch, forward.prefill_passages(self.model, self.prefix, [ids[i] for i in batch]), strict=True
+                batch,
+                forward.prefill_passages(self.model, self.prefix, [ids[i] for i in batch], self.record_signals),
+                strict=True,
             ):
                 out[i] = kv
             bar.update(len(batch))

@@ -6,6 +6,7 @@ which is wrong for sparse queries, and a bool mask would be wrong under eager at
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -64,11 +65,13 @@ def prefill_prefix(model: PreTrainedModel, prefix_ids: list[int]) -> PassageKV:
 
 
 @torch.inference_mode()
-def prefill_passages(model: PreTrainedModel, prefix: PassageKV, passages: list[list[int]]) -> list[PassageKV]:
+def prefill_passages(
+    model: PreTrainedModel, prefix: PassageKV, passages: list[list[int]], signals: bool = True
+) -> list[PassageKV]:
     """Prefill one batch of passages, each alone behind ``prefix``, at local positions p .. p+n-1.
 
     Right padding keeps this exact: under the causal mask no real token sees the padding after it.
-    The same forward records each token's question-independent signals (see :mod:`signals`).
+    With ``signals``, the same forward records each token's question-independent signals (see :mod:`signals`).
     """
     p, longest = len(prefix), max(len(t) for t in passages)
     ids = torch.zeros(len(passages), longest, dtype=torch.long)  # (B, n), padded with token 0
@@ -82,7 +85,7 @@ def prefill_passages(model: PreTrainedModel, prefix: PassageKV, passages: list[l
         prefix.values.to(dtype)[:, None].expand(-1, batch, -1, -1, -1),
     )
     mask = position_mask(positions, torch.cat([torch.arange(p), positions]), dtype)
-    with recording(model) as recorder:
+    with recording(model) if signals else contextlib.nullcontext() as recorder:
         model(
             input_ids=ids,
             position_ids=positions.expand(batch, -1),
@@ -90,7 +93,7 @@ def prefill_passages(model: PreTrainedModel, prefix: PassageKV, passages: list[l
             past_key_values=cache,
             logits_to_keep=1,
         )
-    signals = recorder.signals(model)  # name -> (B, longest)
+    recorded = recorder.signals(model) if signals else {}  # name -> (B, longest)
     keys, values = stacked(cache)  # (layers, B, kv_heads, p + longest, head_dim)
     return [
         PassageKV(
@@ -98,7 +101,7 @@ def prefill_passages(model: PreTrainedModel, prefix: PassageKV, passages: list[l
             keys[:, row, :, p : p + len(t)].clone(),
             values[:, row, :, p : p + len(t)].clone(),
             offset=p,
-            signals={name: s[row, : len(t)].clone() for name, s in signals.items()},
+            signals={name: s[row, : len(t)].clone() for name, s in recorded.items()},
         )
         for row, t in enumerate(passages)
     ]

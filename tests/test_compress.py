@@ -146,3 +146,28 @@ def test_infokv_refuses_passages_without_signals(engine, kvs):
 def test_bad_compression_arguments_are_named(engine, kvs, options, match):
     with pytest.raises(ValueError, match=match):
         engine.answer(QUESTION, kvs, **options)
+
+
+def test_an_engine_without_signals_prefills_none_and_keys_its_store_apart(engine):
+    from tiny import tiny_model
+
+    bare = Engine(tiny_model("llama"), record_signals=False)
+    kvs = bare.prefill(PASSAGES)
+    assert all(kv.signals == {} for kv in kvs)
+    assert bare.fingerprint != engine.fingerprint  # its signal-less entries never reach a recording engine
+    with_signals = engine.prefill(PASSAGES)
+    for a, b in zip(kvs, with_signals, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)  # recording changes nothing else
+    with pytest.raises(ValueError, match="'entropy' signal"):
+        bare.answer(QUESTION, kvs, compress="infokv", keep=0.5)
+
+
+def test_bench_prefill_times_both_ways_on_the_same_passages(engine):
+    from infoflow_rag.bench import bench_prefill
+
+    row = bench_prefill(engine, n_tokens=2000, repeats=1)
+    assert row.passages >= 1 and 0 < row.tokens <= 2000
+    assert row.plain_s > 0 and row.signals_s > 0 and row.runs == 1
+    assert engine.record_signals  # restored
+    with pytest.raises(ValueError, match="no passage fits in 10 tokens"):
+        bench_prefill(engine, n_tokens=10)
