@@ -32,6 +32,7 @@ from transformers import PreTrainedModel
 
 from . import forward
 from .layout import Layout
+from .registry import Registry
 from .signals import SIGNALS
 
 DEFAULT_WINDOW = 32  # observation window: the last prompt tokens, SnapKV's default size
@@ -93,19 +94,10 @@ class Policy(ABC):
         """(C,) float: the higher, the more a token deserves to stay."""
 
 
-POLICIES: dict[str, type[Policy]] = {}
-
-
-def register(cls: type[Policy]) -> type[Policy]:
-    POLICIES[cls.name] = cls
-    return cls
-
-
-def validate_policy(name: str) -> str:
-    """``name`` if it is a registered policy; else ValueError listing the known ones."""
-    if name not in POLICIES:
-        raise ValueError(f"unknown compression policy {name!r}; known policies: {', '.join(sorted(POLICIES))}")
-    return name
+POLICIES: Registry[Policy] = Registry("compression policy", "policies")
+register = POLICIES.register
+validate_policy = POLICIES.validate
+make_policy = POLICIES.make
 
 
 def validate_keep(keep: float | int) -> float | int:
@@ -122,14 +114,6 @@ def validate_keep(keep: float | int) -> float | int:
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep={keep} as a ratio must be in (0, 1]; e.g. keep=0.5 keeps half the context tokens")
     return float(keep)
-
-
-def make_policy(name: str, **options) -> Policy:
-    cls = POLICIES[validate_policy(name)]
-    try:
-        return cls(**options)
-    except TypeError as e:
-        raise ValueError(f"bad compress_options for {name!r}: {e}") from None
 
 
 @register

@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 
 from .layout import PlacedContext
+from .registry import Registry
 
 DEFAULT_RATIO = 0.15
 
@@ -66,23 +67,10 @@ class Selector(ABC):
         """(budget,) int64 indices into the placed tokens, sorted."""
 
 
-SELECTORS: dict[str, type[Selector]] = {}
-
-
-def register(cls: type[Selector]) -> type[Selector]:
-    SELECTORS[cls.name] = cls
-    return cls
-
-
-def validate_selector(name: str) -> str:
-    """``name`` if it is a registered selector; else ValueError listing the known ones."""
-    if name not in SELECTORS:
-        raise ValueError(f"unknown selector {name!r}; known selectors: {', '.join(sorted(SELECTORS))}")
-    return name
-
-
-def make_selector(name: str, **options) -> Selector:
-    return SELECTORS[validate_selector(name)](**options)
+SELECTORS: Registry[Selector] = Registry("selector", "selectors")
+register = SELECTORS.register
+validate_selector = SELECTORS.validate
+make_selector = SELECTORS.make
 
 
 def default_score_layers(num_layers: int) -> list[int]:

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, replace
 
 from infoflow_rag.layout import GEOMETRIES
-from infoflow_rag.selectors import DEFAULT_RATIO, SELECTORS
+from infoflow_rag.selectors import DEFAULT_RATIO, validate_selector
 
 FIXED_RATIOS = {"full": 1.0, "none": 0.0}
 
@@ -42,8 +42,7 @@ class MethodSpec:
     keep: float | int = 1.0
 
     def __post_init__(self) -> None:
-        if self.selector not in SELECTORS:
-            raise ValueError(f"unknown selector {self.selector!r}; choose one of {', '.join(SELECTORS)}")
+        validate_selector(self.selector)
         if self.geometry not in GEOMETRIES:
             raise ValueError(f"unknown geometry {self.geometry!r}; choose one of {', '.join(GEOMETRIES)}")
         fixed = FIXED_RATIOS.get(self.selector)
