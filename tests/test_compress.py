@@ -139,7 +139,10 @@ def test_infokv_refuses_passages_without_signals(engine, kvs):
         ({"compress": "snapkv", "keep": "half"}, "keep must be a float ratio"),
         ({"compress": "snapkv", "keep": 0.5, "compress_options": {"window": 0}}, "window must be >= 1"),
         ({"compress": "snapkv", "keep": 0.5, "compress_options": {"kernel": 4}}, "kernel must be a positive odd"),
-        ({"compress": "infokv", "keep": 0.5, "compress_options": {"entropie": 1}}, "bad options for compression policy"),
+        (
+            {"compress": "infokv", "keep": 0.5, "compress_options": {"entropie": 1}},
+            "bad options for compression policy",
+        ),
         ({"compress": "infokv", "keep": 0.5, "compress_options": {"attention": -1}}, "weights must be >= 0"),
     ],
 )

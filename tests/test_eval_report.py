@@ -230,3 +230,19 @@ def test_agreement_plot_is_written(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no results next to 'full'"):
         plot_agreement(rows[1:], tmp_path / "none.png")
+
+
+def test_agreement_by_subset_splits_at_the_median_context_and_by_type():
+    from infoflow_rag.eval.suite import _agreement_by_subset
+
+    rows = []
+    for i, (tokens, kind) in enumerate([(100, "bridge"), (200, "bridge"), (300, "comparison"), (400, "bridge")]):
+        for method, answer in (("full", "a"), ("infoflow@0.15", "a" if tokens > 200 else "b")):
+            r = _answering("d", f"q{i}", method, answer)
+            r.context_tokens, r.meta = tokens, {"type": kind}
+            rows.append(r)
+    text = _agreement_by_subset(rows, "infoflow@0.15")
+    assert "*context <= 200 tokens* (2 questions)" in text and "*context > 200 tokens* (2 questions)" in text
+    assert "*bridge questions* (3 questions)" in text and "*comparison questions* (1 questions)" in text
+    short, long = text.split("*context > 200 tokens*")[0], text.split("*context > 200 tokens*")[1].split("*bridge")[0]
+    assert "| d | infoflow@0.15 | 2 | 0.0 " in short and "| d | infoflow@0.15 | 2 | 100.0 " in long

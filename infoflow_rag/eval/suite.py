@@ -199,9 +199,34 @@ def _part_body(part: Part, run: ResultsRun, out: Path, ratio: float) -> list[str
         body.append(f"{note}\n\n{agreement_table(run.results, 'full', baseline)}")
     if part.name == "main":
         body.insert(0, "Verdict, computed from the table below:\n\n" + verdict(run.results, f"infoflow@{ratio:g}"))
+        if "full" in methods:
+            body.append(_agreement_by_subset(run.results, baseline))
     if part.name == "sweep":
         plot = plot_tradeoff(run.results, out / "tradeoff.png")
         body.append(f"![F1 vs TTFT]({plot.name})")
         plot = plot_agreement(run.results, out / "agreement.png")
         body.append(f"![F1 against the full-prefill answer, by ratio]({plot.name})")
     return body
+
+
+def _agreement_by_subset(results: list, baseline: str | None) -> str:
+    """Agreement with full split by context length (at the median) and by HotpotQA question type.
+
+    Exploratory: these subsets were chosen after seeing the overall table, so they suggest, not prove.
+    """
+    lengths = sorted(r.context_tokens for r in results if r.method == "full")
+    median = lengths[(len(lengths) - 1) // 2]
+    subsets = {
+        f"context <= {median} tokens": lambda r: r.context_tokens <= median,
+        f"context > {median} tokens": lambda r: r.context_tokens > median,
+        **{
+            f"{kind} questions": (lambda r, kind=kind: r.meta.get("type") == kind)
+            for kind in sorted({r.meta.get("type") for r in results if r.meta.get("type")})
+        },
+    }
+    blocks = ["Agreement with the full-prefill answer by subset (exploratory: subsets chosen after the overall table):"]
+    for name, keep in subsets.items():
+        ids = {r.id for r in results if r.method == "full" and keep(r)}
+        subset = [r for r in results if r.id in ids]
+        blocks.append(f"*{name}* ({len(ids)} questions)\n\n{agreement_table(subset, 'full', baseline)}")
+    return "\n\n".join(blocks)
