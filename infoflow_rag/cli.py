@@ -109,9 +109,23 @@ def cmd_eval_run(args: argparse.Namespace) -> int:
         )
     else:
         examples = load_squad(start=args.start, limit=args.limit)
+    if args.min_context_tokens:
+        examples = _longer_than(engine, examples, args.min_context_tokens)
     run_eval(engine, examples, methods, args.out, max_new_tokens=args.max_new_tokens)
     print(f"report: {write_report(args.out, Path(args.out).parent)}")
     return 0
+
+
+def _longer_than(engine, examples: list, min_tokens: int) -> list:
+    """The examples whose passages hold more than ``min_tokens`` tokens: a subset fixed before any answer is seen."""
+    kept = [ex for ex in examples if sum(len(engine.passage_ids(p)) for p in ex.passages) > min_tokens]
+    if not kept:
+        raise ValueError(
+            f"none of the {len(examples)} questions has more than {min_tokens} context tokens; "
+            "lower --min-context-tokens or raise --limit"
+        )
+    print(f"{len(kept)} of {len(examples)} questions have more than {min_tokens} context tokens")
+    return kept
 
 
 def cmd_eval_suite(args: argparse.Namespace) -> int:
@@ -353,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated SELECTOR[+reorder][[GEOMETRY]][@RATIO][+POLICY:KEEP], e.g. infoflow@0.15+infokv:0.5",
     )
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument(
+        "--min-context-tokens",
+        type=int,
+        default=0,
+        help="keep only the questions (of --start/--limit) whose passages hold more tokens than this",
+    )
     p.add_argument("--out", default="runs/eval/results.jsonl", help="results file (resumed if it exists)")
     p.set_defaults(func=cmd_eval_run)
     p = ev.add_parser(

@@ -330,3 +330,14 @@ def test_ask_passes_compression_to_the_engine(model_dir, tmp_path, monkeypatch, 
     assert re.search(
         r"KV compression infokv \(keep 0.5, \d+ ms\): decoded from \d+ cache entries", capsys.readouterr().out
     )
+
+
+def test_eval_run_keeps_only_long_contexts_when_asked(model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("INFOFLOW_RAG_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "long.jsonl"
+    argv = ["eval", "run", "--model", model_dir, "--start", "27", "--limit", "1", "--methods", "none"]
+    assert main([*argv, "--max-new-tokens", "2", "--min-context-tokens", "100", "--out", str(out)]) == 0
+    assert "1 of 1 questions have more than 100 context tokens" in capsys.readouterr().out
+    assert len(read_results(out).results) == 1
+    assert main([*argv, "--min-context-tokens", "1000000", "--out", str(tmp_path / "none.jsonl")]) == 2
+    assert "none of the 1 questions has more than 1000000 context tokens" in capsys.readouterr().err
