@@ -64,7 +64,7 @@ class PipelineAnswer:
     reuse: ReuseStats
 
     def stats(self) -> dict:
-        """A flat, JSON-able summary for framework response metadata: method, TTFT, recompute, KV reuse."""
+        """A flat, JSON-able summary for framework response metadata: method, TTFT, recompute, KV reuse and size."""
         result = self.result
         return {
             "selector": result.selector,
@@ -73,6 +73,10 @@ class PipelineAnswer:
             "recompute_fraction": result.recompute_fraction,
             "context_tokens": result.context_tokens,
             "generated_tokens": result.generated_tokens,
+            "compress": result.compress,
+            "keep": result.keep,
+            "kv_tokens": result.kv_tokens,
+            "kv_bytes": result.kv_bytes,
             **self.reuse.to_dict(),
             "timings": result.timings.to_dict(),
         }

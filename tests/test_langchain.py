@@ -166,6 +166,8 @@ def test_per_call_options_override_the_fields(tiny_pipeline):
         "selector": "cacheblend",
         "ratio": 0.5,
         "reorder": False,
+        "compress": "none",
+        "keep": 1.0,
         "max_new_tokens": 3,
         "temperature": 0.0,
         "stop": ("\n",),
@@ -220,3 +222,13 @@ def test_smollm_chain_reuses_kv_and_names_the_fact(tmp_path):
     )
     assert message.response_metadata["passages_hit"] == 3 and message.response_metadata["reused_share"] > 0.3
     assert "1889" in message.content
+
+
+def test_compression_fields_reach_the_engine(pipeline):
+    inputs = {"context": "\n\n".join(PASSAGES), "question": QUESTION}
+    plain = (PROMPT | chat(pipeline)).invoke(inputs).response_metadata
+    squeezed = (PROMPT | chat(pipeline, compress="snapkv", keep=0.5)).invoke(inputs).response_metadata
+    assert (squeezed["compress"], squeezed["keep"]) == ("snapkv", 0.5) and plain["context_tokens"] > 0
+    assert squeezed["kv_tokens"] == plain["kv_tokens"] - (plain["context_tokens"] - int(0.5 * plain["context_tokens"]))
+    with pytest.raises(ValidationError, match="unknown compression policy 'zip'"):
+        chat(pipeline, compress="zip")

@@ -172,7 +172,10 @@ def test_metadata_and_fields(pipeline, engine):
     assert meta.model_name == model.model == "tiny-llama" and not meta.is_chat_model
     assert model.pipeline is pipeline
     stats = model.complete(PASSAGES[2]).additional_kwargs[STATS_KEY]
-    assert stats["ratio"] == 0.3
+    assert stats["ratio"] == 0.3 and stats["compress"] == "none"
+    squeezed = llm(pipeline, compress="infokv", keep=0.5).complete(PASSAGES[2]).additional_kwargs[STATS_KEY]
+    assert squeezed["compress"] == "infokv"
+    assert squeezed["kv_tokens"] == stats["kv_tokens"] - (stats["context_tokens"] - int(0.5 * stats["context_tokens"]))
 
 
 @pytest.mark.parametrize(
@@ -181,6 +184,8 @@ def test_metadata_and_fields(pipeline, engine):
         ({"selector": "bogus"}, "unknown selector 'bogus'"),
         ({"ratio": 0.0}, "greater than 0"),
         ({"max_new_tokens": 0}, "greater than or equal to 1"),
+        ({"compress": "zip"}, "unknown compression policy 'zip'"),
+        ({"keep": 1.5}, "less than or equal to 1"),
     ],
 )
 def test_bad_fields_are_rejected_at_construction(pipeline, fields, message):

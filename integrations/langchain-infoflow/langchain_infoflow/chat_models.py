@@ -12,6 +12,7 @@ from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import Field, field_validator, model_validator
 
+from infoflow_rag.compress import POLICIES, validate_policy
 from infoflow_rag.engine import Engine
 from infoflow_rag.models import DEFAULT_MODEL
 from infoflow_rag.pipeline import Pipeline, PipelineAnswer
@@ -31,6 +32,8 @@ class ChatInfoFlow(BaseChatModel):
     selector: str = Field(default="infoflow", description="Tokens to recompute: " + ", ".join(SELECTORS))
     ratio: float = Field(default=DEFAULT_RATIO, gt=0, le=1, description="Share of context tokens recomputed.")
     reorder: bool = Field(default=False, description="Order cached passages by density (densest last).")
+    compress: str = Field(default="none", description="KV compression before decoding: " + ", ".join(POLICIES))
+    keep: float = Field(default=1.0, gt=0, le=1, description="Share of passage tokens kept by compression.")
     max_tokens: int = Field(default=64, ge=1, description="Tokens to generate at most.")
     temperature: float = Field(default=0.0, ge=0, description="Sampling temperature; 0 is greedy.")
     stop: list[str] | None = Field(default=None, description="Generation ends before any of these strings.")
@@ -52,6 +55,11 @@ class ChatInfoFlow(BaseChatModel):
     def _known_selector(cls, value: str) -> str:
         return validate_selector(value)
 
+    @field_validator("compress")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        return validate_policy(value)
+
     @property
     def _llm_type(self) -> str:
         return "infoflow"
@@ -63,6 +71,8 @@ class ChatInfoFlow(BaseChatModel):
             "selector": self.selector,
             "ratio": self.ratio,
             "reorder": self.reorder,
+            "compress": self.compress,
+            "keep": self.keep,
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
         }
@@ -85,6 +95,8 @@ class ChatInfoFlow(BaseChatModel):
             "selector": self.selector,
             "ratio": self.ratio,
             "reorder": self.reorder,
+            "compress": self.compress,
+            "keep": self.keep,
             "max_new_tokens": overrides.pop("max_tokens", self.max_tokens),
             "temperature": self.temperature,
             "stop": tuple(stop or ()),

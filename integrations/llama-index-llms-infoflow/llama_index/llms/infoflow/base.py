@@ -9,6 +9,7 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator
 from llama_index.core.llms.callbacks import llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
+from infoflow_rag.compress import POLICIES, validate_policy
 from infoflow_rag.engine import Engine
 from infoflow_rag.models import DEFAULT_MODEL
 from infoflow_rag.pipeline import Pipeline, PipelineAnswer
@@ -29,6 +30,8 @@ class InfoFlowLLM(CustomLLM):
     selector: str = Field(default="infoflow", description="Tokens to recompute: " + ", ".join(SELECTORS))
     ratio: float = Field(default=DEFAULT_RATIO, gt=0, le=1, description="Share of context tokens recomputed.")
     reorder: bool = Field(default=False, description="Order cached passages by density (densest last).")
+    compress: str = Field(default="none", description="KV compression before decoding: " + ", ".join(POLICIES))
+    keep: float = Field(default=1.0, gt=0, le=1, description="Share of passage tokens kept by compression.")
     max_new_tokens: int = Field(default=64, ge=1, description="Tokens to generate at most.")
     temperature: float = Field(default=0.0, ge=0, description="Sampling temperature; 0 is greedy.")
 
@@ -48,6 +51,11 @@ class InfoFlowLLM(CustomLLM):
     @classmethod
     def _known_selector(cls, value: str) -> str:
         return validate_selector(value)
+
+    @field_validator("compress")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        return validate_policy(value)
 
     @classmethod
     def class_name(cls) -> str:
@@ -97,6 +105,8 @@ class InfoFlowLLM(CustomLLM):
             "selector": self.selector,
             "ratio": self.ratio,
             "reorder": self.reorder,
+            "compress": self.compress,
+            "keep": self.keep,
             "max_new_tokens": self.max_new_tokens,
             "temperature": self.temperature,
             **overrides,
