@@ -385,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--main-n", type=int, default=100)
     p.add_argument("--sweep-n", type=int, default=30)
     p.add_argument("--ablation-n", type=int, default=30)
-    p.add_argument("--compress-n", type=int, default=100)
+    p.add_argument("--compress-n", type=int, default=30)
     p.add_argument("--ratio", type=float, default=0.15)
     p.set_defaults(func=cmd_eval_suite)
     p = ev.add_parser("report", help="rewrite RESULTS.md from the suite's results files (complete or not)")
@@ -393,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--main-n", type=int, default=100)
     p.add_argument("--sweep-n", type=int, default=30)
     p.add_argument("--ablation-n", type=int, default=30)
-    p.add_argument("--compress-n", type=int, default=100)
+    p.add_argument("--compress-n", type=int, default=30)
     p.add_argument("--ratio", type=float, default=0.15)
     p.set_defaults(func=cmd_eval_report)
     return parser

@@ -43,7 +43,7 @@ class Part:
 
 
 def suite_parts(
-    main_n: int = 100, sweep_n: int = 30, ablation_n: int = 30, ratio: float = 0.15, compress_n: int = 100
+    main_n: int = 100, sweep_n: int = 30, ablation_n: int = 30, ratio: float = 0.15, compress_n: int = 30
 ) -> list[Part]:
     main = tuple(m if m in ("full", "none") else f"{m}@{ratio:g}" for m in MAIN_METHODS)
     sweep = ("full", *(f"{s}@{r:g}" for s in SWEEP_SELECTORS for r in SWEEP_RATIOS))
