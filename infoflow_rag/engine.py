@@ -1,6 +1,6 @@
 """The engine: answer a question over passages by reusing their KV caches and recomputing a few tokens.
 
-place (global RoPE) -> [reorder] -> score/select -> recompute -> decode
+place (global RoPE) -> [reorder] -> score/select -> recompute -> [compress] -> decode
 """
 
 from __future__ import annotations
