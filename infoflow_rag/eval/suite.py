@@ -206,6 +206,7 @@ def _part_body(part: Part, run: ResultsRun, out: Path, ratio: float) -> list[str
         body.append(f"![F1 vs TTFT]({plot.name})")
         plot = plot_agreement(run.results, out / "agreement.png")
         body.append(f"![F1 against the full-prefill answer, by ratio]({plot.name})")
+        body.append(_agreement_by_ratio(run.results))
     return body
 
 
@@ -229,4 +230,14 @@ def _agreement_by_subset(results: list, baseline: str | None) -> str:
         ids = {r.id for r in results if r.method == "full" and keep(r)}
         subset = [r for r in results if r.id in ids]
         blocks.append(f"*{name}* ({len(ids)} questions)\n\n{agreement_table(subset, 'full', baseline)}")
+    return "\n\n".join(blocks)
+
+
+def _agreement_by_ratio(results: list) -> str:
+    """Agreement with full at each swept ratio, every selector paired against InfoFlow at that same ratio."""
+    ratios = sorted({r.ratio for r in results if r.selector == "infoflow"})
+    blocks = ["Agreement with the full-prefill answer at each ratio, paired against InfoFlow at the same ratio:"]
+    for ratio in ratios:
+        subset = [r for r in results if r.selector == "full" or r.ratio == ratio]
+        blocks.append(f"*ratio {ratio:g}*\n\n{agreement_table(subset, 'full', f'infoflow@{ratio:g}')}")
     return "\n\n".join(blocks)
