@@ -251,10 +251,10 @@ def test_agreement_by_subset_splits_at_the_median_context_and_by_type():
 def test_agreement_by_ratio_pairs_each_selector_with_infoflow_at_the_same_ratio():
     from infoflow_rag.eval.suite import _agreement_by_ratio
 
-    answers = {"full": "a b", "infoflow@0.1": "a", "epic@0.1": "c", "infoflow@0.5": "a b", "epic@0.5": "a"}
+    answers = {"full": "x y", "infoflow@0.1": "x", "epic@0.1": "z", "infoflow@0.5": "x y", "epic@0.5": "x"}
     rows = [_answering("d", "q0", m, a) for m, a in answers.items()]
     text = _agreement_by_ratio(rows)
     low, high = text.split("*ratio 0.5*")
     assert "*ratio 0.1*" in low and "Δ vs infoflow@0.1" in low and "Δ vs infoflow@0.5" in high
-    assert "| d | epic@0.1 | 1 | 0.0 " in low and "-66.7 " in low  # 0 vs F1("a", "a b") = 0.667
+    assert "| d | epic@0.1 | 1 | 0.0 " in low and "-66.7 " in low  # 0 vs F1("x", "x y") = 0.667
     assert "| d | epic@0.5 | 1 | 66.7 " in high and "-33.3 " in high and "epic@0.1" not in high
