@@ -258,3 +258,27 @@ def test_agreement_by_ratio_pairs_each_selector_with_infoflow_at_the_same_ratio(
     assert "*ratio 0.1*" in low and "Δ vs infoflow@0.1" in low and "Δ vs infoflow@0.5" in high
     assert "| d | epic@0.1 | 1 | 0.0 " in low and "-66.7 " in low  # 0 vs F1("x", "x y") = 0.667
     assert "| d | epic@0.5 | 1 | 66.7 " in high and "-33.3 " in high and "epic@0.1" not in high
+
+
+def test_entropy_verdict_pairs_infokv_with_snapkv_at_each_keep():
+    from infoflow_rag.eval.suite import entropy_verdict
+
+    rows = []
+    for i in range(4):
+        for method, answer, f1 in (
+            ("infoflow@0.15", "x y", 1.0),
+            ("infoflow@0.15+snapkv:0.25", "x y", 1.0),
+            ("infoflow@0.15+infokv:0.25", "z", 0.0),  # loses every question: hurts
+            ("infoflow@0.15+snapkv:0.5", "x y", 1.0),
+            ("infoflow@0.15+infokv:0.5", "x y", 1.0),  # identical: no difference
+        ):
+            r = _answering("d", f"q{i}", method, answer)
+            spec = parse_method(method)
+            r.f1, r.compress, r.keep = f1, spec.compress, spec.keep
+            rows.append(r)
+    text = entropy_verdict(rows, "infoflow@0.15")
+    assert "keep 0.25: InfoKV − SnapKV on 4 questions: gold F1 -100.0" in text and text.splitlines()[0].endswith(
+        "hurts"
+    )
+    assert text.splitlines()[1].endswith("no significant difference")
+    assert entropy_verdict(rows[:1], "infoflow@0.15").startswith("No verdict")

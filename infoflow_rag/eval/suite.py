@@ -190,6 +190,9 @@ def _part_body(part: Part, run: ResultsRun, out: Path, ratio: float) -> list[str
         if baseline:
             note = f"How often decoding from the compressed cache still gives the answer `{baseline}` gives:"
             body.append(f"{note}\n\n{agreement_table(run.results, baseline)}")
+            body.insert(
+                0, "Does entropy help? Computed from the tables below:\n\n" + entropy_verdict(run.results, baseline)
+            )
         return body
     body = [summary_table(run.results)]
     if baseline:
@@ -241,3 +244,30 @@ def _agreement_by_ratio(results: list) -> str:
         subset = [r for r in results if r.selector == "full" or r.ratio == ratio]
         blocks.append(f"*ratio {ratio:g}*\n\n{agreement_table(subset, 'full', f'infoflow@{ratio:g}')}")
     return "\n\n".join(blocks)
+
+
+def entropy_verdict(results: list, baseline: str) -> str:
+    """InfoKV against SnapKV (the same attention signal without entropy and layer evolution) at each keep:
+    paired differences in gold F1 and in agreement with the uncompressed ``baseline`` answer."""
+    agree = agreement_scores(results, baseline)
+    by_key = {r.pair_key: r for r in results}
+    lines = []
+    for keep in sorted({r.keep for r in results if r.compress == "infokv"}):
+        info, snap = f"{baseline}+infokv:{keep}", f"{baseline}+snapkv:{keep}"
+        pairs = [(r, by_key.get((r.dataset, r.id, snap))) for r in results if r.method == info]
+        pairs = [(a, b) for a, b in pairs if b is not None]
+        if not pairs:
+            continue
+        f1 = paired_diff([a.f1 for a, _ in pairs], [b.f1 for _, b in pairs])
+        ag = paired_diff([agree[a.pair_key] for a, _ in pairs], [agree[b.pair_key] for _, b in pairs])
+        helps = f1.low > 0 or ag.low > 0
+        hurts = f1.high < 0 or ag.high < 0
+        word = {(True, False): "helps", (False, True): "hurts", (True, True): "mixed"}.get(
+            (helps, hurts), "no significant difference"
+        )
+        lines.append(
+            f"- keep {keep}: InfoKV − SnapKV on {len(pairs)} questions: gold F1 {100 * f1.mean:+.1f} "
+            f"[{100 * f1.low:+.1f}, {100 * f1.high:+.1f}], agreement with `{baseline}` {100 * ag.mean:+.1f} "
+            f"[{100 * ag.low:+.1f}, {100 * ag.high:+.1f}] — {word}"
+        )
+    return "\n".join(lines) or "No verdict: InfoKV and SnapKV were not both run at the same keep."
