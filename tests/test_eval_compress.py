@@ -245,7 +245,9 @@ def test_compress_part_runs_alone_and_keeps_other_sections(tmp_path):
     assert len(results) == 2 * 5 and len(engine.calls) == 10
     assert "## HotpotQA passage split, 100 held-out questions" in md  # main kept its section
     section = md.split("## KV compression stacked on InfoFlow 15 % recompute, 2 held-out questions")[1]
-    rows = table_rows(section.split("\n\n")[2])
+    table = section.split("on the same questions:\n\n")[1].split("\n\n")[0]
+    rows = table_rows(table)
+    assert "Does entropy help?" in section and "keep 0.25: InfoKV − SnapKV on 2 questions" in section
     assert [(row[1], row[6]) for row in rows] == [
         ("infoflow@0.15", "—"),
         ("infoflow@0.15+snapkv:0.25", "62.5%"),  # the fake keeps 20 + 25 of 20 + 100 entries
