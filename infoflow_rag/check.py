@@ -57,7 +57,7 @@ def keys_at(engine: Engine, ids: torch.Tensor, start: int) -> torch.Tensor:
         input_ids=ids[None],
         position_ids=pos[None],
         attention_mask=position_mask(pos, pos, engine.model.dtype),
-        past_key_values=cache,
+        cache=cache,
         logits_to_keep=1,
     )
     return stacked(cache)[0][:, 0]

@@ -73,11 +73,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_bench_ttft(args: argparse.Namespace) -> int:
     from .bench import bench_ttft, format_table
 
-    contexts = [int(c) for c in args.context.split(",") if c.strip().isdigit()]
-    if len(contexts) != len(args.context.split(",")) or min(contexts, default=0) < 64:
-        raise ValueError(
-            f"--context takes comma-separated token counts >= 64, e.g. 1024,2048,4096; got {args.context!r}"
-        )
+    contexts = _token_counts(args.context, "--context", minimum=64)
     methods = tuple(args.methods.split(","))
     rows = bench_ttft(_engine(args.model), contexts, ratio=args.ratio, methods=methods, repeats=args.repeats)
     if args.json:
@@ -87,15 +83,33 @@ def cmd_bench_ttft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token_counts(text: str, flag: str, minimum: int = 1) -> list[int]:
+    counts = [int(c) for c in text.split(",") if c.strip().isdigit()]
+    if len(counts) != len(text.split(",")) or min(counts, default=0) < minimum:
+        raise ValueError(f"{flag} takes comma-separated token counts >= {minimum}, e.g. 1024,2048,4096; got {text!r}")
+    return counts
+
+
+def _depths(text: str) -> list[float]:
+    try:
+        depths = [float(d) for d in text.split(",")]
+    except ValueError:
+        depths = []
+    if not depths or not all(0 <= d <= 1 for d in depths):
+        raise ValueError(f"--depths takes comma-separated fractions in [0, 1], e.g. 0,0.25,0.5,0.75,1; got {text!r}")
+    return depths
+
+
 def cmd_eval_run(args: argparse.Namespace) -> int:
-    from .eval.datasets import load_hotpotqa, load_squad
+    from .eval.datasets import load_hotpotqa, load_niah, load_squad, tokenizer_codec
     from .eval.methods import parse_method
     from .eval.report import write_report
     from .eval.runner import run_eval
 
     methods = [parse_method(m) for m in args.methods.split(",")]
+    if args.dataset == "niah":  # parsed before the model loads, so a typo fails at once
+        lengths, depths = _token_counts(args.lengths, "--lengths"), _depths(args.depths)
     engine = _engine(args.model)
-    tok = engine.tokenizer
     if args.dataset == "hotpotqa":
         examples = load_hotpotqa("passage", start=args.start, limit=args.limit)
     elif args.dataset == "hotpotqa-fixed":  # windows cut with the model's own tokenizer
@@ -104,9 +118,10 @@ def cmd_eval_run(args: argparse.Namespace) -> int:
             start=args.start,
             limit=args.limit,
             chunk_tokens=args.chunk_tokens,
-            tokenize=lambda s: tok(s, add_special_tokens=False)["input_ids"],
-            detokenize=tok.decode,
+            **tokenizer_codec(engine.tokenizer),
         )
+    elif args.dataset == "niah":
+        examples = load_niah(lengths, depths, passage_tokens=args.chunk_tokens, **tokenizer_codec(engine.tokenizer))
     else:
         examples = load_squad(start=args.start, limit=args.limit)
     if args.min_context_tokens:
@@ -357,10 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = ev.add_parser("run", help="one dataset slice x a list of methods, resumable, with a report")
     p.add_argument("--model", default="qwen2.5-0.5b")
-    p.add_argument("--dataset", choices=["hotpotqa", "hotpotqa-fixed", "squad"], default="hotpotqa")
-    p.add_argument("--chunk-tokens", type=int, default=128, help="window size of the hotpotqa-fixed split")
-    p.add_argument("--start", type=int, default=0)
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--dataset", choices=["hotpotqa", "hotpotqa-fixed", "squad", "niah"], default="hotpotqa")
+    p.add_argument(
+        "--chunk-tokens", type=int, default=128, help="passage size in tokens of the hotpotqa-fixed and niah sets"
+    )
+    p.add_argument("--start", type=int, default=0, help="first question (hotpotqa, squad)")
+    p.add_argument("--limit", type=int, default=20, help="number of questions (hotpotqa, squad)")
+    p.add_argument("--lengths", default="1000,2000,4000", help="niah: haystack sizes in tokens")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="niah: needle depths (0 = start, 1 = end)")
     p.add_argument(
         "--methods",
         default="full,none,infoflow@0.15,cacheblend@0.15,epic@0.15",
@@ -376,11 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/eval/results.jsonl", help="results file (resumed if it exists)")
     p.set_defaults(func=cmd_eval_run)
     p = ev.add_parser(
-        "suite", help="main table + ratio sweep + RoPE ablation + KV compression on held-out HotpotQA -> RESULTS.md"
+        "suite",
+        help="main table + ratio sweep + RoPE ablation + KV compression on held-out HotpotQA, NIAH -> RESULTS.md",
     )
     p.add_argument("--model", default="qwen2.5-0.5b")
     p.add_argument("--out", default="docs", help="directory for the results files, plots and RESULTS.md")
-    p.add_argument("--parts", default="main,ablation,sweep,compress")
+    p.add_argument("--parts", default="main,ablation,sweep,compress,niah")
     p.add_argument("--start", type=int, default=1000, help="first question (0-999 is the development slice)")
     p.add_argument("--main-n", type=int, default=100)
     p.add_argument("--sweep-n", type=int, default=30)

@@ -61,7 +61,7 @@ def generate_tokens(
         out = model(
             input_ids=torch.tensor([[token]]),
             position_ids=torch.tensor([[next_position + step]]),
-            past_key_values=cache,
+            cache=cache,
         )
         token = pick(out.logits[0, -1], cfg, generator)
 

@@ -57,7 +57,7 @@ def prefill_prefix(model: PreTrainedModel, prefix_ids: list[int]) -> PassageKV:
     model(
         input_ids=ids[None],
         position_ids=torch.arange(len(ids))[None],
-        past_key_values=cache,
+        cache=cache,
         logits_to_keep=1,
     )
     keys, values = stacked(cache)
@@ -90,7 +90,7 @@ def prefill_passages(
             input_ids=ids,
             position_ids=positions.expand(batch, -1),
             attention_mask=mask,
-            past_key_values=cache,
+            cache=cache,
             logits_to_keep=1,
         )
     recorded = recorder.signals(model) if signals else {}  # name -> (B, longest)
@@ -143,7 +143,7 @@ def attention_scores(
                 input_ids=query_ids[None],
                 position_ids=query_positions[None],
                 attention_mask=mask,
-                past_key_values=cache_from(keys, values),
+                cache=cache_from(keys, values),
                 logits_to_keep=1,
             )
         except StopForward:
@@ -170,7 +170,7 @@ def fresh_layer_kv(model: PreTrainedModel, placed: PlacedContext, layer: int) ->
                 input_ids=ids[None],
                 position_ids=pos[None],
                 attention_mask=mask,
-                past_key_values=cache,
+                cache=cache,
                 logits_to_keep=1,
             )
         except StopForward:
@@ -214,7 +214,7 @@ def recompute(
             input_ids=inputs[None],
             position_ids=in_pos[None],
             attention_mask=mask,
-            past_key_values=cache,
+            cache=cache,
             logits_to_keep=1,
         )
     return Recomputed(out.logits[0, -1].float(), cache, int(in_pos.max()) + 1, torch.cat([cached_pos, in_pos]))
@@ -230,7 +230,7 @@ def full_prefill(model: PreTrainedModel, ids: list[int]) -> Recomputed:
         input_ids=t[None],
         position_ids=pos[None],
         attention_mask=position_mask(pos, pos, model.dtype),
-        past_key_values=cache,
+        cache=cache,
         logits_to_keep=1,
     )
     return Recomputed(out.logits[0, -1].float(), cache, len(ids), pos)

@@ -26,3 +26,13 @@ def family_engine(request) -> Engine:
 @pytest.fixture(scope="session")
 def engine() -> Engine:
     return Engine(tiny_model("llama"))
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> str:
+    """The tiny Llama saved as a Hugging Face directory, for commands that load a model by path."""
+    path = tmp_path_factory.mktemp("model")
+    loaded = tiny_model("llama")
+    loaded.model.save_pretrained(path)
+    loaded.tokenizer.save_pretrained(path)
+    return str(path)

@@ -185,14 +185,14 @@ def test_decoding_from_the_compressed_cache_equals_masking_the_evicted_entries(e
     token = torch.tensor([[int(full.out.logits.argmax())]])
     position = torch.tensor([[full.out.next_position]])
     with torch.inference_mode():
-        got = engine.model(input_ids=token, position_ids=position, past_key_values=squeezed.out.cache).logits[0, -1]
+        got = engine.model(input_ids=token, position_ids=position, cache=squeezed.out.cache).logits[0, -1]
         # Hidden entries get a position past the query's, so the causal rule masks them.
         keys_pos = torch.where(
             torch.isin(full.out.positions, squeezed.out.positions), full.out.positions, full.out.next_position + 1
         )
         mask = position_mask(position[0], torch.cat([keys_pos, position[0]]), engine.model.dtype)
-        want = engine.model(
-            input_ids=token, position_ids=position, attention_mask=mask, past_key_values=full.out.cache
-        ).logits[0, -1]
+        want = engine.model(input_ids=token, position_ids=position, attention_mask=mask, cache=full.out.cache).logits[
+            0, -1
+        ]
     assert squeezed.out.cache.get_seq_length() < full.out.cache.get_seq_length()
     assert (got - want).abs().max() <= 1e-4

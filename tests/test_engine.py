@@ -37,7 +37,7 @@ def _concatenation_reference(e: Engine, question: str, passages: list[str]) -> t
     for text in passages:
         ids = torch.tensor(e.passage_ids(text))
         cache = DynamicCache()
-        model(input_ids=torch.cat([prefix, ids])[None], past_key_values=cache)
+        model(input_ids=torch.cat([prefix, ids])[None], cache=cache)
         k = torch.stack([layer.keys[0, :, len(prefix) :] for layer in cache.layers])  # (L, kvh, n, d)
         v = torch.stack([layer.values[0, :, len(prefix) :] for layer in cache.layers])
         delta = torch.full((1, ids.numel()), pos - len(prefix))
@@ -54,7 +54,7 @@ def _concatenation_reference(e: Engine, question: str, passages: list[str]) -> t
     cache = DynamicCache(ddp_cache_data=[(k[None], v[None]) for k, v in zip(keys, values, strict=True)])
     mask = torch.zeros(1, 1, q_ids.numel(), pos + q_ids.numel())
     mask[0, 0, :, pos:] = torch.triu(torch.full((q_ids.numel(), q_ids.numel()), float("-inf")), 1)
-    out = model(input_ids=q_ids[None], position_ids=q_pos[None], attention_mask=mask, past_key_values=cache)
+    out = model(input_ids=q_ids[None], position_ids=q_pos[None], attention_mask=mask, cache=cache)
     return out.logits[0, -1]
 
 

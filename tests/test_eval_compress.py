@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass
 import pytest
 from conftest import PASSAGES, QUESTION
 from test_eval_report import HEADER, result, table_rows, write_results_file
-from tiny import tiny_model
 
 from infoflow_rag.cli import main
 from infoflow_rag.eval.datasets import EvalExample
@@ -221,10 +220,10 @@ def test_write_report_adds_the_compression_section(tmp_path):
     assert "| toy | infoflow@0.15+infokv:0.5 | 2 | 100.0 [100.0, 100.0] | 100.0 | 0.50 | 75.0% |" in md
 
 
-def test_suite_parts_keep_their_order_and_add_compress_last():
+def test_suite_parts_keep_their_order_and_add_compress_then_niah():
     parts = suite_parts(compress_n=7, ratio=0.1)
-    assert [p.name for p in parts] == ["main", "sweep", "ablation", "compress"]
-    compress = parts[-1]
+    assert [p.name for p in parts] == ["main", "sweep", "ablation", "compress", "niah"]
+    compress = parts[3]
     assert compress.limit == 7 and compress.title.startswith("KV compression stacked on InfoFlow 10 % recompute, 7 ")
     assert compress.methods == (
         "infoflow@0.1",
@@ -240,7 +239,8 @@ def test_compress_part_runs_alone_and_keeps_other_sections(tmp_path):
     every = suite_parts(compress_n=2)
     write_results_file(tmp_path / "main.jsonl", [result("hotpotqa", "q0", "none", 1, 1, 0.1, 0.0)])
     engine = CompressingEngine(dict(HEADER.model_info), [])
-    md = run_suite(engine, tmp_path, [every[-1]], progress=False, report_parts=every).read_text()
+    compress = next(p for p in every if p.name == "compress")
+    md = run_suite(engine, tmp_path, [compress], progress=False, report_parts=every).read_text()
     results = read_results(tmp_path / "compress.jsonl").results
     assert len(results) == 2 * 5 and len(engine.calls) == 10
     assert "## HotpotQA passage split, 100 held-out questions" in md  # main kept its section
@@ -284,15 +284,6 @@ def test_cli_ask_argument_errors(argv, message, capsys):
         main(["ask", "q", "--index", "nowhere", *argv])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model")
-    loaded = tiny_model("llama")
-    loaded.model.save_pretrained(path)
-    loaded.tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def test_eval_run_with_compression_on_the_tiny_model(model_dir, tmp_path, monkeypatch):

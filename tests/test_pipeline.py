@@ -6,11 +6,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from conftest import PASSAGES, QUESTION
-from tiny import BagOfWordsEmbedder, tiny_model
+from tiny import BagOfWordsEmbedder
 
 from infoflow_rag.engine import Engine
 from infoflow_rag.index.passage_index import PassageIndex
@@ -67,15 +66,7 @@ def test_prompt_with_known_passages_reuses_them(engine):
     assert full.answer == plain.answer
 
 
-def _tiny_model_dir(path: Path) -> Path:
-    loaded = tiny_model("llama")
-    loaded.model.save_pretrained(path)
-    loaded.tokenizer.save_pretrained(path)
-    return path
-
-
-def test_kill_9_during_ingest_then_rerun_gives_a_complete_consistent_index(tmp_path):
-    model_dir = _tiny_model_dir(tmp_path / "model")
+def test_kill_9_during_ingest_then_rerun_gives_a_complete_consistent_index(tmp_path, model_dir):
     corpus = tmp_path / "corpus.jsonl"
     texts = [f"Document {i} talks about topic {i % 17} and item {i * 7 % 101} in some detail." for i in range(400)]
     corpus.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
@@ -125,11 +116,10 @@ def test_kill_9_during_ingest_then_rerun_gives_a_complete_consistent_index(tmp_p
         assert store.stats.corrupt == 0
 
 
-def test_cli_ingest_ask_and_check_in_process(tmp_path, capsys, monkeypatch):
+def test_cli_ingest_ask_and_check_in_process(tmp_path, model_dir, capsys, monkeypatch):
     from infoflow_rag.cli import main
 
     monkeypatch.setenv("INFOFLOW_RAG_CACHE", str(tmp_path / "cache"))
-    model_dir = _tiny_model_dir(tmp_path / "model")
     corpus = tmp_path / "docs"
     corpus.mkdir()
     (corpus / "a.md").write_text("\n\n".join(PASSAGES))

@@ -41,6 +41,14 @@ class EvalExample:
     dataset: str = "custom"  # results are keyed by (dataset, id, method): ids only need be unique per set
 
 
+def tokenizer_codec(tokenizer: Any) -> dict[str, Callable]:
+    """``tokenize`` / ``detokenize`` keyword arguments that cut text with a Hugging Face tokenizer's own tokens."""
+    return {
+        "tokenize": lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+        "detokenize": tokenizer.decode,
+    }
+
+
 def fixed_windows(
     text: str, window_tokens: int, tokenize: Tokenize | None = None, detokenize: Detokenize | None = None
 ) -> list[str]:

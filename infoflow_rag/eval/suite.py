@@ -1,5 +1,5 @@
 """The published comparison as one resumable command: main table, ratio sweep, RoPE geometry ablation,
-KV compression.
+KV compression, needle in a haystack.
 
 Questions 0-999 of HotpotQA dev are the development slice; the reported runs use questions from 1000 on,
 which no setting here was tuned on.
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .datasets import load_hotpotqa
+from .datasets import EvalExample, load_hotpotqa, load_niah, tokenizer_codec
 from .methods import DEFAULT_RATIO, GEOMETRIES, MethodSpec, parse_method
 from .report import (
     Section,
@@ -19,6 +19,7 @@ from .report import (
     compression_table,
     paired_table,
     plot_agreement,
+    plot_niah_heatmap,
     plot_tradeoff,
     summary_table,
     write_results_md,
@@ -32,14 +33,25 @@ MAIN_METHODS = ("full", "none", "infoflow", "infoflow+reorder", "cacheblend", "e
 SWEEP_RATIOS = (0.05, 0.1, 0.15, 0.25, 0.5)
 SWEEP_SELECTORS = ("infoflow", "cacheblend", "epic")
 COMPRESSIONS = ("snapkv:0.25", "snapkv:0.5", "infokv:0.25", "infokv:0.5")
+NIAH_LENGTHS = (1000, 2000, 4000)
+NIAH_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+NIAH_PASSAGE_TOKENS = 256
+NIAH_METHODS = ("full", "none", "infoflow", "cacheblend", "epic")
 
 
 @dataclass(frozen=True)
 class Part:
     name: str
     title: str
-    limit: int
+    limit: int  # questions (for niah: grid cells)
     methods: tuple[str, ...]
+    dataset: str = "hotpotqa"  # "hotpotqa" (passage split, from --start) or "niah" (the fixed grid above)
+
+    def examples(self, engine, start: int) -> list[EvalExample]:
+        if self.dataset == "niah":  # the haystack is cut with the model's own tokens
+            codec = tokenizer_codec(engine.tokenizer)
+            return load_niah(NIAH_LENGTHS, NIAH_DEPTHS, passage_tokens=NIAH_PASSAGE_TOKENS, **codec)
+        return load_hotpotqa("passage", start=start, limit=self.limit)
 
 
 def suite_parts(
@@ -51,6 +63,8 @@ def suite_parts(
     ablation = tuple(f"infoflow[{g}]@{ratio:g}" for g in GEOMETRIES)
     # Its own uncompressed run, on the same questions, is the baseline every compression is paired with.
     compress = (f"infoflow@{ratio:g}", *(f"infoflow@{ratio:g}+{c}" for c in COMPRESSIONS))
+    niah = tuple(m if m in ("full", "none") else f"{m}@{ratio:g}" for m in NIAH_METHODS)
+    grid = len(NIAH_LENGTHS) * len(NIAH_DEPTHS)
     return [
         Part("main", f"HotpotQA passage split, {main_n} held-out questions, ratio {ratio:g}", main_n, main),
         Part("sweep", f"Speed-accuracy sweep, {sweep_n} held-out questions", sweep_n, sweep),
@@ -66,6 +80,13 @@ def suite_parts(
             "HotpotQA passage split",
             compress_n,
             compress,
+        ),
+        Part(
+            "niah",
+            f"Needle in a haystack (Paul Graham essays, {NIAH_PASSAGE_TOKENS}-token passages), ratio {ratio:g}",
+            grid,
+            niah,
+            dataset="niah",
         ),
     ]
 
@@ -88,11 +109,10 @@ def run_suite(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for part in parts:
-        examples = load_hotpotqa("passage", start=start, limit=part.limit)
         methods: list[MethodSpec] = [parse_method(m) for m in part.methods]
         run_eval(
             engine,
-            examples,
+            part.examples(engine, start),
             methods,
             out / f"{part.name}.jsonl",
             max_new_tokens=max_new_tokens,
@@ -204,6 +224,9 @@ def _part_body(part: Part, run: ResultsRun, out: Path, ratio: float) -> list[str
         body.insert(0, "Verdict, computed from the table below:\n\n" + verdict(run.results, f"infoflow@{ratio:g}"))
         if "full" in methods:
             body.append(_agreement_by_subset(run.results, baseline))
+    if part.dataset == "niah":
+        plot = plot_niah_heatmap(run.results, out / "niah_heatmap.png")
+        body.append(f"Gold F1 by needle depth and haystack length:\n\n![NIAH heatmap]({plot.name})")
     if part.name == "sweep":
         plot = plot_tradeoff(run.results, out / "tradeoff.png")
         body.append(f"![F1 vs TTFT]({plot.name})")
