@@ -1,8 +1,8 @@
 """KV compression after recompute: keep a budget of context tokens for decoding, evict the rest.
 
-place -> score/select -> recompute -> **compress** -> decode. The first answer token's logits come from
-the recompute forward over the whole prompt; compression shrinks what every later token attends to and
-what the cache holds while decoding.
+place -> score/select -> recompute -> first token -> **compress** -> decode. The first answer token comes
+from the recompute forward over the whole prompt, and is out before compression runs (so compression never
+adds to TTFT); compression shrinks what every later token attends to and what the cache holds while decoding.
 
 Always kept: the fixed prefix (the attention sink) and every token that is not passage context (the
 question block, the prompt template, text between passages of a framework prompt). Only passage tokens
@@ -89,6 +89,11 @@ class Policy(ABC):
         pad = self.kernel // 2
         return torch.nn.functional.max_pool1d(attention[None, None], self.kernel, 1, pad)[0, 0]
 
+    def check(self, prompt: PromptMap) -> None:
+        """Raise ValueError if this policy cannot rank ``prompt``: called before the query runs, so a bad
+        combination fails at once instead of after the first token. Every ranking works by default."""
+        return None
+
     @abstractmethod
     def rank(self, view: ContextView) -> torch.Tensor:
         """(C,) float: the higher, the more a token deserves to stay."""
@@ -163,19 +168,20 @@ class InfoKV(Policy):
         if any(w < 0 for w in self.weights.values()) or not any(self.weights.values()):
             raise ValueError(f"infokv weights must be >= 0 and not all 0, got {self.weights}")
 
-    def rank(self, view: ContextView) -> torch.Tensor:
-        total = self.weights["attention"] * _percentile(self.pool(view.attention))
+    def check(self, prompt: PromptMap) -> None:
         for name in SIGNALS:
-            if self.weights[name] == 0:
-                continue
-            values = view.signals[name]
-            if values.isnan().any():
+            if self.weights[name] and prompt.signals[name][prompt.context].isnan().any():
                 raise ValueError(
                     f"infokv needs the {name!r} signal of every passage token, recorded at prefill; some passages "
                     "have none (computed fresh with selector='full', or stored before signals existed): prefill "
                     f"them again, or set {name}=0 in compress_options, or use compress='snapkv'"
                 )
-            total = total + self.weights[name] * _percentile(values)
+
+    def rank(self, view: ContextView) -> torch.Tensor:
+        total = self.weights["attention"] * _percentile(self.pool(view.attention))
+        for name in SIGNALS:
+            if self.weights[name]:
+                total = total + self.weights[name] * _percentile(view.signals[name])
         return total
 
 

@@ -1,6 +1,6 @@
 """The engine: answer a question over passages by reusing their KV caches and recomputing a few tokens.
 
-place (global RoPE) -> [reorder] -> score/select -> recompute -> [compress] -> decode
+place (global RoPE) -> [reorder] -> score/select -> recompute -> first token -> [compress] -> decode
 """
 
 from __future__ import annotations
@@ -66,7 +66,11 @@ class QueryOptions:
 
 @dataclass
 class Prepared:
-    """A query made ready to decode: the cache holds the whole prompt, ``out.logits`` the first token's."""
+    """A query made ready to decode: the cache holds the whole prompt, ``out.logits`` the first token's.
+
+    KV compression (``options.compress``) has not run yet: decoding runs it once the first token is out, so
+    it never delays TTFT. :meth:`Engine.compress` runs it on demand (e.g. to inspect the decode cache).
+    """
 
     layout: Layout
     placed: PlacedContext
@@ -75,6 +79,7 @@ class Prepared:
     out: forward.Recomputed
     timings: StageTimings
     t0: float  # perf_counter at the call, for TTFT
+    compressed: bool = False
 
 
 class Engine:
@@ -226,7 +231,7 @@ class Engine:
         template: str = DEFAULT_QUESTION_TEMPLATE,
         **options,
     ) -> Prepared:
-        """Everything up to the first token's logits: place, [reorder], score, select, recompute, [compress].
+        """Everything up to the first token's logits: place, [reorder], score, select, recompute.
 
         Options: selector, ratio, reorder, geometry, selector_options, compress, keep, compress_options,
         max_new_tokens (for the length check).
@@ -291,7 +296,7 @@ class Engine:
             tuple(sorted((compress_options or {}).items())),
         )
         sel = opts.make_selector(self.score_layers)
-        policy = opts.make_policy()
+        policy = opts.make_policy()  # bad compression options fail now, not after the first token
         timings = StageTimings()
         passages_segs = self._passage_segments(passages, prefill=sel.name != "full", timings=timings, t0=t0)
         if reorder:
@@ -304,6 +309,7 @@ class Engine:
                 f"prompt of {layout.length} tokens + max_new_tokens={max_new_tokens} exceeds the "
                 f"{self.max_positions}-token context window; pass fewer or shorter passages"
             )
+        policy.check(PromptMap.from_layout(layout))
 
         t = time.perf_counter()
         placed = place(layout, self.inv_freq, self.model.dtype, "global")
@@ -321,11 +327,17 @@ class Engine:
         t = time.perf_counter()
         out = forward.recompute(self.model, placed, chosen, fresh_ids, fresh_pos)
         timings.recompute = time.perf_counter() - t
-        if opts.compress != "none":
-            t = time.perf_counter()
-            out = compress_cache(self.model, out, PromptMap.from_layout(layout), policy, opts.keep)
-            timings.compress = time.perf_counter() - t
         return Prepared(layout, placed, chosen, opts, out, timings, t0)
+
+    def compress(self, prep: Prepared) -> None:
+        """Evict from ``prep``'s cache what its compression policy drops (once; a no-op without a policy)."""
+        if prep.compressed or prep.options.compress == "none":
+            return
+        t = time.perf_counter()
+        policy = prep.options.make_policy()
+        prep.out = compress_cache(self.model, prep.out, PromptMap.from_layout(prep.layout), policy, prep.options.keep)
+        prep.timings.compress = time.perf_counter() - t
+        prep.compressed = True
 
     def _passage_segments(
         self, passages: list[Passage], prefill: bool, timings: StageTimings, t0: float
@@ -360,9 +372,10 @@ class Engine:
                     timings.ttft = time.perf_counter() - prep.t0
                 generated.append(token)
                 yield token
+                if len(generated) == 1:  # the next step is the first to read the cache: shrink it now
+                    self.compress(prep)
 
-        out = prep.out
-        kv_tokens = out.cache.get_seq_length()
+        out = prep.out  # compression evicts from out.cache in place, so the generator's cache follows
         tokens = generate_tokens(self.model, out.cache, out.logits, out.next_position, gen, self.eos_ids)
         answer = []
         for delta in text_deltas(timed(tokens), self.tokenizer, gen.stop):
@@ -371,8 +384,9 @@ class Engine:
         if not generated:  # EOS straight away: the first token was still picked
             timings.first_token = time.perf_counter() - t
             timings.ttft = time.perf_counter() - prep.t0
-        timings.decode = time.perf_counter() - t - timings.first_token
+        timings.decode = time.perf_counter() - t - timings.first_token - timings.compress
         kv_bytes = sum(t.nbytes for layer in out.cache.layers for t in (layer.keys, layer.values))
+        kv_tokens = prep.out.positions.numel()  # prompt entries decoding read: after compression, if it ran
         return self._result("".join(answer).strip(), prep, len(generated), kv_tokens, kv_bytes)
 
     def _layout(

@@ -16,10 +16,10 @@ class StageTimings:
     reorder: float = 0.0  # the extra scoring round that orders passages
     score: float = 0.0  # selection, with its model pass: question attention (InfoFlow), check layer (CacheBlend)
     recompute: float = 0.0  # the forward over selected + question tokens
-    compress: float = 0.0  # ranking and evicting context tokens from the cache before decoding
     first_token: float = 0.0  # picking the first token from its logits
     ttft: float = 0.0
-    decode: float = 0.0  # every token after the first
+    compress: float = 0.0  # ranking and evicting context tokens from the cache, after the first token
+    decode: float = 0.0  # every token after the first (compression excluded)
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -39,9 +39,9 @@ class AnswerResult:
     context_tokens: int  # passage tokens in the prompt
     prompt_tokens: int  # everything before the answer, prefix and question included
     generated_tokens: int
-    compress: str = "none"  # KV compression policy applied before decoding
+    compress: str = "none"  # KV compression policy applied after the first token, for the rest of decoding
     keep: float | int = 1.0  # its budget: ratio (float) or count (int) of passage tokens kept
-    kv_tokens: int = 0  # cache entries when decoding started (after compression)
+    kv_tokens: int = 0  # prompt entries in the cache the answer decoded from (after compression, if it ran)
     kv_bytes: int = 0  # peak KV cache bytes while decoding (its size after the last token)
 
     @property

@@ -18,6 +18,7 @@ def kvs(engine: Engine):
 def _kept(engine: Engine, kvs, **options):
     """(prompt map, prompt positions kept in the decode cache) for one prepared query."""
     prep = engine.prepare(QUESTION, kvs, max_new_tokens=8, **options)
+    engine.compress(prep)
     return PromptMap.from_layout(prep.layout), prep.out.positions
 
 
@@ -43,6 +44,7 @@ def test_keep_all_gives_the_uncompressed_answer_and_cache(engine, kvs, policy):
         assert (squeezed.kv_tokens, squeezed.kv_bytes) == (plain.kv_tokens, plain.kv_bytes)
     a = engine.prepare(QUESTION, kvs)
     b = engine.prepare(QUESTION, kvs, compress=policy, keep=1.0)
+    engine.compress(b)
     assert torch.equal(a.out.positions, b.out.positions)
     for la, lb in zip(a.out.cache.layers, b.out.cache.layers, strict=True):
         assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
@@ -62,6 +64,30 @@ def test_first_token_logits_are_computed_before_compression(engine, kvs):
     a = engine.prepare(QUESTION, kvs)
     b = engine.prepare(QUESTION, kvs, compress="infokv", keep=0.25)
     assert torch.equal(a.out.logits, b.out.logits)
+
+
+def test_compression_runs_after_the_first_token_is_out(engine, kvs, monkeypatch):
+    """TTFT never pays for compression: the first token is yielded, then the cache shrinks, then decoding goes on."""
+    import infoflow_rag.engine as engine_module
+
+    events = []
+    real_compress, real_generate = engine_module.compress_cache, engine_module.generate_tokens
+
+    def compress_cache(*args, **kwargs):
+        events.append("compress")
+        return real_compress(*args, **kwargs)
+
+    def generate_tokens(*args, **kwargs):
+        for token in real_generate(*args, **kwargs):
+            events.append("token")
+            yield token
+
+    monkeypatch.setattr(engine_module, "compress_cache", compress_cache)
+    monkeypatch.setattr(engine_module, "generate_tokens", generate_tokens)
+    result = engine.answer(QUESTION, kvs, compress="snapkv", keep=0.5, max_new_tokens=4)
+    assert result.generated_tokens == 4
+    assert events == ["token", "compress", "token", "token", "token"]
+    assert 0 < result.timings.ttft and result.timings.compress > 0
 
 
 def test_infokv_with_attention_only_keeps_what_snapkv_keeps(engine, kvs):
@@ -121,7 +147,7 @@ def test_infokv_refuses_passages_without_signals(engine, kvs):
         engine.answer(QUESTION, PASSAGES, selector="full", compress="infokv", keep=0.5)
     bare = [type(kv)(kv.token_ids, kv.keys, kv.values, kv.offset) for kv in kvs]
     with pytest.raises(ValueError, match="'entropy' signal"):
-        engine.answer(QUESTION, bare, compress="infokv", keep=0.5)
+        engine.prepare(QUESTION, bare, compress="infokv", keep=0.5)  # refused before any token is decoded
     # snapkv needs no stored signal, and neither does infokv with those weights at 0
     assert engine.answer(QUESTION, bare, compress="snapkv", keep=0.5, max_new_tokens=4).kv_tokens > 0
     options = {"entropy": 0.0, "evolution": 0.0}
@@ -182,6 +208,7 @@ def test_decoding_from_the_compressed_cache_equals_masking_the_evicted_entries(e
 
     full = engine.prepare(QUESTION, kvs)
     squeezed = engine.prepare(QUESTION, kvs, compress="infokv", keep=0.3)
+    engine.compress(squeezed)
     token = torch.tensor([[int(full.out.logits.argmax())]])
     position = torch.tensor([[full.out.next_position]])
     with torch.inference_mode():
