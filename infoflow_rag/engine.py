@@ -296,6 +296,8 @@ class Engine:
             tuple(sorted((compress_options or {}).items())),
         )
         sel = opts.make_selector(self.score_layers)
+        if isinstance(sel, InfoFlowSelector) and (bad := [i for i in sel.layers if not 0 <= i < self.num_layers]):
+            raise ValueError(f"scoring layers {bad} out of range for a {self.num_layers}-layer model")
         policy = opts.make_policy()  # bad compression options fail now, not after the first token
         timings = StageTimings()
         passages_segs = self._passage_segments(passages, prefill=sel.name != "full", timings=timings, t0=t0)

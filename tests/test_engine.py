@@ -144,6 +144,7 @@ def test_sampling_is_seeded(engine):
         ({"selector": "bogus"}, "known selectors: cacheblend, epic, full, infoflow, none, random"),
         ({"geometry": "sideways"}, "unknown geometry"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"selector_options": {"layers": [1, 99]}}, r"scoring layers \[99\] out of range"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(engine, kwargs, message):

@@ -95,6 +95,15 @@ def test_results_scores_and_ttft_ratios(tmp_path):
     assert sorted(on_file, key=lambda r: r.pair_key) == sorted(results, key=lambda r: r.pair_key)
 
 
+def test_scoring_layers_reach_the_engine_only_when_given(tmp_path):
+    engine = FakeEngine()
+    methods = [parse_method(m) for m in ("infoflow@0.15", "infoflow{2-4}@0.15")]
+    results = run_eval(engine, EXAMPLES[:1], methods, tmp_path / "r.jsonl", progress=False, command="eval")
+    assert [r.method for r in results] == ["infoflow@0.15", "infoflow{2-4}@0.15"]
+    assert "selector_options" not in engine.calls[0]
+    assert engine.calls[1]["selector_options"] == {"layers": [2, 3, 4]}
+
+
 def test_header_records_model_prompt_and_command(tmp_path):
     run(FakeEngine(), tmp_path / "r.jsonl", prompt="Q: {question}", max_new_tokens=8)
     header = read_results(tmp_path / "r.jsonl").header
@@ -202,6 +211,11 @@ def test_run_eval_rejects_bad_configuration(tmp_path, methods, prompt, match):
             MethodSpec("infoflow+reorder[head-local/tail-prompt]", "infoflow", 0.05, True, "head-local/tail-prompt"),
         ),
         ("infoflow[global]@0.15", MethodSpec("infoflow", "infoflow", 0.15)),
+        ("infoflow{20-23}@0.1", MethodSpec("infoflow{20-23}", "infoflow", 0.1, layers=(20, 21, 22, 23))),
+        (
+            "infoflow{7}+reorder[tail/tail]",
+            MethodSpec("infoflow{7-7}+reorder[tail/tail]", "infoflow", 0.15, True, "tail/tail", layers=(7,)),
+        ),
     ],
 )
 def test_parse_method(text, spec):
@@ -228,6 +242,9 @@ def test_method_keys():
         ("infoflow@abc", "not a number"),
         ("infoflow@1.5", r"in \[0, 1\]"),
         ("infoflow reorder", "cannot parse"),
+        ("infoflow{23-20}", "must read {A-B}"),
+        ("infoflow{last}", "must read {A-B}"),
+        ("epic{1-2}@0.1", "only infoflow takes scoring layers"),
     ],
 )
 def test_parse_method_rejects(text, match):

@@ -1,8 +1,10 @@
 """What is compared: a context-reuse method, its recompute ratio, an optional KV compression, and its name.
 
-Method strings read ``SELECTOR[+reorder][[GEOMETRY]][@RATIO][+POLICY:KEEP]``, for example ``full``, ``none``,
-``infoflow@0.15``, ``infoflow+reorder@0.15``, ``infoflow[tail/tail]@0.1``, ``cacheblend@0.15``,
-``infoflow@0.15+infokv:0.5``, ``none+snapkv:256``.
+Method strings read ``SELECTOR[{LAYERS}][+reorder][[GEOMETRY]][@RATIO][+POLICY:KEEP]``, for example ``full``,
+``none``, ``infoflow@0.15``, ``infoflow+reorder@0.15``, ``infoflow[tail/tail]@0.1``, ``infoflow{20-23}@0.15``,
+``cacheblend@0.15``, ``infoflow@0.15+infokv:0.5``, ``none+snapkv:256``.
+``{LAYERS}`` (InfoFlow only) is the inclusive range of scoring layers, ``{A-B}`` or ``{A}``; without it the
+engine's default layers score.
 ``full`` (prefill everything) and ``none`` (reuse every cached passage, recompute nothing) take no ratio;
 the others default to ``@0.15``. The geometry (which attention rows score the context tokens) is omitted
 when it is ``global``. ``+POLICY:KEEP`` compresses the KV cache before decoding with a policy of
@@ -19,9 +21,10 @@ from infoflow_rag.layout import GEOMETRIES
 from infoflow_rag.selectors import DEFAULT_RATIO, validate_selector
 
 FIXED_RATIOS = {"full": 1.0, "none": 0.0}
+_LAYERS = re.compile(r"(?P<first>\d+)(?:-(?P<last>\d+))?")
 
 _METHOD = re.compile(
-    r"(?P<selector>[a-z]+)(?P<reorder>\+reorder)?(?:\[(?P<geometry>[^\]]+)\])?(?:@(?P<ratio>[^+]+))?"
+    r"(?P<selector>[a-z]+)(?:\{(?P<layers>[^}]*)\})?(?P<reorder>\+reorder)?(?:\[(?P<geometry>[^\]]+)\])?(?:@(?P<ratio>[^+]+))?"
     r"(?:\+(?P<policy>[a-z0-9_]+)(?::(?P<keep>[^+]*))?)?"
 )
 
@@ -40,9 +43,14 @@ class MethodSpec:
     geometry: str = "global"
     compress: str = "none"
     keep: float | int = 1.0
+    layers: tuple[int, ...] = ()  # InfoFlow's scoring layers; () = the engine's default
 
     def __post_init__(self) -> None:
         validate_selector(self.selector)
+        if self.layers and self.selector != "infoflow":
+            raise ValueError(
+                f"only infoflow takes scoring layers, got layers {list(self.layers)} for {self.selector!r}"
+            )
         if self.geometry not in GEOMETRIES:
             raise ValueError(f"unknown geometry {self.geometry!r}; choose one of {', '.join(GEOMETRIES)}")
         fixed = FIXED_RATIOS.get(self.selector)
@@ -101,9 +109,20 @@ def parse_method(text: str) -> MethodSpec:
         raise ValueError(f"method {text!r}: ratio {ratio_text!r} is not a number; write e.g. '@0.15'") from None
     compress, keep = _parse_compression(text, match["policy"], match["keep"])
     reorder, geometry = match["reorder"] is not None, match["geometry"] or "global"
-    name = selector + ("+reorder" if reorder else "") + ("" if geometry == "global" else f"[{geometry}]")
+    layers = () if match["layers"] is None else _parse_layers(text, match["layers"])
+    name = selector + (f"{{{layers[0]}-{layers[-1]}}}" if layers else "")
+    name += ("+reorder" if reorder else "") + ("" if geometry == "global" else f"[{geometry}]")
     name += "" if compress == "none" else f"+{compress}"
-    return MethodSpec(name, selector, ratio, reorder, geometry, compress, keep)
+    return MethodSpec(name, selector, ratio, reorder, geometry, compress, keep, layers)
+
+
+def _parse_layers(text: str, layers: str) -> tuple[int, ...]:
+    match = _LAYERS.fullmatch(layers.strip())
+    if match is None or int(match["last"] or match["first"]) < int(match["first"]):
+        raise ValueError(
+            f"method {text!r}: scoring layers {{{layers}}} must read {{A-B}} (A <= B) or {{A}}, e.g. {{20-23}}"
+        )
+    return tuple(range(int(match["first"]), int(match["last"] or match["first"]) + 1))
 
 
 def _parse_compression(text: str, policy: str | None, keep_text: str | None) -> tuple[str, float | int]:

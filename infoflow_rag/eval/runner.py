@@ -122,6 +122,8 @@ def _optional_options(method: MethodSpec) -> dict[str, Any]:
     options: dict[str, Any] = {} if method.selector in FIXED_RATIOS else {"ratio": method.ratio}
     if method.compress != "none":
         options.update(compress=method.compress, keep=method.keep)
+    if method.layers:
+        options["selector_options"] = {"layers": list(method.layers)}
     return options
 
 
