@@ -41,6 +41,9 @@ PREFILL_BATCH_TOKENS = 4096  # padded tokens per prefill forward: bounds activat
 
 
 GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "seed", "stop")
+# Which tokens of the question block score the context: the raw question (published), or the whole block
+# (instruction, question and the end of the chat turn: every token the first answer token is computed from).
+SCORE_ROWS = ("question", "block")
 
 
 @dataclass(frozen=True)
@@ -202,9 +205,9 @@ class Engine:
         """Answer ``question`` over ``passages`` (texts or prefilled :class:`PassageKV`, in prompt order).
 
         Keyword options: selector ("infoflow", "cacheblend", "epic", "random", "none", "full"), ratio,
-        reorder, geometry, template, selector_options; KV compression for decoding: compress ("none",
-        "snapkv", "infokv"), keep (float ratio of passage tokens, or int count), compress_options; and
-        generation settings (max_new_tokens, temperature, top_p, seed, stop).
+        reorder, geometry, template, score_rows ("question" or "block"), selector_options; KV compression
+        for decoding: compress ("none", "snapkv", "infokv"), keep (float ratio of passage tokens, or int
+        count), compress_options; and generation settings (max_new_tokens, temperature, top_p, seed, stop).
         """
         return self.stream(question, passages, **kwargs).finish()
 
@@ -229,19 +232,23 @@ class Engine:
         passages: Sequence[Passage],
         *,
         template: str = DEFAULT_QUESTION_TEMPLATE,
+        score_rows: str = "question",
         **options,
     ) -> Prepared:
         """Everything up to the first token's logits: place, [reorder], score, select, recompute.
 
         Options: selector, ratio, reorder, geometry, selector_options, compress, keep, compress_options,
-        max_new_tokens (for the length check).
+        max_new_tokens (for the length check); ``score_rows`` (one of SCORE_ROWS) picks the scoring tokens.
         """
         t0 = time.perf_counter()
         if not passages:
             raise ValueError("no passages: pass at least one passage (text or PassageKV) to answer over")
+        if score_rows not in SCORE_ROWS:
+            raise ValueError(f"unknown score_rows {score_rows!r}; choose one of {', '.join(SCORE_ROWS)}")
         block = encode_question(self.tokenizer, self.format, question, template)
         tail = torch.tensor(block.token_ids, dtype=torch.long)
-        return self._prepare(list(passages), [], tail, block.question, t0, **options)
+        query = block.question if score_rows == "question" else slice(0, len(tail))
+        return self._prepare(list(passages), [], tail, query, t0, **options)
 
     def prepare_prompt(self, pieces: Sequence[str | PassageKV], **options) -> Prepared:
         """Like :meth:`prepare` for a prompt given as pieces: fresh text and cached passages, in order.

@@ -145,6 +145,7 @@ def test_sampling_is_seeded(engine):
         ({"geometry": "sideways"}, "unknown geometry"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"selector_options": {"layers": [1, 99]}}, r"scoring layers \[99\] out of range"),
+        ({"score_rows": "all"}, "unknown score_rows 'all'; choose one of question, block"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(engine, kwargs, message):
@@ -241,3 +242,16 @@ def test_chunked_recompute_attention_equals_one_full_mask_call(engine, monkeypat
     monkeypatch.setattr(forward, "sparse_queries", lambda plan: contextlib.nullcontext())
     whole = forward.recompute(*args).logits
     assert (chunked - whole).abs().max() <= 1e-5
+
+
+def test_score_rows_pick_the_raw_question_or_the_whole_question_block(engine):
+    from infoflow_rag.prompt import encode
+
+    kvs = engine.prefill(PASSAGES)
+    question = engine.prepare(QUESTION, kvs)
+    block = engine.prepare(QUESTION, kvs, score_rows="block")
+    tail = block.layout.segments[-1]
+    assert question.layout.query_ids.tolist() == encode(engine.tokenizer, QUESTION)
+    assert torch.equal(block.layout.query_ids, tail.token_ids)
+    assert block.layout.query_positions.tolist() == list(range(block.layout.length - len(tail), block.layout.length))
+    assert len(block.chosen) == len(question.chosen)  # the same budget, only the scoring rows differ
