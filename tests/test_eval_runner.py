@@ -95,13 +95,14 @@ def test_results_scores_and_ttft_ratios(tmp_path):
     assert sorted(on_file, key=lambda r: r.pair_key) == sorted(results, key=lambda r: r.pair_key)
 
 
-def test_scoring_layers_reach_the_engine_only_when_given(tmp_path):
+def test_scoring_layers_and_rows_reach_the_engine_only_when_given(tmp_path):
     engine = FakeEngine()
-    methods = [parse_method(m) for m in ("infoflow@0.15", "infoflow{2-4}@0.15")]
+    methods = [parse_method(m) for m in ("infoflow@0.15", "infoflow{2-4}@0.15", "infoflow+block@0.15")]
     results = run_eval(engine, EXAMPLES[:1], methods, tmp_path / "r.jsonl", progress=False, command="eval")
-    assert [r.method for r in results] == ["infoflow@0.15", "infoflow{2-4}@0.15"]
-    assert "selector_options" not in engine.calls[0]
+    assert [r.method for r in results] == ["infoflow@0.15", "infoflow{2-4}@0.15", "infoflow+block@0.15"]
+    assert "selector_options" not in engine.calls[0] and "score_rows" not in engine.calls[0]
     assert engine.calls[1]["selector_options"] == {"layers": [2, 3, 4]}
+    assert engine.calls[2]["score_rows"] == "block" and "selector_options" not in engine.calls[2]
 
 
 def test_header_records_model_prompt_and_command(tmp_path):
@@ -216,6 +217,13 @@ def test_run_eval_rejects_bad_configuration(tmp_path, methods, prompt, match):
             "infoflow{7}+reorder[tail/tail]",
             MethodSpec("infoflow{7-7}+reorder[tail/tail]", "infoflow", 0.15, True, "tail/tail", layers=(7,)),
         ),
+        ("infoflow+block@0.1", MethodSpec("infoflow+block", "infoflow", 0.1, score_rows="block")),
+        (
+            "infoflow+reorder+block@0.1+snapkv:0.5",
+            MethodSpec(
+                "infoflow+reorder+block+snapkv", "infoflow", 0.1, True, compress="snapkv", keep=0.5, score_rows="block"
+            ),
+        ),
     ],
 )
 def test_parse_method(text, spec):
@@ -245,6 +253,7 @@ def test_method_keys():
         ("infoflow{23-20}", "must read {A-B}"),
         ("infoflow{last}", "must read {A-B}"),
         ("epic{1-2}@0.1", "only infoflow takes scoring layers"),
+        ("cacheblend+block", "only infoflow scores with the question block"),
     ],
 )
 def test_parse_method_rejects(text, match):

@@ -1,10 +1,12 @@
 """What is compared: a context-reuse method, its recompute ratio, an optional KV compression, and its name.
 
-Method strings read ``SELECTOR[{LAYERS}][+reorder][[GEOMETRY]][@RATIO][+POLICY:KEEP]``, for example ``full``,
-``none``, ``infoflow@0.15``, ``infoflow+reorder@0.15``, ``infoflow[tail/tail]@0.1``, ``infoflow{20-23}@0.15``,
-``cacheblend@0.15``, ``infoflow@0.15+infokv:0.5``, ``none+snapkv:256``.
+Method strings read ``SELECTOR[{LAYERS}][+reorder][+block][[GEOMETRY]][@RATIO][+POLICY:KEEP]``, for example
+``full``, ``none``, ``infoflow@0.15``, ``infoflow+reorder@0.15``, ``infoflow[tail/tail]@0.1``,
+``infoflow{20-23}@0.15``, ``infoflow+block@0.15``, ``cacheblend@0.15``, ``infoflow@0.15+infokv:0.5``,
+``none+snapkv:256``.
 ``{LAYERS}`` (InfoFlow only) is the inclusive range of scoring layers, ``{A-B}`` or ``{A}``; without it the
-engine's default layers score.
+engine's default layers score. ``+block`` (InfoFlow only) scores with the whole question block instead of the
+raw question (the engine's ``score_rows="block"``).
 ``full`` (prefill everything) and ``none`` (reuse every cached passage, recompute nothing) take no ratio;
 the others default to ``@0.15``. The geometry (which attention rows score the context tokens) is omitted
 when it is ``global``. ``+POLICY:KEEP`` compresses the KV cache before decoding with a policy of
@@ -24,7 +26,7 @@ FIXED_RATIOS = {"full": 1.0, "none": 0.0}
 _LAYERS = re.compile(r"(?P<first>\d+)(?:-(?P<last>\d+))?")
 
 _METHOD = re.compile(
-    r"(?P<selector>[a-z]+)(?:\{(?P<layers>[^}]*)\})?(?P<reorder>\+reorder)?(?:\[(?P<geometry>[^\]]+)\])?(?:@(?P<ratio>[^+]+))?"
+    r"(?P<selector>[a-z]+)(?:\{(?P<layers>[^}]*)\})?(?P<reorder>\+reorder)?(?P<block>\+block)?(?:\[(?P<geometry>[^\]]+)\])?(?:@(?P<ratio>[^+]+))?"
     r"(?:\+(?P<policy>[a-z0-9_]+)(?::(?P<keep>[^+]*))?)?"
 )
 
@@ -44,6 +46,7 @@ class MethodSpec:
     compress: str = "none"
     keep: float | int = 1.0
     layers: tuple[int, ...] = ()  # InfoFlow's scoring layers; () = the engine's default
+    score_rows: str = "question"  # which prompt tokens score the context: "question" or "block"
 
     def __post_init__(self) -> None:
         validate_selector(self.selector)
@@ -51,6 +54,8 @@ class MethodSpec:
             raise ValueError(
                 f"only infoflow takes scoring layers, got layers {list(self.layers)} for {self.selector!r}"
             )
+        if self.score_rows != "question" and self.selector != "infoflow":
+            raise ValueError(f"only infoflow scores with the question block (+block), not {self.selector!r}")
         if self.geometry not in GEOMETRIES:
             raise ValueError(f"unknown geometry {self.geometry!r}; choose one of {', '.join(GEOMETRIES)}")
         fixed = FIXED_RATIOS.get(self.selector)
@@ -111,9 +116,10 @@ def parse_method(text: str) -> MethodSpec:
     reorder, geometry = match["reorder"] is not None, match["geometry"] or "global"
     layers = () if match["layers"] is None else _parse_layers(text, match["layers"])
     name = selector + (f"{{{layers[0]}-{layers[-1]}}}" if layers else "")
-    name += ("+reorder" if reorder else "") + ("" if geometry == "global" else f"[{geometry}]")
-    name += "" if compress == "none" else f"+{compress}"
-    return MethodSpec(name, selector, ratio, reorder, geometry, compress, keep, layers)
+    rows = "block" if match["block"] else "question"
+    name += ("+reorder" if reorder else "") + ("+block" if match["block"] else "")
+    name += ("" if geometry == "global" else f"[{geometry}]") + ("" if compress == "none" else f"+{compress}")
+    return MethodSpec(name, selector, ratio, reorder, geometry, compress, keep, layers, rows)
 
 
 def _parse_layers(text: str, layers: str) -> tuple[int, ...]:

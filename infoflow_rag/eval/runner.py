@@ -124,6 +124,8 @@ def _optional_options(method: MethodSpec) -> dict[str, Any]:
         options.update(compress=method.compress, keep=method.keep)
     if method.layers:
         options["selector_options"] = {"layers": list(method.layers)}
+    if method.score_rows != "question":
+        options["score_rows"] = method.score_rows
     return options
 
 
