@@ -82,6 +82,7 @@ class Prepared:
     out: forward.Recomputed
     timings: StageTimings
     t0: float  # perf_counter at the call, for TTFT
+    policy: Policy  # the KV compression policy decoding applies after the first token
     compressed: bool = False
 
 
@@ -112,9 +113,7 @@ class Engine:
         self.inv_freq = self.model.model.rotary_emb.inv_freq.detach().float()  # (head_dim/2,)
         self.num_layers = self.model.config.num_hidden_layers
         self.score_layers = score_layers or default_score_layers(self.num_layers)
-        bad = [layer for layer in self.score_layers if not 0 <= layer < self.num_layers]
-        if bad:
-            raise ValueError(f"score_layers {bad} out of range for a {self.num_layers}-layer model")
+        self._check_layers(self.score_layers)
         self.max_positions = int(self.model.config.max_position_embeddings)
         self.record_signals = record_signals
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
@@ -123,6 +122,12 @@ class Engine:
 
             report = run_check(self, thorough=False)
             report.raise_if_failed()
+
+    def _check_layers(self, layers: list[int]) -> None:
+        if bad := [layer for layer in layers if not 0 <= layer < self.num_layers]:
+            raise ValueError(
+                f"scoring layers {bad} out of range for a {self.num_layers}-layer model; use 0..{self.num_layers - 1}"
+            )
 
     # --- identity -------------------------------------------------------------------------------------
 
@@ -303,8 +308,8 @@ class Engine:
             tuple(sorted((compress_options or {}).items())),
         )
         sel = opts.make_selector(self.score_layers)
-        if isinstance(sel, InfoFlowSelector) and (bad := [i for i in sel.layers if not 0 <= i < self.num_layers]):
-            raise ValueError(f"scoring layers {bad} out of range for a {self.num_layers}-layer model")
+        if isinstance(sel, InfoFlowSelector):
+            self._check_layers(sel.layers)
         policy = opts.make_policy()  # bad compression options fail now, not after the first token
         timings = StageTimings()
         passages_segs = self._passage_segments(passages, prefill=sel.name != "full", timings=timings, t0=t0)
@@ -336,15 +341,15 @@ class Engine:
         t = time.perf_counter()
         out = forward.recompute(self.model, placed, chosen, fresh_ids, fresh_pos)
         timings.recompute = time.perf_counter() - t
-        return Prepared(layout, placed, chosen, opts, out, timings, t0)
+        return Prepared(layout, placed, chosen, opts, out, timings, t0, policy)
 
     def compress(self, prep: Prepared) -> None:
         """Evict from ``prep``'s cache what its compression policy drops (once; a no-op without a policy)."""
         if prep.compressed or prep.options.compress == "none":
             return
         t = time.perf_counter()
-        policy = prep.options.make_policy()
-        prep.out = compress_cache(self.model, prep.out, PromptMap.from_layout(prep.layout), policy, prep.options.keep)
+        prompt = PromptMap.from_layout(prep.layout)
+        prep.out = compress_cache(self.model, prep.out, prompt, prep.policy, prep.options.keep)
         prep.timings.compress = time.perf_counter() - t
         prep.compressed = True
 
