@@ -49,6 +49,12 @@ def stacked(cache: DynamicCache) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([layer.keys for layer in cache.layers]), torch.stack([layer.values for layer in cache.layers])
 
 
+def truncate(cache: DynamicCache, entries: int) -> None:
+    """Keep the first ``entries`` cache entries of every layer (what a forward appended after them goes)."""
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, :entries], layer.values[:, :, :entries]
+
+
 @torch.inference_mode()
 def prefill_prefix(model: PreTrainedModel, prefix_ids: list[int]) -> PassageKV:
     """The fixed prefix at positions 0 .. p-1 (the attention sink every passage is prefilled behind)."""
@@ -218,6 +224,32 @@ def recompute(
             logits_to_keep=1,
         )
     return Recomputed(out.logits[0, -1].float(), cache, int(in_pos.max()) + 1, torch.cat([cached_pos, in_pos]))
+
+
+@torch.inference_mode()
+def teacher_force(model: PreTrainedModel, out: Recomputed, tokens: torch.Tensor) -> torch.Tensor:
+    """Next-token logits along ``tokens`` fed after the prompt in ``out``'s cache, in one forward. -> (n+1, vocab)
+
+    Row 0 is the prompt's own next-token logits (``out.logits``); row i+1 follows ``tokens[: i + 1]``. The
+    cache is cut back to its prompt entries before (decoding may have appended to it) and after, so the
+    caller's cache holds exactly the prompt again.
+    """
+    if len(tokens) == 0:
+        return out.logits[None]
+    prompt_entries = out.positions.numel()
+    truncate(out.cache, prompt_entries)
+    positions = out.next_position + torch.arange(len(tokens))
+    mask = position_mask(positions, torch.cat([out.positions, positions]), model.dtype)
+    try:
+        logits = model(
+            input_ids=tokens[None],
+            position_ids=positions[None],
+            attention_mask=mask,
+            cache=out.cache,
+        ).logits[0]  # (n, vocab)
+    finally:
+        truncate(out.cache, prompt_entries)
+    return torch.cat([out.logits[None], logits.float()])
 
 
 @torch.inference_mode()

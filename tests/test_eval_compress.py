@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 import pytest
 from conftest import PASSAGES, QUESTION
+from fake_engine import FakeEngineBase
 from test_eval_report import HEADER, result, table_rows, write_results_file
 
 from infoflow_rag.cli import main
@@ -100,22 +101,19 @@ class Answer:
     passage_order: list[int]
     kv_tokens: int
     kv_bytes: int
+    answer_ids: list[int]
 
 
 @dataclass
-class CompressingEngine:
+class CompressingEngine(FakeEngineBase):
     """Answers "blue"; the KV it reports shrinks to ``keep`` of 100 context tokens behind 20 other tokens, and
     compressing takes 20 % off its TTFT."""
 
-    model_info: dict
-    calls: list
-
-    def answer(self, question, passages, **options):
-        self.calls.append(options)
-        keep = options.get("keep", 1.0)
+    def respond(self, call):
+        keep = call.get("keep", 1.0)
         kept = keep if isinstance(keep, int) else int(100 * keep)
-        ttft = (1.0 if options["selector"] == "full" else 0.5) * (0.8 if "compress" in options else 1.0)
-        return Answer("blue", Timings(ttft), 0.15, 100, [0, 1], 20 + kept, (20 + kept) * 1024)
+        ttft = (1.0 if call["selector"] == "full" else 0.5) * (0.8 if "compress" in call else 1.0)
+        return Answer("blue", Timings(ttft), 0.15, 100, [0, 1], 20 + kept, (20 + kept) * 1024, [5])
 
 
 def test_runner_passes_compression_and_records_kv_sizes(tmp_path):
@@ -220,12 +218,15 @@ def test_write_report_adds_the_compression_section(tmp_path):
     assert "| toy | infoflow@0.15+infokv:0.5 | 2 | 100.0 [100.0, 100.0] | 100.0 | 0.50 | 75.0% |" in md
 
 
-def test_suite_parts_keep_their_order_and_add_compress_then_niah():
+def test_suite_parts_keep_their_order_and_add_compress_niah_and_large():
     parts = suite_parts(compress_n=7, ratio=0.1)
-    assert [p.name for p in parts] == ["main", "sweep", "ablation", "compress", "niah"]
+    assert [p.name for p in parts] == ["main", "sweep", "ablation", "compress", "niah", "large"]
+    assert all(p.methods[0] == "full" for p in parts)  # every part has the fidelity reference
+    assert [p.model for p in parts] == [None] * 5 + ["qwen2.5-1.5b"]
     compress = parts[3]
     assert compress.limit == 7 and compress.title.startswith("KV compression stacked on InfoFlow 10 % recompute, 7 ")
     assert compress.methods == (
+        "full",
         "infoflow@0.1",
         "infoflow@0.1+snapkv:0.25",
         "infoflow@0.1+snapkv:0.5",
@@ -242,20 +243,29 @@ def test_compress_part_runs_alone_and_keeps_other_sections(tmp_path):
     compress = next(p for p in every if p.name == "compress")
     md = run_suite(engine, tmp_path, [compress], progress=False, report_parts=every).read_text()
     results = read_results(tmp_path / "compress.jsonl").results
-    assert len(results) == 2 * 5 and len(engine.calls) == 10
+    assert len(results) == 2 * 6 and len(engine.calls) == 12
     assert "## HotpotQA passage split, 100 held-out questions" in md  # main kept its section
     section = md.split("## KV compression stacked on InfoFlow 15 % recompute, 2 held-out questions")[1]
     table = section.split("on the same questions:\n\n")[1].split("\n\n")[0]
     rows = table_rows(table)
     assert "Does entropy help?" in section and "keep 0.25: InfoKV − SnapKV on 2 questions" in section
     assert [(row[1], row[6]) for row in rows] == [
+        ("full", "—"),
         ("infoflow@0.15", "—"),
         ("infoflow@0.15+snapkv:0.25", "62.5%"),  # the fake keeps 20 + 25 of 20 + 100 entries
         ("infoflow@0.15+snapkv:0.5", "41.7%"),
         ("infoflow@0.15+infokv:0.25", "62.5%"),
         ("infoflow@0.15+infokv:0.5", "41.7%"),
     ]
+    assert "Fidelity paired against `infoflow@0.15`" in section  # full ran: every method has the measures
     assert write_suite_report(tmp_path, every).read_text() == md
+
+
+def test_a_part_refuses_to_run_on_another_model(tmp_path):
+    large = next(p for p in suite_parts() if p.name == "large")
+    with pytest.raises(ValueError, match="part 'large' runs on qwen2.5-1.5b, not fake-135M: run it with --model"):
+        run_suite(CompressingEngine(dict(HEADER.model_info)), tmp_path, [large], progress=False)
+    assert not (tmp_path / "large.jsonl").exists()
 
 
 @pytest.mark.parametrize(

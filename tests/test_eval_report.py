@@ -7,7 +7,10 @@ import pytest
 from infoflow_rag.eval.methods import parse_method
 from infoflow_rag.eval.report import (
     Section,
+    fidelity_paired_table,
+    fidelity_table,
     paired_table,
+    plot_frontier,
     plot_niah_heatmap,
     plot_tradeoff,
     summary_table,
@@ -282,3 +285,60 @@ def test_entropy_verdict_pairs_infokv_with_snapkv_at_each_keep():
     )
     assert text.splitlines()[1].endswith("no significant difference")
     assert entropy_verdict(rows[:1], "infoflow@0.15").startswith("No verdict")
+
+
+# method -> per-question (kl_answer, kl_first, top1, gold_nll, ttft_ratio) on q0..q3.
+FIDELITY = {
+    "full": [(0.0, 0.0, 1.0, 2.0, 1.0)] * 4,
+    "infoflow@0.15": [
+        (0.1, 0.2, 1.0, 2.1, 0.25), (0.2, 0.1, 0.5, 2.2, 0.25), (0.3, 0.3, 1.0, 2.0, 0.25), (0.4, 0.0, 1.0, 2.3, 0.25)
+    ],
+    "epic@0.15": [
+        (0.3, 0.2, 0.5, 2.5, 0.2), (0.1, 0.1, 0.5, 2.2, 0.2), (0.5, 0.3, 0.0, 2.0, 0.2), (0.4, 0.0, 1.0, 2.3, 0.2)
+    ],
+    "epic@0.3": [(0.1, 0.1, 1.0, 2.0, 0.3)] * 4,
+}  # fmt: skip
+
+
+def fidelity_results():
+    rows = []
+    for method, per_question in FIDELITY.items():
+        for i, (kl, first, top1, nll, ratio) in enumerate(per_question):
+            r = result("hotpotqa", f"q{i}", method, 0.5, 0.0, ratio, 0.15, ttft_ratio=ratio)
+            r.kl_answer, r.kl_first, r.top1, r.gold_nll = kl, first, top1, nll
+            rows.append(r)
+    return rows + [result("hotpotqa", "q9", "none", 0.0, 0.0, 0.1, 0.0)]  # from an old file: no measures
+
+
+def test_fidelity_table_numbers_by_hand():
+    rows = {row[1]: row for row in table_rows(fidelity_table(fidelity_results()))}
+    assert list(rows) == ["full", "infoflow@0.15", "epic@0.15", "epic@0.3"]  # `none` has no measures
+    info = rows["infoflow@0.15"]
+    assert info[2] == "4" and info[3].startswith("0.25 [") and info[4] == "0.25"  # mean 0.25, median 0.25
+    assert info[5].startswith("0.15 [") and info[6].startswith("87.5 [") and info[7].startswith("2.15 [")
+    assert rows["full"][3] == "0 [0, 0]" and rows["full"][6] == "100.0 [100.0, 100.0]"
+
+
+def test_fidelity_paired_table_counts_who_is_closer():
+    rows = {row[1]: row for row in table_rows(fidelity_paired_table(fidelity_results(), "infoflow@0.15"))}
+    assert "infoflow@0.15" not in rows
+    epic = rows["epic@0.15"]
+    # kl_answer epic - infoflow per question: +0.2, -0.1, +0.2, 0 -> mean +0.075; closer on q1, tie on q3.
+    assert epic[2] == "4" and epic[3].startswith("+0.075 [") and epic[4] == "1/1/2"
+    assert epic[5].startswith("-37.5 [")  # top1 0.5 vs 0.875
+    assert epic[6].startswith("+0.1 [")  # gold NLL 2.25 vs 2.15
+
+
+def test_fidelity_verdict_pairs_kl_per_question():
+    from infoflow_rag.eval.suite import verdict
+
+    text = verdict(fidelity_results())
+    line = next(x for x in text.splitlines() if "`infoflow@0.15` vs `epic@0.3`" in x)
+    assert "kl_answer 0.25 vs 0.1, paired difference +0.15" in line and "closer on 0 of 4" in line
+    assert line.endswith("further from full")  # every per-question difference is positive: the CI excludes 0
+
+
+def test_frontier_plot_is_written(tmp_path):
+    assert plot_frontier(fidelity_results(), tmp_path / "frontier.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="no results with fidelity"):
+        plot_frontier(toy_results(), tmp_path / "none.png")

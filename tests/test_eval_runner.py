@@ -1,8 +1,10 @@
 """The resumable runner and method specs, driven by a deterministic fake engine."""
 
+import math
 from dataclasses import dataclass, field
 
 import pytest
+from fake_engine import FakeEngineBase
 
 from infoflow_rag.eval.datasets import EvalExample
 from infoflow_rag.eval.methods import MethodSpec, parse_method
@@ -27,23 +29,25 @@ class FakeAnswer:
     recompute_fraction: float
     context_tokens: int
     passage_order: list[int]
+    answer_ids: list[int]
 
 
 @dataclass
-class FakeEngine:
+class FakeEngine(FakeEngineBase):
     """Answers from REPLIES; raises once ``fail_after`` answers have been given (a simulated crash)."""
 
     model_info: dict = field(default_factory=lambda: dict(MODEL_INFO))
     fail_after: int | None = None
-    calls: list[dict] = field(default_factory=list)
 
-    def answer(self, question, passages, **options):
+    def respond(self, call):
         if self.fail_after is not None and len(self.calls) >= self.fail_after:
             raise RuntimeError("simulated crash")
-        self.calls.append({"question": question, "passages": passages, **options})
-        reply, ttft = REPLIES[options["selector"]]
-        fraction = {"full": 1.0, "none": 0.0}.get(options["selector"], options.get("ratio"))
-        return FakeAnswer(reply, FakeTimings(ttft, 0.01), fraction, 40, list(range(len(passages)))[::-1])
+        reply, ttft = REPLIES[call["selector"]]
+        fraction = {"full": 1.0, "none": 0.0}.get(call["selector"], call.get("ratio"))
+        answer_ids = list(range(len(reply.split())))
+        return FakeAnswer(
+            reply, FakeTimings(ttft, 0.01), fraction, 40, list(range(len(call["passages"])))[::-1], answer_ids
+        )
 
 
 @dataclass
@@ -259,3 +263,26 @@ def test_method_keys():
 def test_parse_method_rejects(text, match):
     with pytest.raises(ValueError, match=match):
         parse_method(text)
+
+
+def _kl(p_logits: list[float], q_logits: list[float]) -> float:
+    p = [math.exp(x) / sum(math.exp(y) for y in p_logits) for x in p_logits]
+    q = [math.exp(x) / sum(math.exp(y) for y in q_logits) for x in q_logits]
+    return sum(a * math.log(a / b) for a, b in zip(p, q, strict=True))
+
+
+def test_fidelity_measures_against_full_on_every_method(tmp_path):
+    engine = FakeEngine()
+    results = run(engine, tmp_path / "r.jsonl")
+    by_method = {r.method: r for r in results if r.id == "q0"}
+    full, none, infoflow = by_method["full"], by_method["none"], by_method["infoflow@0.15"]
+    assert full.answer_ids == [0, 1, 2]  # "Answer: blue Because." in three fake tokens: the reference answer
+    assert (full.kl_first, full.kl_answer, full.top1) == (0.0, 0.0, 1.0)
+    # none leans to another token than full at every position; infoflow to the same one, less sharply.
+    assert none.top1 == 0.0 and infoflow.top1 == 1.0
+    assert none.kl_answer == pytest.approx(_kl([3, 0, 0, 0], [0, 3, 0, 0]))
+    assert infoflow.kl_first == pytest.approx(_kl([3, 0, 0, 0], [2, 0, 0, 0]))
+    assert full.gold_nll == pytest.approx(math.log(math.exp(3) + 3))  # gold "blue" is token 3 here
+    # Each method's cache is forced along full's answer and along the gold answer; full's also once to build it.
+    assert engine.forced[:3] == [("full", [0, 1, 2]), ("full", [0, 1, 2]), ("full", [3])]
+    assert engine.forced[3:5] == [("none", [0, 1, 2]), ("none", [3])]

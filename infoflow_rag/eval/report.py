@@ -150,6 +150,86 @@ def plot_agreement(results: Sequence[QuestionResult], path: str | Path, referenc
     return _save(fig, path)
 
 
+def fidelity_table(results: Sequence[QuestionResult], n_boot: int = 1000, seed: int = 0) -> str:
+    """Markdown table of fidelity to full prefill (see :mod:`fidelity`), one row per (dataset, method).
+
+    Means with 95 % bootstrap CIs; KL is heavy-tailed, so its median stands beside the mean. Only results
+    with the measures (a run that had ``full``) enter.
+    """
+    lines = [
+        "| Dataset | Method | n | kl_answer [95% CI] | kl_answer median | kl_first [95% CI] | top1 % [95% CI] "
+        "| gold_nll [95% CI] |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (dataset, method), rows in _by_dataset_method(_with_fidelity(results)).items():
+        kl = [r.kl_answer for r in rows]
+        gold = [r.gold_nll for r in rows if r.gold_nll is not None]
+        lines.append(
+            f"| {dataset} | {method} | {len(rows)} | {_plain_ci(mean_ci(kl, n_boot, seed))} | {np.median(kl):.3g} | "
+            f"{_plain_ci(mean_ci([r.kl_first for r in rows], n_boot, seed))} | "
+            f"{_percent_ci(mean_ci([r.top1 for r in rows], n_boot, seed))} | "
+            f"{_plain_ci(mean_ci(gold, n_boot, seed)) if gold else 'n/a'} |"
+        )
+    return "\n".join(lines)
+
+
+def fidelity_paired_table(
+    results: Sequence[QuestionResult], baseline: str = DEFAULT_BASELINE, n_boot: int = 1000, seed: int = 0
+) -> str:
+    """Markdown table of each method's per-question fidelity minus ``baseline``'s, on the questions both ran.
+
+    Negative Δkl_answer and Δgold_nll and positive Δtop1 mean closer to full prefill than the baseline.
+    "closer" counts the questions where the method's kl_answer is below / equal to / above the baseline's.
+    """
+    groups = _by_dataset_method(_with_fidelity(results))
+    lines = [
+        f"| Dataset | Method | n | Δkl_answer vs {baseline} [95% CI] | closer/tie/further | Δtop1 % [95% CI] "
+        "| Δgold_nll [95% CI] |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for (dataset, method), rows in groups.items():
+        base = {r.id: r for r in groups.get((dataset, baseline), [])}
+        pairs = [(r, base[r.id]) for r in rows if r.id in base]
+        if method == baseline or not pairs:
+            continue
+        kl = paired_diff([r.kl_answer for r, _ in pairs], [b.kl_answer for _, b in pairs], n_boot, seed)
+        closer = win_tie_loss([-r.kl_answer for r, _ in pairs], [-b.kl_answer for _, b in pairs])
+        top1 = paired_diff([r.top1 for r, _ in pairs], [b.top1 for _, b in pairs], n_boot, seed)
+        gold = [(r.gold_nll, b.gold_nll) for r, b in pairs if r.gold_nll is not None and b.gold_nll is not None]
+        nll = _plain_signed_ci(paired_diff(*zip(*gold, strict=True), n_boot, seed)) if gold else "n/a"
+        lines.append(
+            f"| {dataset} | {method} | {len(pairs)} | {_plain_signed_ci(kl)} | {closer} | {_signed_ci(top1)} | {nll} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_frontier(results: Sequence[QuestionResult], path: str | Path) -> Path:
+    """PNG of the speed-fidelity frontier: mean kl_answer (log) against median TTFT / full, one curve per
+    method name over its ratios (labelled), ``none`` as a point. Lower left is better."""
+    curves: dict[str, dict[float, list[QuestionResult]]] = defaultdict(lambda: defaultdict(list))
+    for r in _with_fidelity(results):
+        if r.ttft_ratio is not None and r.selector != "full":
+            curves[_curve_label(r)][r.ratio].append(r)
+    if not curves:
+        raise ValueError("no results with fidelity measures and a TTFT ratio to plot")
+    fig = Figure(figsize=(5.5, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, by_ratio in curves.items():
+        ratios = sorted(by_ratio)
+        x = [np.median([r.ttft_ratio for r in by_ratio[q]]) for q in ratios]
+        y = [np.mean([r.kl_answer for r in by_ratio[q]]) for q in ratios]
+        ax.plot(x, y, marker="o", label=name)
+        if len(ratios) > 1:
+            for xi, yi, ratio in zip(x, y, ratios, strict=True):
+                ax.annotate(f"{ratio:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_yscale("log")
+    ax.set(xlabel="TTFT / full prefill (median)", ylabel="mean KL(full ‖ method) over the answer")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def compression_table(results: Sequence[QuestionResult], n_boot: int = 1000, seed: int = 0) -> str:
     """Markdown table of KV compression, one row per (dataset, method) in order of first appearance.
 
@@ -285,6 +365,11 @@ def write_report(results_path: str | Path, out_dir: str | Path, baseline: str = 
         sections.append(Section(f"Paired comparison with {baseline}", paired_table(run.results, baseline)))
     if any(r.compress != "none" for r in run.results):
         sections.append(Section("KV compression", compression_table(run.results)))
+    if _with_fidelity(run.results):
+        body = fidelity_table(run.results)
+        if any(r.method == baseline for r in _with_fidelity(run.results)):
+            body += f"\n\nPaired against `{baseline}`:\n\n" + fidelity_paired_table(run.results, baseline)
+        sections.append(Section("Fidelity to full prefill (teacher-forced)", body))
     tradeoff = plot_tradeoff(run.results, out / "tradeoff.png")
     sections.append(Section("F1 vs TTFT", f"![F1 vs TTFT]({tradeoff.name})"))
     if _niah(run.results):
@@ -337,6 +422,19 @@ def _methods(results: Sequence[QuestionResult]) -> list[str]:
 
 def _niah(results: Sequence[QuestionResult]) -> list[QuestionResult]:
     return [r for r in results if "depth" in r.meta and "context_tokens" in r.meta]
+
+
+def _with_fidelity(results: Sequence[QuestionResult]) -> list[QuestionResult]:
+    return [r for r in results if r.kl_answer is not None]
+
+
+def _plain_ci(estimate: Estimate) -> str:
+    """A small positive quantity (KL, NLL) with its CI, three significant digits."""
+    return f"{estimate.mean:.3g} [{estimate.low:.3g}, {estimate.high:.3g}]"
+
+
+def _plain_signed_ci(estimate: Estimate) -> str:
+    return f"{estimate.mean:+.3g} [{estimate.low:+.3g}, {estimate.high:+.3g}]"
 
 
 def _percent_ci(estimate: Estimate) -> str:

@@ -73,6 +73,12 @@ class QuestionResult:
     keep: float | int = 1.0  # share of context tokens kept (float) or their count (int), see MethodSpec
     kv_tokens: int | None = None  # KV cache entries when decoding starts; None if the engine does not report it
     kv_bytes: int | None = None  # peak KV cache bytes while decoding; None if the engine does not report it
+    # Fidelity to full prefill (see eval.fidelity); None when the run had no `full` reference or predates them.
+    answer_ids: list[int] | None = None  # generated token ids (full's are the reference answer)
+    kl_first: float | None = None
+    kl_answer: float | None = None
+    top1: float | None = None
+    gold_nll: float | None = None
 
     @property
     def pair_key(self) -> tuple[str, str, str]:

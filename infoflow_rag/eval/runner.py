@@ -9,6 +9,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from infoflow_rag.eval import fidelity
 from infoflow_rag.eval.datasets import EvalExample
 from infoflow_rag.eval.methods import FIXED_RATIOS, MethodSpec
 from infoflow_rag.eval.metrics import best_em, best_f1, clean_prediction
@@ -87,15 +88,22 @@ def _run_question(
     prompt: str,
     max_new_tokens: int,
 ) -> Iterator[QuestionResult]:
-    """Each method's result on one question, yielded as soon as it is known."""
+    """Each method's result on one question, yielded as soon as it is known.
+
+    When ``full`` is among the methods, every method's cache is also teacher-forced along full's answer (and
+    the gold answer) for the fidelity measures of :mod:`fidelity`; on a resumed question full's reference is
+    rebuilt from its stored answer tokens without decoding again.
+    """
     caches, prefill_time = None, None
     if use_prefill and any(m.selector != "full" for m in todo):
         started = time.perf_counter()
         caches = engine.prefill(example.passages)
         prefill_time = time.perf_counter() - started
+    gold = engine.answer_token_ids(example.answers[0]) if example.answers else []
+    ref = _stored_reference(engine, example, full_result, prompt, max_new_tokens)
     for method in todo:
         cached = caches is not None and method.selector != "full"
-        output = engine.answer(
+        prep = engine.prepare(
             example.question,
             caches if cached else example.passages,
             selector=method.selector,
@@ -105,10 +113,36 @@ def _run_question(
             max_new_tokens=max_new_tokens,
             **_optional_options(method),
         )
-        result = _result(example, method, output, full_result, prefill_time if cached else None)
+        output = engine.decode(prep, max_new_tokens=max_new_tokens)
+        if _is_reference(method):
+            ref = fidelity.reference(output.answer_ids, engine.teacher_force(prep, output.answer_ids))
+        scores = _fidelity(engine, prep, ref, gold)
+        result = _result(example, method, output, full_result, prefill_time if cached else None, scores)
         if _is_reference(method):
             full_result = result
         yield result
+
+
+def _stored_reference(
+    engine: Any, example: EvalExample, full_result: QuestionResult | None, prompt: str, max_new_tokens: int
+) -> fidelity.Reference | None:
+    """Full prefill's reference from a result on file: the prompt prefilled again, its answer teacher-forced."""
+    if full_result is None or full_result.answer_ids is None:
+        return None  # no full run, or a file from before the fidelity measures
+    prep = engine.prepare(
+        example.question, example.passages, selector="full", template=prompt, max_new_tokens=max_new_tokens
+    )
+    return fidelity.reference(full_result.answer_ids, engine.teacher_force(prep, full_result.answer_ids))
+
+
+def _fidelity(engine: Any, prep: Any, ref: fidelity.Reference | None, gold: list[int]) -> dict[str, float]:
+    """The fidelity fields of one method's result: none without a full-prefill reference."""
+    if ref is None:
+        return {}
+    scores = fidelity.answer_fidelity(ref, engine.teacher_force(prep, ref.answer_ids))
+    if gold:
+        scores["gold_nll"] = fidelity.gold_nll(engine.teacher_force(prep, gold), gold)
+    return scores
 
 
 def _is_reference(method: MethodSpec) -> bool:
@@ -135,6 +169,7 @@ def _result(
     output: Any,
     full_result: QuestionResult | None,
     prefill_time: float | None,
+    scores: dict[str, float],
 ) -> QuestionResult:
     prediction = clean_prediction(output.answer)
     ttft = float(output.timings.ttft)
@@ -164,6 +199,8 @@ def _result(
         keep=method.keep,
         kv_tokens=_reported_size(output, "kv_tokens"),
         kv_bytes=_reported_size(output, "kv_bytes"),
+        answer_ids=list(output.answer_ids),
+        **scores,
     )
 
 

@@ -17,8 +17,11 @@ from .report import (
     agreement_scores,
     agreement_table,
     compression_table,
+    fidelity_paired_table,
+    fidelity_table,
     paired_table,
     plot_agreement,
+    plot_frontier,
     plot_niah_heatmap,
     plot_tradeoff,
     summary_table,
@@ -29,7 +32,7 @@ from .runner import run_eval
 from .stats import paired_diff, win_tie_loss
 
 HELD_OUT_START = 1000
-MAIN_METHODS = ("full", "none", "infoflow", "infoflow+reorder", "cacheblend", "epic", "random")
+MAIN_METHODS = ("full", "none", "infoflow", "cacheblend", "epic", "random")
 SWEEP_RATIOS = (0.05, 0.1, 0.15, 0.25, 0.5)
 SWEEP_SELECTORS = ("infoflow", "cacheblend", "epic")
 COMPRESSIONS = ("snapkv:0.25", "snapkv:0.5", "infokv:0.25", "infokv:0.5")
@@ -37,6 +40,8 @@ NIAH_LENGTHS = (1000, 2000, 4000)
 NIAH_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 NIAH_PASSAGE_TOKENS = 256
 NIAH_METHODS = ("full", "none", "infoflow", "cacheblend", "epic")
+LARGE_MODEL = "qwen2.5-1.5b"  # the model with headroom: its part runs only on it
+LARGE_METHODS = ("full", "none", "infoflow", "cacheblend", "epic")
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class Part:
     limit: int  # questions (for niah: grid cells)
     methods: tuple[str, ...]
     dataset: str = "hotpotqa"  # "hotpotqa" (passage split, from --start) or "niah" (the fixed grid above)
+    model: str | None = None  # the registered model this part must run on; None: the suite's model
 
     def examples(self, engine, start: int) -> list[EvalExample]:
         if self.dataset == "niah":  # the haystack is cut with the model's own tokens
@@ -55,15 +61,23 @@ class Part:
 
 
 def suite_parts(
-    main_n: int = 100, sweep_n: int = 30, ablation_n: int = 30, ratio: float = 0.15, compress_n: int = 30
+    main_n: int = 100,
+    sweep_n: int = 30,
+    ablation_n: int = 30,
+    ratio: float = 0.15,
+    compress_n: int = 30,
+    large_n: int = 60,
 ) -> list[Part]:
-    main = tuple(m if m in ("full", "none") else f"{m}@{ratio:g}" for m in MAIN_METHODS)
+    def at_ratio(names: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(m if m in ("full", "none") else f"{m}@{ratio:g}" for m in names)
+
+    # Every part runs `full`: the reference of the fidelity measures (and of TTFT ratios).
+    main = at_ratio(MAIN_METHODS)
     sweep = ("full", *(f"{s}@{r:g}" for s in SWEEP_SELECTORS for r in SWEEP_RATIOS))
-    # Quality only: the geometry changes which tokens are picked, not the recompute cost, so no TTFT reference.
-    ablation = tuple(f"infoflow[{g}]@{ratio:g}" for g in GEOMETRIES)
+    ablation = ("full", *(f"infoflow[{g}]@{ratio:g}" for g in GEOMETRIES))
     # Its own uncompressed run, on the same questions, is the baseline every compression is paired with.
-    compress = (f"infoflow@{ratio:g}", *(f"infoflow@{ratio:g}+{c}" for c in COMPRESSIONS))
-    niah = tuple(m if m in ("full", "none") else f"{m}@{ratio:g}" for m in NIAH_METHODS)
+    compress = ("full", f"infoflow@{ratio:g}", *(f"infoflow@{ratio:g}+{c}" for c in COMPRESSIONS))
+    niah = at_ratio(NIAH_METHODS)
     grid = len(NIAH_LENGTHS) * len(NIAH_DEPTHS)
     return [
         Part("main", f"HotpotQA passage split, {main_n} held-out questions, ratio {ratio:g}", main_n, main),
@@ -88,6 +102,13 @@ def suite_parts(
             niah,
             dataset="niah",
         ),
+        Part(
+            "large",
+            f"HotpotQA passage split, {large_n} held-out questions on {LARGE_MODEL}, ratio {ratio:g}",
+            large_n,
+            at_ratio(LARGE_METHODS),
+            model=LARGE_MODEL,
+        ),
     ]
 
 
@@ -107,6 +128,11 @@ def run_suite(
     running one part does not drop the others' sections.
     """
     out = Path(out_dir)
+    model = engine.model_info["name"]
+    if wrong := [p for p in parts if p.model not in (None, model)]:
+        raise ValueError(
+            "; ".join(f"part {p.name!r} runs on {p.model}, not {model}: run it with --model {p.model}" for p in wrong)
+        )
     out.mkdir(parents=True, exist_ok=True)
     for part in parts:
         methods: list[MethodSpec] = [parse_method(m) for m in part.methods]
@@ -170,8 +196,9 @@ def verdict(results: list, method: str = f"infoflow@{DEFAULT_RATIO:g}", target_g
             f"{100 * diff.mean:+.1f} [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}]"
             + (" (the interval excludes 0)" if diff.low > 0 or diff.high < 0 else " (the interval includes 0)")
         )
-    if "none" in by_method:
-        ids = sorted(by_method["none"].keys() & by_method["full"].keys())
+    lines += _fidelity_verdict(results, method)
+    ids = sorted(by_method.get("none", {}).keys() & by_method["full"].keys())
+    if ids:
         none_f1 = sum(by_method["none"][i] for i in ids) / len(ids)
         full_f1 = sum(by_method["full"][i] for i in ids) / len(ids)
         lines.append(
@@ -180,6 +207,29 @@ def verdict(results: list, method: str = f"infoflow@{DEFAULT_RATIO:g}", target_g
             "model and slice cannot tell the selectors apart, whatever the verdicts say."
         )
     return "\n".join(lines)
+
+
+def _fidelity_verdict(results: list, method: str) -> list[str]:
+    """``method`` against each other method on kl_answer (lower is closer to full prefill), paired per question."""
+    kl: dict[str, dict[str, float]] = {}
+    for r in results:
+        if r.kl_answer is not None and r.selector != "full":
+            kl.setdefault(r.method, {})[r.id] = r.kl_answer
+    lines = []
+    for other in sorted(kl.keys() - {method}):
+        ids = sorted(kl.get(method, {}).keys() & kl[other].keys())
+        if not ids:
+            continue
+        ours, theirs = [kl[method][i] for i in ids], [kl[other][i] for i in ids]
+        diff = paired_diff(ours, theirs)
+        closer = sum(a < b for a, b in zip(ours, theirs, strict=True))
+        word = "closer to full" if diff.high < 0 else "further from full" if diff.low > 0 else "no clear difference"
+        lines.append(
+            f"- fidelity, `{method}` vs `{other}` on {len(ids)} questions: kl_answer {sum(ours) / len(ids):.3g} vs "
+            f"{sum(theirs) / len(ids):.3g}, paired difference {diff.mean:+.3g} [{diff.low:+.3g}, {diff.high:+.3g}], "
+            f"closer on {closer} of {len(ids)} — {word}"
+        )
+    return lines
 
 
 def write_suite_report(out_dir: str | Path, parts: list[Part], ratio: float = DEFAULT_RATIO) -> Path:
@@ -206,7 +256,7 @@ def _part_body(part: Part, run: ResultsRun, out: Path, ratio: float) -> list[str
     baseline = f"infoflow@{ratio:g}" if f"infoflow@{ratio:g}" in methods else None
     if part.name == "compress":
         note = "Each compressed method against its uncompressed baseline on the same questions:"
-        body = [f"{note}\n\n{compression_table(run.results)}"]
+        body = [f"{note}\n\n{compression_table(run.results)}", *_fidelity_blocks(run.results, baseline)]
         if baseline:
             note = f"How often decoding from the compressed cache still gives the answer `{baseline}` gives:"
             body.append(f"{note}\n\n{agreement_table(run.results, baseline)}")
@@ -217,6 +267,7 @@ def _part_body(part: Part, run: ResultsRun, out: Path, ratio: float) -> list[str
     body = [summary_table(run.results)]
     if baseline:
         body.append(f"Paired against `{baseline}` on the same questions:\n\n" + paired_table(run.results, baseline))
+    body += _fidelity_blocks(run.results, baseline)
     if "full" in methods:
         note = "Agreement with the full-prefill answer (what reuse is meant to reproduce), paired against the baseline:"
         body.append(f"{note}\n\n{agreement_table(run.results, 'full', baseline)}")
@@ -228,12 +279,29 @@ def _part_body(part: Part, run: ResultsRun, out: Path, ratio: float) -> list[str
         plot = plot_niah_heatmap(run.results, out / "niah_heatmap.png")
         body.append(f"Gold F1 by needle depth and haystack length:\n\n![NIAH heatmap]({plot.name})")
     if part.name == "sweep":
+        if any(r.kl_answer is not None for r in run.results):
+            plot = plot_frontier(run.results, out / "frontier.png")
+            body.append(
+                f"The speed-fidelity frontier (lower left is better; TTFT ratios from this run):\n\n"
+                f"![kl_answer vs TTFT / full]({plot.name})"
+            )
         plot = plot_tradeoff(run.results, out / "tradeoff.png")
         body.append(f"![F1 vs TTFT]({plot.name})")
         plot = plot_agreement(run.results, out / "agreement.png")
         body.append(f"![F1 against the full-prefill answer, by ratio]({plot.name})")
         body.append(_agreement_by_ratio(run.results))
     return body
+
+
+def _fidelity_blocks(results: list, baseline: str | None) -> list[str]:
+    """The fidelity table of a part, and its paired table when the baseline ran; none for a run without `full`."""
+    if not any(r.kl_answer is not None for r in results):
+        return []
+    blocks = [f"Fidelity to full prefill (teacher-forced, see the README):\n\n{fidelity_table(results)}"]
+    if baseline:
+        paired = fidelity_paired_table(results, baseline)
+        blocks.append(f"Fidelity paired against `{baseline}` on the same questions:\n\n{paired}")
+    return blocks
 
 
 def _agreement_by_subset(results: list, baseline: str | None) -> str:
