@@ -41,12 +41,20 @@ class KVLookup:
         return len(self.fresh) - self.computed
 
 
+@dataclass(frozen=True)
+class KnownPassage:
+    """A passage inside a prompt, by its text: its KV comes from the store (prefilled and stored if missing)."""
+
+    text: str
+
+
 @dataclass
 class ReuseStats:
     passages_hit: int  # passages found in the prompt whose KV came from the store
     passages_computed: int  # found in the prompt but not yet stored: prefilled now, reused next time
     reused_tokens: int  # prompt tokens served from cached KV (before selective recompute)
     prompt_tokens: int
+    stored_tokens: int = 0  # of reused_tokens, those whose KV the store already held (not prefilled by this call)
 
     @property
     def reused_share(self) -> float:
@@ -213,7 +221,9 @@ class Pipeline(Closing):
         def make(result: AnswerResult) -> PipelineAnswer:
             _account(result, retrieve_s, lookup)
             # Every passage token starts from cached KV when the store served it (recompute refreshes some).
-            return PipelineAnswer(result.answer, list(sources), result, _reuse(lookup, result.context_tokens, result))
+            stored = sum(len(kv) for kv, new in zip(lookup.kvs, lookup.fresh, strict=True) if not new) if lookup else 0
+            reuse = _reuse(lookup, result.context_tokens, result, stored)
+            return PipelineAnswer(result.answer, list(sources), result, reuse)
 
         return PipelineStream(stream, make)
 
@@ -222,25 +232,51 @@ class Pipeline(Closing):
 
     def stream_prompt(self, prompt: str, **options) -> PipelineStream:
         """Serve a ready-made prompt: known passages inside it reuse their KV, the rest is computed fresh."""
-        pieces: list[str | int] = []
+        return self.stream_pieces(self.split_prompt(prompt), **options)
+
+    def split_prompt(self, prompt: str) -> list[str | KnownPassage]:
+        """The prompt as fresh text and the known passages the matcher finds in it, in prompt order."""
+        pieces: list[str | KnownPassage] = []
         pos = 0
         for m in self.matcher.find(prompt):
             if m.start > pos:
                 pieces.append(prompt[pos : m.start])
-            pieces.append(m.key)
+            pieces.append(KnownPassage(self._text(m.key)))
             pos = m.end
         if pos < len(prompt):
             pieces.append(prompt[pos:])
-        texts = [self._text(p) for p in pieces if isinstance(p, int)]
+        return pieces
+
+    def stream_pieces(
+        self,
+        pieces: Sequence[str | KnownPassage],
+        sources: Sequence[Hit] = (),
+        retrieve_s: float = 0.0,
+        **options,
+    ) -> PipelineStream:
+        """Serve a prompt given as fresh text and passages: each passage's KV from the store (prefilled if missing).
+
+        The engine wraps the pieces in its prompt head and tail, as one user turn's content.
+        """
+        texts = [p.text for p in pieces if isinstance(p, KnownPassage)]
         lookup = self.kv_for(texts) if texts else None
-        kvs = iter(lookup.kvs if lookup else [])
-        resolved = [p if isinstance(p, str) else self._head(next(kvs), self._text(p)) for p in pieces]
+        found = iter(zip(lookup.kvs, lookup.fresh, strict=True) if lookup else [])
+        resolved: list[str | PassageKV] = []
+        stored = 0  # passage tokens whose KV the store already held before this call
+        for piece in pieces:
+            if isinstance(piece, str):
+                resolved.append(piece)
+                continue
+            kv, new = next(found)
+            resolved.append(head := self._head(kv, piece.text))
+            if isinstance(head, PassageKV) and not new:
+                stored += len(head)
         stream = self.engine.stream_prompt(resolved, **options)
 
         def make(result: AnswerResult) -> PipelineAnswer:
-            _account(result, 0.0, lookup)
+            _account(result, retrieve_s, lookup)
             reused = sum(len(p) for p in resolved if isinstance(p, PassageKV))
-            return PipelineAnswer(result.answer, [], result, _reuse(lookup, reused, result))
+            return PipelineAnswer(result.answer, list(sources), result, _reuse(lookup, reused, result, stored))
 
         return PipelineStream(stream, make)
 
@@ -261,10 +297,10 @@ class Pipeline(Closing):
         return kv.head(len(ids))
 
 
-def _reuse(lookup: KVLookup | None, reused_tokens: int, result: AnswerResult) -> ReuseStats:
+def _reuse(lookup: KVLookup | None, reused_tokens: int, result: AnswerResult, stored_tokens: int) -> ReuseStats:
     if lookup is None:  # nothing cached was used
         return ReuseStats(0, 0, 0, result.prompt_tokens)
-    return ReuseStats(lookup.hits, lookup.computed, reused_tokens, result.prompt_tokens)
+    return ReuseStats(lookup.hits, lookup.computed, reused_tokens, result.prompt_tokens, stored_tokens)
 
 
 def _account(result: AnswerResult, retrieve_s: float, lookup: KVLookup | None) -> None:
