@@ -252,6 +252,27 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .pipeline import Pipeline
+    from .serve import ServerSettings, serve
+
+    compression = _compression(args.compress, args.keep)  # before the model loads
+    with Pipeline.open(args.index, model=args.model, store=args.store) as pipeline:
+        settings = ServerSettings(
+            model_name=args.served_model_name or pipeline.engine.loaded.name,
+            selector=args.selector,
+            ratio=args.ratio,
+            reorder=args.reorder,
+            max_tokens=args.max_tokens,
+            max_queue=args.max_queue,
+            timeout=args.timeout,
+            **compression,
+        )
+        print(f"serving {settings.model_name} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
+        serve(pipeline, settings, host=args.host, port=args.port)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -358,6 +379,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat and text completions) with passage KV reuse")
+    p.add_argument("--index", required=True, help="index directory built by `infoflow-rag ingest` (read only)")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--store", default=None, help="KV store as for ingest, e.g. redis://host:6379/0 to share it")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (loopback by default)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the model name)")
+    p.add_argument("--selector", default="infoflow", help="default selector; requests may send their own")
+    p.add_argument("--ratio", type=float, default=0.15, help="default recompute ratio")
+    p.add_argument("--reorder", action="store_true", help="reorder passages by default")
+    p.add_argument("--compress", choices=list(POLICIES), default="none", help="default KV compression")
+    p.add_argument("--keep", type=_keep, default=None, help="with --compress: default share or count kept")
+    p.add_argument("--max-tokens", type=int, default=256, help="answer length when a request sets none")
+    p.add_argument("--max-queue", type=int, default=32, help="requests waiting for the model; more get 429")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take, queueing included")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="end-to-end demo on HotpotQA paragraphs with the embedded model")
     p.add_argument("--out", default="runs/demo")
