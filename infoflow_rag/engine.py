@@ -33,7 +33,7 @@ from .selectors import (
     ratio_budget,
     top_candidates,
 )
-from .signals import SIGNALS
+from .signals import SIGNALS, install_hooks
 from .support import check_supported
 
 Passage = str | PassageKV
@@ -108,6 +108,9 @@ class Engine:
         self.tokenizer: PreTrainedTokenizerBase = loaded.tokenizer
         self.model.eval()
         self.model.config._attn_implementation = attention.register()
+        # Every per-forward state (signal recorders, attention capture, sparse queries) lives in context
+        # variables, so threads may share this engine; the hooks go in now, before any thread runs a forward.
+        install_hooks(self.model)
         self.format = PromptFormat.for_tokenizer(self.tokenizer, system_prompt)
         self.prefix = forward.prefill_prefix(self.model, encode(self.tokenizer, self.format.head))
         self.inv_freq = self.model.model.rotary_emb.inv_freq.detach().float()  # (head_dim/2,)

@@ -11,8 +11,10 @@ cost a second forward at query time, so they are recorded then and stored with t
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
@@ -23,12 +25,11 @@ ENTROPY_CHUNK = 256  # token rows per lm_head block: bounds the (rows, vocab) lo
 
 @dataclass
 class SignalRecorder:
-    """What the hooks saw during one forward."""
+    """What the hooks saw during one forward (of the thread that started recording)."""
 
     evolution_sum: torch.Tensor | None = None  # (B, n) sum over layers of 1 - cos(in, out)
     layers: int = 0
     final_hidden: torch.Tensor | None = None  # (B, n, hidden): the final norm's output, the lm_head input
-    _handles: list = field(default_factory=list)
 
     def signals(self, model: PreTrainedModel) -> dict[str, torch.Tensor]:
         """name -> (B, n) float32."""
@@ -48,26 +49,53 @@ def predictive_entropy(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Te
     return out.reshape(hidden.shape[:-1])
 
 
-@contextlib.contextmanager
-def recording(model: PreTrainedModel) -> Iterator[SignalRecorder]:
-    """Within: forwards of ``model`` record the per-token signals (hooks on the decoder layers and final norm)."""
-    rec = SignalRecorder()
-    decoder = model.get_decoder()
+_recorder: ContextVar[SignalRecorder | None] = ContextVar("infoflow_signal_recorder", default=None)
+_install_lock = threading.Lock()
+_HOOKED = "_infoflow_signal_hooks"  # attribute marking a model whose hooks are installed
 
-    def on_layer(module, args, kwargs, output):
-        before = args[0] if args else kwargs["hidden_states"]
-        after = output[0] if isinstance(output, tuple) else output
-        change = 1.0 - torch.nn.functional.cosine_similarity(before.float(), after.float(), dim=-1)  # (B, n)
-        rec.evolution_sum = change if rec.evolution_sum is None else rec.evolution_sum + change
-        rec.layers += 1
 
-    def on_norm(module, args, output):
+def install_hooks(model: PreTrainedModel) -> None:
+    """Hook the decoder layers and final norm once; the hooks feed only the recorder of their own forward.
+
+    The hooks stay for the model's lifetime and do nothing outside :func:`recording`. The recorder is found
+    through a context variable, so concurrent forwards in other threads never feed each other's recorders,
+    and no hook is added or removed while another thread may be iterating the hooks of a forward.
+    Call this before the model is shared between threads (the Engine does, at construction).
+    """
+    with _install_lock:
+        if getattr(model, _HOOKED, False):
+            return
+        decoder = model.get_decoder()
+        for layer in decoder.layers:
+            layer.register_forward_hook(_on_layer, with_kwargs=True)
+        decoder.norm.register_forward_hook(_on_norm)
+        setattr(model, _HOOKED, True)
+
+
+def _on_layer(module, args, kwargs, output) -> None:
+    rec = _recorder.get()
+    if rec is None:
+        return
+    before = args[0] if args else kwargs["hidden_states"]
+    after = output[0] if isinstance(output, tuple) else output
+    change = 1.0 - torch.nn.functional.cosine_similarity(before.float(), after.float(), dim=-1)  # (B, n)
+    rec.evolution_sum = change if rec.evolution_sum is None else rec.evolution_sum + change
+    rec.layers += 1
+
+
+def _on_norm(module, args, output) -> None:
+    rec = _recorder.get()
+    if rec is not None:
         rec.final_hidden = output
 
-    rec._handles = [layer.register_forward_hook(on_layer, with_kwargs=True) for layer in decoder.layers]
-    rec._handles.append(decoder.norm.register_forward_hook(on_norm))
+
+@contextlib.contextmanager
+def recording(model: PreTrainedModel) -> Iterator[SignalRecorder]:
+    """Within: forwards of ``model`` run by this thread (context) record the per-token signals."""
+    install_hooks(model)
+    rec = SignalRecorder()
+    token = _recorder.set(rec)
     try:
         yield rec
     finally:
-        for handle in rec._handles:
-            handle.remove()
+        _recorder.reset(token)
