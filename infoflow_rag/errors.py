@@ -11,3 +11,11 @@ class UnsupportedModelError(InfoFlowError):
 
 class ModelIntegrityError(InfoFlowError):
     """A model file does not match its pinned checksum."""
+
+
+class StoreUnavailableError(InfoFlowError):
+    """A KV store backend could not read or write (disk full or read-only, Redis down, out of memory...)."""
+
+
+class IndexIntegrityError(InfoFlowError):
+    """A passage index directory is missing a file, holds a corrupt one, or holds files of different indexes."""

@@ -23,7 +23,7 @@ STORAGE_DTYPES: tuple[str, ...] = get_args(StorageDtype)
 
 _FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _INT8_MAX = 127
-_SIGNAL_PREFIX = "signal."
+SIGNAL_PREFIX = "signal."
 
 
 def check_dtype(dtype: str) -> StorageDtype:
@@ -71,7 +71,7 @@ def encode(kv: PassageKV, dtype: StorageDtype) -> EncodedKV:
         tensors["keys"] = _owned(kv.keys, float_dtype)  # (layers, kv_heads, n, head_dim)
         tensors["values"] = _owned(kv.values, float_dtype)  # (layers, kv_heads, n, head_dim)
     for name, signal in kv.signals.items():
-        tensors[_SIGNAL_PREFIX + name] = _owned(signal, signal.dtype)  # (n,)
+        tensors[SIGNAL_PREFIX + name] = _owned(signal, signal.dtype)  # (n,)
     return EncodedKV(tensors, int(kv.offset), dtype)
 
 
@@ -84,5 +84,5 @@ def decode(enc: EncodedKV) -> PassageKV:
     else:
         keys = t["keys"].to(torch.float32, copy=True)  # (layers, kv_heads, n, head_dim)
         values = t["values"].to(torch.float32, copy=True)
-    signals = {name.removeprefix(_SIGNAL_PREFIX): s.clone() for name, s in t.items() if name.startswith(_SIGNAL_PREFIX)}
+    signals = {name.removeprefix(SIGNAL_PREFIX): s.clone() for name, s in t.items() if name.startswith(SIGNAL_PREFIX)}
     return PassageKV(t["token_ids"].clone(), keys, values, enc.offset, signals)

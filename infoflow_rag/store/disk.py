@@ -20,7 +20,10 @@ class DiskKVStore(KVStore):
     of processes, leave exactly one complete file. Reads memory-map the file and verify its
     checksum; a torn or corrupt file is logged, deleted, counted in ``stats.corrupt`` and reported
     as a miss. The directory needs no locking and can be shared by processes on one host.
+    Any other OS error (read-only directory, disk full, I/O error) raises StoreUnavailableError.
     """
+
+    failures = (OSError,)
 
     def __init__(self, root: str | os.PathLike[str], dtype: StorageDtype = "float32") -> None:
         super().__init__(dtype)
@@ -33,24 +36,28 @@ class DiskKVStore(KVStore):
 
     def put(self, key: CacheKey, kv: PassageKV) -> None:
         path = self.path_for(key)
-        path.parent.mkdir(exist_ok=True)
-        atomic_write(path, pack(key, encode(kv, self.dtype)))
+        data = pack(key, encode(kv, self.dtype))
+        with self._guard("write"):
+            path.parent.mkdir(exist_ok=True)
+            atomic_write(path, data)
 
     def _get(self, key: CacheKey) -> PassageKV | None:
         try:
-            enc = unpack_file(key, self.path_for(key))
-        except FileNotFoundError:
-            return None
+            with self._guard("read"):
+                try:
+                    return decode(unpack_file(key, self.path_for(key)))
+                except FileNotFoundError:  # a miss, not a failure
+                    return None
         except CorruptEntryError as e:
             self._drop_corrupt(key, e)
             return None
-        return decode(enc)
 
     def contains(self, key: CacheKey) -> bool:
         return self.path_for(key).is_file()
 
     def delete(self, key: CacheKey) -> None:
-        self.path_for(key).unlink(missing_ok=True)
+        with self._guard("delete"):
+            self.path_for(key).unlink(missing_ok=True)
 
     def close(self) -> None:
         """Nothing to release: every call opens and closes its own file."""

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import safetensors.torch
 import torch
 
-from infoflow_rag.store.codec import STORAGE_DTYPES, EncodedKV
+from infoflow_rag.store.codec import SIGNAL_PREFIX, STORAGE_DTYPES, EncodedKV
 from infoflow_rag.store.keys import CacheKey
 
 FORMAT_VERSION = "1"
@@ -77,7 +77,25 @@ def _verify(key: CacheKey, tensors: dict[str, torch.Tensor], metadata: Mapping[s
     missing = [name for name in required if name not in tensors]
     if missing:
         raise CorruptEntryError(f"missing tensors {missing}")
+    _check_shapes(tensors)
     return EncodedKV(tensors, int(fields["offset"]), dtype)  # type: ignore[arg-type]
+
+
+def _check_shapes(tensors: Mapping[str, torch.Tensor]) -> None:
+    """The tensors must form one passage: ids (n,), keys/values (layers, kv_heads, n, head_dim), per-token rest."""
+    ids, keys, values = tensors["token_ids"], tensors["keys"], tensors["values"]
+    if ids.dim() != 1 or ids.dtype != torch.int64:
+        raise CorruptEntryError(f"token_ids of shape {tuple(ids.shape)} and dtype {ids.dtype}, expected (n,) int64")
+    n = ids.shape[0]
+    if keys.dim() != 4 or keys.shape != values.shape or keys.shape[2] != n:
+        raise CorruptEntryError(
+            f"keys {tuple(keys.shape)} and values {tuple(values.shape)} are not (layers, kv_heads, {n}, head_dim)"
+        )
+    for name, t in tensors.items():
+        if name.endswith("_scale") and t.shape != (*keys.shape[:3], 1):
+            raise CorruptEntryError(f"{name} of shape {tuple(t.shape)} does not match keys {tuple(keys.shape)}")
+        if name.startswith(SIGNAL_PREFIX) and t.shape != (n,):
+            raise CorruptEntryError(f"{name} of shape {tuple(t.shape)}, expected ({n},)")
 
 
 def _parse(buffer: bytearray | mmap.mmap) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -89,10 +107,16 @@ def _parse(buffer: bytearray | mmap.mmap) -> tuple[dict[str, torch.Tensor], dict
     """
     (length,) = struct.unpack_from("<Q", buffer, 0)
     header = json.loads(bytes(buffer[8 : 8 + length]))
+    if not isinstance(header, dict):
+        raise ValueError(f"header is a {type(header).__name__}, not an object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("__metadata__ is not an object of strings")
     data_start, data_size = 8 + length, len(buffer) - 8 - length
     tensors = {}
     for name, info in header.items():
+        if not isinstance(info, dict) or not isinstance(info.get("shape"), list):
+            raise ValueError(f"tensor entry {name!r} is not an object with a shape list")
         dtype, shape, (begin, end) = _DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
         count = math.prod(shape)
         if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_size or end - begin != count * dtype.itemsize:

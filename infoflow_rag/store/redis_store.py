@@ -24,9 +24,11 @@ def _without_credentials(url: str) -> str:
 class RedisKVStore(KVStore):
     """Entries at ``<prefix><fingerprint digest>:<token hash>``; batched calls use one pipeline round trip.
 
-    Connection errors propagate (``redis.ConnectionError``): whether a down cache should count as a
-    miss is the caller's policy. Bound memory on the server (``maxmemory`` + ``allkeys-lru``).
+    Redis errors (server down, out of memory, a key of another type) raise StoreUnavailableError: whether
+    that counts as a miss is the caller's policy. Bound memory on the server (``maxmemory`` + ``allkeys-lru``).
     """
+
+    failures = (redis.RedisError,)
 
     def __init__(self, url: str = DEFAULT_URL, prefix: str = "infoflow:", dtype: StorageDtype = "float32") -> None:
         super().__init__(dtype)
@@ -39,34 +41,39 @@ class RedisKVStore(KVStore):
         return f"{self.prefix}{key.fingerprint_digest}:{key.token_hash}"
 
     def put(self, key: CacheKey, kv: PassageKV) -> None:
-        self._client.set(self.redis_key(key), pack(key, encode(kv, self.dtype)))
+        self.put_many([(key, kv)])
 
     def put_many(self, items: Iterable[tuple[CacheKey, PassageKV]]) -> None:
         pipe = self._client.pipeline(transaction=False)
         for key, kv in items:
             pipe.set(self.redis_key(key), pack(key, encode(kv, self.dtype)))
-        pipe.execute()
+        with self._guard("write"):
+            pipe.execute()
 
     def _get(self, key: CacheKey) -> PassageKV | None:
-        return self._unpack(key, self._client.get(self.redis_key(key)))
+        return self._get_many([key])[0]
 
     def _get_many(self, keys: Sequence[CacheKey]) -> list[PassageKV | None]:
         pipe = self._client.pipeline(transaction=False)
         for key in keys:
             pipe.get(self.redis_key(key))
-        return [self._unpack(key, data) for key, data in zip(keys, pipe.execute(), strict=True)]
+        with self._guard("read"):
+            found = pipe.execute()
+        return [self._unpack(key, data) for key, data in zip(keys, found, strict=True)]
 
     def contains(self, key: CacheKey) -> bool:
-        return bool(self._client.exists(self.redis_key(key)))
+        return self.contains_many([key])[0]
 
     def contains_many(self, keys: Sequence[CacheKey]) -> list[bool]:
         pipe = self._client.pipeline(transaction=False)
         for key in keys:
             pipe.exists(self.redis_key(key))
-        return [bool(n) for n in pipe.execute()]
+        with self._guard("read"):
+            return [bool(n) for n in pipe.execute()]
 
     def delete(self, key: CacheKey) -> None:
-        self._client.delete(self.redis_key(key))
+        with self._guard("delete"):
+            self._client.delete(self.redis_key(key))
 
     def close(self) -> None:
         self._client.close()
