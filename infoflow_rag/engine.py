@@ -20,7 +20,7 @@ from .compress import Policy, PromptMap, compress_cache, make_policy, validate_k
 from .decode import GenerationConfig, generate_tokens, text_deltas
 from .kv import PassageKV
 from .layout import GEOMETRIES, Layout, PlacedContext, Segment, place
-from .models import DEFAULT_MODEL, LoadedModel, load_model
+from .models import DEFAULT_MODEL, LoadedModel, load_model, parameters_sha256
 from .prompt import DEFAULT_QUESTION_TEMPLATE, PromptFormat, encode, encode_passage, encode_question
 from .result import AnswerResult, StageTimings
 from .selectors import (
@@ -105,6 +105,8 @@ class Engine:
         check_supported(loaded.model.config)
         self.loaded = loaded
         self.model: PreTrainedModel = loaded.model
+        # Hashed once: a model built in code has no file to hash, so its parameters are (cheap for small ones).
+        self.weights_sha256 = loaded.sha256 or parameters_sha256(loaded.model)
         self.tokenizer: PreTrainedTokenizerBase = loaded.tokenizer
         self.model.eval()
         self.model.config._attn_implementation = attention.register()
@@ -145,7 +147,7 @@ class Engine:
         blob = json.dumps(
             {
                 "model": self.loaded.name,
-                "sha256": self.loaded.sha256,
+                "sha256": self.weights_sha256,
                 "config": config,
                 "dtype": str(self.model.dtype),
                 "prefix": self.prefix.token_ids.tolist(),
@@ -183,6 +185,24 @@ class Engine:
                 f"behind the {len(self.prefix)}-token prefix; split it into smaller passages"
             )
         return ids
+
+    def kv_problem(self, kv: PassageKV, token_ids: Sequence[int], stored: bool = True) -> str | None:
+        """Why ``kv`` cannot serve the passage of ``token_ids`` on this engine (None if it can).
+
+        A ``stored`` entry can pass its checksum and still be wrong for the passage: written for other tokens,
+        by another shape of model or prompt prefix, or without the signals this engine records (which its
+        store key promises; a caller's own PassageKV needs them only for a policy that reads them).
+        """
+        if kv.token_ids.tolist() != list(token_ids):
+            return "its token ids are not the passage's"
+        expected = (*self.prefix.keys.shape[:2], len(token_ids), self.prefix.keys.shape[3])
+        if tuple(kv.keys.shape) != expected:
+            return f"keys of shape {tuple(kv.keys.shape)}, this engine's are {expected}"
+        if kv.offset != len(self.prefix):
+            return f"prefilled behind a {kv.offset}-token prefix, this engine's is {len(self.prefix)}"
+        if stored and self.record_signals and (missing := set(SIGNALS) - set(kv.signals)):
+            return f"signals {sorted(missing)} are missing"
+        return None
 
     def prefill(self, passages: Sequence[str], progress: bool = False) -> list[PassageKV]:
         """Prefill passages alone behind the prefix, batching similar lengths; returns KVs in input order."""
@@ -368,10 +388,10 @@ class Engine:
             timings.prefill = time.perf_counter() - t0
         segments = []
         for i, kv in enumerate(kvs):
-            if kv is not None and kv.offset != len(self.prefix):
+            if kv is not None and (problem := self.kv_problem(kv, kv.token_ids.tolist(), stored=False)) is not None:
                 raise ValueError(
-                    f"passage {i} was prefilled behind a {kv.offset}-token prefix, this engine's is "
-                    f"{len(self.prefix)}: it comes from another model or prompt format; prefill it again"
+                    f"passage {i} cannot be served from its KV: {problem}; it comes from another model or "
+                    "prompt format: prefill it again"
                 )
             ids = kv.token_ids if kv is not None else torch.tensor(self.passage_ids(passages[i]))
             segments.append(Segment(ids, kv, passage=i))

@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import ModelIntegrityError
+from .store.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     name: str  # registered name or the path it was loaded from
-    sha256: str | None  # of the source GGUF file, when there is one
+    sha256: str | None  # of the source GGUF file, or of a directory's weight files; None for a model built in code
 
 
 def _package_dir(package: str, install_hint: str) -> Path:
@@ -118,7 +119,7 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dty
     if path.is_file() and path.suffix == ".gguf":
         return _load_gguf(path, name=str(path), expected_sha256=None, dtype=dtype)
     if path.is_dir() and (path / "config.json").exists():
-        return _load_hf_dir(path, name=str(path), sha256=None, dtype=dtype)
+        return _load_hf_dir(path, name=str(path), sha256=dir_weights_sha256(path), dtype=dtype)
     known = "; ".join(f"{name} ({entry.description})" for name, entry in sorted(REGISTRY.items()))
     raise ValueError(
         f"cannot load model {key!r}: not a .gguf file, not a directory with config.json, "
@@ -159,6 +160,41 @@ def _load_gguf(gguf: Path, name: str, expected_sha256: str | None, dtype: torch.
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "source.sha256").write_text(sha256)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def dir_weights_sha256(path: Path) -> str:
+    """sha256 over a model directory's weight files (names and bytes), so KV keys change when weights do.
+
+    Hashing gigabytes takes seconds, so the digest is cached under :func:`cache_dir`, keyed by the files'
+    paths, sizes and modification times: weights rewritten in place get a new stamp and are hashed again.
+    """
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        raise ValueError(f"{path} has config.json but no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+    stamps = [f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+    cached = cache_dir() / "weights" / f"{hashlib.sha256('|'.join(stamps).encode()).hexdigest()[:32]}.sha256"
+    if cached.is_file():
+        return cached.read_text().strip()
+    digest = hashlib.sha256("".join(f"{p.name}:{file_sha256(p)};" for p in files).encode()).hexdigest()
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cached, digest.encode())
+    except OSError as e:  # a read-only cache costs a re-hash next time, nothing else
+        log.warning("could not cache the weights hash of %s in %s: %s", path, cached, e)
+    return digest
+
+
+def parameters_sha256(model: PreTrainedModel) -> str:
+    """sha256 over a model's parameters in memory (names, dtypes, shapes, bytes): for models built in code."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        t = param.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
         os.replace(tmp, converted)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
