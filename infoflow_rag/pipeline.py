@@ -6,6 +6,8 @@ key (engine fingerprint + its token ids) and a missing KV is prefilled on the sp
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -15,6 +17,7 @@ import torch
 
 from .closing import Closing
 from .engine import AnswerStream, Engine
+from .errors import StoreUnavailableError
 from .index.passage_index import Hit, PassageIndex
 from .kv import PassageKV
 from .matching import PassageMatcher
@@ -23,6 +26,8 @@ from .result import AnswerResult
 from .store import CacheKey, KVStore, open_store
 
 KV_DIR = "kv"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,7 +63,8 @@ class ReuseStats:
 
     @property
     def reused_share(self) -> float:
-        return self.reused_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+        """Share of the prompt whose KV the store already held: 0 when no passage was a hit."""
+        return self.stored_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
     def to_dict(self) -> dict:
         return {**asdict(self), "reused_share": self.reused_share}
@@ -116,10 +122,16 @@ class PipelineStream:
 
 
 class Pipeline(Closing):
+    """Safe to share between threads: the engine keeps every forward's state to itself, the stores lock."""
+
     def __init__(self, engine: Engine, store: KVStore, index: PassageIndex | None = None):
         self.engine, self.store, self.index = engine, store, index
         self.matcher = PassageMatcher((r.id, r.text) for r in index or ())
-        self._texts: dict[int, str] = {}  # passages registered without an index (framework ingestion)
+        # Passages registered without the index (framework ingestion), by id. Their ids are negative and the
+        # index's positive (SQLite row ids), so a registered text can never take an indexed passage's id.
+        self._texts: dict[int, str] = {}
+        self._register_lock = threading.Lock()
+        self._store_failures: set[str] = set()  # actions whose failure was already reported
 
     @classmethod
     def open(
@@ -163,8 +175,14 @@ class Pipeline(Closing):
     def kv_for(self, texts: Sequence[str], progress: bool = False) -> KVLookup:
         """KV of each passage: from the store, or prefilled now and stored (then served from the store)."""
         t = time.perf_counter()
-        keys = [self.key(self.engine.passage_ids(text)) for text in texts]
-        found = self.store.get_many(keys)
+        ids = [self.engine.passage_ids(text) for text in texts]
+        keys = [self.key(token_ids) for token_ids in ids]
+        expected = dict(zip(keys, ids, strict=True))
+        try:  # an entry that is not this passage's KV (other tokens, shapes, prefix) is dropped and recomputed
+            found = self.store.get_many(keys, check=lambda key, kv: self.engine.kv_problem(kv, expected[key]))
+        except StoreUnavailableError as e:
+            self._report_once("read", e)
+            found = [None] * len(keys)
         load_s = time.perf_counter() - t
         fresh = [kv is None for kv in found]
         missing = [i for i, new in enumerate(fresh) if new]
@@ -172,19 +190,33 @@ class Pipeline(Closing):
         if missing:
             t = time.perf_counter()
             computed = self.engine.prefill([texts[i] for i in missing], progress=progress)
-            self.store.put_many((keys[i], kv) for i, kv in zip(missing, computed, strict=True))
+            try:
+                self.store.put_many((keys[i], kv) for i, kv in zip(missing, computed, strict=True))
+            except StoreUnavailableError as e:  # the computed KV still serves this call
+                self._report_once("write", e)
             for i, kv in zip(missing, computed, strict=True):
                 found[i] = kv
             prefill_s = time.perf_counter() - t
         return KVLookup(found, fresh, load_s, prefill_s)
 
+    def _report_once(self, action: str, error: StoreUnavailableError) -> None:
+        """The store is a cache: a failure costs a prefill (read) or a later one (write), and is said once."""
+        if action not in self._store_failures:
+            self._store_failures.add(action)
+            effect = "passages are prefilled instead" if action == "read" else "KV is not kept for reuse"
+            logger.warning("KV store %s failed, %s (reported once): %s", action, effect, error)
+
     def register(self, texts: Sequence[str], progress: bool = False) -> KVLookup:
         """Make passages recognisable inside prompts and make sure their KV is stored (framework ingestion)."""
-        start = max(self._texts, default=-1) + 1
-        new = [(start + i, t) for i, t in enumerate(texts) if t not in self._texts.values()]
-        self._texts.update(new)
-        self.matcher.add(new)
-        return self.kv_for(texts, progress=progress)
+        lookup = self.kv_for(texts, progress=progress)  # first: a passage that cannot be served is refused here
+        with self._register_lock:  # concurrent registrations must not hand out one id twice
+            known = set(self._texts.values())
+            new = [text for text in dict.fromkeys(texts) if text not in known]
+            first = len(self._texts) + 1
+            registered = [(-(first + i), text) for i, text in enumerate(new)]
+            self._texts.update(registered)
+            self.matcher.add(registered)
+        return lookup
 
     # --- answering --------------------------------------------------------------------------------------
 
@@ -193,7 +225,7 @@ class Pipeline(Closing):
             raise ValueError("this pipeline has no passage index: open one with Pipeline.open(index_dir)")
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        return self.index.search(question, top_k)
+        return self.index.search(question, top_k)  # at most the index size: a huge top_k allocates nothing
 
     def ask(self, question: str, top_k: int = 5, **options) -> PipelineAnswer:
         """Retrieve top_k passages, load (or prefill) their KV, answer. Options as for :meth:`Engine.answer`."""
