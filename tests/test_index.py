@@ -140,7 +140,7 @@ def test_reopen_gives_identical_results(tmp_path: Path, kind: str, params: dict[
     corpus = synthetic_corpus(200)
     queries = [corpus[3], corpus[150], " ".join(corpus[7].split()[:4])]
     with PassageIndex.create(tmp_path, embedder=BagOfWordsEmbedder(), kind=kind, **params) as index:
-        ids = index.add_passages(corpus, sources=[f"doc{i}" for i in range(200)])
+        ids = index.add_passages(corpus, sources=[f"doc{i}" for i in range(200)]).ids
         before = [index.search(q, k=5) for q in queries]
     assert before[0][0].id == ids[3] and before[0][0].score == pytest.approx(1.0)
     assert before[1][0].source == "doc150"
@@ -153,7 +153,7 @@ def test_index_json_records_the_configuration(tmp_path: Path) -> None:
     PassageIndex.create(tmp_path, embedder=BagOfWordsEmbedder(), kind="hnsw", M=8).close()
     meta = (tmp_path / "index.json").read_text()
     for expected in (
-        '"format_version": 1',
+        '"format_version": 2',
         '"embedder": "test-bag-of-words"',
         '"dim": 64',
         '"kind": "hnsw"',
@@ -166,8 +166,10 @@ def test_index_json_records_the_configuration(tmp_path: Path) -> None:
 def test_add_passages_dedupes_without_reembedding(tmp_path: Path) -> None:
     embedder = BagOfWordsEmbedder()
     with PassageIndex.create(tmp_path, embedder=embedder) as index:
-        first = index.add_passages(FACTS[:2])
-        second = index.add_passages([FACTS[1], FACTS[2], FACTS[2]])
+        first = index.add_passages(FACTS[:2]).ids
+        added = index.add_passages([FACTS[1], FACTS[2], FACTS[2]])
+        second = added.ids
+        assert added.new_ids == [second[1]]
         assert second[0] == first[1] and second[1] == second[2]
         assert embedder.calls == [FACTS[:2], [FACTS[2]]]
         assert len(index) == 3

@@ -6,11 +6,16 @@ set can be listed (crash repair compares it with the records).
 IVF needs k-means training: vectors are kept in an exact flat index until there are at least
 ``IVF_TRAIN_FACTOR * nlist`` of them (39 points per centroid, FAISS's own minimum before it warns),
 then the IVF is trained once on all of them. It is not retrained as it grows.
+
+The file is FAISS's own serialisation behind a short header holding the identity of the index it belongs
+to, so vectors from another index (or an older copy) are recognised instead of silently searched.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +26,7 @@ import numpy as np
 from infoflow_rag.store.files import atomic_write
 
 IVF_TRAIN_FACTOR = 39
+FILE_MAGIC = b"infoflow-vectors\0"  # then a little-endian uint32 header length, the JSON header, FAISS bytes
 DEFAULT_PARAMS: dict[str, dict[str, int]] = {
     "flat": {},
     "hnsw": {"M": 32, "ef_construction": 200, "ef_search": 64},
@@ -69,8 +75,9 @@ def _empty_index(spec: IndexSpec) -> faiss.Index:
 class VectorIndex:
     """A FAISS index keyed by int64 passage ids; build with :meth:`create` or :meth:`load`."""
 
-    def __init__(self, spec: IndexSpec, index: faiss.Index) -> None:
+    def __init__(self, spec: IndexSpec, index: faiss.Index, identity: str | None = None) -> None:
         self.spec = spec
+        self.identity = identity  # of the passage index these vectors belong to (None: not stamped)
         self._index = index  # IndexIDMap2 over the kind's index
         self._apply_search_params()
 
@@ -86,8 +93,21 @@ class VectorIndex:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], spec: IndexSpec) -> VectorIndex:
-        """The index saved at ``path``, checked against ``spec``."""
-        index = faiss.read_index(str(path))
+        """The index saved at ``path``, checked against ``spec``; ValueError if it is unreadable or another kind."""
+        data = Path(path).read_bytes()
+        identity = None
+        if data.startswith(FILE_MAGIC):
+            try:
+                (length,) = struct.unpack_from("<I", data, len(FILE_MAGIC))
+                start = len(FILE_MAGIC) + 4
+                identity = json.loads(data[start : start + length])["identity"]
+                data = data[start + length :]
+            except (struct.error, ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path} has an unreadable header: {e}") from e
+        try:
+            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        except RuntimeError as e:  # FAISS reports a truncated or foreign file this way
+            raise ValueError(f"{path} is not a readable FAISS index: {str(e).splitlines()[0]}") from e
         inner = type(faiss.downcast_index(index.index)).__name__ if isinstance(index, faiss.IndexIDMap2) else None
         expected = {
             "flat": ("IndexFlatIP",),
@@ -100,7 +120,7 @@ class VectorIndex:
                 f"{spec.kind!r} index of dim {spec.dim}: the vectors file and index.json do not belong "
                 "together"
             )
-        return cls(spec, index)
+        return cls(spec, index, identity)
 
     @property
     def is_trained(self) -> bool:
@@ -137,8 +157,10 @@ class VectorIndex:
         return SearchResult(scores, ids)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write atomically: a reader or a crash sees the previous file or the new one."""
-        atomic_write(Path(path), memoryview(faiss.serialize_index(self._index)))
+        """Write atomically, stamped with ``identity``: a reader or a crash sees the previous file or the new one."""
+        header = json.dumps({"identity": self.identity}).encode()
+        body = faiss.serialize_index(self._index)  # (bytes,) uint8
+        atomic_write(Path(path), FILE_MAGIC + struct.pack("<I", len(header)) + header + body.tobytes())
 
     def _train_ivf(self) -> None:
         flat = faiss.downcast_index(self._index.index)

@@ -9,6 +9,11 @@ ever replaced atomically. So at any instant the FAISS ids are a subset of the re
 kill between the two writes leaves records without vectors. ``PassageIndex.open`` repairs that by
 embedding and adding exactly those records, so the two files never disagree once opened.
 
+Identity: ``create`` draws a random identity and writes it into all three files. ``open`` refuses files that
+do not share it (a recreated ``passages.sqlite`` next to old vectors would retrieve the wrong passages with
+high scores), and any missing or unreadable file, with an :class:`IndexIntegrityError` that names the fix.
+``repair`` rebuilds the vectors and ``index.json`` from the records, under a new identity.
+
 One writer at a time per directory.
 """
 
@@ -17,6 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +32,15 @@ from typing import Any
 import numpy as np
 
 from infoflow_rag.closing import Closing
-from infoflow_rag.index.embedder import Embedder, TextEmbedder
+from infoflow_rag.errors import IndexIntegrityError
+from infoflow_rag.index.embedder import DEFAULT_MODEL, Embedder, TextEmbedder
 from infoflow_rag.index.faiss_index import IndexSpec, VectorIndex
-from infoflow_rag.index.records import PassageRecord, PassageRecords
+from infoflow_rag.index.records import AddResult, PassageRecord, PassageRecords
 from infoflow_rag.store.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the three files carry the index identity
 RECORDS_FILE = "passages.sqlite"
 VECTORS_FILE = "vectors.faiss"
 META_FILE = "index.json"
@@ -74,17 +82,16 @@ class PassageIndex(Closing):
         directory.mkdir(parents=True, exist_ok=True)
         embedder = embedder if embedder is not None else Embedder()
         vectors = VectorIndex.create(embedder.dim, kind, **params)
-        vectors.save(directory / VECTORS_FILE)
-        records = PassageRecords(directory / RECORDS_FILE)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "embedder": embedder.name,
-            "dim": vectors.spec.dim,
-            "kind": vectors.spec.kind,
-            "params": vectors.spec.params,
-        }
-        atomic_write(directory / META_FILE, json.dumps(meta, indent=2).encode())
-        return cls(directory, records, vectors, embedder)
+        records = _open_records(directory)
+        if n := len(records):  # a create killed before index.json: the records are kept, never overwritten
+            records.close()
+            raise IndexIntegrityError(
+                f"{directory} holds {n} passage records but no {META_FILE} (an interrupted create?); "
+                f"{_repair_hint(directory)}"
+            )
+        index = cls(directory, records, vectors, embedder)
+        index._stamp(uuid.uuid4().hex)
+        return index
 
     @classmethod
     def open(cls, directory: str | os.PathLike[str], embedder: TextEmbedder | None = None) -> PassageIndex:
@@ -93,12 +100,7 @@ class PassageIndex(Closing):
         Without ``embedder``, the one named in index.json is loaded (lazily, on first use).
         """
         directory = Path(directory)
-        meta_path = directory / META_FILE
-        if not meta_path.exists():
-            raise FileNotFoundError(f"{directory} is not a passage index (no {META_FILE}); use PassageIndex.create")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{meta_path}: format version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+        meta = _read_meta(directory)
         if embedder is None:
             embedder = Embedder(meta["embedder"])
         elif embedder.name != meta["embedder"]:
@@ -107,15 +109,49 @@ class PassageIndex(Closing):
                 "pass a matching embedder or none"
             )
         spec = IndexSpec.build(meta["kind"], meta["dim"], **meta["params"])
-        index = cls(
-            directory,
-            PassageRecords(directory / RECORDS_FILE),
-            VectorIndex.load(directory / VECTORS_FILE, spec),
-            embedder,
-        )
+        records = _open_records(directory, must_exist=True)
+        try:
+            index = cls(directory, records, _load_vectors(directory, spec), embedder)
+            index._check_identity(meta["identity"])
+        except IndexIntegrityError:
+            records.close()
+            raise
         repaired = index._embed_missing()
         if repaired:
             logger.warning("%s: embedded %d passages missing from %s", directory, len(repaired), VECTORS_FILE)
+        return index
+
+    @classmethod
+    def repair(
+        cls,
+        directory: str | os.PathLike[str],
+        embedder: TextEmbedder | None = None,
+        kind: str | None = None,
+        *,
+        batch_size: int = 64,
+        show_progress: bool = False,
+        **params: int,
+    ) -> PassageIndex:
+        """Rebuild ``vectors.faiss`` and ``index.json`` from ``passages.sqlite``, the source of truth.
+
+        Fixes a lost, corrupt or foreign vectors file or index.json (and upgrades an index of an older format).
+        The embedder, kind and params not given come from index.json when it is readable, else the defaults.
+        Every passage is embedded again; the three files get a new identity.
+        """
+        directory = Path(directory)
+        records = _open_records(directory, must_exist=True)
+        old = _readable_meta(directory)
+        embedder = embedder if embedder is not None else Embedder(old.get("embedder", DEFAULT_MODEL))
+        kind = kind or old.get("kind", "flat")
+        params = {**(old.get("params", {}) if kind == old.get("kind") else {}), **params}
+        try:
+            index = cls(directory, records, VectorIndex.create(embedder.dim, kind, **params), embedder)
+            index._embed_missing(batch_size, show_progress)  # every record: the new vectors start empty
+            index._stamp(uuid.uuid4().hex)  # a crash before its end leaves a mismatch that open reports
+        except BaseException:
+            records.close()
+            raise
+        logger.warning("%s: rebuilt %d vectors from %s", directory, len(index), RECORDS_FILE)
         return index
 
     def add_passages(
@@ -126,18 +162,22 @@ class PassageIndex(Closing):
         *,
         batch_size: int = 64,
         show_progress: bool = False,
-    ) -> list[int]:
-        """Passage ids for ``texts``, in order; texts already present keep their id and are not re-embedded.
+    ) -> AddResult:
+        """Passage ids for ``texts``, in order, and the ids this call created (``new_ids``: exact even when other
+        processes add at the same time); texts already present keep their id and are not re-embedded.
 
         Embeds every record still without a vector (the new ones, plus any left by an earlier call
         that failed after its commit) and rewrites the FAISS file, so add in large batches.
         """
-        ids = self._records.add_many(texts, sources, metadatas).ids
+        added = self._records.add_many(texts, sources, metadatas)
         self._embed_missing(batch_size, show_progress)
-        return ids
+        return added
 
     def search(self, query: str, k: int = 5) -> list[Hit]:
         """The ``k`` passages most similar to ``query``, best first (fewer if the index is smaller)."""
+        k = min(k, len(self._vectors))  # never ask FAISS for more rows than exist: it allocates them all
+        if k <= 0:
+            return []
         found = self._vectors.search(self.embedder.encode([query]), k)
         pairs = [(int(i), float(s)) for i, s in zip(found.ids[0], found.scores[0], strict=True) if i >= 0]
         records = self._records.get_many([i for i, _ in pairs])
@@ -157,6 +197,36 @@ class PassageIndex(Closing):
     def close(self) -> None:
         self._records.close()
 
+    def _stamp(self, identity: str) -> None:
+        """Write ``identity`` into the records, the vectors and (last, marking completion) index.json."""
+        self._records.identity = self._vectors.identity = identity
+        self._vectors.save(self.directory / VECTORS_FILE)
+        spec = self._vectors.spec
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "identity": identity,
+            "embedder": self.embedder.name,
+            "dim": spec.dim,
+            "kind": spec.kind,
+            "params": spec.params,
+        }
+        atomic_write(self.directory / META_FILE, json.dumps(meta, indent=2).encode())
+
+    def _check_identity(self, identity: str) -> None:
+        """The records and vectors must be this index's, and the vectors a subset of the records."""
+        for name, found in ((RECORDS_FILE, self._records.identity), (VECTORS_FILE, self._vectors.identity)):
+            if found != identity:
+                raise IndexIntegrityError(
+                    f"{self.directory / name} belongs to another index (identity {found}, {META_FILE} says "
+                    f"{identity}): searching would return the wrong passages; {_repair_hint(self.directory)}"
+                )
+        unknown = set(self._vectors.ids().tolist()) - set(self._records.ids())
+        if unknown:
+            raise IndexIntegrityError(
+                f"{self.directory / VECTORS_FILE} holds {len(unknown)} passage ids missing from {RECORDS_FILE}; "
+                f"{_repair_hint(self.directory)}"
+            )
+
     def _embed_missing(self, batch_size: int = 64, show_progress: bool = False) -> list[int]:
         """Embed the records that have no vector yet, add them to FAISS and save it; their ids."""
         # FAISS ids are always a subset of record ids, so equal counts mean nothing is missing.
@@ -168,3 +238,65 @@ class PassageIndex(Closing):
         self._vectors.add(np.asarray(missing, dtype=np.int64), vectors)
         self._vectors.save(self.directory / VECTORS_FILE)
         return missing
+
+
+def _repair_hint(directory: Path) -> str:
+    return f"rebuild the vectors from the passage records with: infoflow-rag index repair {directory}"
+
+
+def _reingest_hint(directory: Path) -> str:
+    return (
+        "the passage texts cannot be recovered from the other files: delete the directory and ingest the source "
+        f"again (infoflow-rag ingest SOURCE --index {directory})"
+    )
+
+
+def _open_records(directory: Path, must_exist: bool = False) -> PassageRecords:
+    path = directory / RECORDS_FILE
+    if must_exist and not path.is_file():
+        raise IndexIntegrityError(f"{path} is missing; {_reingest_hint(directory)}")
+    try:
+        return PassageRecords(path)
+    except sqlite3.DatabaseError as e:
+        raise IndexIntegrityError(f"{path} is unreadable ({e}); {_reingest_hint(directory)}") from e
+
+
+def _load_vectors(directory: Path, spec: IndexSpec) -> VectorIndex:
+    path = directory / VECTORS_FILE
+    if not path.is_file():
+        raise IndexIntegrityError(f"{path} is missing; {_repair_hint(directory)}")
+    try:
+        return VectorIndex.load(path, spec)
+    except ValueError as e:
+        raise IndexIntegrityError(f"{e}; {_repair_hint(directory)}") from e
+
+
+def _read_meta(directory: Path) -> dict[str, Any]:
+    """index.json, checked; FileNotFoundError if the directory holds no index at all."""
+    path = directory / META_FILE
+    if not path.exists():
+        if (directory / RECORDS_FILE).exists():
+            raise IndexIntegrityError(f"{path} is missing; {_repair_hint(directory)}")
+        raise FileNotFoundError(f"{directory} is not a passage index (no {META_FILE}); use PassageIndex.create")
+    meta = _readable_meta(directory)
+    if meta.get("format_version") == 1:
+        raise IndexIntegrityError(
+            f"{directory} was written by an older infoflow-rag, without the identity that ties its files "
+            f"together; {_repair_hint(directory)}"
+        )
+    fields = {"format_version", "identity", "embedder", "dim", "kind", "params"}
+    if meta.get("format_version") != FORMAT_VERSION or not fields <= set(meta):
+        raise IndexIntegrityError(
+            f"{path} is unreadable or of an unknown format (version {meta.get('format_version')!r}, expected "
+            f"{FORMAT_VERSION} with fields {sorted(fields)}); {_repair_hint(directory)}"
+        )
+    return meta
+
+
+def _readable_meta(directory: Path) -> dict[str, Any]:
+    """What index.json holds, or {} if it is missing or unreadable (repair then falls back to defaults)."""
+    try:
+        meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # JSON and UTF-8 errors are ValueErrors
+        return {}
+    return meta if isinstance(meta, dict) else {}

@@ -23,7 +23,8 @@ CREATE TABLE IF NOT EXISTS passages (
     content_hash TEXT NOT NULL UNIQUE,
     n_tokens INTEGER,
     created_at TEXT NOT NULL
-)
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)
 """
 _COLUMNS = "id, text, source, metadata, content_hash, n_tokens, created_at"
 _MAX_PARAMS = 500  # ids per IN (...) query, well under SQLite's bound-parameter limit
@@ -78,7 +79,7 @@ class PassageRecords(Closing):
         # reference ids that a power loss could roll back (and a later insert reuse).
         self._conn.execute("PRAGMA synchronous=FULL")
         with self._conn:
-            self._conn.execute(_SCHEMA)
+            self._conn.executescript(_SCHEMA)
 
     def add_many(
         self,
@@ -136,6 +137,17 @@ class PassageRecords(Closing):
     def ids(self) -> list[int]:
         """All passage ids, ascending."""
         return [row[0] for row in self._fetch("SELECT id FROM passages ORDER BY id")]
+
+    @property
+    def identity(self) -> str | None:
+        """The identity of the passage index these records belong to (None: never stamped)."""
+        rows = self._fetch("SELECT value FROM meta WHERE key = 'identity'")
+        return rows[0][0] if rows else None
+
+    @identity.setter
+    def identity(self, value: str) -> None:
+        with self._lock, self._conn:
+            self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('identity', ?)", (value,))
 
     def count(self) -> int:
         return self._fetch("SELECT COUNT(*) FROM passages")[0][0]
