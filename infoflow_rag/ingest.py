@@ -3,6 +3,9 @@
 Each batch is committed in this order: passage records + vectors (the index repairs a kill between
 those two on open), then KV files (each written atomically). A re-run skips passages already indexed
 (content hash) and KV already stored (key check), so a killed ingest resumes where it stopped.
+
+Every passage is checked before anything is written: one longer than the model's window is split into
+token windows that fit, so no stored passage can fail a later query or stop a re-run.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .engine import Engine
 from .index.splitting import load_source, split_paragraphs, split_token_windows
 from .pipeline import Pipeline
 
@@ -54,6 +58,30 @@ def split_documents(texts: list[str], split: str, window: int, tokenize: Callabl
     raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
 
 
+def fitting_passages(engine: Engine, texts: list[str], window: int) -> list[list[str]]:
+    """Each text as passages the engine can prefill: itself, or token windows of at most ``window`` tokens
+    when it is longer than the model's context window; whitespace-only texts give none."""
+
+    def tokenize(text: str) -> list[int]:
+        return engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    limit = engine.max_positions - len(engine.prefix) - len(tokenize(engine.format.separator))
+    out = []
+    for text in texts:
+        if not text.strip():
+            out.append([])
+        elif len(tokenize(text)) <= limit:
+            out.append([text])
+        else:
+            windows = split_token_windows(
+                text, min(window, limit), tokenize=tokenize, detokenize=engine.tokenizer.decode
+            )
+            out.append([w.text for w in windows if w.text.strip()])
+    for text in (t for parts in out for t in parts):
+        engine.passage_ids(text)  # a window that re-tokenizes longer is refused here, before anything is written
+    return out
+
+
 def ingest(
     pipeline: Pipeline,
     source: str | Path,
@@ -61,34 +89,44 @@ def ingest(
     window: int = 256,
     batch_size: int = 64,
     progress: bool = True,
+    *,
+    strict_utf8: bool = False,
+    follow_symlinks: bool = False,
 ) -> IngestSummary:
-    """Index and prefill every passage of ``source`` (folder of .txt/.md, or .jsonl)."""
+    """Index and prefill every passage of ``source`` (folder of .txt/.md, or .jsonl).
+
+    ``strict_utf8`` and ``follow_symlinks`` as in :func:`load_source`: by default non-UTF-8 files and files
+    linked from outside the folder are skipped with a warning.
+    """
     if window < 8:
         raise ValueError(f"window must be at least 8 tokens, got {window}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1 passage, got {batch_size}")
     t0 = time.perf_counter()
-    docs = load_source(source)
-    tok = pipeline.engine.tokenizer
+    docs = load_source(source, strict_utf8=strict_utf8, follow_symlinks=follow_symlinks)
+    engine = pipeline.engine
+    tok = engine.tokenizer
     passages, sources, metas = [], [], []
     for doc in docs:
-        for text in split_documents(
+        texts = split_documents(
             [doc.text], split, window, lambda s: tok(s, add_special_tokens=False)["input_ids"], tok.decode
-        ):
+        )
+        for text in (t for parts in fitting_passages(engine, texts, window) for t in parts):
             passages.append(text)
             sources.append(doc.source)
             metas.append({**doc.metadata, "document": doc.id, **({"title": doc.title} if doc.title else {})})
     summary = IngestSummary(len(docs), len(passages), 0, 0, 0, 0, 0.0)
-    before = len(pipeline.index)
     bar = tqdm(total=len(passages), desc="ingest", unit="passage", disable=not progress)
     for start in range(0, len(passages), batch_size):
         end = start + batch_size
-        ids = pipeline.index.add_passages(passages[start:end], sources[start:end], metas[start:end])
-        pipeline.matcher.add(zip(ids, passages[start:end], strict=True))
+        added = pipeline.index.add_passages(passages[start:end], sources[start:end], metas[start:end])
+        summary.new_passages += len(added.new_ids)  # this run's own: other writers' passages are not counted
+        pipeline.matcher.add(zip(added.ids, passages[start:end], strict=True))
         lookup = pipeline.kv_for(passages[start:end])
         summary.kv_computed += lookup.computed
         summary.tokens += sum(len(kv) for kv, new in zip(lookup.kvs, lookup.fresh, strict=True) if new)
         summary.kv_bytes += sum(kv.nbytes for kv, new in zip(lookup.kvs, lookup.fresh, strict=True) if new)
         bar.update(len(passages[start:end]))
     bar.close()
-    summary.new_passages = len(pipeline.index) - before
     summary.seconds = time.perf_counter() - t0
     return summary

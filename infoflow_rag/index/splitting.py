@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".md")
 _BLANK_LINE = re.compile(r"\n\s*\n")
@@ -93,11 +96,17 @@ def split_token_windows(
     return windows
 
 
-def load_source(path: str | os.PathLike[str]) -> list[Document]:
+def load_source(
+    path: str | os.PathLike[str], *, strict_utf8: bool = False, follow_symlinks: bool = False
+) -> list[Document]:
     """Documents from a directory of .txt/.md files (recursive, sorted), one such file, or a .jsonl file.
 
     jsonl lines are objects with "text" and optional "id", "title", "metadata"; blank lines are
     skipped and a malformed line raises ValueError naming its line number.
+
+    A file (or jsonl line) that is not UTF-8 is skipped with a warning naming it, or refused with a
+    ValueError when ``strict_utf8``. In a directory, files whose real location is outside it (reached
+    through a symlink) are skipped with a warning unless ``follow_symlinks``.
     """
     path = Path(path)
     if path.is_dir():
@@ -105,24 +114,52 @@ def load_source(path: str | os.PathLike[str]) -> list[Document]:
             (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES),
             key=lambda p: p.relative_to(path).as_posix(),
         )
-        return [_read_text(p, p.relative_to(path).as_posix()) for p in files]
+        if not follow_symlinks:
+            root = path.resolve()
+            outside = [p for p in files if not p.resolve().is_relative_to(root)]
+            for p in outside:
+                logger.warning(
+                    "skipping %s: it links to %s, outside %s (--follow-symlinks reads it)", p, p.resolve(), path
+                )
+            files = [p for p in files if p not in outside]
+        documents = (_read_text(p, p.relative_to(path).as_posix(), strict_utf8) for p in files)
+        return [doc for doc in documents if doc is not None]
     if not path.exists():
         raise FileNotFoundError(f"no such source: {path}")
     if path.suffix.lower() == ".jsonl":
-        return _read_jsonl(path)
+        return _read_jsonl(path, strict_utf8)
     if path.suffix.lower() in TEXT_SUFFIXES:
-        return [_read_text(path, path.name)]
+        doc = _read_text(path, path.name, strict_utf8)
+        return [doc] if doc is not None else []
     raise ValueError(f"cannot load {path}: expected a directory of .txt/.md files, a .txt/.md file or a .jsonl file")
 
 
-def _read_text(path: Path, doc_id: str) -> Document:
-    return Document(id=doc_id, text=path.read_text(encoding="utf-8"), source=str(path))
+def _not_utf8(where: str, error: UnicodeDecodeError, strict: bool) -> None:
+    """Refuse (strict) or skip with a warning: either way the reader hears which file and where."""
+    problem = f"{where} is not UTF-8 (byte 0x{error.object[error.start]:02x} at offset {error.start})"
+    if strict:
+        raise ValueError(f"{problem}; convert it to UTF-8 or drop --strict-utf8 to skip it")
+    logger.warning("skipping %s; convert it to UTF-8 to ingest it", problem)
 
 
-def _read_jsonl(path: Path) -> list[Document]:
+def _read_text(path: Path, doc_id: str, strict_utf8: bool) -> Document | None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        _not_utf8(str(path), e, strict_utf8)
+        return None
+    return Document(id=doc_id, text=text, source=str(path))
+
+
+def _read_jsonl(path: Path, strict_utf8: bool) -> list[Document]:
     documents = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                _not_utf8(f"{path}:{line_no}", e, strict_utf8)
+                continue
             if line.strip():
                 documents.append(_parse_jsonl_line(line, f"{path}:{line_no}", line_no))
     return documents
