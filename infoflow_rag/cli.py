@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .compress import POLICIES, validate_keep
+from .errors import InfoFlowError
 from .eval.methods import parse_keep
 from .models import DEFAULT_MODEL, REGISTRY
 
@@ -183,6 +184,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             window=args.window,
             batch_size=args.batch_size,
             progress=not args.json,
+            strict_utf8=args.strict_utf8,
+            follow_symlinks=args.follow_symlinks,
         )
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
@@ -194,6 +197,29 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             f"{summary.tokens_per_s:.0f} tokens/s"
         )
     return 0
+
+
+def cmd_index_repair(args: argparse.Namespace) -> int:
+    from .index.passage_index import PassageIndex
+
+    with PassageIndex.repair(args.index, kind=args.index_kind, show_progress=not args.json) as index:
+        n = len(index)
+    if args.json:
+        print(json.dumps({"index": args.index, "passages": n}))
+    else:
+        print(f"{args.index}: rebuilt the vectors of {n} passages from their records")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    """A count that must be at least 1 (``--top-k``, ``--batch-size``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 
 def _keep(text: str) -> float | int:
@@ -340,7 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--split", choices=["paragraph", "tokens"], default="paragraph")
     p.add_argument("--window", type=int, default=256, help="tokens per passage for --split tokens")
-    p.add_argument("--batch-size", type=int, default=64, help="passages committed together")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="passages committed together")
+    p.add_argument("--strict-utf8", action="store_true", help="stop at a file that is not UTF-8 (default: skip it)")
+    p.add_argument("--follow-symlinks", action="store_true", help="read files linked from outside the source folder")
     p.add_argument(
         "--kv-dtype",
         choices=["float32", "float16", "bfloat16", "int8"],
@@ -368,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", required=True)
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--store", default=None)
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=_positive_int, default=5, help="passages retrieved (at most the index size)")
     p.add_argument("--selector", default="infoflow", help="infoflow, cacheblend, epic, random, none or full")
     p.add_argument("--ratio", type=float, default=0.15)
     p.add_argument("--reorder", action="store_true", help="densest passage last (for independent passages)")
@@ -396,6 +424,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=32, help="requests waiting for the model; more get 429")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take, queueing included")
     p.set_defaults(func=cmd_serve)
+
+    maintain = sub.add_parser("index", help="maintain an index directory").add_subparsers(
+        dest="index_command", required=True
+    )
+    p = maintain.add_parser(
+        "repair", help="rebuild vectors.faiss and index.json from passages.sqlite (lost, corrupt or foreign files)"
+    )
+    p.add_argument("index", help="index directory")
+    p.add_argument(
+        "--index-kind", choices=["flat", "hnsw", "ivf"], default=None, help="default: as in index.json, else flat"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_index_repair)
 
     p = sub.add_parser("demo", help="end-to-end demo on HotpotQA paragraphs with the embedded model")
     p.add_argument("--out", default="runs/demo")
@@ -462,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.func(args)
-    except (ValueError, ModuleNotFoundError, FileNotFoundError) as err:
+    except (InfoFlowError, ValueError, ModuleNotFoundError, FileNotFoundError) as err:
         print(f"infoflow-rag: error: {err}", file=sys.stderr)
         return 2
 
