@@ -2,6 +2,8 @@
 
 import asyncio
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -12,12 +14,10 @@ import openai
 import pytest
 from conftest import PASSAGES, QUESTION
 from fastapi.testclient import TestClient
-from test_store import redis_server  # noqa: F401  (fixture: a throwaway redis-server)
-from tiny import BagOfWordsEmbedder, tiny_model
+from tiny import BagOfWordsEmbedder
 
 from infoflow_rag import forward
 from infoflow_rag.decode import GenerationConfig, generate_tokens, text_deltas
-from infoflow_rag.engine import Engine
 from infoflow_rag.index.passage_index import PassageIndex
 from infoflow_rag.pipeline import Pipeline
 from infoflow_rag.prompt import encode
@@ -362,17 +362,44 @@ def test_langchain_chat_openai_and_llamaindex_openai_like(pipeline):
 
 
 @pytest.mark.redis
-def test_two_servers_share_passage_kv_through_one_redis_store(redis_server, tmp_path):  # noqa: F811
-    """Scale out: a passage prefilled behind the first server is served from the store by the second."""
-
-    def replica() -> Pipeline:  # a separate engine, as in another process: same weights, same fingerprint
-        return Pipeline(Engine(tiny_model("llama")), RedisKVStore(redis_server, prefix=f"{tmp_path.name}:"))
-
-    first, second = replica(), replica()
-    body = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": QUESTION}], "passages": PASSAGES}
-    with live_server(first) as url_a, live_server(second) as url_b:
-        a = httpx.post(f"{url_a}/v1/chat/completions", json=body, timeout=30).json()
-        b = httpx.post(f"{url_b}/v1/chat/completions", json=body, timeout=30).json()
-    assert a["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
-    assert b["infoflow"]["passages_hit"] == len(PASSAGES) and b["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+def test_two_server_processes_share_passage_kv_through_one_redis_store(redis_url, tmp_path, model_dir):
+    """Scale out: `infoflow-rag serve` twice on one index and one Redis; what the first prefilled, the second reuses."""
+    index = PassageIndex.create(tmp_path / "index")  # the bundled MiniLM embedder, as `infoflow-rag ingest` uses
+    index.add_passages(PASSAGES, ["test"] * len(PASSAGES), [{} for _ in PASSAGES])
+    index.close()
+    ports = [_free_port(), _free_port()]
+    logs = [open(tmp_path / f"server{i}.log", "w") for i in range(2)]  # closed below
+    command = [sys.executable, "-m", "infoflow_rag.cli", "serve", "--index", str(tmp_path / "index")]
+    command += ["--model", model_dir, "--store", redis_url, "--served-model-name", MODEL, "--max-tokens", "4"]
+    servers = [
+        subprocess.Popen([*command, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+        for port, log in zip(ports, logs, strict=True)
+    ]
+    body = {"model": MODEL, "messages": [{"role": "user", "content": QUESTION}], "retrieve": 2}
+    try:
+        for port, proc in zip(ports, servers, strict=True):
+            _wait_for(lambda port=port, proc=proc: _healthy(port, proc), timeout=120)
+        a = httpx.post(f"http://127.0.0.1:{ports[0]}/v1/chat/completions", json=body, timeout=60).json()
+        b = httpx.post(f"http://127.0.0.1:{ports[1]}/v1/chat/completions", json=body, timeout=60).json()
+    finally:
+        for proc in servers:
+            proc.terminate()
+            proc.wait(timeout=30)
+        for log in logs:
+            log.close()
+    assert a["infoflow"]["passages_computed"] == 2 and a["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert b["infoflow"]["passages_hit"] == 2 and b["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
     assert b["choices"][0]["message"]["content"] == a["choices"][0]["message"]["content"]
+
+
+def _free_port() -> int:
+    with loopback_socket() as sock:
+        return sock.getsockname()[1]
+
+
+def _healthy(port: int, proc: subprocess.Popen) -> bool:
+    assert proc.poll() is None, f"server on port {port} exited with {proc.returncode}"
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False

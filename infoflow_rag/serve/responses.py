@@ -44,7 +44,7 @@ class Shape:
 
     chat: bool
     model: str
-    id: str = ""
+    id: str = field(init=False)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
