@@ -109,7 +109,7 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
     install_handlers(app)
 
     @app.get("/health")
-    async def health() -> dict:
+    def health() -> dict:  # not async: FastAPI runs it in a thread, so a slow store round trip blocks no request
         store = store_problem(pipeline)
         return {
             "status": "degraded" if store else "ok",
