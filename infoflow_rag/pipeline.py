@@ -18,7 +18,7 @@ import torch
 from .closing import Closing
 from .engine import AnswerStream, Engine
 from .errors import StoreUnavailableError
-from .index.passage_index import Hit, PassageIndex
+from .index.passage_index import META_FILE, RECORDS_FILE, Hit, PassageIndex
 from .kv import PassageKV
 from .matching import PassageMatcher
 from .models import DEFAULT_MODEL
@@ -148,7 +148,8 @@ class Pipeline(Closing):
         ``kv_dtype`` is how new KV is written (float32, float16, bfloat16, int8); reads accept any.
         """
         index_dir = Path(index_dir)
-        has_index = (index_dir / "index.json").exists()
+        # Records without index.json are a damaged index, not a missing one: open says how to repair it.
+        has_index = (index_dir / META_FILE).exists() or (index_dir / RECORDS_FILE).exists()
         if not has_index and not create:
             raise FileNotFoundError(
                 f"no passage index in {index_dir}; build one with: infoflow-rag ingest SOURCE --index {index_dir}"

@@ -175,8 +175,10 @@ class PassageIndex(Closing):
 
     def search(self, query: str, k: int = 5) -> list[Hit]:
         """The ``k`` passages most similar to ``query``, best first (fewer if the index is smaller)."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
         k = min(k, len(self._vectors))  # never ask FAISS for more rows than exist: it allocates them all
-        if k <= 0:
+        if k == 0:
             return []
         found = self._vectors.search(self.embedder.encode([query]), k)
         pairs = [(int(i), float(s)) for i, s in zip(found.ids[0], found.scores[0], strict=True) if i >= 0]
