@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import shutil
-import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -55,49 +53,6 @@ def assert_exact_except_kv(got: PassageKV, want: PassageKV) -> None:
 
 
 # ---------------------------------------------------------------- fixtures
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """URL of a throwaway redis-server on a free local port."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server is not on PATH; install it (apt-get install redis-server) to run these")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        cwd=tmp_path_factory.mktemp("redis"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(host="127.0.0.1", port=port)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-@pytest.fixture
-def redis_url(redis_server: str) -> str:
-    redis.Redis.from_url(redis_server).flushdb()
-    return redis_server
 
 
 @pytest.fixture(params=BACKENDS)
