@@ -127,39 +127,6 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dty
     )
 
 
-def _load_hf_dir(path: Path, name: str, sha256: str | None, dtype: torch.dtype) -> LoadedModel:
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    model.eval()
-    return LoadedModel(model, tokenizer, name, sha256)
-
-
-def _load_gguf(gguf: Path, name: str, expected_sha256: str | None, dtype: torch.dtype) -> LoadedModel:
-    stat = gguf.stat()
-    # Cache entries are keyed by file identity (size + mtime) so a changed file is never served stale.
-    stamp = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    converted = cache_dir() / "models" / f"{gguf.stem}-{stamp}-{str(dtype).removeprefix('torch.')}"
-    sha_file = converted / "source.sha256"
-    if converted.exists() and sha_file.exists():
-        sha256 = sha_file.read_text().strip()
-        _check_sha(gguf, sha256, expected_sha256)
-        return _load_hf_dir(converted, name, sha256, dtype)
-
-    sha256 = file_sha256(gguf)
-    _check_sha(gguf, sha256, expected_sha256)
-    log.info("converting %s (one-off, cached in %s)", gguf.name, converted)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
-    # The dequantised weights are plain tensors; without this save_pretrained refuses a "quantized" model.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    converted.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=converted.parent, prefix=".tmp-"))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "source.sha256").write_text(sha256)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -204,6 +171,39 @@ def parameters_sha256(model: PreTrainedModel) -> str:
     return LoadedModel(model, tokenizer, name, sha256)
 
 
+def _load_hf_dir(path: Path, name: str, sha256: str | None, dtype: torch.dtype) -> LoadedModel:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.eval()
+    return LoadedModel(model, tokenizer, name, sha256)
+
+
+def _load_gguf(gguf: Path, name: str, expected_sha256: str | None, dtype: torch.dtype) -> LoadedModel:
+    stat = gguf.stat()
+    # Cache entries are keyed by file identity (size + mtime) so a changed file is never served stale.
+    stamp = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    converted = cache_dir() / "models" / f"{gguf.stem}-{stamp}-{str(dtype).removeprefix('torch.')}"
+    sha_file = converted / "source.sha256"
+    if converted.exists() and sha_file.exists():
+        sha256 = sha_file.read_text().strip()
+        _check_sha(gguf, sha256, expected_sha256)
+        return _load_hf_dir(converted, name, sha256, dtype)
+
+    sha256 = file_sha256(gguf)
+    _check_sha(gguf, sha256, expected_sha256)
+    log.info("converting %s (one-off, cached in %s)", gguf.name, converted)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    # The dequantised weights are plain tensors; without this save_pretrained refuses a "quantized" model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    converted.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=converted.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "source.sha256").write_text(sha256)
 def _check_sha(gguf: Path, actual: str, expected: str | None) -> None:
     if expected and actual != expected:
         raise ModelIntegrityError(
