@@ -162,15 +162,6 @@ def parameters_sha256(model: PreTrainedModel) -> str:
     return digest.hexdigest()
 
 
-        os.replace(tmp, converted)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not converted.exists():  # a concurrent loader that won the rename is fine
-            raise
-    model.eval()
-    return LoadedModel(model, tokenizer, name, sha256)
-
-
 def _load_hf_dir(path: Path, name: str, sha256: str | None, dtype: torch.dtype) -> LoadedModel:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -204,6 +195,15 @@ def _load_gguf(gguf: Path, name: str, expected_sha256: str | None, dtype: torch.
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "source.sha256").write_text(sha256)
+        os.replace(tmp, converted)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not converted.exists():  # a concurrent loader that won the rename is fine
+            raise
+    model.eval()
+    return LoadedModel(model, tokenizer, name, sha256)
+
+
 def _check_sha(gguf: Path, actual: str, expected: str | None) -> None:
     if expected and actual != expected:
         raise ModelIntegrityError(
