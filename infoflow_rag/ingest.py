@@ -58,9 +58,9 @@ def split_documents(texts: list[str], split: str, window: int, tokenize: Callabl
     raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
 
 
-def fitting_passages(engine: Engine, texts: list[str], window: int) -> list[list[str]]:
-    """Each text as passages the engine can prefill: itself, or token windows of at most ``window`` tokens
-    when it is longer than the model's context window; whitespace-only texts give none."""
+def fitting_passages(engine: Engine, texts: list[str], window: int) -> list[str]:
+    """The texts as passages the engine can prefill, in order: each text itself, or token windows of at most
+    ``window`` tokens when it is longer than the model's context window; whitespace-only texts are dropped."""
 
     def tokenize(text: str) -> list[int]:
         return engine.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -69,16 +69,17 @@ def fitting_passages(engine: Engine, texts: list[str], window: int) -> list[list
     out = []
     for text in texts:
         if not text.strip():
-            out.append([])
-        elif len(tokenize(text)) <= limit:
-            out.append([text])
+            continue
+        if len(tokenize(text)) <= limit:
+            out.append(text)
         else:
             windows = split_token_windows(
                 text, min(window, limit), tokenize=tokenize, detokenize=engine.tokenizer.decode
             )
-            out.append([w.text for w in windows if w.text.strip()])
-    for text in (t for parts in out for t in parts):
-        engine.passage_ids(text)  # a window that re-tokenizes longer is refused here, before anything is written
+            parts = [w.text for w in windows if w.text.strip()]
+            for part in parts:
+                engine.passage_ids(part)  # a window that re-tokenizes longer is refused here, before any write
+            out.extend(parts)
     return out
 
 
@@ -111,7 +112,7 @@ def ingest(
         texts = split_documents(
             [doc.text], split, window, lambda s: tok(s, add_special_tokens=False)["input_ids"], tok.decode
         )
-        for text in (t for parts in fitting_passages(engine, texts, window) for t in parts):
+        for text in fitting_passages(engine, texts, window):
             passages.append(text)
             sources.append(doc.source)
             metas.append({**doc.metadata, "document": doc.id, **({"title": doc.title} if doc.title else {})})
