@@ -133,7 +133,8 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
             query = body.messages[-1].text
             passages, sources, retrieve_s = _passages(pipeline, body, query)
             answering, pieces = conversations.pieces(body.messages, passages)
-            return answering.stream_pieces(pieces, sources, retrieve_s, **_options(body, settings))
+            options = _options(body, settings, answering.engine.max_positions)
+            return answering.stream_pieces(pieces, sources, retrieve_s, **options)
 
         return await _respond(worker, request, body, Shape(chat=True, model=settings.model_name), start, settings)
 
@@ -142,7 +143,8 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
         def start() -> PipelineStream:
             passages, sources, retrieve_s = _passages(pipeline, body, body.text)
             pieces = prompt_pieces(pipeline, body.text, passages)
-            return pipeline.stream_pieces(pieces, sources, retrieve_s, **_options(body, settings))
+            options = _options(body, settings, pipeline.engine.max_positions)
+            return pipeline.stream_pieces(pieces, sources, retrieve_s, **options)
 
         return await _respond(worker, request, body, Shape(chat=False, model=settings.model_name), start, settings)
 
@@ -167,8 +169,13 @@ def _passages(pipeline: Pipeline, body: CommonRequest, query: str) -> tuple[list
     return [*body.passages, *(h.text for h in hits)], hits, time.perf_counter() - t
 
 
-def _options(body: CommonRequest, settings: ServerSettings) -> dict:
+def _options(body: CommonRequest, settings: ServerSettings, context_window: int) -> dict:
     """Pipeline options: the request's values where it sets them, the server's defaults elsewhere."""
+    if (max_tokens := _max_tokens(body, settings)) >= context_window:
+        raise ValueError(
+            f"max_tokens={max_tokens} leaves no room for the prompt in the model's {context_window}-token context "
+            f"window; ask for fewer, e.g. {min(settings.max_tokens, context_window // 2)}"
+        )
 
     def pick(value, default):
         return default if value is None else value
@@ -177,7 +184,7 @@ def _options(body: CommonRequest, settings: ServerSettings) -> dict:
         "selector": pick(body.selector, settings.selector),
         "ratio": pick(body.ratio, settings.ratio),
         "reorder": pick(body.reorder, settings.reorder),
-        "max_new_tokens": _max_tokens(body, settings),
+        "max_new_tokens": max_tokens,
         "temperature": pick(body.temperature, settings.temperature),
         "top_p": pick(body.top_p, 1.0),
         "seed": pick(body.seed, 0),
