@@ -147,7 +147,7 @@ def _longer_than(engine, examples: list, min_tokens: int) -> list:
 def cmd_eval_suite(args: argparse.Namespace) -> int:
     from .eval.suite import run_suite, suite_parts
 
-    every = suite_parts(args.main_n, args.sweep_n, args.ablation_n, args.ratio, args.compress_n)
+    every = suite_parts(args.main_n, args.sweep_n, args.ablation_n, args.ratio, args.compress_n, args.large_n)
     by_name = {p.name: p for p in every}
     if unknown := [n for n in args.parts.split(",") if n not in by_name]:
         raise ValueError(f"unknown suite parts {unknown}; choose from {', '.join(by_name)}")
@@ -317,7 +317,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_eval_report(args: argparse.Namespace) -> int:
     from .eval.suite import suite_parts, write_suite_report
 
-    parts = suite_parts(args.main_n, args.sweep_n, args.ablation_n, args.ratio, args.compress_n)
+    parts = suite_parts(args.main_n, args.sweep_n, args.ablation_n, args.ratio, args.compress_n, args.large_n)
     print(f"wrote {write_suite_report(args.out, parts, args.ratio)}")
     return 0
 
@@ -485,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-n", type=int, default=30)
     p.add_argument("--ablation-n", type=int, default=30)
     p.add_argument("--compress-n", type=int, default=30)
+    p.add_argument("--large-n", type=int, default=60, help="questions of the 'large' part (qwen2.5-1.5b only)")
     p.add_argument("--ratio", type=float, default=0.15)
     p.set_defaults(func=cmd_eval_suite)
     p = ev.add_parser("report", help="rewrite RESULTS.md from the suite's results files (complete or not)")
@@ -493,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-n", type=int, default=30)
     p.add_argument("--ablation-n", type=int, default=30)
     p.add_argument("--compress-n", type=int, default=30)
+    p.add_argument("--large-n", type=int, default=60, help="questions of the 'large' part (qwen2.5-1.5b only)")
     p.add_argument("--ratio", type=float, default=0.15)
     p.set_defaults(func=cmd_eval_report)
     return parser

