@@ -18,6 +18,9 @@ from transformers.masking_utils import sdpa_mask
 
 ATTN_IMPLEMENTATION = "infoflow"
 QUERY_CHUNK = 256  # question rows per probability block: bounds memory at (heads, 256, keys)
+# How a layer's heads combine into one score per key: the published mean of the attention probabilities,
+# or the largest per-head attention norm (a key one head reads strongly is not averaged away by the rest).
+HEAD_REDUCTIONS = ("mean", "max")
 
 
 class StopForward(Exception):
@@ -30,6 +33,7 @@ class Capture:
     n_keys: int  # the first n_keys keys are the scored context
     stop_after: int  # raise StopForward after this layer's attention (or right after its K/V for cacheblend)
     stop_before_attention: bool = False  # True: only the layer's K/V are wanted, skip its attention
+    heads: str = "mean"  # one of HEAD_REDUCTIONS
     scores: torch.Tensor | None = None  # (n_keys,) sum over scoring layers of s_l
     layers_seen: list[int] = field(default_factory=list)
 
@@ -88,24 +92,32 @@ def chunked_attention(module, query, key, value, mask, plan: SparseQueries, **kw
 
 
 def attention_norm(
-    query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float, n_keys: int
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    n_keys: int,
+    heads: str = "mean",
 ) -> torch.Tensor:
-    """s[k] = || mean_heads softmax(QK^T * scaling + mask)[:, k] ||_2 over question rows, for the first n_keys keys.
+    """s[k] = || mean_heads softmax(QK^T * scaling + mask)[:, k] ||_2 over question rows, for the first n_keys keys;
+    with ``heads="max"``, max over heads of each head's || softmax(...)[:, k] ||_2 instead.
 
     query: (1, heads, q, d); key: (1, kv_heads, K, d) (GQA: expanded to the query heads);
     mask: additive (1, 1, q, K) or None. Returns (n_keys,) float32.
     """
-    heads, kv_heads = query.shape[1], key.shape[1]
-    key = key.repeat_interleave(heads // kv_heads, dim=1).float()  # (1, heads, K, d)
-    sq = torch.zeros(n_keys, dtype=torch.float32, device=query.device)
+    n_heads, kv_heads = query.shape[1], key.shape[1]
+    key = key.repeat_interleave(n_heads // kv_heads, dim=1).float()  # (1, heads, K, d)
+    sq = torch.zeros(n_heads if heads == "max" else 1, n_keys, dtype=torch.float32, device=query.device)
     for start in range(0, query.shape[2], QUERY_CHUNK):
         q = query[:, :, start : start + QUERY_CHUNK].float()  # (1, heads, c, d)
         logits = q @ key.transpose(-1, -2) * scaling  # (1, heads, c, K)
         if mask is not None:
             logits = logits + mask[:, :, start : start + QUERY_CHUNK].float()
-        probs = logits.softmax(dim=-1).mean(dim=1)[0]  # (c, K)
-        sq += probs[:, :n_keys].pow(2).sum(dim=0)
-    return sq.sqrt()
+        probs = logits.softmax(dim=-1)[0, :, :, :n_keys]  # (heads, c, n_keys)
+        if heads == "mean":
+            probs = probs.mean(dim=0, keepdim=True)  # (1, c, n_keys)
+        sq += probs.pow(2).sum(dim=1)
+    return sq.sqrt().max(dim=0).values
 
 
 def infoflow_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -115,7 +127,7 @@ def infoflow_attention(module, query, key, value, attention_mask, scaling=None, 
         raise StopForward
     if c is not None and layer in c.score_layers:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        s = attention_norm(query, key, attention_mask, scale, c.n_keys)
+        s = attention_norm(query, key, attention_mask, scale, c.n_keys, c.heads)
         c.scores = s if c.scores is None else c.scores + s
         c.layers_seen.append(layer)
     if c is not None and layer == c.stop_after:

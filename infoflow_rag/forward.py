@@ -115,14 +115,14 @@ def prefill_passages(
 
 @torch.inference_mode()
 def question_attention_scores(
-    model: PreTrainedModel, placed: PlacedContext, query_ids: torch.Tensor, layers: list[int]
+    model: PreTrainedModel, placed: PlacedContext, query_ids: torch.Tensor, layers: list[int], heads: str = "mean"
 ) -> torch.Tensor:
     """InfoFlow score: mean over ``layers`` of the question's attention norm on each cached token. -> (N,)
 
     Only the question tokens run, on top of the placed cache, and the forward stops after the last
     scoring layer. The scoring cache is a throwaway: the placed tensors are never written to.
     """
-    return attention_scores(model, placed.keys, placed.values, query_ids, placed.query_positions, layers)
+    return attention_scores(model, placed.keys, placed.values, query_ids, placed.query_positions, layers, heads)
 
 
 @torch.inference_mode()
@@ -133,6 +133,7 @@ def attention_scores(
     query_ids: torch.Tensor,
     query_positions: torch.Tensor,
     layers: list[int],
+    heads: str = "mean",
 ) -> torch.Tensor:
     """Mean over ``layers`` of the queries' attention norm on each of N cached entries. -> (N,)
 
@@ -142,7 +143,7 @@ def attention_scores(
     n = keys.shape[2]
     k_pos = torch.cat([torch.full((n,), -1), query_positions])
     mask = position_mask(query_positions, k_pos, model.dtype)
-    c = Capture(score_layers=frozenset(layers), n_keys=n, stop_after=max(layers))
+    c = Capture(score_layers=frozenset(layers), n_keys=n, stop_after=max(layers), heads=heads)
     with capture(c):
         try:
             model(

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 
+from .attention import HEAD_REDUCTIONS
 from .layout import PlacedContext
 from .registry import Registry
 
@@ -24,14 +25,14 @@ DEFAULT_RATIO = 0.15
 class Probe:
     """Lazily computed model signals over the placed tokens, each at most once per query."""
 
-    question_scores: Callable[[list[int]], torch.Tensor]  # layers -> (N,) InfoFlow score
+    question_scores: Callable[[list[int], str], torch.Tensor]  # layers, head reduction -> (N,) InfoFlow score
     layer_kv: Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # layer -> fresh K, V (kv_heads, N - p, d)
     _memo: dict = field(default_factory=dict)
 
-    def scores(self, layers: list[int]) -> torch.Tensor:
-        key = ("scores", tuple(layers))
+    def scores(self, layers: list[int], heads: str = "mean") -> torch.Tensor:
+        key = ("scores", tuple(layers), heads)
         if key not in self._memo:
-            self._memo[key] = self.question_scores(layers)
+            self._memo[key] = self.question_scores(layers, heads)
         return self._memo[key]
 
     def fresh_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,13 +87,16 @@ class InfoFlowSelector(Selector):
     name = "infoflow"
     needs_question = True
 
-    def __init__(self, layers: list[int] | None = None):
+    def __init__(self, layers: list[int] | None = None, heads: str = "mean"):
+        if heads not in HEAD_REDUCTIONS:
+            raise ValueError(f"unknown heads {heads!r}; choose one of {', '.join(HEAD_REDUCTIONS)} (mean: published)")
         self.layers = layers  # None: default_score_layers of the model, filled by the engine
+        self.heads = heads
 
     def select(self, placed: PlacedContext, budget: int, probe: Probe) -> torch.Tensor:
         if self.layers is None:
             raise ValueError("InfoFlowSelector.layers is unset: the engine fills it from the model depth")
-        return top_candidates(probe.scores(self.layers), placed.candidate, budget)
+        return top_candidates(probe.scores(self.layers, self.heads), placed.candidate, budget)
 
 
 @register

@@ -7,6 +7,7 @@ from tiny import tiny_model
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from infoflow_rag.attention import attention_norm
 from infoflow_rag.check import rotation_error
 from infoflow_rag.engine import Engine
 from infoflow_rag.errors import UnsupportedModelError
@@ -97,6 +98,26 @@ def test_infoflow_scores_follow_the_question(engine):
     a = engine.answer("Who won two Nobel prizes?", kvs, ratio=0.1, max_new_tokens=1).selected
     b = engine.answer("Where does the Rhine rise?", kvs, ratio=0.1, max_new_tokens=1).selected
     assert a != b
+
+
+def test_attention_norm_head_reductions_match_a_hand_computation():
+    torch.manual_seed(0)
+    query, key = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 5, 8)  # 4 query heads share 2 KV heads (GQA)
+    probs = (query @ key.repeat_interleave(2, dim=1).transpose(-1, -2) * 0.5).softmax(-1)[0, :, :, :4]  # (h, q, 4)
+    mean = attention_norm(query, key, None, 0.5, n_keys=4)
+    assert torch.allclose(mean, probs.mean(0).pow(2).sum(0).sqrt())
+    assert torch.allclose(
+        attention_norm(query, key, None, 0.5, 4, heads="max"), probs.pow(2).sum(1).sqrt().max(0).values
+    )
+
+
+def test_infoflow_head_reduction_is_an_option_that_changes_the_picks(engine):
+    kvs = engine.prefill(PASSAGES)
+    mean = engine.answer(QUESTION, kvs, ratio=0.3, max_new_tokens=1).selected
+    picked = engine.answer(QUESTION, kvs, ratio=0.3, selector_options={"heads": "max"}, max_new_tokens=1).selected
+    assert sum(map(len, picked.values())) == sum(map(len, mean.values())) and picked != mean
+    with pytest.raises(ValueError, match="unknown heads 'sum'; choose one of mean, max"):
+        engine.answer(QUESTION, kvs, selector_options={"heads": "sum"}, max_new_tokens=1)
 
 
 def test_reorder_puts_densest_passage_last_and_keeps_all(engine):

@@ -1,0 +1,211 @@
+"""Selector study on the development slice: which tokens to recompute to stay closest to full prefill.
+
+HotpotQA dev questions START..START+N-1 (the development slice 0-999 only), qwen2.5-0.5b by default. Per
+question, full prefill's greedy answer is the reference; every candidate rule prepares its cache (place,
+score, select, recompute at the same token budget) and is teacher-forced along that answer and the gold
+answer (see infoflow_rag.eval.fidelity): kl_first, kl_answer, top1, gold_nll, the prepare time (what TTFT
+is made of) and the mean relative position of its picks. No decoding per candidate, so a candidate costs a
+prepare and two short forwards. One JSON line per (question, candidate); a rerun skips what is on file, so
+candidates can be added to a finished run. ``--summary`` prints the table, each candidate paired with
+``infoflow`` on kl_answer.
+
+    .venv/bin/python scripts/selector_study.py --questions 40 --out runs/dev/selectors.jsonl
+    .venv/bin/python scripts/selector_study.py --out runs/dev/selectors.jsonl --summary
+
+The candidates that are not library selectors are defined here; only a winner moves into the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from infoflow_rag.engine import Engine
+from infoflow_rag.eval import fidelity
+from infoflow_rag.eval.datasets import load_hotpotqa
+from infoflow_rag.eval.runner import DEFAULT_PROMPT
+from infoflow_rag.eval.stats import mean_ci, paired_diff
+from infoflow_rag.layout import PlacedContext
+from infoflow_rag.selectors import InfoFlowSelector, Probe, register, top_candidates
+
+DEV_END = 1000  # questions from 1000 on are held out; from 5000 on reserved for independent checks
+MAX_NEW_TOKENS = 32
+
+
+def passage_heads(placed: PlacedContext, k: int) -> torch.Tensor:
+    """(N,) bool: the first ``k`` tokens of every passage that may be recomputed."""
+    heads = torch.zeros(placed.token_ids.numel(), dtype=torch.bool)
+    for _, start, end in placed.spans:
+        if bool(placed.candidate[start:end].all()):
+            heads[start : min(start + k, end)] = True
+    return heads
+
+
+@register
+class SinkInfoFlow(InfoFlowSelector):
+    """The first ``sink`` tokens of every recomputable passage (EPIC's sink repair), then InfoFlow's picks."""
+
+    name = "study-sink-infoflow"
+
+    def __init__(self, sink: int = 2, layers: list[int] | None = None, heads: str = "mean"):
+        super().__init__(layers, heads)
+        self.sink = sink
+
+    def select(self, placed: PlacedContext, budget: int, probe: Probe) -> torch.Tensor:
+        heads = passage_heads(placed, self.sink)
+        first = top_candidates(heads.float(), heads, min(budget, int(heads.sum())))
+        rest = placed.candidate.clone()
+        rest[first] = False
+        scores = probe.scores(self.layers, self.heads)
+        return torch.cat([first, top_candidates(scores, rest, budget - first.numel())]).sort().values
+
+
+@register
+class DeviationInfoFlow(InfoFlowSelector):
+    """Question attention times K/V staleness: to first order, a stale token moves the question's output by
+    its attention weight times the error of its value, so rank by the product. Staleness is CacheBlend's
+    (cached vs fresh K/V at the check layer)."""
+
+    name = "study-deviation-infoflow"
+
+    def __init__(self, check_layer: int = 1, layers: list[int] | None = None):
+        super().__init__(layers)
+        self.check_layer = check_layer
+
+    def select(self, placed: PlacedContext, budget: int, probe: Probe) -> torch.Tensor:
+        p = placed.prefix_len
+        fresh_k, fresh_v = probe.fresh_kv(self.check_layer)  # (kv_heads, N - p, d)
+        stale_k, stale_v = placed.keys[self.check_layer, :, p:], placed.values[self.check_layer, :, p:]
+        deviation = ((fresh_k - stale_k).pow(2).sum((0, 2)) + (fresh_v - stale_v).pow(2).sum((0, 2))).sqrt()
+        return top_candidates(
+            probe.scores(self.layers) * torch.cat([torch.zeros(p), deviation]), placed.candidate, budget
+        )
+
+
+def candidates(ratio: float) -> dict[str, dict]:
+    """Name -> ``engine.prepare`` options; every rule at the same token budget unless its name says otherwise."""
+    return {
+        "none": {"selector": "none"},
+        "random": {"selector": "random", "ratio": ratio},
+        "epic": {"selector": "epic", "ratio": ratio},
+        "cacheblend": {"selector": "cacheblend", "ratio": ratio},
+        "infoflow": {"selector": "infoflow", "ratio": ratio},
+        "infoflow@0.25": {"selector": "infoflow", "ratio": 0.25},
+        **{
+            f"sink{k}+infoflow": {"selector": "study-sink-infoflow", "ratio": ratio, "selector_options": {"sink": k}}
+            for k in (2, 4, 8)  # from InfoFlow (0 sink tokens) towards EPIC (the whole budget on passage heads)
+        },
+        "infoflow-maxhead": {"selector": "infoflow", "ratio": ratio, "selector_options": {"heads": "max"}},
+        "sink4+infoflow-maxhead": {
+            "selector": "study-sink-infoflow",
+            "ratio": ratio,
+            "selector_options": {"sink": 4, "heads": "max"},
+        },
+        "deviation*infoflow": {"selector": "study-deviation-infoflow", "ratio": ratio},
+    }
+
+
+def run(engine: Engine, start: int, questions: int, chosen: dict[str, dict], out_path: Path) -> None:
+    done = {(r["id"], r["candidate"]) for r in _read(out_path)}
+    examples = load_hotpotqa("passage", start=start, limit=questions)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with out_path.open("a", encoding="utf-8") as out:
+        for number, ex in enumerate(examples, start=1):
+            todo = [name for name in chosen if (ex.id, name) not in done]
+            if not todo:
+                continue
+            kvs = engine.prefill(ex.passages)
+            full = engine.prepare(
+                ex.question, ex.passages, selector="full", template=DEFAULT_PROMPT, max_new_tokens=MAX_NEW_TOKENS
+            )
+            answer_ids = engine.decode(full, max_new_tokens=MAX_NEW_TOKENS).answer_ids
+            ref = fidelity.reference(answer_ids, engine.teacher_force(full, answer_ids))
+            gold = engine.answer_token_ids(ex.answers[0])
+            for name in todo:
+                started = time.perf_counter()
+                prep = engine.prepare(
+                    ex.question, kvs, template=DEFAULT_PROMPT, max_new_tokens=MAX_NEW_TOKENS, **chosen[name]
+                )
+                prepare_s = time.perf_counter() - started
+                row = {"id": ex.id, "candidate": name, "prepare_s": prepare_s, "answer_tokens": len(answer_ids)}
+                row |= fidelity.answer_fidelity(ref, engine.teacher_force(prep, answer_ids))
+                row["gold_nll"] = fidelity.gold_nll(engine.teacher_force(prep, gold), gold)
+                n = prep.placed.token_ids.numel()
+                row["context_tokens"] = prep.placed.n_passage_tokens
+                row["pick_position"] = float(prep.chosen.float().mean() / n) if prep.chosen.numel() else None
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+            print(f"{number}/{len(examples)} {ex.id}", flush=True)
+
+
+def summary(rows: list[dict], baseline: str = "infoflow") -> str:
+    """Markdown: per candidate, means with CIs and medians, and kl_answer paired with ``baseline``."""
+    by: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by.setdefault(r["candidate"], {})[r["id"]] = r
+    base = by.get(baseline, {})
+    lines = [
+        f"| candidate | n | kl_answer [95% CI] | median | top1 % | gold_nll | prepare s (mean) | pick position "
+        f"| Δkl_answer vs {baseline} [95% CI] | closer/further |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, per_id in by.items():
+        kl = [r["kl_answer"] for r in per_id.values()]
+        est = mean_ci(kl)
+        positions = [r["pick_position"] for r in per_id.values() if r["pick_position"] is not None]
+        shared = sorted(per_id.keys() & base.keys())
+        paired = "—"
+        if name != baseline and shared:
+            ours, theirs = [per_id[i]["kl_answer"] for i in shared], [base[i]["kl_answer"] for i in shared]
+            d = paired_diff(ours, theirs)
+            closer = sum(a < b for a, b in zip(ours, theirs, strict=True))
+            further = sum(a > b for a, b in zip(ours, theirs, strict=True))
+            paired = f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}] | {closer}/{further}"
+        else:
+            paired += " | —"
+        lines.append(
+            f"| {name} | {len(kl)} | {est.mean:.4f} [{est.low:.4f}, {est.high:.4f}] | {np.median(kl):.4f} | "
+            f"{100 * np.mean([r['top1'] for r in per_id.values()]):.1f} | "
+            f"{np.mean([r['gold_nll'] for r in per_id.values()]):.3f} | "
+            f"{np.mean([r['prepare_s'] for r in per_id.values()]):.2f} | "
+            f"{np.mean(positions) if positions else float('nan'):.2f} | {paired} |"
+        )
+    return "\n".join(lines)
+
+
+def _read(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen2.5-0.5b")
+    parser.add_argument("--start", type=int, default=0)
+    parser.add_argument("--questions", type=int, default=40)
+    parser.add_argument("--ratio", type=float, default=0.15)
+    parser.add_argument("--candidates", default="all", help="comma-separated names, or 'all'")
+    parser.add_argument("--out", required=True, help="JSON lines, one per (question, candidate); resumed")
+    parser.add_argument("--summary", action="store_true", help="print the table of what is on file and stop")
+    args = parser.parse_args()
+    out_path = Path(args.out)
+    if args.summary:
+        print(summary(_read(out_path)))
+        return
+    if args.start + args.questions > DEV_END:
+        raise SystemExit(f"questions {args.start}..{args.start + args.questions - 1} leave the development slice 0-999")
+    every = candidates(args.ratio)
+    names = list(every) if args.candidates == "all" else args.candidates.split(",")
+    if unknown := [n for n in names if n not in every]:
+        raise SystemExit(f"unknown candidates {unknown}; choose from {', '.join(every)}")
+    run(Engine(args.model), args.start, args.questions, {n: every[n] for n in names}, out_path)
+
+
+if __name__ == "__main__":
+    main()
