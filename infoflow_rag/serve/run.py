@@ -12,7 +12,10 @@ from .app import ServerSettings, create_app, store_problem
 
 def server(pipeline: Pipeline, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000) -> uvicorn.Server:
     """A uvicorn server for the app; ``run()`` it, or ``run(sockets=[...])`` on a bound socket."""
-    config = uvicorn.Config(create_app(pipeline, settings), host=host, port=port, log_level="warning")
+    # On shutdown, streams still open get a few seconds, not the rest of a long generation.
+    config = uvicorn.Config(
+        create_app(pipeline, settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5
+    )
     return uvicorn.Server(config)
 
 

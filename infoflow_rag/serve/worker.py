@@ -84,12 +84,17 @@ class Worker:
         self.completed = 0
         self.cancelled = 0  # stopped early: client gone or timed out
         self._mean_s = 1.0  # moving average of a job's run time, for Retry-After
+        self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="infoflow-worker", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
+        """Abandon the running job and those still queued, then end the thread."""
+        self._stopping = True
+        if (job := self.running) is not None:
+            job.cancel()
         self._jobs.put(None)
         self._thread.join()
 
@@ -111,7 +116,7 @@ class Worker:
         while (job := self._jobs.get()) is not None:
             with self._lock:
                 self._queued -= 1
-            if job.cancelled.is_set() or time.monotonic() > job.deadline:
+            if job.cancelled.is_set() or self._stopping or time.monotonic() > job.deadline:
                 self.cancelled += 1  # nobody waits for it any more
                 continue
             self.running, job.started = job, time.monotonic()
