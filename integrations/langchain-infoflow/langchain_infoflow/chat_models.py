@@ -166,6 +166,6 @@ def _usage(answer: PipelineAnswer) -> UsageMetadata:
         output_tokens=result.generated_tokens,
         total_tokens=result.prompt_tokens + result.generated_tokens,
     )
-    if answer.reuse is not None:  # cached passage tokens are the prompt tokens read from a cache
-        usage["input_token_details"] = {"cache_read": answer.reuse.reused_tokens}
+    if answer.reuse is not None:  # read from the cache: what the store already held, not what this call prefilled
+        usage["input_token_details"] = {"cache_read": answer.reuse.stored_tokens}
     return usage
