@@ -99,6 +99,48 @@ class InfoFlowSelector(Selector):
         return top_candidates(probe.scores(self.layers, self.heads), placed.candidate, budget)
 
 
+def passage_heads(placed: PlacedContext, k: int) -> torch.Tensor:
+    """Indices of the first ``k`` tokens of every passage that may be recomputed, round-robin: every
+    passage's first token, then every passage's second, ... so a budget cut short still reaches them all."""
+    heads = [
+        (offset, start + offset)
+        for _, start, end in placed.spans
+        if bool(placed.candidate[start:end].all())
+        for offset in range(min(k, end - start))
+    ]
+    return torch.tensor([index for _, index in sorted(heads)], dtype=torch.long)
+
+
+@register
+class SinkFlowSelector(InfoFlowSelector):
+    """The first ``sink`` tokens of every recomputed passage, then the tokens the question attends to most.
+
+    A passage prefilled alone behind the prompt head opened with a left context that is gone at query time,
+    so its first tokens carry the most stale attention-sink mass (EPIC's repair); InfoFlow's question
+    attention finds the tokens that carry the answer. The sink tokens come first (in passage order, while
+    the budget lasts), the rest of the budget goes to InfoFlow's ranking; the total is the same budget.
+    """
+
+    name = "sinkflow"
+
+    def __init__(self, sink: int = 4, layers: list[int] | None = None, heads: str = "mean"):
+        super().__init__(layers, heads)
+        if sink < 0:
+            raise ValueError(f"sinkflow sink must be >= 0 tokens per passage (0 is plain InfoFlow), got {sink}")
+        self.sink = sink
+
+    def select(self, placed: PlacedContext, budget: int, probe: Probe) -> torch.Tensor:
+        first = passage_heads(placed, self.sink)[:budget]  # (≤ budget,)
+        if budget == first.numel():
+            return first.sort().values
+        rest = placed.candidate.clone()
+        rest[first] = False
+        if self.layers is None:
+            raise ValueError("SinkFlowSelector.layers is unset: the engine fills it from the model depth")
+        picks = top_candidates(probe.scores(self.layers, self.heads), rest, budget - first.numel())
+        return torch.cat([first, picks]).sort().values
+
+
 @register
 class CacheBlendSelector(Selector):
     """Tokens whose K/V deviate most between cache and full-context prefill at the check layer."""

@@ -12,7 +12,8 @@ candidates can be added to a finished run. ``--summary`` prints the table, each 
     .venv/bin/python scripts/selector_study.py --questions 40 --out runs/dev/selectors.jsonl
     .venv/bin/python scripts/selector_study.py --out runs/dev/selectors.jsonl --summary
 
-The candidates that are not library selectors are defined here; only a winner moves into the library.
+Candidates that are not library selectors are defined here; the ``sink{k}+infoflow`` rows run the library's
+``sinkflow`` selector with ``sink=k``.
 """
 
 from __future__ import annotations
@@ -35,34 +36,6 @@ from infoflow_rag.selectors import InfoFlowSelector, Probe, register, top_candid
 
 DEV_END = 1000  # questions from 1000 on are held out; from 5000 on reserved for independent checks
 MAX_NEW_TOKENS = 32
-
-
-def passage_heads(placed: PlacedContext, k: int) -> torch.Tensor:
-    """(N,) bool: the first ``k`` tokens of every passage that may be recomputed."""
-    heads = torch.zeros(placed.token_ids.numel(), dtype=torch.bool)
-    for _, start, end in placed.spans:
-        if bool(placed.candidate[start:end].all()):
-            heads[start : min(start + k, end)] = True
-    return heads
-
-
-@register
-class SinkInfoFlow(InfoFlowSelector):
-    """The first ``sink`` tokens of every recomputable passage (EPIC's sink repair), then InfoFlow's picks."""
-
-    name = "study-sink-infoflow"
-
-    def __init__(self, sink: int = 2, layers: list[int] | None = None, heads: str = "mean"):
-        super().__init__(layers, heads)
-        self.sink = sink
-
-    def select(self, placed: PlacedContext, budget: int, probe: Probe) -> torch.Tensor:
-        heads = passage_heads(placed, self.sink)
-        first = top_candidates(heads.float(), heads, min(budget, int(heads.sum())))
-        rest = placed.candidate.clone()
-        rest[first] = False
-        scores = probe.scores(self.layers, self.heads)
-        return torch.cat([first, top_candidates(scores, rest, budget - first.numel())]).sort().values
 
 
 @register
@@ -97,12 +70,12 @@ def candidates(ratio: float) -> dict[str, dict]:
         "infoflow": {"selector": "infoflow", "ratio": ratio},
         "infoflow@0.25": {"selector": "infoflow", "ratio": 0.25},
         **{
-            f"sink{k}+infoflow": {"selector": "study-sink-infoflow", "ratio": ratio, "selector_options": {"sink": k}}
+            f"sink{k}+infoflow": {"selector": "sinkflow", "ratio": ratio, "selector_options": {"sink": k}}
             for k in (2, 4, 8)  # from InfoFlow (0 sink tokens) towards EPIC (the whole budget on passage heads)
         },
         "infoflow-maxhead": {"selector": "infoflow", "ratio": ratio, "selector_options": {"heads": "max"}},
         "sink4+infoflow-maxhead": {
-            "selector": "study-sink-infoflow",
+            "selector": "sinkflow",
             "ratio": ratio,
             "selector_options": {"sink": 4, "heads": "max"},
         },

@@ -276,3 +276,35 @@ def test_score_rows_pick_the_raw_question_or_the_whole_question_block(engine):
     assert torch.equal(block.layout.query_ids, tail.token_ids)
     assert block.layout.query_positions.tolist() == list(range(block.layout.length - len(tail), block.layout.length))
     assert len(block.chosen) == len(question.chosen)  # the same budget, only the scoring rows differ
+
+
+def test_sinkflow_spends_the_budget_on_passage_heads_then_question_attention(engine):
+    kvs = engine.prefill(PASSAGES)
+    r = engine.answer(QUESTION, kvs, selector="sinkflow", selector_options={"sink": 2}, ratio=0.3, max_new_tokens=1)
+    info = engine.answer(QUESTION, kvs, selector="infoflow", ratio=0.3, max_new_tokens=1)
+    assert sum(map(len, r.selected.values())) == sum(map(len, info.selected.values()))  # the same budget
+    assert r.selected[0] == [] and all(r.selected[p][:2] == [0, 1] for p in (1, 2, 3))  # first passage is exact
+    again = engine.answer(QUESTION, kvs, selector="sinkflow", selector_options={"sink": 2}, ratio=0.3, max_new_tokens=1)
+    assert again.selected == r.selected  # deterministic
+    plain = engine.answer(QUESTION, kvs, selector="sinkflow", selector_options={"sink": 0}, ratio=0.3, max_new_tokens=1)
+    assert plain.selected == info.selected  # sink 0 is InfoFlow
+
+
+def test_sinkflow_shares_a_short_budget_round_robin(engine):
+    kvs = engine.prefill(PASSAGES)
+    prep = engine.prepare(QUESTION, kvs, selector="sinkflow", selector_options={"sink": 4}, ratio=0.05)
+    starts = [s for _, s, _ in prep.placed.spans[1:]]  # the three recomputed passages
+    budget = prep.chosen.numel()
+    assert 3 <= budget < 12, "the check needs a budget below 3 passages x 4 sink tokens"
+    expected = sorted(s + offset for offset in range(4) for s in starts)
+    expected = sorted(sorted(expected, key=lambda i: (min(i - s for s in starts if i >= s), i))[:budget])
+    assert prep.chosen.tolist() == expected
+
+
+def test_sinkflow_is_exact_at_full_recompute_and_checks_its_options(engine):
+    kvs = engine.prefill(PASSAGES)
+    prep = engine.prepare(QUESTION, kvs, selector="sinkflow", ratio=1.0)
+    _, reference = engine.full_prefill_answer(QUESTION, PASSAGES, max_new_tokens=1)
+    assert (prep.out.logits - reference).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="sink must be >= 0"):
+        engine.answer(QUESTION, kvs, selector="sinkflow", selector_options={"sink": -1}, max_new_tokens=1)
