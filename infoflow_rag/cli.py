@@ -12,6 +12,7 @@ from .compress import POLICIES, validate_keep
 from .errors import InfoFlowError
 from .eval.methods import parse_keep
 from .models import DEFAULT_MODEL, REGISTRY
+from .selectors import SELECTORS
 
 
 def _engine(name: str):
@@ -397,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--store", default=None)
     p.add_argument("--top-k", type=_positive_int, default=5, help="passages retrieved (at most the index size)")
-    p.add_argument("--selector", default="infoflow", help="infoflow, cacheblend, epic, random, none or full")
+    p.add_argument("--selector", default="infoflow", help="one of " + ", ".join(SELECTORS))
     p.add_argument("--ratio", type=float, default=0.15)
     p.add_argument("--reorder", action="store_true", help="densest passage last (for independent passages)")
     p.add_argument("--compress", choices=list(POLICIES), default="none", help="KV compression before decoding")

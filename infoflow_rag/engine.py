@@ -236,7 +236,7 @@ class Engine:
     def answer(self, question: str, passages: Sequence[Passage], **kwargs) -> AnswerResult:
         """Answer ``question`` over ``passages`` (texts or prefilled :class:`PassageKV`, in prompt order).
 
-        Keyword options: selector ("infoflow", "cacheblend", "epic", "random", "none", "full"), ratio,
+        Keyword options: selector (a name of ``selectors.SELECTORS``: "infoflow", "sinkflow", ...), ratio,
         reorder, geometry, template, score_rows ("question" or "block"), selector_options; KV compression
         for decoding: compress ("none", "snapkv", "infokv"), keep (float ratio of passage tokens, or int
         count), compress_options; and generation settings (max_new_tokens, temperature, top_p, seed, stop).

@@ -21,7 +21,7 @@ def test_rerotated_keys_equal_keys_at_global_positions(family_engine):
 def test_full_recompute_reproduces_full_prefill(family_engine):
     e = family_engine
     kvs = e.prefill(PASSAGES)
-    for selector, ratio in [("full", 0.15), ("infoflow", 1.0), ("random", 1.0)]:
+    for selector, ratio in [("full", 0.15), ("infoflow", 1.0), ("sinkflow", 1.0), ("random", 1.0)]:
         prep = e.prepare(QUESTION, kvs, selector=selector, ratio=ratio)
         _, reference = e.full_prefill_answer(QUESTION, PASSAGES, max_new_tokens=1)
         assert (prep.out.logits - reference).abs().max() <= 1e-4, selector
@@ -243,10 +243,10 @@ def test_passage_kv_from_another_prefix_is_refused(engine):
 
 
 def test_registry_lists_every_selector():
-    assert set(SELECTORS) == {"infoflow", "cacheblend", "epic", "random", "none", "full"}
+    assert set(SELECTORS) == {"infoflow", "sinkflow", "cacheblend", "epic", "random", "none", "full"}
 
 
-@pytest.mark.parametrize("selector", ["random", "infoflow", "epic"])
+@pytest.mark.parametrize("selector", ["random", "infoflow", "sinkflow", "epic"])
 def test_chunked_recompute_attention_equals_one_full_mask_call(engine, monkeypatch, selector):
     """Query chunks that see only their visible key prefix give what one SDPA call with the whole mask gives."""
     import contextlib
