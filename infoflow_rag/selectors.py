@@ -123,7 +123,7 @@ class SinkFlowSelector(InfoFlowSelector):
 
     name = "sinkflow"
 
-    def __init__(self, sink: int = 4, layers: list[int] | None = None, heads: str = "mean"):
+    def __init__(self, sink: int = 8, layers: list[int] | None = None, heads: str = "mean"):
         super().__init__(layers, heads)
         if sink < 0:
             raise ValueError(f"sinkflow sink must be >= 0 tokens per passage (0 is plain InfoFlow), got {sink}")

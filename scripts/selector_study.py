@@ -36,6 +36,7 @@ from infoflow_rag.selectors import InfoFlowSelector, Probe, register, top_candid
 
 DEV_END = 1000  # questions from 1000 on are held out; from 5000 on reserved for independent checks
 MAX_NEW_TOKENS = 32
+KL_FLOOR = 1e-6  # below float noise of a recompute: keeps a log ratio finite where a KL is exactly 0
 
 
 @register
@@ -71,7 +72,7 @@ def candidates(ratio: float) -> dict[str, dict]:
         "infoflow@0.25": {"selector": "infoflow", "ratio": 0.25},
         **{
             f"sink{k}+infoflow": {"selector": "sinkflow", "ratio": ratio, "selector_options": {"sink": k}}
-            for k in (2, 4, 8)  # from InfoFlow (0 sink tokens) towards EPIC (the whole budget on passage heads)
+            for k in (2, 4, 8, 12, 16)  # from InfoFlow (0 sink tokens) towards EPIC (the budget on passage heads)
         },
         "infoflow-maxhead": {"selector": "infoflow", "ratio": ratio, "selector_options": {"heads": "max"}},
         "sink4+infoflow-maxhead": {
@@ -117,15 +118,17 @@ def run(engine: Engine, start: int, questions: int, chosen: dict[str, dict], out
 
 
 def summary(rows: list[dict], baseline: str = "infoflow") -> str:
-    """Markdown: per candidate, means with CIs and medians, and kl_answer paired with ``baseline``."""
+    """Markdown: per candidate, means with CIs and medians, and kl_answer paired with ``baseline``: the mean
+    difference, the geometric-mean ratio (KL is heavy-tailed: a few questions dominate the mean, while the
+    ratio weighs every question alike) and the closer/further counts."""
     by: dict[str, dict[str, dict]] = {}
     for r in rows:
         by.setdefault(r["candidate"], {})[r["id"]] = r
     base = by.get(baseline, {})
     lines = [
         f"| candidate | n | kl_answer [95% CI] | median | top1 % | gold_nll | prepare s (mean) | pick position "
-        f"| Δkl_answer vs {baseline} [95% CI] | closer/further |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| Δkl_answer vs {baseline} [95% CI] | kl ratio vs {baseline} (geometric) [95% CI] | closer/further |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, per_id in by.items():
         kl = [r["kl_answer"] for r in per_id.values()]
@@ -136,11 +139,15 @@ def summary(rows: list[dict], baseline: str = "infoflow") -> str:
         if name != baseline and shared:
             ours, theirs = [per_id[i]["kl_answer"] for i in shared], [base[i]["kl_answer"] for i in shared]
             d = paired_diff(ours, theirs)
+            log_ratio = mean_ci(
+                [np.log10(max(a, KL_FLOOR) / max(b, KL_FLOOR)) for a, b in zip(ours, theirs, strict=True)]
+            )
+            ratio = f"{10**log_ratio.mean:.2f} [{10**log_ratio.low:.2f}, {10**log_ratio.high:.2f}]"
             closer = sum(a < b for a, b in zip(ours, theirs, strict=True))
             further = sum(a > b for a, b in zip(ours, theirs, strict=True))
-            paired = f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}] | {closer}/{further}"
+            paired = f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}] | {ratio} | {closer}/{further}"
         else:
-            paired += " | —"
+            paired += " | — | —"
         lines.append(
             f"| {name} | {len(kl)} | {est.mean:.4f} [{est.low:.4f}, {est.high:.4f}] | {np.median(kl):.4f} | "
             f"{100 * np.mean([r['top1'] for r in per_id.values()]):.1f} | "
