@@ -9,8 +9,8 @@ prepare and two short forwards. One JSON line per (question, candidate); a rerun
 candidates can be added to a finished run. ``--summary`` prints the table, each candidate paired with
 ``infoflow`` on kl_answer.
 
-    .venv/bin/python scripts/selector_study.py --questions 40 --out runs/dev/selectors.jsonl
-    .venv/bin/python scripts/selector_study.py --out runs/dev/selectors.jsonl --summary
+    .venv/bin/python scripts/selector_study.py --questions 40 --out docs/selector-study.jsonl
+    .venv/bin/python scripts/selector_study.py --out docs/selector-study.jsonl --summary
 
 Candidates that are not library selectors are defined here; the ``sink{k}+infoflow`` rows run the library's
 ``sinkflow`` selector with ``sink=k``.
