@@ -141,6 +141,16 @@ class SinkFlowSelector(InfoFlowSelector):
         return torch.cat([first, picks]).sort().values
 
 
+def kv_deviation(placed: PlacedContext, probe: Probe, layer: int) -> torch.Tensor:
+    """(N,) squared distance of each token's cached K and V from their full-context values at ``layer`` (the
+    prefix, exact, is 0): how stale the cache is, CacheBlend's signal."""
+    p = placed.prefix_len
+    fresh_k, fresh_v = probe.fresh_kv(layer)  # (kv_heads, N - p, d)
+    cached_k, cached_v = placed.keys[layer, :, p:], placed.values[layer, :, p:]
+    deviation = (fresh_k - cached_k).pow(2).sum((0, 2)) + (fresh_v - cached_v).pow(2).sum((0, 2))  # (N - p,)
+    return torch.cat([torch.zeros(p), deviation])
+
+
 @register
 class CacheBlendSelector(Selector):
     """Tokens whose K/V deviate most between cache and full-context prefill at the check layer."""
@@ -151,13 +161,7 @@ class CacheBlendSelector(Selector):
         self.check_layer = check_layer
 
     def select(self, placed: PlacedContext, budget: int, probe: Probe) -> torch.Tensor:
-        p = placed.prefix_len
-        fresh_k, fresh_v = probe.fresh_kv(self.check_layer)  # (kv_heads, N - p, d)
-        cached_k = placed.keys[self.check_layer, :, p:]
-        cached_v = placed.values[self.check_layer, :, p:]
-        deviation = (fresh_k - cached_k).pow(2).sum((0, 2)) + (fresh_v - cached_v).pow(2).sum((0, 2))  # (N - p,)
-        full = torch.cat([torch.zeros(p), deviation])
-        return top_candidates(full, placed.candidate, budget)
+        return top_candidates(kv_deviation(placed, probe, self.check_layer), placed.candidate, budget)
 
 
 @register

@@ -32,7 +32,7 @@ from infoflow_rag.eval.datasets import load_hotpotqa
 from infoflow_rag.eval.runner import DEFAULT_PROMPT
 from infoflow_rag.eval.stats import mean_ci, paired_diff
 from infoflow_rag.layout import PlacedContext
-from infoflow_rag.selectors import InfoFlowSelector, Probe, register, top_candidates
+from infoflow_rag.selectors import InfoFlowSelector, Probe, kv_deviation, register, top_candidates
 
 DEV_END = 1000  # questions from 1000 on are held out; from 5000 on reserved for independent checks
 MAX_NEW_TOKENS = 32
@@ -52,13 +52,8 @@ class DeviationInfoFlow(InfoFlowSelector):
         self.check_layer = check_layer
 
     def select(self, placed: PlacedContext, budget: int, probe: Probe) -> torch.Tensor:
-        p = placed.prefix_len
-        fresh_k, fresh_v = probe.fresh_kv(self.check_layer)  # (kv_heads, N - p, d)
-        stale_k, stale_v = placed.keys[self.check_layer, :, p:], placed.values[self.check_layer, :, p:]
-        deviation = ((fresh_k - stale_k).pow(2).sum((0, 2)) + (fresh_v - stale_v).pow(2).sum((0, 2))).sqrt()
-        return top_candidates(
-            probe.scores(self.layers) * torch.cat([torch.zeros(p), deviation]), placed.candidate, budget
-        )
+        staleness = kv_deviation(placed, probe, self.check_layer).sqrt()  # the K/V error, not its square
+        return top_candidates(probe.scores(self.layers) * staleness, placed.candidate, budget)
 
 
 def candidates(ratio: float) -> dict[str, dict]:

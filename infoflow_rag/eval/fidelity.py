@@ -22,8 +22,6 @@ from dataclasses import dataclass
 
 import torch
 
-FIELDS = ("kl_first", "kl_answer", "top1", "gold_nll")
-
 
 @dataclass(frozen=True)
 class Reference:

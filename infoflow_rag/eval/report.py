@@ -161,7 +161,7 @@ def fidelity_table(results: Sequence[QuestionResult], n_boot: int = 1000, seed: 
         "| gold_nll [95% CI] |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for (dataset, method), rows in _by_dataset_method(_with_fidelity(results)).items():
+    for (dataset, method), rows in _by_dataset_method(with_fidelity(results)).items():
         kl = [r.kl_answer for r in rows]
         gold = [r.gold_nll for r in rows if r.gold_nll is not None]
         lines.append(
@@ -181,7 +181,7 @@ def fidelity_paired_table(
     Negative Δkl_answer and Δgold_nll and positive Δtop1 mean closer to full prefill than the baseline.
     "closer" counts the questions where the method's kl_answer is below / equal to / above the baseline's.
     """
-    groups = _by_dataset_method(_with_fidelity(results))
+    groups = _by_dataset_method(with_fidelity(results))
     lines = [
         f"| Dataset | Method | n | Δkl_answer vs {baseline} [95% CI] | closer/tie/further | Δtop1 % [95% CI] "
         "| Δgold_nll [95% CI] |",
@@ -207,7 +207,7 @@ def plot_frontier(results: Sequence[QuestionResult], path: str | Path) -> Path:
     """PNG of the speed-fidelity frontier: mean kl_answer (log) against median TTFT / full, one curve per
     method name over its ratios (labelled), ``none`` as a point. Lower left is better."""
     curves: dict[str, dict[float, list[QuestionResult]]] = defaultdict(lambda: defaultdict(list))
-    for r in _with_fidelity(results):
+    for r in with_fidelity(results):
         if r.ttft_ratio is not None and r.selector != "full":
             curves[_curve_label(r)][r.ratio].append(r)
     if not curves:
@@ -365,9 +365,9 @@ def write_report(results_path: str | Path, out_dir: str | Path, baseline: str = 
         sections.append(Section(f"Paired comparison with {baseline}", paired_table(run.results, baseline)))
     if any(r.compress != "none" for r in run.results):
         sections.append(Section("KV compression", compression_table(run.results)))
-    if _with_fidelity(run.results):
+    if with_fidelity(run.results):
         body = fidelity_table(run.results)
-        if any(r.method == baseline for r in _with_fidelity(run.results)):
+        if any(r.method == baseline for r in with_fidelity(run.results)):
             body += f"\n\nPaired against `{baseline}`:\n\n" + fidelity_paired_table(run.results, baseline)
         sections.append(Section("Fidelity to full prefill (teacher-forced)", body))
     tradeoff = plot_tradeoff(run.results, out / "tradeoff.png")
@@ -424,7 +424,8 @@ def _niah(results: Sequence[QuestionResult]) -> list[QuestionResult]:
     return [r for r in results if "depth" in r.meta and "context_tokens" in r.meta]
 
 
-def _with_fidelity(results: Sequence[QuestionResult]) -> list[QuestionResult]:
+def with_fidelity(results: Sequence[QuestionResult]) -> list[QuestionResult]:
+    """The results that carry the fidelity measures (their run had a `full` reference)."""
     return [r for r in results if r.kl_answer is not None]
 
 

@@ -25,6 +25,7 @@ from .report import (
     plot_niah_heatmap,
     plot_tradeoff,
     summary_table,
+    with_fidelity,
     write_results_md,
 )
 from .results import ResultsRun, read_results
@@ -279,7 +280,7 @@ def _part_body(part: Part, run: ResultsRun, out: Path, ratio: float) -> list[str
         plot = plot_niah_heatmap(run.results, out / "niah_heatmap.png")
         body.append(f"Gold F1 by needle depth and haystack length:\n\n![NIAH heatmap]({plot.name})")
     if part.name == "sweep":
-        if any(r.kl_answer is not None for r in run.results):
+        if with_fidelity(run.results):
             plot = plot_frontier(run.results, out / "frontier.png")
             body.append(
                 f"The speed-fidelity frontier (lower left is better; TTFT ratios from this run):\n\n"
@@ -295,7 +296,7 @@ def _part_body(part: Part, run: ResultsRun, out: Path, ratio: float) -> list[str
 
 def _fidelity_blocks(results: list, baseline: str | None) -> list[str]:
     """The fidelity table of a part, and its paired table when the baseline ran; none for a run without `full`."""
-    if not any(r.kl_answer is not None for r in results):
+    if not with_fidelity(results):
         return []
     blocks = [f"Fidelity to full prefill (teacher-forced, see the README):\n\n{fidelity_table(results)}"]
     if baseline:
