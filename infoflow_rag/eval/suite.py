@@ -33,16 +33,19 @@ from .runner import run_eval
 from .stats import paired_diff, win_tie_loss
 
 HELD_OUT_START = 1000
-MAIN_METHODS = ("full", "none", "infoflow", "cacheblend", "epic", "random")
+MAIN_METHODS = ("full", "none", "infoflow", "sinkflow", "cacheblend", "epic", "random")
+# The selector on trial (sinkflow) also runs at this smaller budget in the main part: does it match the others
+# for less?
+SMALL_RATIO = 0.1
 SWEEP_RATIOS = (0.05, 0.1, 0.15, 0.25, 0.5)
-SWEEP_SELECTORS = ("infoflow", "cacheblend", "epic")
+SWEEP_SELECTORS = ("infoflow", "sinkflow", "cacheblend", "epic")
 COMPRESSIONS = ("snapkv:0.25", "snapkv:0.5", "infokv:0.25", "infokv:0.5")
 NIAH_LENGTHS = (1000, 2000, 4000)
 NIAH_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 NIAH_PASSAGE_TOKENS = 256
-NIAH_METHODS = ("full", "none", "infoflow", "cacheblend", "epic")
+NIAH_METHODS = ("full", "none", "infoflow", "sinkflow", "cacheblend", "epic")
 LARGE_MODEL = "qwen2.5-1.5b"  # the model with headroom: its part runs only on it
-LARGE_METHODS = ("full", "none", "infoflow", "cacheblend", "epic")
+LARGE_METHODS = ("full", "none", "infoflow", "sinkflow", "cacheblend", "epic")
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ def suite_parts(
         return tuple(m if m in ("full", "none") else f"{m}@{ratio:g}" for m in names)
 
     # Every part runs `full`: the reference of the fidelity measures (and of TTFT ratios).
-    main = at_ratio(MAIN_METHODS)
+    main = at_ratio(MAIN_METHODS) + ((f"sinkflow@{SMALL_RATIO:g}",) if SMALL_RATIO != ratio else ())
     sweep = ("full", *(f"{s}@{r:g}" for s in SWEEP_SELECTORS for r in SWEEP_RATIOS))
     ablation = ("full", *(f"infoflow[{g}]@{ratio:g}" for g in GEOMETRIES))
     # Its own uncompressed run, on the same questions, is the baseline every compression is paired with.
