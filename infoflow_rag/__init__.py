@@ -1,10 +1,10 @@
 """infoflow-rag: passage KV reuse with InfoFlow selective recompute for fast retrieval-augmented generation."""
 
 from .engine import AnswerStream, Engine
+from .engine.result import AnswerResult, StageTimings
 from .errors import InfoFlowError, ModelIntegrityError, UnsupportedModelError
 from .kv import PassageKV
 from .models import DEFAULT_MODEL, load_model
-from .result import AnswerResult, StageTimings
 
 __all__ = [
     "DEFAULT_MODEL",

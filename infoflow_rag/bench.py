@@ -9,9 +9,9 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 
-from . import forward
 from .corpus import hotpotqa, paragraph_text
 from .engine import Engine
+from .engine.prefill import full_prefill
 
 BENCH_METHODS = ("full", "infoflow", "infoflow+reorder", "cacheblend", "epic", "random", "none")
 
@@ -63,7 +63,7 @@ def bench_ttft(
         fraction: dict[str, float] = {}
         for repeat in range(repeats + 1):  # repeat 0 warms up allocators and is discarded
             t = time.perf_counter()
-            int(forward.full_prefill(engine.model, ids).logits.argmax())
+            int(full_prefill(engine.model, ids).logits.argmax())
             elapsed = time.perf_counter() - t
             if repeat:
                 ttft["prefill"].append(elapsed)

@@ -8,11 +8,11 @@ import logging
 import sys
 from pathlib import Path
 
-from .compress import POLICIES, validate_keep
+from .engine.compression import POLICIES, validate_keep
+from .engine.selection import SELECTORS
 from .errors import InfoFlowError
 from .eval.methods import parse_keep
 from .models import DEFAULT_MODEL, REGISTRY
-from .selectors import SELECTORS
 
 
 def _engine(name: str):
@@ -59,7 +59,7 @@ def cmd_bench_prefill(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .check import run_check
+    from .engine.check import run_check
 
     report = run_check(_engine(args.model), thorough=True)
     if args.json:

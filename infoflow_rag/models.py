@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import ModelIntegrityError
-from .store.files import atomic_write
+from .files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ import torch
 
 from .closing import Closing
 from .engine import AnswerStream, Engine
+from .engine.result import AnswerResult
 from .errors import StoreUnavailableError
 from .index.passage_index import META_FILE, RECORDS_FILE, Hit, PassageIndex
 from .kv import PassageKV
 from .matching import PassageMatcher
 from .models import DEFAULT_MODEL
-from .result import AnswerResult
 from .store import CacheKey, KVStore, open_store
 
 KV_DIR = "kv"

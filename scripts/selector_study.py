@@ -27,12 +27,12 @@ import numpy as np
 import torch
 
 from infoflow_rag.engine import Engine
+from infoflow_rag.engine.placement import PlacedContext
+from infoflow_rag.engine.selection import InfoFlowSelector, Probe, kv_deviation, register, top_candidates
 from infoflow_rag.eval import fidelity
 from infoflow_rag.eval.datasets import load_hotpotqa
 from infoflow_rag.eval.runner import DEFAULT_PROMPT
 from infoflow_rag.eval.stats import mean_ci, paired_diff
-from infoflow_rag.layout import PlacedContext
-from infoflow_rag.selectors import InfoFlowSelector, Probe, kv_deviation, register, top_candidates
 
 DEV_END = 1000  # questions from 1000 on are held out; from 5000 on reserved for independent checks
 MAX_NEW_TOKENS = 32

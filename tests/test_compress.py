@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import PASSAGES, QUESTION
 
-from infoflow_rag.compress import PromptMap
 from infoflow_rag.engine import Engine
+from infoflow_rag.engine.compression import PromptMap
 from infoflow_rag.store import DiskKVStore, MemoryKVStore
 from infoflow_rag.store.keys import CacheKey
 
@@ -68,7 +68,7 @@ def test_first_token_logits_are_computed_before_compression(engine, kvs):
 
 def test_compression_runs_after_the_first_token_is_out(engine, kvs, monkeypatch):
     """TTFT never pays for compression: the first token is yielded, then the cache shrinks, then decoding goes on."""
-    import infoflow_rag.engine as engine_module
+    import infoflow_rag.engine.facade as engine_module
 
     events = []
     real_compress, real_generate = engine_module.compress_cache, engine_module.generate_tokens
@@ -204,7 +204,7 @@ def test_bench_prefill_times_both_ways_on_the_same_passages(engine):
 
 def test_decoding_from_the_compressed_cache_equals_masking_the_evicted_entries(engine, kvs):
     """Independent reference: the uncompressed cache with the evicted entries masked out of attention."""
-    from infoflow_rag.forward import position_mask
+    from infoflow_rag.engine.cache import position_mask
 
     full = engine.prepare(QUESTION, kvs)
     squeezed = engine.prepare(QUESTION, kvs, compress="infokv", keep=0.3)

@@ -7,11 +7,11 @@ from tiny import tiny_model
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from infoflow_rag.attention import attention_norm
-from infoflow_rag.check import rotation_error
 from infoflow_rag.engine import Engine
+from infoflow_rag.engine.attention import attention_norm
+from infoflow_rag.engine.check import rotation_error
+from infoflow_rag.engine.selection import SELECTORS
 from infoflow_rag.errors import UnsupportedModelError
-from infoflow_rag.selectors import SELECTORS
 
 
 def test_rerotated_keys_equal_keys_at_global_positions(family_engine):
@@ -251,7 +251,7 @@ def test_chunked_recompute_attention_equals_one_full_mask_call(engine, monkeypat
     """Query chunks that see only their visible key prefix give what one SDPA call with the whole mask gives."""
     import contextlib
 
-    from infoflow_rag import forward
+    from infoflow_rag.engine import recompute
 
     long_passages = [p * 6 for p in PASSAGES]  # enough queries for several chunks
     prep = engine.prepare(QUESTION, engine.prefill(long_passages), selector=selector, ratio=0.4)
@@ -259,14 +259,14 @@ def test_chunked_recompute_attention_equals_one_full_mask_call(engine, monkeypat
     start = prep.layout.length - len(fresh)
     args = (engine.model, prep.placed, prep.chosen, fresh.token_ids, start + torch.arange(len(fresh)))
     assert prep.chosen.numel() > 2 * 64  # more than two chunks of the minimum size
-    chunked = forward.recompute(*args).logits
-    monkeypatch.setattr(forward, "sparse_queries", lambda plan: contextlib.nullcontext())
-    whole = forward.recompute(*args).logits
+    chunked = recompute.recompute(*args).logits
+    monkeypatch.setattr(recompute, "sparse_queries", lambda plan: contextlib.nullcontext())
+    whole = recompute.recompute(*args).logits
     assert (chunked - whole).abs().max() <= 1e-5
 
 
 def test_score_rows_pick_the_raw_question_or_the_whole_question_block(engine):
-    from infoflow_rag.prompt import encode
+    from infoflow_rag.engine.prompt import encode
 
     kvs = engine.prefill(PASSAGES)
     question = engine.prepare(QUESTION, kvs)

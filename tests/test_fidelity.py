@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import PASSAGES, QUESTION
 
-from infoflow_rag import forward
+from infoflow_rag.engine.prefill import full_prefill
 from infoflow_rag.eval import fidelity
 from infoflow_rag.eval.datasets import EvalExample
 from infoflow_rag.eval.methods import parse_method
@@ -19,7 +19,7 @@ MAX_NEW = 8
 
 def _greedy_with_logits(engine, max_new: int) -> tuple[list[int], torch.Tensor]:
     """Plain full prefill and a hand-written greedy loop: the tokens and every logits row it picked from."""
-    out = forward.full_prefill(engine.model, engine.prompt_ids(QUESTION, PASSAGES))
+    out = full_prefill(engine.model, engine.prompt_ids(QUESTION, PASSAGES))
     rows, tokens = [out.logits], []
     for step in range(max_new):
         token = int(rows[-1].argmax())

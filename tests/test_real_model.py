@@ -2,8 +2,8 @@
 
 import pytest
 
-from infoflow_rag.check import run_check
 from infoflow_rag.engine import Engine
+from infoflow_rag.engine.check import run_check
 
 pytestmark = pytest.mark.real_model
 

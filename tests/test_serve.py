@@ -16,11 +16,11 @@ from conftest import PASSAGES, QUESTION
 from fastapi.testclient import TestClient
 from tiny import BagOfWordsEmbedder
 
-from infoflow_rag import forward
-from infoflow_rag.decode import GenerationConfig, generate_tokens, text_deltas
+from infoflow_rag.engine.decoding import GenerationConfig, generate_tokens, text_deltas
+from infoflow_rag.engine.prefill import full_prefill
+from infoflow_rag.engine.prompt import encode
 from infoflow_rag.index.passage_index import PassageIndex
 from infoflow_rag.pipeline import Pipeline
-from infoflow_rag.prompt import encode
 from infoflow_rag.serve import ServerSettings, create_app
 from infoflow_rag.serve.loadtest import run_load, sequential_answers
 from infoflow_rag.serve.run import loopback_socket, serve, server
@@ -78,7 +78,7 @@ def events(response: httpx.Response) -> list:
 
 def reference_answer(engine, rendered: str, max_new_tokens: int) -> str:
     """Plain greedy decoding of the whole rendered prompt: nothing cached, nothing selected."""
-    out = forward.full_prefill(engine.model, encode(engine.tokenizer, rendered))
+    out = full_prefill(engine.model, encode(engine.tokenizer, rendered))
     gen = GenerationConfig(max_new_tokens=max_new_tokens)
     tokens = generate_tokens(engine.model, out.cache, out.logits, out.next_position, gen, engine.eos_ids)
     return "".join(text_deltas(tokens, engine.tokenizer, ())).strip()

@@ -19,8 +19,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from infoflow_rag.layout import GEOMETRIES
-from infoflow_rag.selectors import DEFAULT_RATIO, validate_selector
+from infoflow_rag.engine.placement import GEOMETRIES
+from infoflow_rag.engine.selection import DEFAULT_RATIO, validate_selector
 
 FIXED_RATIOS = {"full": 1.0, "none": 0.0}
 _LAYERS = re.compile(r"(?P<first>\d+)(?:-(?P<last>\d+))?")
@@ -146,7 +146,7 @@ def _parse_compression(text: str, policy: str | None, keep_text: str | None) -> 
 
 def _check_compression(policy: str, keep: float | int) -> None:
     # Imported on use: the policies pull in transformers, which reports and uncompressed methods never need.
-    from infoflow_rag.compress import validate_keep, validate_policy
+    from infoflow_rag.engine.compression import validate_keep, validate_policy
 
     validate_policy(policy)
     validate_keep(keep)

@@ -23,7 +23,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from infoflow_rag.store.files import atomic_write
+from infoflow_rag.files import atomic_write
 
 IVF_TRAIN_FACTOR = 39
 FILE_MAGIC = b"infoflow-vectors\0"  # then a little-endian uint32 header length, the JSON header, FAISS bytes

@@ -33,10 +33,10 @@ import numpy as np
 
 from infoflow_rag.closing import Closing
 from infoflow_rag.errors import IndexIntegrityError
+from infoflow_rag.files import atomic_write
 from infoflow_rag.index.embedder import DEFAULT_MODEL, Embedder, TextEmbedder
 from infoflow_rag.index.faiss_index import IndexSpec, VectorIndex
 from infoflow_rag.index.records import AddResult, PassageRecord, PassageRecords
-from infoflow_rag.store.files import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..compress import validate_keep, validate_policy
+from ..engine.compression import validate_keep, validate_policy
+from ..engine.selection import DEFAULT_RATIO, validate_selector
 from ..errors import StoreUnavailableError
 from ..pipeline import Pipeline, PipelineStream
-from ..selectors import DEFAULT_RATIO, validate_selector
 from .conversation import Conversations, prompt_pieces
 from .errors import APIError, from_exception, install_handlers
 from .responses import Shape, sse

@@ -16,8 +16,8 @@ from collections import OrderedDict
 from jinja2 import TemplateError
 
 from ..engine import Engine
+from ..engine.prompt import PASSAGE_SEPARATOR
 from ..pipeline import KnownPassage, Pipeline
-from ..prompt import PASSAGE_SEPARATOR
 from .schemas import ChatMessage
 
 Piece = str | KnownPassage

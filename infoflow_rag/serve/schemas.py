@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..compress import validate_keep, validate_policy
-from ..selectors import validate_selector
+from ..engine.compression import validate_keep, validate_policy
+from ..engine.selection import validate_selector
 
 MAX_STOP_STRINGS = 4
 

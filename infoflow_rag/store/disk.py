@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from infoflow_rag.files import atomic_write
 from infoflow_rag.kv import PassageKV
 from infoflow_rag.store.base import KVStore
 from infoflow_rag.store.codec import StorageDtype, decode, encode
-from infoflow_rag.store.files import atomic_write
 from infoflow_rag.store.format import CorruptEntryError, pack, unpack_file
 from infoflow_rag.store.keys import CacheKey
 

@@ -12,11 +12,11 @@ from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import Field, field_validator, model_validator
 
-from infoflow_rag.compress import POLICIES, validate_policy
 from infoflow_rag.engine import Engine
+from infoflow_rag.engine.compression import POLICIES, validate_policy
+from infoflow_rag.engine.selection import DEFAULT_RATIO, SELECTORS, validate_selector
 from infoflow_rag.models import DEFAULT_MODEL
 from infoflow_rag.pipeline import Pipeline, PipelineAnswer
-from infoflow_rag.selectors import DEFAULT_RATIO, SELECTORS, validate_selector
 from infoflow_rag.store import open_store
 
 

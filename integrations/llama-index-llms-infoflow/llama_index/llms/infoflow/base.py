@@ -9,11 +9,11 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator
 from llama_index.core.llms.callbacks import llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
-from infoflow_rag.compress import POLICIES, validate_policy
 from infoflow_rag.engine import Engine
+from infoflow_rag.engine.compression import POLICIES, validate_policy
+from infoflow_rag.engine.selection import DEFAULT_RATIO, SELECTORS, validate_selector
 from infoflow_rag.models import DEFAULT_MODEL
 from infoflow_rag.pipeline import Pipeline, PipelineAnswer
-from infoflow_rag.selectors import DEFAULT_RATIO, SELECTORS, validate_selector
 from infoflow_rag.store import open_store
 
 STATS_KEY = "infoflow"  # CompletionResponse.additional_kwargs[STATS_KEY] holds PipelineAnswer.stats()

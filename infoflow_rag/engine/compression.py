@@ -30,9 +30,11 @@ from typing import ClassVar
 import torch
 from transformers import PreTrainedModel
 
-from . import forward
-from .layout import Layout
-from .registry import Registry
+from ..registry import Registry
+from .cache import stacked
+from .placement import Layout
+from .recompute import Recomputed
+from .scoring import attention_scores
 from .signals import SIGNALS
 
 DEFAULT_WINDOW = 32  # observation window: the last prompt tokens, SnapKV's default size
@@ -196,8 +198,8 @@ def _percentile(values: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def compress_cache(
-    model: PreTrainedModel, out: forward.Recomputed, prompt: PromptMap, policy: Policy, keep: float | int
-) -> forward.Recomputed:
+    model: PreTrainedModel, out: Recomputed, prompt: PromptMap, policy: Policy, keep: float | int
+) -> Recomputed:
     """``out`` with its cache cut to the kept entries (the same ones in every layer); unchanged if all stay."""
     context_pos = prompt.context.nonzero()[:, 0]  # (C,) ascending
     count = policy.keep_count(keep, len(context_pos))
@@ -216,10 +218,10 @@ def compress_cache(
     entries = kept[out.positions].nonzero()[:, 0]  # (M',) cache order
     for layer in out.cache.layers:
         layer.keys, layer.values = layer.keys[:, :, entries], layer.values[:, :, entries]
-    return forward.Recomputed(out.logits, out.cache, out.next_position, out.positions[entries])
+    return Recomputed(out.logits, out.cache, out.next_position, out.positions[entries])
 
 
-def _window_attention(model: PreTrainedModel, out: forward.Recomputed, prompt: PromptMap, window: int) -> torch.Tensor:
+def _window_attention(model: PreTrainedModel, out: Recomputed, prompt: PromptMap, window: int) -> torch.Tensor:
     """(L,) attention norm of the last ``window`` prompt tokens on every earlier entry, by prompt position.
 
     The window never reaches into passage context: it is cut at the last passage token.
@@ -228,9 +230,9 @@ def _window_attention(model: PreTrainedModel, out: forward.Recomputed, prompt: P
     last_context = int(prompt.context.nonzero().max())
     start = max(length - window, last_context + 1)
     seen = (out.positions < start).nonzero()[:, 0]  # cache entries the window attends to
-    keys, values = forward.stacked(out.cache)  # (layers, 1, kv_heads, M, head_dim)
+    keys, values = stacked(out.cache)  # (layers, 1, kv_heads, M, head_dim)
     layers = list(range(len(out.cache.layers)))
-    scores = forward.attention_scores(
+    scores = attention_scores(
         model, keys[:, 0, :, seen], values[:, 0, :, seen], prompt.token_ids[start:], torch.arange(start, length), layers
     )
     by_position = torch.zeros(length)

@@ -15,15 +15,16 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from . import attention, forward
-from .compress import Policy, PromptMap, compress_cache, make_policy, validate_keep
-from .decode import GenerationConfig, generate_tokens, text_deltas
-from .kv import PassageKV
-from .layout import GEOMETRIES, Layout, PlacedContext, Segment, place
-from .models import DEFAULT_MODEL, LoadedModel, load_model, parameters_sha256
+from ..kv import PassageKV
+from ..models import DEFAULT_MODEL, LoadedModel, load_model, parameters_sha256
+from . import attention, prefill, recompute, scoring
+from .check import check_supported
+from .compression import Policy, PromptMap, compress_cache, make_policy, validate_keep
+from .decoding import GenerationConfig, generate_tokens, text_deltas
+from .placement import GEOMETRIES, Layout, PlacedContext, Segment, place
 from .prompt import DEFAULT_QUESTION_TEMPLATE, PromptFormat, encode, encode_answer, encode_passage, encode_question
 from .result import AnswerResult, StageTimings
-from .selectors import (
+from .selection import (
     DEFAULT_RATIO,
     InfoFlowSelector,
     Probe,
@@ -34,7 +35,6 @@ from .selectors import (
     top_candidates,
 )
 from .signals import SIGNALS, install_hooks
-from .support import check_supported
 
 Passage = str | PassageKV
 PREFILL_BATCH_TOKENS = 4096  # padded tokens per prefill forward: bounds activation memory
@@ -79,7 +79,7 @@ class Prepared:
     placed: PlacedContext
     chosen: torch.Tensor  # (s,) recomputed indices into the placed tokens
     options: QueryOptions
-    out: forward.Recomputed
+    out: recompute.Recomputed
     timings: StageTimings
     t0: float  # perf_counter at the call, for TTFT
     policy: Policy  # the KV compression policy decoding applies after the first token
@@ -114,7 +114,7 @@ class Engine:
         # variables, so threads may share this engine; the hooks go in now, before any thread runs a forward.
         install_hooks(self.model)
         self.format = PromptFormat.for_tokenizer(self.tokenizer, system_prompt)
-        self.prefix = forward.prefill_prefix(self.model, encode(self.tokenizer, self.format.head))
+        self.prefix = prefill.prefill_prefix(self.model, encode(self.tokenizer, self.format.head))
         self.inv_freq = self.model.model.rotary_emb.inv_freq.detach().float()  # (head_dim/2,)
         self.num_layers = self.model.config.num_hidden_layers
         self.score_layers = score_layers or default_score_layers(self.num_layers)
@@ -222,7 +222,7 @@ class Engine:
             batch = order[start:end]
             for i, kv in zip(
                 batch,
-                forward.prefill_passages(self.model, self.prefix, [ids[i] for i in batch], self.record_signals),
+                prefill.prefill_passages(self.model, self.prefix, [ids[i] for i in batch], self.record_signals),
                 strict=True,
             ):
                 out[i] = kv
@@ -366,7 +366,7 @@ class Engine:
         fresh_ids = torch.cat([seg.token_ids for _, seg in fresh])
         fresh_pos = torch.cat([s + torch.arange(len(seg)) for s, seg in fresh])
         t = time.perf_counter()
-        out = forward.recompute(self.model, placed, chosen, fresh_ids, fresh_pos)
+        out = recompute.recompute(self.model, placed, chosen, fresh_ids, fresh_pos)
         timings.recompute = time.perf_counter() - t
         return Prepared(layout, placed, chosen, opts, out, timings, t0, policy)
 
@@ -382,7 +382,7 @@ class Engine:
         it may run before or after :meth:`decode`, and leaves the cache holding the prompt only.
         """
         self.compress(prep)  # decoding reads the compressed cache from the second token on
-        return forward.teacher_force(self.model, prep.out, torch.tensor(list(tokens), dtype=torch.long))
+        return recompute.teacher_force(self.model, prep.out, torch.tensor(list(tokens), dtype=torch.long))
 
     def compress(self, prep: Prepared) -> None:
         """Evict from ``prep``'s cache what its compression policy drops (once; a no-op without a policy)."""
@@ -461,10 +461,10 @@ class Engine:
 
     def _probe(self, placed: PlacedContext, layout: Layout) -> Probe:
         return Probe(
-            question_scores=lambda layers, heads: forward.question_attention_scores(
+            question_scores=lambda layers, heads: scoring.question_attention_scores(
                 self.model, placed, layout.query_ids, layers, heads
             ),
-            layer_kv=lambda layer: forward.fresh_layer_kv(self.model, placed, layer),
+            layer_kv=lambda layer: scoring.fresh_layer_kv(self.model, placed, layer),
         )
 
     def passage_density(
@@ -491,7 +491,7 @@ class Engine:
         unplaced = place(layout, self.inv_freq, self.model.dtype, "head-local/tail-prompt")
         # Every passage competes here, the first one too: its density must be measured like the others'.
         unplaced.candidate[unplaced.prefix_len :] = True
-        scores = forward.question_attention_scores(self.model, unplaced, layout.query_ids, self.score_layers)
+        scores = scoring.question_attention_scores(self.model, unplaced, layout.query_ids, self.score_layers)
         chosen = torch.zeros(unplaced.token_ids.numel(), dtype=torch.bool)
         chosen[top_candidates(scores, unplaced.candidate, ratio_budget(unplaced, ratio))] = True
         return {p: float(chosen[s:e].sum()) / (e - s) for p, s, e in unplaced.spans}
@@ -553,7 +553,7 @@ class Engine:
     ) -> tuple[str, torch.Tensor]:
         """Plain prefill of the whole prompt, nothing cached: the reference answer and first-token logits."""
         gen = GenerationConfig(**generation)
-        out = forward.full_prefill(self.model, self.prompt_ids(question, passages, template))
+        out = prefill.full_prefill(self.model, self.prompt_ids(question, passages, template))
         tokens = generate_tokens(self.model, out.cache, out.logits, out.next_position, gen, self.eos_ids)
         return "".join(text_deltas(tokens, self.tokenizer, gen.stop)).strip(), out.logits
 

@@ -14,9 +14,9 @@ from typing import ClassVar
 
 import torch
 
+from ..registry import Registry
 from .attention import HEAD_REDUCTIONS
-from .layout import PlacedContext
-from .registry import Registry
+from .placement import PlacedContext
 
 DEFAULT_RATIO = 0.15
 

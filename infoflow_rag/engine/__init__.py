@@ -1,0 +1,19 @@
+"""The engine: answer a question over passages by reusing their KV caches and recomputing a few tokens.
+
+One module per stage, in the order a query runs them:
+
+    prompt       the chat-template prefix, passage and question encodings
+    prefill      passages alone behind the prefix (their KV and, with signals, InfoKV's per-token signals)
+    placement    each cached passage at its global offset: RoPE re-rotation of its keys
+    scoring      the model passes selectors read (question attention, fresh K/V at one layer)
+    selection    which cached tokens to recompute: the selector registry (infoflow, cacheblend, epic, ...)
+    reorder      the optional densest-passage-last ordering
+    recompute    selected + fresh tokens through every layer, on the mixed cache
+    compression  KV eviction after the first token (snapkv, infokv)
+    decoding     token generation and the answer stream
+    facade       :class:`Engine`, which runs them; ``Engine.load`` also runs the correctness gate (``check``)
+"""
+
+from .facade import AnswerStream, Engine, Prepared
+
+__all__ = ["AnswerStream", "Engine", "Prepared"]

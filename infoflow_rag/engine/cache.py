@@ -1,0 +1,47 @@
+"""The KV cache as the model sees it: a DynamicCache built from stacked tensors, and the additive position mask.
+
+An explicit additive 4D mask is always passed: with SDPA and no mask transformers assumes is_causal,
+which is wrong for sparse queries, and a bool mask would be wrong under eager attention.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (1, 1, q, K): query i sees key j iff pos_k[j] <= pos_q[i]."""
+    visible = k_pos[None, :] <= q_pos[:, None]  # (q, K)
+    mask = torch.zeros(visible.shape, dtype=dtype)
+    mask.masked_fill_(~visible, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def cache_from(keys: torch.Tensor, values: torch.Tensor) -> DynamicCache:
+    """keys/values (layers, kv_heads, n, head_dim) or (layers, B, kv_heads, n, head_dim) -> DynamicCache.
+
+    The layers take the given tensors as they are (no copy); the forward's update concatenates onto them
+    into new tensors, so the caller's tensors are never written to.
+    """
+    if keys.dim() == 4:
+        keys, values = keys[:, None], values[:, None]
+    cache = DynamicCache()
+    for k, v in zip(keys.unbind(0), values.unbind(0), strict=True):
+        layer = DynamicLayer()
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+        cache.layers.append(layer)
+    return cache
+
+
+def stacked(cache: DynamicCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """DynamicCache -> keys, values (layers, B, kv_heads, n, head_dim)."""
+    return torch.stack([layer.keys for layer in cache.layers]), torch.stack([layer.values for layer in cache.layers])
+
+
+def truncate(cache: DynamicCache, entries: int) -> None:
+    """Keep the first ``entries`` cache entries of every layer (what a forward appended after them goes)."""
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, :entries], layer.values[:, :, :entries]

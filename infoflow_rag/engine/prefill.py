@@ -1,0 +1,90 @@
+"""Prefill: the fixed prefix, passages alone behind it (at local positions), and plain full prefill.
+
+Each is a stock ``model(...)`` call with explicit positions and mask (see :mod:`.cache`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from ..kv import PassageKV
+from .cache import cache_from, position_mask, stacked
+from .recompute import Recomputed
+from .signals import recording
+
+
+@torch.inference_mode()
+def prefill_prefix(model: PreTrainedModel, prefix_ids: list[int]) -> PassageKV:
+    """The fixed prefix at positions 0 .. p-1 (the attention sink every passage is prefilled behind)."""
+    ids = torch.tensor(prefix_ids, dtype=torch.long)
+    cache = DynamicCache()
+    model(
+        input_ids=ids[None],
+        position_ids=torch.arange(len(ids))[None],
+        cache=cache,
+        logits_to_keep=1,
+    )
+    keys, values = stacked(cache)
+    return PassageKV(ids, keys[:, 0], values[:, 0], offset=0)
+
+
+@torch.inference_mode()
+def prefill_passages(
+    model: PreTrainedModel, prefix: PassageKV, passages: list[list[int]], signals: bool = True
+) -> list[PassageKV]:
+    """Prefill one batch of passages, each alone behind ``prefix``, at local positions p .. p+n-1.
+
+    Right padding keeps this exact: under the causal mask no real token sees the padding after it.
+    With ``signals``, the same forward records each token's question-independent signals (see :mod:`signals`).
+    """
+    p, longest = len(prefix), max(len(t) for t in passages)
+    ids = torch.zeros(len(passages), longest, dtype=torch.long)  # (B, n), padded with token 0
+    for row, tokens in enumerate(passages):
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+    positions = p + torch.arange(longest)
+    dtype = model.dtype
+    batch = len(passages)
+    cache = cache_from(
+        prefix.keys.to(dtype)[:, None].expand(-1, batch, -1, -1, -1),
+        prefix.values.to(dtype)[:, None].expand(-1, batch, -1, -1, -1),
+    )
+    mask = position_mask(positions, torch.cat([torch.arange(p), positions]), dtype)
+    with recording(model) if signals else contextlib.nullcontext() as recorder:
+        model(
+            input_ids=ids,
+            position_ids=positions.expand(batch, -1),
+            attention_mask=mask,
+            cache=cache,
+            logits_to_keep=1,
+        )
+    recorded = recorder.signals(model) if signals else {}  # name -> (B, longest)
+    keys, values = stacked(cache)  # (layers, B, kv_heads, p + longest, head_dim)
+    return [
+        PassageKV(
+            ids[row, : len(t)].clone(),
+            keys[:, row, :, p : p + len(t)].clone(),
+            values[:, row, :, p : p + len(t)].clone(),
+            offset=p,
+            signals={name: s[row, : len(t)].clone() for name, s in recorded.items()},
+        )
+        for row, t in enumerate(passages)
+    ]
+
+
+@torch.inference_mode()
+def full_prefill(model: PreTrainedModel, ids: list[int]) -> Recomputed:
+    """The reference: the whole prompt in one plain causal forward, nothing cached."""
+    t = torch.tensor(ids, dtype=torch.long)
+    pos = torch.arange(len(ids))
+    cache = DynamicCache()
+    out = model(
+        input_ids=t[None],
+        position_ids=pos[None],
+        attention_mask=position_mask(pos, pos, model.dtype),
+        cache=cache,
+        logits_to_keep=1,
+    )
+    return Recomputed(out.logits[0, -1].float(), cache, len(ids), pos)

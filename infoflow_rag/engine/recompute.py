@@ -1,0 +1,82 @@
+"""Recompute: selected cached tokens and the fresh prompt tokens run through every layer at their global
+positions, on top of the mixed cache; and teacher forcing along given answer tokens on the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from .attention import SparseQueries, sparse_queries
+from .cache import cache_from, position_mask, truncate
+from .placement import PlacedContext
+
+
+@dataclass
+class Recomputed:
+    logits: torch.Tensor  # (vocab,) float32: next-token logits after the last prompt token
+    cache: DynamicCache  # unselected cached tokens + recomputed + fresh tokens (order irrelevant: keys carry RoPE)
+    next_position: int  # position of the first generated token
+    positions: torch.Tensor  # (M,) prompt position of each cache entry, in cache order
+
+
+@torch.inference_mode()
+def recompute(
+    model: PreTrainedModel,
+    placed: PlacedContext,
+    selected: torch.Tensor,
+    fresh_ids: torch.Tensor,
+    fresh_positions: torch.Tensor,
+) -> Recomputed:
+    """Run selected cached tokens + fresh tokens through every layer at their global positions.
+
+    selected: (s,) indices into the placed tokens. The cache holds the other cached tokens; the forward
+    appends fresh K/V for the inputs, which attend to the mixed cache under pos_k <= pos_q. Unselected
+    tokens are never forwarded.
+    """
+    keep = torch.ones(placed.token_ids.numel(), dtype=torch.bool)
+    keep[selected] = False
+    inputs = torch.cat([placed.token_ids[selected], fresh_ids])
+    in_pos = torch.cat([placed.positions[selected], fresh_positions])
+    order = in_pos.argsort()
+    inputs, in_pos = inputs[order], in_pos[order]
+    cached_pos = placed.positions[keep]  # ascending: placed tokens are in prompt order
+    mask = position_mask(in_pos, torch.cat([cached_pos, in_pos]), model.dtype)
+    cache = cache_from(placed.keys[:, :, keep], placed.values[:, :, keep])
+    with sparse_queries(SparseQueries(cached_pos, in_pos)):
+        out = model(
+            input_ids=inputs[None],
+            position_ids=in_pos[None],
+            attention_mask=mask,
+            cache=cache,
+            logits_to_keep=1,
+        )
+    return Recomputed(out.logits[0, -1].float(), cache, int(in_pos.max()) + 1, torch.cat([cached_pos, in_pos]))
+
+
+@torch.inference_mode()
+def teacher_force(model: PreTrainedModel, out: Recomputed, tokens: torch.Tensor) -> torch.Tensor:
+    """Next-token logits along ``tokens`` fed after the prompt in ``out``'s cache, in one forward. -> (n+1, vocab)
+
+    Row 0 is the prompt's own next-token logits (``out.logits``); row i+1 follows ``tokens[: i + 1]``. The
+    cache is cut back to its prompt entries before (decoding may have appended to it) and after, so the
+    caller's cache holds exactly the prompt again.
+    """
+    if len(tokens) == 0:
+        return out.logits[None]
+    prompt_entries = out.positions.numel()
+    truncate(out.cache, prompt_entries)
+    positions = out.next_position + torch.arange(len(tokens))
+    mask = position_mask(positions, torch.cat([out.positions, positions]), model.dtype)
+    try:
+        logits = model(
+            input_ids=tokens[None],
+            position_ids=positions[None],
+            attention_mask=mask,
+            cache=out.cache,
+        ).logits[0]  # (n, vocab)
+    finally:
+        truncate(out.cache, prompt_entries)
+    return torch.cat([out.logits[None], logits.float()])
