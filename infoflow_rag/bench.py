@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 from .corpus import hotpotqa, paragraph_text
 from .engine import Engine
 from .engine.prefill import full_prefill
+from .engine.selection import DEFAULT_RATIO
+from .store import STORAGE_DTYPES
 
 BENCH_METHODS = ("full", "infoflow", "infoflow+reorder", "cacheblend", "epic", "random", "none")
 
@@ -49,7 +51,7 @@ def build_context(engine: Engine, n_tokens: int) -> tuple[str, list[str]]:
 def bench_ttft(
     engine: Engine,
     contexts: list[int],
-    ratio: float = 0.15,
+    ratio: float = DEFAULT_RATIO,
     methods: tuple[str, ...] = BENCH_METHODS,
     repeats: int = 3,
 ) -> list[BenchRow]:
@@ -172,7 +174,7 @@ def bench_store(engine: Engine, directory: str, n_passages: int = 40, repeats: i
     reference = engine.prepare(question, kvs[:8]).out.logits
     ref_answer = engine.answer(question, kvs[:8], max_new_tokens=16).answer
     rows = []
-    for dtype in ("float32", "float16", "bfloat16", "int8"):
+    for dtype in STORAGE_DTYPES:
         root = Path(directory) / dtype
         with DiskKVStore(root, dtype=dtype) as store:
             store.put_many(zip(keys, kvs, strict=True))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .corpus import hotpotqa, paragraph_text
+from .engine.selection import DEFAULT_RATIO
 from .ingest import ingest
 from .pipeline import Pipeline, PipelineAnswer
 
@@ -71,7 +72,7 @@ def run_demo(
         asked = []
         for item in items[:n_questions]:
             q = item["question"]
-            cached = pipeline.ask(q, top_k=top_k, selector="infoflow", ratio=0.15, max_new_tokens=24)
+            cached = pipeline.ask(q, top_k=top_k, selector="infoflow", ratio=DEFAULT_RATIO, max_new_tokens=24)
             full = pipeline.ask(q, top_k=top_k, selector="full", max_new_tokens=24)
             asked.append(DemoQuestion(q, item["answer"], cached, full))
             print_question(pipeline, asked[-1], color)

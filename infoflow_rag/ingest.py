@@ -18,6 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .engine import Engine
+from .engine.prompt import encode
 from .index.splitting import load_source, split_paragraphs, split_token_windows
 from .pipeline import Pipeline
 
@@ -63,7 +64,7 @@ def fitting_passages(engine: Engine, texts: list[str], window: int) -> list[str]
     ``window`` tokens when it is longer than the model's context window; whitespace-only texts are dropped."""
 
     def tokenize(text: str) -> list[int]:
-        return engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode(engine.tokenizer, text)
 
     limit = engine.max_positions - len(engine.prefix) - len(tokenize(engine.format.separator))
     out = []
@@ -109,9 +110,7 @@ def ingest(
     tok = engine.tokenizer
     passages, sources, metas = [], [], []
     for doc in docs:
-        texts = split_documents(
-            [doc.text], split, window, lambda s: tok(s, add_special_tokens=False)["input_ids"], tok.decode
-        )
+        texts = split_documents([doc.text], split, window, lambda s: encode(tok, s), tok.decode)
         for text in fitting_passages(engine, texts, window):
             passages.append(text)
             sources.append(doc.source)

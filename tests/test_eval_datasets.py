@@ -6,7 +6,6 @@ import pytest
 
 from infoflow_rag.corpus import data_file
 from infoflow_rag.eval.datasets import (
-    DEV_RANGE,
     NIAH_NEEDLE,
     fixed_windows,
     load_hotpotqa,
@@ -18,10 +17,6 @@ from infoflow_rag.eval.datasets import (
 @pytest.fixture(scope="module")
 def hotpot():
     return load_hotpotqa(limit=40)
-
-
-def test_dev_slice_is_the_first_thousand_questions():
-    assert DEV_RANGE == range(0, 1000)
 
 
 def test_hotpotqa_passage_split(hotpot):

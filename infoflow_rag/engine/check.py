@@ -16,6 +16,7 @@ from transformers import DynamicCache, PretrainedConfig
 from ..errors import UnsupportedModelError
 from .cache import position_mask, stacked
 from .placement import rotate_keys
+from .prompt import encode
 
 if TYPE_CHECKING:
     from .facade import Engine
@@ -121,7 +122,7 @@ def rotation_error(engine: Engine, n_tokens: int, delta: int) -> float:
     Attention with RoPE depends only on relative positions, so shifting a whole sequence must change
     its keys by exactly the rotation R(delta) — at every layer, not only the first.
     """
-    ids = torch.tensor(engine.tokenizer(_TEXT, add_special_tokens=False)["input_ids"][:n_tokens])
+    ids = torch.tensor(encode(engine.tokenizer, _TEXT)[:n_tokens])
     local = keys_at(engine, ids, 0)
     direct = keys_at(engine, ids, delta)
     moved = rotate_keys(local, torch.full((ids.numel(),), delta), engine.inv_freq)

@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from infoflow_rag.corpus import load_json, paragraph_text
+from infoflow_rag.engine.prompt import encode
+from infoflow_rag.index.splitting import token_windows
 
 Tokenize = Callable[[str], Sequence[Any]]
 Detokenize = Callable[[Sequence[Any]], str]
-
-DEV_RANGE = range(0, 1000)
-"""HotpotQA questions (dataset order) used for development and tuning; 1000 onwards is never tuned on."""
 
 NIAH_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 NIAH_QUESTION = "What is the best thing to do in San Francisco?"
@@ -44,7 +43,7 @@ class EvalExample:
 def tokenizer_codec(tokenizer: Any) -> dict[str, Callable]:
     """``tokenize`` / ``detokenize`` keyword arguments that cut text with a Hugging Face tokenizer's own tokens."""
     return {
-        "tokenize": lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+        "tokenize": lambda text: encode(tokenizer, text),
         "detokenize": tokenizer.decode,
     }
 
@@ -185,7 +184,7 @@ def load_niah(
         raise ValueError(f"context_tokens must be in 1..{len(ids)} (the essays' length), got {bad}")
     examples = []
     for n in context_tokens:
-        haystack = [codec.detokenize(window) for window in _windows(ids[:n], passage_tokens)]
+        haystack = [codec.detokenize(window) for window in token_windows(ids[:n], passage_tokens)]
         for depth in depths:
             placed = _insert_at_depth(haystack, needle, depth)
             meta = {
@@ -228,7 +227,7 @@ def _insert_at_depth(passages: list[str], needle: str, depth: float) -> _Placeme
 
 
 def _cut(text: str, window_tokens: int, codec: _Codec) -> list[str]:
-    return [codec.detokenize(window) for window in _windows(list(codec.tokenize(text)), window_tokens)]
+    return [codec.detokenize(window) for window in token_windows(list(codec.tokenize(text)), window_tokens)]
 
 
 def _codec(tokenize: Tokenize | None, detokenize: Detokenize | None) -> _Codec:
@@ -237,12 +236,6 @@ def _codec(tokenize: Tokenize | None, detokenize: Detokenize | None) -> _Codec:
     if tokenize is None or detokenize is None:
         raise ValueError("pass both tokenize and detokenize, or neither (whitespace words)")
     return _Codec(tokenize, detokenize)
-
-
-def _windows(tokens: list[Any], size: int) -> list[list[Any]]:
-    if size < 1:
-        raise ValueError(f"window size must be a positive number of tokens, got {size}")
-    return [tokens[i : i + size] for i in range(0, len(tokens), size)]
 
 
 def _check_slice(start: int, limit: int | None) -> None:

@@ -129,11 +129,6 @@ class PassageRecords(Closing):
             raise KeyError(f"no passages with ids {missing[:10]}{' ...' if len(missing) > 10 else ''}")
         return [found[int(i)] for i in ids]
 
-    def find_by_hash(self, hash_: str) -> PassageRecord | None:
-        """The record whose text has this :func:`content_hash`, if any."""
-        rows = self._fetch(f"SELECT {_COLUMNS} FROM passages WHERE content_hash = ?", (hash_,))
-        return _record(rows[0]) if rows else None
-
     def ids(self) -> list[int]:
         """All passage ids, ascending."""
         return [row[0] for row in self._fetch("SELECT id FROM passages ORDER BY id")]

@@ -9,7 +9,9 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +72,13 @@ def _pack_sentences(paragraph: str, max_chars: int) -> list[str]:
     return chunks
 
 
+def token_windows(tokens: Sequence[T], size: int) -> list[list[T]]:
+    """``tokens`` in consecutive non-overlapping windows of ``size`` (the last may be shorter)."""
+    if size <= 0:
+        raise ValueError(f"window size must be positive, got {size}")
+    return [list(tokens[start : start + size]) for start in range(0, len(tokens), size)]
+
+
 def split_token_windows(
     source: str | Sequence[int],
     size: int,
@@ -82,18 +91,15 @@ def split_token_windows(
     ``source`` is token ids, or text split with ``tokenize`` (e.g. a tokenizer's encode without
     special tokens); ``detokenize`` fills each window's ``text``.
     """
-    if size <= 0:
-        raise ValueError(f"window size must be positive, got {size}")
     if isinstance(source, str):
         if tokenize is None:
             raise ValueError("splitting text needs tokenize=...; pass the tokenizer's encode function")
         source = tokenize(source)
     ids = [int(t) for t in source]
-    windows = []
-    for start in range(0, len(ids), size):
-        window = ids[start : start + size]
-        windows.append(TokenWindow(start, window, detokenize(window) if detokenize else None))
-    return windows
+    return [
+        TokenWindow(i * size, window, detokenize(window) if detokenize else None)
+        for i, window in enumerate(token_windows(ids, size))
+    ]
 
 
 def load_source(

@@ -27,11 +27,6 @@ class StoreStats:
     corrupt: int = 0  # entries that failed verification (or the caller's check) and were deleted
     evictions: int = 0  # entries dropped to respect a size bound
 
-    @property
-    def hit_rate(self) -> float:
-        lookups = self.hits + self.misses
-        return self.hits / lookups if lookups else 0.0
-
 
 class KVStore(Closing, ABC):
     """Maps :class:`CacheKey` to :class:`PassageKV`.
@@ -98,10 +93,6 @@ class KVStore(Closing, ABC):
         """``put`` for each ``(key, kv)`` pair."""
         for key, kv in items:
             self.put(key, kv)
-
-    def contains_many(self, keys: Sequence[CacheKey]) -> list[bool]:
-        """``contains`` for each key, in order."""
-        return [self.contains(key) for key in keys]
 
     @contextlib.contextmanager
     def _guard(self, action: str) -> Iterator[None]:

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 import safetensors.torch
 import torch
 
+from infoflow_rag.errors import InfoFlowError
 from infoflow_rag.store.codec import SIGNAL_PREFIX, STORAGE_DTYPES, EncodedKV
 from infoflow_rag.store.keys import CacheKey
 
@@ -37,7 +38,7 @@ _DTYPES = {
 }
 
 
-class CorruptEntryError(Exception):
+class CorruptEntryError(InfoFlowError):
     """A stored entry failed to parse or verify; drop it, never serve it."""
 
 

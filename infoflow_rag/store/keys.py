@@ -49,11 +49,3 @@ class CacheKey:
 
     def to_string(self) -> str:
         return f"{self.fingerprint}{_SEPARATOR}{self.token_hash}"
-
-    @classmethod
-    def from_string(cls, text: str) -> CacheKey:
-        """Inverse of :meth:`to_string` (the fingerprint may itself contain the separator)."""
-        fingerprint, sep, token_hash = text.rpartition(_SEPARATOR)
-        if not sep:
-            raise ValueError(f"{text!r} is not a cache key string; expected '<fingerprint>#<sha256 hex>'")
-        return cls(fingerprint, token_hash)

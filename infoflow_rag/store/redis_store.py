@@ -62,14 +62,8 @@ class RedisKVStore(KVStore):
         return [self._unpack(key, data) for key, data in zip(keys, found, strict=True)]
 
     def contains(self, key: CacheKey) -> bool:
-        return self.contains_many([key])[0]
-
-    def contains_many(self, keys: Sequence[CacheKey]) -> list[bool]:
-        pipe = self._client.pipeline(transaction=False)
-        for key in keys:
-            pipe.exists(self.redis_key(key))
         with self._guard("read"):
-            return [bool(n) for n in pipe.execute()]
+            return bool(self._client.exists(self.redis_key(key)))
 
     def delete(self, key: CacheKey) -> None:
         with self._guard("delete"):
