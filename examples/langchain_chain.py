@@ -36,7 +36,7 @@ def main() -> None:
     paragraphs = [(title, paragraph_text(title, sentences)) for item in items for title, sentences in item["context"]]
     with tempfile.TemporaryDirectory() as index_dir, PassageIndex.create(index_dir) as index:
         index.add_passages([text for _, text in paragraphs], sources=[f"hotpotqa:{title}" for title, _ in paragraphs])
-        pipeline = Pipeline(Engine(args.model), open_store("memory"), index)
+        pipeline = Pipeline(Engine.load(args.model), open_store("memory"), index)
         pipeline.kv_for([text for _, text in paragraphs], progress=True)  # what `infoflow-rag ingest` stores
         print(f"{len(paragraphs)} paragraphs indexed and prefilled; model {args.model}\n")
 

@@ -24,10 +24,8 @@ from llama_index.llms.infoflow import STATS_KEY, InfoFlowEmbedding, InfoFlowKVCa
 from llama_index.vector_stores.faiss import FaissVectorStore
 
 from infoflow_rag.corpus import hotpotqa, paragraph_text
-from infoflow_rag.engine import Engine
 from infoflow_rag.models import DEFAULT_MODEL
 from infoflow_rag.pipeline import Pipeline
-from infoflow_rag.store import open_store
 
 
 class LastStats(BaseEventHandler):
@@ -62,7 +60,7 @@ def main() -> None:
     args = parser.parse_args()
 
     items = hotpotqa()[: args.questions]
-    pipeline = Pipeline(Engine(args.model), open_store("memory"))
+    pipeline = Pipeline.from_model(args.model, store="memory")
     embed_model = InfoFlowEmbedding()
     nodes = IngestionPipeline(transformations=[embed_model, InfoFlowKVCacheTransform(pipeline)]).run(
         documents=documents(items), show_progress=True

@@ -1,6 +1,7 @@
 """infoflow-rag: passage KV reuse with InfoFlow selective recompute for fast retrieval-augmented generation."""
 
-from .engine import AnswerStream, Engine
+from .engine import AnswerStream, Engine, InvalidOptionError, QueryOptions
+from .engine.options import OptionFields
 from .engine.result import AnswerResult, StageTimings
 from .errors import InfoFlowError, ModelIntegrityError, UnsupportedModelError
 from .kv import PassageKV
@@ -12,8 +13,11 @@ __all__ = [
     "AnswerStream",
     "Engine",
     "InfoFlowError",
+    "InvalidOptionError",
     "ModelIntegrityError",
+    "OptionFields",
     "PassageKV",
+    "QueryOptions",
     "StageTimings",
     "UnsupportedModelError",
     "load_model",

@@ -9,14 +9,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .closing import Closing
-from .engine import AnswerStream, Engine
+from .engine import AnswerStream, Engine, QueryOptions
+from .engine.options import split_overrides
+from .engine.prompt import encode
 from .engine.result import AnswerResult
 from .errors import StoreUnavailableError
 from .index.passage_index import META_FILE, RECORDS_FILE, Hit, PassageIndex
@@ -79,16 +82,16 @@ class PipelineAnswer:
 
     def stats(self) -> dict:
         """A flat, JSON-able summary for framework response metadata: method, TTFT, recompute, KV reuse and size."""
-        result = self.result
+        result, options = self.result, self.result.options
         return {
-            "selector": result.selector,
-            "ratio": result.ratio,
+            "selector": options.selector,
+            "ratio": options.ratio,
             "ttft": result.timings.ttft,
             "recompute_fraction": result.recompute_fraction,
             "context_tokens": result.context_tokens,
             "generated_tokens": result.generated_tokens,
-            "compress": result.compress,
-            "keep": result.keep,
+            "compress": options.compress,
+            "keep": options.keep,
             "kv_tokens": result.kv_tokens,
             "kv_bytes": result.kv_bytes,
             **self.reuse.to_dict(),
@@ -104,21 +107,20 @@ class PipelineAnswer:
         }
 
 
-class PipelineStream:
-    """Iterate for answer text deltas; ``.answer`` holds the :class:`PipelineAnswer` afterwards."""
+class PipelineStream(AnswerStream):
+    """Iterate for answer text deltas; ``.answer`` (and ``finish()``) give the :class:`PipelineAnswer`."""
 
-    def __init__(self, stream: AnswerStream, make: callable):
-        self._stream, self._make = stream, make
-        self.answer: PipelineAnswer | None = None
+    def __init__(self, stream: AnswerStream, make: Callable[[AnswerResult], PipelineAnswer]):
+        super().__init__(_then(stream, make))
 
-    def __iter__(self) -> Iterator[str]:
-        yield from self._stream
-        self.answer = self._make(self._stream.result)
+    @property
+    def answer(self) -> PipelineAnswer | None:
+        return self.result
 
-    def finish(self) -> PipelineAnswer:
-        for _ in self:
-            pass
-        return self.answer
+
+def _then(stream: AnswerStream, make: Callable[[AnswerResult], PipelineAnswer]) -> Iterator[str]:
+    yield from stream
+    return make(stream.result)
 
 
 class Pipeline(Closing):
@@ -156,12 +158,28 @@ class Pipeline(Closing):
             )
         index = PassageIndex.open(index_dir) if has_index else PassageIndex.create(index_dir, **index_options)
         index.embedder.encode(["warm-up"])  # load the embedder now: a query's retrieval time is then a search
-        engine = model if isinstance(model, Engine) else Engine(model)
+        engine = model if isinstance(model, Engine) else Engine.load(model)
         if store is None:
             store = open_store(f"disk:{index_dir / KV_DIR}", dtype=kv_dtype)
         elif isinstance(store, str):
             store = open_store(store, dtype=kv_dtype)
         return cls(engine, store, index)
+
+    @classmethod
+    def from_model(cls, model: str | Engine = DEFAULT_MODEL, store: str | KVStore = "memory") -> Pipeline:
+        """A pipeline without a passage index (framework use: passages are registered or sent): the engine
+        loaded (and checked) from ``model``, KV in ``store`` (``memory[:SIZE]``, ``disk:DIR``, ``redis://...``)."""
+        engine = model if isinstance(model, Engine) else Engine.load(model)
+        return cls(engine, open_store(store) if isinstance(store, str) else store)
+
+    @property
+    def model_name(self) -> str:
+        """The name of the model answering (what an adapter reports as its model)."""
+        return self.engine.loaded.name
+
+    @property
+    def context_window(self) -> int:
+        return self.engine.max_positions
 
     def close(self) -> None:
         self.store.close()
@@ -228,15 +246,21 @@ class Pipeline(Closing):
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         return self.index.search(question, top_k)  # at most the index size: a huge top_k allocates nothing
 
-    def ask(self, question: str, top_k: int = 5, **options) -> PipelineAnswer:
-        """Retrieve top_k passages, load (or prefill) their KV, answer. Options as for :meth:`Engine.answer`."""
-        return self.stream(question, top_k, **options).finish()
+    def ask(
+        self, question: str, top_k: int = 5, options: QueryOptions | None = None, **overrides: Any
+    ) -> PipelineAnswer:
+        """Retrieve top_k passages, load (or prefill) their KV, answer. ``options`` and keyword overrides as for
+        :meth:`Engine.answer`."""
+        return self.stream(question, top_k, options, **overrides).finish()
 
-    def stream(self, question: str, top_k: int = 5, **options) -> PipelineStream:
+    def stream(
+        self, question: str, top_k: int = 5, options: QueryOptions | None = None, **overrides: Any
+    ) -> PipelineStream:
         t = time.perf_counter()
         hits = self.retrieve(question, top_k)
         retrieve_s = time.perf_counter() - t
-        return self.stream_passages(question, [h.text for h in hits], sources=hits, retrieve_s=retrieve_s, **options)
+        texts = [h.text for h in hits]
+        return self.stream_passages(question, texts, hits, retrieve_s, options, **overrides)
 
     def stream_passages(
         self,
@@ -244,12 +268,14 @@ class Pipeline(Closing):
         passages: Sequence[str],
         sources: Sequence[Hit] = (),
         retrieve_s: float = 0.0,
-        **options,
+        options: QueryOptions | None = None,
+        **overrides: Any,
     ) -> PipelineStream:
         """Answer over given passage texts (kept as separate passages), their KV from the store."""
+        options, generation = split_overrides(options, overrides)
         # "full" recomputes every passage token: it needs no stored KV, and is the uncached reference.
-        lookup = self.kv_for(passages) if options.get("selector") != "full" else None
-        stream = self.engine.stream(question, lookup.kvs if lookup else list(passages), **options)
+        lookup = self.kv_for(passages) if options.selector != "full" else None
+        stream = self.engine.stream(question, lookup.kvs if lookup else list(passages), options, **generation)
 
         def make(result: AnswerResult) -> PipelineAnswer:
             _account(result, retrieve_s, lookup)
@@ -260,12 +286,12 @@ class Pipeline(Closing):
 
         return PipelineStream(stream, make)
 
-    def answer_prompt(self, prompt: str, **options) -> PipelineAnswer:
-        return self.stream_prompt(prompt, **options).finish()
+    def answer_prompt(self, prompt: str, options: QueryOptions | None = None, **overrides: Any) -> PipelineAnswer:
+        return self.stream_prompt(prompt, options, **overrides).finish()
 
-    def stream_prompt(self, prompt: str, **options) -> PipelineStream:
+    def stream_prompt(self, prompt: str, options: QueryOptions | None = None, **overrides: Any) -> PipelineStream:
         """Serve a ready-made prompt: known passages inside it reuse their KV, the rest is computed fresh."""
-        return self.stream_pieces(self.split_prompt(prompt), **options)
+        return self.stream_pieces(self.split_prompt(prompt), (), 0.0, options, **overrides)
 
     def split_prompt(self, prompt: str) -> list[str | KnownPassage]:
         """The prompt as fresh text and the known passages the matcher finds in it, in prompt order."""
@@ -285,7 +311,8 @@ class Pipeline(Closing):
         pieces: Sequence[str | KnownPassage],
         sources: Sequence[Hit] = (),
         retrieve_s: float = 0.0,
-        **options,
+        options: QueryOptions | None = None,
+        **overrides: Any,
     ) -> PipelineStream:
         """Serve a prompt given as fresh text and passages: each passage's KV from the store (prefilled if missing).
 
@@ -304,7 +331,7 @@ class Pipeline(Closing):
             resolved.append(head := self._head(kv, piece.text))
             if isinstance(head, PassageKV) and not new:
                 stored += len(head)
-        stream = self.engine.stream_prompt(resolved, **options)
+        stream = self.engine.stream_prompt(resolved, options, **overrides)
 
         def make(result: AnswerResult) -> PipelineAnswer:
             _account(result, retrieve_s, lookup)
@@ -324,7 +351,7 @@ class Pipeline(Closing):
         A causal prefill's first n tokens do not depend on what follows, so a head slice is still exact.
         Returns the text itself (computed fresh) if the text's tokens are not a prefix of the stored ones.
         """
-        ids = self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = encode(self.engine.tokenizer, text)
         if kv.token_ids[: len(ids)].tolist() != list(ids):
             return text
         return kv.head(len(ids))

@@ -179,7 +179,7 @@ def main() -> None:
     names = list(every) if args.candidates == "all" else args.candidates.split(",")
     if unknown := [n for n in names if n not in every]:
         raise SystemExit(f"unknown candidates {unknown}; choose from {', '.join(every)}")
-    run(Engine(args.model), args.start, args.questions, {n: every[n] for n in names}, out_path)
+    run(Engine.load(args.model), args.start, args.questions, {n: every[n] for n in names}, out_path)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,12 @@ QUESTION = "What is the capital of Australia?"
 
 @pytest.fixture(scope="session", params=sorted(FAMILIES))
 def family_engine(request) -> Engine:
-    return Engine(tiny_model(request.param))
+    return Engine.load(tiny_model(request.param))
 
 
 @pytest.fixture(scope="session")
 def engine() -> Engine:
-    return Engine(tiny_model("llama"))
+    return Engine.load(tiny_model("llama"))
 
 
 @pytest.fixture(scope="session")

@@ -29,8 +29,9 @@ class FakeEngineBase:
     calls: list = field(default_factory=list)
     forced: list = field(default_factory=list)  # (selector, tokens) of every teacher-forced forward
 
-    def prepare(self, question, passages, **options):
-        return {"question": question, "passages": passages, **options}
+    def prepare(self, question, passages, options, **settings):
+        """The call as a flat dict: question, passages, every option (from the QueryOptions) and the settings."""
+        return {"question": question, "passages": passages, **dict(options), **settings}
 
     def decode(self, prep, max_new_tokens):
         answer = self.respond(prep)

@@ -68,10 +68,11 @@ def test_first_token_logits_are_computed_before_compression(engine, kvs):
 
 def test_compression_runs_after_the_first_token_is_out(engine, kvs, monkeypatch):
     """TTFT never pays for compression: the first token is yielded, then the cache shrinks, then decoding goes on."""
-    import infoflow_rag.engine.facade as engine_module
+    import infoflow_rag.engine.decoding as decoding
+    import infoflow_rag.engine.facade as facade
 
     events = []
-    real_compress, real_generate = engine_module.compress_cache, engine_module.generate_tokens
+    real_compress, real_generate = facade.compress_cache, decoding.generate_tokens
 
     def compress_cache(*args, **kwargs):
         events.append("compress")
@@ -82,8 +83,8 @@ def test_compression_runs_after_the_first_token_is_out(engine, kvs, monkeypatch)
             events.append("token")
             yield token
 
-    monkeypatch.setattr(engine_module, "compress_cache", compress_cache)
-    monkeypatch.setattr(engine_module, "generate_tokens", generate_tokens)
+    monkeypatch.setattr(facade, "compress_cache", compress_cache)
+    monkeypatch.setattr(decoding, "generate_tokens", generate_tokens)
     result = engine.answer(QUESTION, kvs, compress="snapkv", keep=0.5, max_new_tokens=4)
     assert result.generated_tokens == 4
     assert events == ["token", "compress", "token", "token", "token"]
@@ -162,7 +163,7 @@ def test_infokv_refuses_passages_without_signals(engine, kvs):
         ({"compress": "snapkv", "keep": 1.5}, r"keep=1.5 as a ratio"),
         ({"compress": "snapkv", "keep": 0}, "keep=0 as a token count must be >= 1"),
         ({"compress": "snapkv", "keep": True}, "keep must be a float ratio"),
-        ({"compress": "snapkv", "keep": "half"}, "keep must be a float ratio"),
+        ({"compress": "snapkv", "keep": "half"}, "keep 'half' is not a number"),
         ({"compress": "snapkv", "keep": 0.5, "compress_options": {"window": 0}}, "window must be >= 1"),
         ({"compress": "snapkv", "keep": 0.5, "compress_options": {"kernel": 4}}, "kernel must be a positive odd"),
         (

@@ -10,7 +10,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from infoflow_rag.engine import Engine
 from infoflow_rag.engine.attention import attention_norm
 from infoflow_rag.engine.check import rotation_error
-from infoflow_rag.engine.selection import SELECTORS
+from infoflow_rag.engine.prompt import DEFAULT_QUESTION_TEMPLATE
+from infoflow_rag.engine.selection import DEFAULT_RATIO, SELECTORS
 from infoflow_rag.errors import UnsupportedModelError
 
 
@@ -124,10 +125,23 @@ def test_reorder_puts_densest_passage_last_and_keeps_all(engine):
     kvs = engine.prefill(PASSAGES)
     r = engine.answer(QUESTION, kvs, reorder=True, max_new_tokens=1)
     assert sorted(r.passage_order) == list(range(len(PASSAGES)))
-    densities = engine.passage_density(QUESTION, kvs)
+    densities = _density(engine, kvs)
     assert len(set(densities.values())) > 1, "densities should differ, or the order test proves nothing"
     assert r.passage_order == sorted(range(len(PASSAGES)), key=lambda i: densities[i])
     assert densities[r.passage_order[-1]] == max(densities.values())
+
+
+def _density(engine, kvs):
+    """r_c of each passage (reorder's first, uncorrected scoring round), as the engine's reorder stage sees them."""
+    from infoflow_rag.engine.placement import Segment
+    from infoflow_rag.engine.prompt import encode_question
+    from infoflow_rag.engine.query import Prompt
+    from infoflow_rag.engine.reorder import density
+
+    block = encode_question(engine.tokenizer, engine.format, QUESTION, DEFAULT_QUESTION_TEMPLATE)
+    prompt = Prompt([], torch.tensor(block.token_ids), block.question)
+    segments = [Segment(kv.token_ids, kv, passage=i) for i, kv in enumerate(kvs)]
+    return density(engine, segments, prompt, DEFAULT_RATIO)
 
 
 def test_geometries_all_run_and_recompute_globally(engine):
@@ -205,18 +219,18 @@ def test_length_dependent_rope_is_refused(rope, message):
     loaded = tiny_model("llama")
     loaded.model.config.rope_parameters = rope
     with pytest.raises(UnsupportedModelError, match=message):
-        Engine(loaded)
+        Engine.load(loaded)
 
 
 def test_sliding_window_and_foreign_architectures_are_refused():
     loaded = tiny_model("mistral")
     loaded.model.config.sliding_window = 64
     with pytest.raises(UnsupportedModelError, match="sliding_window=64"):
-        Engine(loaded)
+        Engine.load(loaded)
     loaded = tiny_model("llama")
     loaded.model.config.model_type = "gpt2"
     with pytest.raises(UnsupportedModelError, match="model_type 'gpt2'"):
-        Engine(loaded)
+        Engine.load(loaded)
 
 
 def test_gate_refuses_a_model_whose_keys_do_not_rotate():
@@ -232,7 +246,7 @@ def test_gate_refuses_a_model_whose_keys_do_not_rotate():
 
     rotary.forward = drifting
     with pytest.raises(UnsupportedModelError, match="correctness gate failed"):
-        Engine(loaded)
+        Engine.load(loaded)
 
 
 def test_passage_kv_from_another_prefix_is_refused(engine):

@@ -2,16 +2,17 @@
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import pytest
 from conftest import PASSAGES, QUESTION
 from fake_engine import FakeEngineBase
+from specs import spec
 from test_eval_report import HEADER, result, table_rows, write_results_file
 
 from infoflow_rag.cli import main
 from infoflow_rag.eval.datasets import EvalExample
-from infoflow_rag.eval.methods import MethodSpec, parse_method
+from infoflow_rag.eval.methods import parse_method
 from infoflow_rag.eval.report import compression_table, write_report
 from infoflow_rag.eval.results import read_results
 from infoflow_rag.eval.runner import run_eval
@@ -25,35 +26,35 @@ MiB = 2**20
     [
         (
             "infoflow@0.15+infokv:0.5",
-            MethodSpec("infoflow+infokv", "infoflow", 0.15, compress="infokv", keep=0.5),
+            spec("infoflow+infokv", "infoflow", 0.15, compress="infokv", keep=0.5),
             "infoflow@0.15+infokv:0.5",
         ),
         (
             "infoflow+snapkv:0.25",  # the default ratio applies
-            MethodSpec("infoflow+snapkv", "infoflow", 0.15, compress="snapkv", keep=0.25),
+            spec("infoflow+snapkv", "infoflow", 0.15, compress="snapkv", keep=0.25),
             "infoflow@0.15+snapkv:0.25",
         ),
-        ("none+snapkv:0.5", MethodSpec("none+snapkv", "none", 0.0, compress="snapkv", keep=0.5), "none+snapkv:0.5"),
+        ("none+snapkv:0.5", spec("none+snapkv", "none", 0.0, compress="snapkv", keep=0.5), "none+snapkv:0.5"),
         (
             "infoflow+reorder[tail/tail]@0.1+infokv:256",  # a whole number is a token count
-            MethodSpec("infoflow+reorder[tail/tail]+infokv", "infoflow", 0.1, True, "tail/tail", "infokv", 256),
+            spec("infoflow+reorder[tail/tail]+infokv", "infoflow", 0.1, True, "tail/tail", "infokv", 256),
             "infoflow+reorder[tail/tail]@0.1+infokv:256",
         ),
-        ("full+snapkv:1.0", MethodSpec("full+snapkv", "full", 1.0, compress="snapkv", keep=1.0), "full+snapkv:1.0"),
+        ("full+snapkv:1.0", spec("full+snapkv", "full", 1.0, compress="snapkv", keep=1.0), "full+snapkv:1.0"),
     ],
 )
 def test_parse_compressing_method_round_trips(text, spec, key):
     parsed = parse_method(text)
     assert parsed == spec and parsed.key == key
     again = parse_method(key)
-    assert again == spec and type(again.keep) is type(spec.keep)  # "1.0" stays a share, "256" a count
+    assert again == spec and type(again.options.keep) is type(spec.options.keep)  # "1.0" stays a share, "256" a count
 
 
 def test_keys_without_compression_are_unchanged():
     # Results files are resumed by key: these must read exactly as before compression existed.
     old = ["full", "none", "infoflow@0.15", "infoflow+reorder@0.15", "infoflow[tail/tail]@0.1", "epic@0.05"]
     assert [parse_method(k).key for k in old] == old
-    assert all((parse_method(k).compress, parse_method(k).keep) == ("none", 1.0) for k in old)
+    assert all((parse_method(k).options.compress, parse_method(k).options.keep) == ("none", 1.0) for k in old)
 
 
 def test_uncompressed_is_the_baseline_method():
@@ -81,9 +82,9 @@ def test_parse_compressing_method_rejects(text, match):
 
 def test_keep_without_a_policy_is_rejected():
     with pytest.raises(ValueError, match="keep=0.5 needs a compression policy"):
-        MethodSpec("infoflow", "infoflow", 0.15, keep=0.5)
+        spec("infoflow", "infoflow", 0.15, keep=0.5)
     with pytest.raises(ValueError, match="keep=1 needs a compression policy"):
-        MethodSpec("infoflow", "infoflow", 0.15, keep=1)  # an int is a token count, not "everything"
+        spec("infoflow", "infoflow", 0.15, keep=1)  # an int is a token count, not "everything"
 
 
 @dataclass
@@ -112,7 +113,7 @@ class CompressingEngine(FakeEngineBase):
     def respond(self, call):
         keep = call.get("keep", 1.0)
         kept = keep if isinstance(keep, int) else int(100 * keep)
-        ttft = (1.0 if call["selector"] == "full" else 0.5) * (0.8 if "compress" in call else 1.0)
+        ttft = (1.0 if call["selector"] == "full" else 0.5) * (0.8 if call["compress"] != "none" else 1.0)
         return Answer("blue", Timings(ttft), 0.15, 100, [0, 1], 20 + kept, (20 + kept) * 1024, [5])
 
 
@@ -121,14 +122,14 @@ def test_runner_passes_compression_and_records_kv_sizes(tmp_path):
     examples = [EvalExample("q0", "What colour?", ["blue"], ["p1", "p2"], {}, "toy")]
     texts = ["infoflow@0.15", "infoflow@0.15+infokv:0.5", "none+snapkv:30", "full+snapkv:0.25", "full"]
     results = run_eval(engine, examples, [parse_method(m) for m in texts], tmp_path / "r.jsonl", progress=False)
-    # Uncompressed calls carry no compression options at all; the plain `full` runs first as the TTFT reference.
-    assert engine.calls[0]["selector"] == "full" and "compress" not in engine.calls[0]
+    # Uncompressed calls carry no compression; the plain `full` runs first as the TTFT reference.
+    assert engine.calls[0]["selector"] == "full" and engine.calls[0]["compress"] == "none"
     by_key = {r.method: r for r in results}
     call = {parse_method(m).key: c for m, c in zip(["full", *texts[:4]], engine.calls, strict=True)}
-    assert "compress" not in call["infoflow@0.15"] and "keep" not in call["infoflow@0.15"]
+    assert (call["infoflow@0.15"]["compress"], call["infoflow@0.15"]["keep"]) == ("none", 1.0)
     assert (call["infoflow@0.15+infokv:0.5"]["compress"], call["infoflow@0.15+infokv:0.5"]["keep"]) == ("infokv", 0.5)
     assert (call["none+snapkv:30"]["compress"], call["none+snapkv:30"]["keep"]) == ("snapkv", 30)
-    assert {k: (r.compress, r.keep, r.kv_tokens, r.kv_bytes) for k, r in by_key.items()} == {
+    assert {k: (r.options.compress, r.options.keep, r.kv_tokens, r.kv_bytes) for k, r in by_key.items()} == {
         "infoflow@0.15": ("none", 1.0, 120, 120 * 1024),
         "infoflow@0.15+infokv:0.5": ("infokv", 0.5, 70, 70 * 1024),
         "none+snapkv:30": ("snapkv", 30, 50, 50 * 1024),
@@ -139,19 +140,21 @@ def test_runner_passes_compression_and_records_kv_sizes(tmp_path):
     assert by_key["full+snapkv:0.25"].ttft_ratio == pytest.approx(0.8)
     assert by_key["infoflow@0.15+infokv:0.5"].ttft_ratio == pytest.approx(0.4)
     on_file = {r.method: r for r in read_results(tmp_path / "r.jsonl").results}
-    assert on_file == by_key and type(on_file["none+snapkv:30"].keep) is int
+    assert on_file == by_key and type(on_file["none+snapkv:30"].options.keep) is int
 
 
 def test_results_without_compression_fields_still_read(tmp_path):
     # A file written before compression existed has none of the new fields.
     path = write_results_file(tmp_path / "old.jsonl", [])
-    record = {"type": "result", **asdict(result("toy", "q0", "infoflow@0.15", 1, 1, 0.2, 0.15))}
-    for name in ("compress", "keep", "kv_tokens", "kv_bytes"):
+    record = result("toy", "q0", "infoflow@0.15", 1, 1, 0.2, 0.15).to_record()
+    del record["options"]  # written as flat fields then, without compress and keep
+    record.update(selector="infoflow", ratio=0.15, reorder=False, geometry="global")
+    for name in ("kv_tokens", "kv_bytes"):
         del record[name]
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
     (old,) = read_results(path).results
-    assert (old.method, old.compress, old.keep, old.kv_tokens, old.kv_bytes) == (
+    assert (old.method, old.options.compress, old.options.keep, old.kv_tokens, old.kv_bytes) == (
         "infoflow@0.15",
         "none",
         1.0,
@@ -163,7 +166,7 @@ def test_results_without_compression_fields_still_read(tmp_path):
 def sized(dataset, qid, method, f1, kv_mib, ttft=0.5):
     r = result(dataset, qid, method, f1, f1, ttft, 0.15)
     spec = parse_method(method)
-    r.compress, r.keep, r.kv_bytes = spec.compress, spec.keep, int(kv_mib * MiB)
+    r.options, r.kv_bytes = spec.options, int(kv_mib * MiB)
     return r
 
 
@@ -271,7 +274,7 @@ def test_a_part_refuses_to_run_on_another_model(tmp_path):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["ask", "q", "--index", "nowhere", "--keep", "0.5"], "--keep 0.5 needs a compression policy"),
+        (["ask", "q", "--index", "nowhere", "--keep", "0.5"], "keep=0.5 needs a compression policy"),
         (["ask", "q", "--index", "nowhere", "--compress", "snapkv"], "--compress snapkv needs --keep"),
         (["eval", "run", "--methods", "full,infoflow+zip:0.5"], "unknown compression policy 'zip'"),
     ],
@@ -284,16 +287,16 @@ def test_cli_rejects_bad_compression_before_loading_anything(argv, message, caps
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--compress", "zip"], "argument --compress: invalid choice: 'zip'"),
+        (["--compress", "zip", "--keep", "0.5"], "unknown compression policy 'zip'"),
         (["--compress", "snapkv", "--keep", "1.5"], "keep=1.5 as a ratio must be in (0, 1]"),
         (["--compress", "snapkv", "--keep", "lots"], "keep 'lots' is not a number"),
     ],
 )
 def test_cli_ask_argument_errors(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["ask", "q", "--index", "nowhere", *argv])
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    # The flags are QueryOptions' fields: its one validation refuses them, in one line, before anything loads.
+    assert main(["ask", "q", "--index", "nowhere", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
 
 
 def test_eval_run_with_compression_on_the_tiny_model(model_dir, tmp_path, monkeypatch):
@@ -306,7 +309,12 @@ def test_eval_run_with_compression_on_the_tiny_model(model_dir, tmp_path, monkey
     by_key = {r.method: r for r in read_results(out).results}
     assert list(by_key) == methods.split(",")
     base, snap, info = by_key["infoflow@0.15"], by_key["infoflow@0.15+snapkv:0.5"], by_key["infoflow@0.15+infokv:64"]
-    assert (snap.compress, snap.keep, info.compress, info.keep) == ("snapkv", 0.5, "infokv", 64)
+    assert (snap.options.compress, snap.options.keep, info.options.compress, info.options.keep) == (
+        "snapkv",
+        0.5,
+        "infokv",
+        64,
+    )
     evicted = base.context_tokens - base.context_tokens // 2
     assert snap.kv_tokens == base.kv_tokens - evicted  # exactly the evicted half of the passage tokens is gone
     assert info.kv_tokens == base.kv_tokens - (base.context_tokens - 64)

@@ -42,10 +42,7 @@ def result(dataset, qid, method, f1, em, ttft, recompute, ttft_ratio=None, meta=
         id=qid,
         method=spec.key,
         name=spec.name,
-        selector=spec.selector,
-        ratio=spec.ratio,
-        reorder=spec.reorder,
-        geometry=spec.geometry,
+        options=spec.options,
         prediction="x",
         raw_answer="x",
         f1=f1,
@@ -277,7 +274,7 @@ def test_entropy_verdict_pairs_infokv_with_snapkv_at_each_keep():
         ):
             r = _answering("d", f"q{i}", method, answer)
             spec = parse_method(method)
-            r.f1, r.compress, r.keep = f1, spec.compress, spec.keep
+            r.f1, r.options = f1, spec.options
             rows.append(r)
     text = entropy_verdict(rows, "infoflow@0.15")
     assert "keep 0.25: InfoKV − SnapKV on 4 questions: gold F1 -100.0" in text and text.splitlines()[0].endswith(

@@ -5,9 +5,10 @@ from dataclasses import dataclass, field
 
 import pytest
 from fake_engine import FakeEngineBase
+from specs import spec
 
 from infoflow_rag.eval.datasets import EvalExample
-from infoflow_rag.eval.methods import MethodSpec, parse_method
+from infoflow_rag.eval.methods import parse_method
 from infoflow_rag.eval.results import read_results
 from infoflow_rag.eval.runner import DEFAULT_PROMPT, run_eval
 
@@ -89,24 +90,24 @@ def test_results_scores_and_ttft_ratios(tmp_path):
     assert by_method["infoflow@0.15"].recompute_fraction == 0.15
     assert by_method["full"].passage_order == [1, 0]
     # This engine reports no KV cache sizes: the results say so instead of failing.
-    assert all((r.compress, r.kv_tokens, r.kv_bytes) == ("none", None, None) for r in results)
+    assert all((r.options.compress, r.kv_tokens, r.kv_bytes) == ("none", None, None) for r in results)
     # Per question: full first, then the others back to back.
     assert [c["selector"] for c in engine.calls[:3]] == ["full", "none", "infoflow"]
     assert engine.calls[1]["question"] == "What colour is thing 0?"
     assert engine.calls[1]["template"] == DEFAULT_PROMPT
-    assert "ratio" not in engine.calls[1] and engine.calls[2]["ratio"] == 0.15
+    assert engine.calls[2]["ratio"] == 0.15  # none's ratio is the default: its selector fixes its own share
     on_file = read_results(tmp_path / "r.jsonl").results
     assert sorted(on_file, key=lambda r: r.pair_key) == sorted(results, key=lambda r: r.pair_key)
 
 
-def test_scoring_layers_and_rows_reach_the_engine_only_when_given(tmp_path):
+def test_scoring_layers_and_rows_reach_the_engine_as_given(tmp_path):
     engine = FakeEngine()
     methods = [parse_method(m) for m in ("infoflow@0.15", "infoflow{2-4}@0.15", "infoflow+block@0.15")]
     results = run_eval(engine, EXAMPLES[:1], methods, tmp_path / "r.jsonl", progress=False, command="eval")
     assert [r.method for r in results] == ["infoflow@0.15", "infoflow{2-4}@0.15", "infoflow+block@0.15"]
-    assert "selector_options" not in engine.calls[0] and "score_rows" not in engine.calls[0]
+    assert engine.calls[0]["selector_options"] == {} and engine.calls[0]["score_rows"] == "question"
     assert engine.calls[1]["selector_options"] == {"layers": [2, 3, 4]}
-    assert engine.calls[2]["score_rows"] == "block" and "selector_options" not in engine.calls[2]
+    assert engine.calls[2]["score_rows"] == "block" and engine.calls[2]["selector_options"] == {}
 
 
 def test_header_records_model_prompt_and_command(tmp_path):
@@ -177,7 +178,7 @@ def test_prefill_once_per_question_outside_ttft(tmp_path):
     for call in engine.calls:
         cached = call["selector"] != "full"
         assert call["passages"] == (["KV<p1>", "KV<p2>"] if cached else ["p1", "p2"])
-    assert all((r.prefill_time is None) == (r.selector == "full") for r in results)
+    assert all((r.prefill_time is None) == (r.options.selector == "full") for r in results)
 
 
 def test_prefill_fast_path_can_be_turned_off(tmp_path):
@@ -205,26 +206,26 @@ def test_run_eval_rejects_bad_configuration(tmp_path, methods, prompt, match):
 @pytest.mark.parametrize(
     ("text", "spec"),
     [
-        ("full", MethodSpec("full", "full", 1.0)),
-        ("none", MethodSpec("none", "none", 0.0)),
-        ("infoflow", MethodSpec("infoflow", "infoflow", 0.15)),
-        ("infoflow+reorder@0.15", MethodSpec("infoflow+reorder", "infoflow", 0.15, reorder=True)),
-        ("cacheblend@0.3", MethodSpec("cacheblend", "cacheblend", 0.3)),
-        ("infoflow[tail/tail]@0.1", MethodSpec("infoflow[tail/tail]", "infoflow", 0.1, geometry="tail/tail")),
+        ("full", spec("full", "full", 1.0)),
+        ("none", spec("none", "none", 0.0)),
+        ("infoflow", spec("infoflow", "infoflow", 0.15)),
+        ("infoflow+reorder@0.15", spec("infoflow+reorder", "infoflow", 0.15, reorder=True)),
+        ("cacheblend@0.3", spec("cacheblend", "cacheblend", 0.3)),
+        ("infoflow[tail/tail]@0.1", spec("infoflow[tail/tail]", "infoflow", 0.1, geometry="tail/tail")),
         (
             "infoflow+reorder[head-local/tail-prompt]@0.05",
-            MethodSpec("infoflow+reorder[head-local/tail-prompt]", "infoflow", 0.05, True, "head-local/tail-prompt"),
+            spec("infoflow+reorder[head-local/tail-prompt]", "infoflow", 0.05, True, "head-local/tail-prompt"),
         ),
-        ("infoflow[global]@0.15", MethodSpec("infoflow", "infoflow", 0.15)),
-        ("infoflow{20-23}@0.1", MethodSpec("infoflow{20-23}", "infoflow", 0.1, layers=(20, 21, 22, 23))),
+        ("infoflow[global]@0.15", spec("infoflow", "infoflow", 0.15)),
+        ("infoflow{20-23}@0.1", spec("infoflow{20-23}", "infoflow", 0.1, layers=(20, 21, 22, 23))),
         (
             "infoflow{7}+reorder[tail/tail]",
-            MethodSpec("infoflow{7-7}+reorder[tail/tail]", "infoflow", 0.15, True, "tail/tail", layers=(7,)),
+            spec("infoflow{7-7}+reorder[tail/tail]", "infoflow", 0.15, True, "tail/tail", layers=(7,)),
         ),
-        ("infoflow+block@0.1", MethodSpec("infoflow+block", "infoflow", 0.1, score_rows="block")),
+        ("infoflow+block@0.1", spec("infoflow+block", "infoflow", 0.1, score_rows="block")),
         (
             "infoflow+reorder+block@0.1+snapkv:0.5",
-            MethodSpec(
+            spec(
                 "infoflow+reorder+block+snapkv", "infoflow", 0.1, True, compress="snapkv", keep=0.5, score_rows="block"
             ),
         ),
@@ -252,12 +253,11 @@ def test_method_keys():
         ("magic@0.1", "unknown selector"),
         ("infoflow[diagonal]@0.1", "unknown geometry"),
         ("infoflow@abc", "not a number"),
-        ("infoflow@1.5", r"in \[0, 1\]"),
+        ("infoflow@1.5", r"ratio must be in \(0, 1\], got 1.5"),
         ("infoflow reorder", "cannot parse"),
         ("infoflow{23-20}", "must read {A-B}"),
         ("infoflow{last}", "must read {A-B}"),
-        ("epic{1-2}@0.1", "only infoflow takes scoring layers"),
-        ("cacheblend+block", "only infoflow scores with the question block"),
+        ("epic{1-2}@0.1", "bad options for selector 'epic'.*'layers'"),
     ],
 )
 def test_parse_method_rejects(text, match):

@@ -129,5 +129,5 @@ def test_results_from_before_the_fidelity_measures_still_load():
         "ttft": 1.0, "ttft_ratio": 1.0, "score_time": 0.0, "recompute_fraction": 1.0, "context_tokens": 10,
         "passage_order": [0], "prefill_time": None,
     }  # fmt: skip
-    result = QuestionResult(**old)
+    result = QuestionResult.from_record(old)
     assert (result.answer_ids, result.kl_answer, result.top1, result.gold_nll) == (None, None, None, None)

@@ -171,17 +171,17 @@ def test_4_weights_changed_in_place_change_the_fingerprint(tmp_path, model_dir, 
     monkeypatch.setenv("INFOFLOW_RAG_CACHE", str(tmp_path / "cache"))
     directory = tmp_path / "model"
     shutil.copytree(model_dir, directory)
-    before = Engine(str(directory), check=False).fingerprint
+    before = Engine(str(directory)).fingerprint
     assert list((tmp_path / "cache" / "weights").glob("*.sha256"))  # hashed once, then cached
     with monkeypatch.context() as m:
         m.setattr(models, "file_sha256", lambda path: pytest.fail("unchanged weights were hashed again"))
-        assert Engine(str(directory), check=False).fingerprint == before
+        assert Engine(str(directory)).fingerprint == before
     tiny_model("llama", seed=1).model.save_pretrained(directory)  # same config and name, other weights
-    assert Engine(str(directory), check=False).fingerprint != before
+    assert Engine(str(directory)).fingerprint != before
 
 
 def test_4_models_built_in_code_are_told_apart_by_their_weights(engine):
-    assert Engine(tiny_model("llama", seed=1), check=False).fingerprint != engine.fingerprint
+    assert Engine(tiny_model("llama", seed=1)).fingerprint != engine.fingerprint
 
 
 def _wrong_shapes(kv: PassageKV, other: PassageKV) -> PassageKV:

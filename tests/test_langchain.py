@@ -14,7 +14,7 @@ from langchain_tests.unit_tests import ChatModelUnitTests
 from pydantic import ValidationError
 from test_index import BagOfWordsEmbedder
 
-from infoflow_rag.engine import Engine
+from infoflow_rag.engine import Engine, QueryOptions
 from infoflow_rag.index.passage_index import PassageIndex
 from infoflow_rag.pipeline import Pipeline
 from infoflow_rag.store import open_store
@@ -168,11 +168,7 @@ def test_per_call_options_override_the_fields(tiny_pipeline):
     llm = chat(tiny_pipeline, selector="cacheblend")
     options = llm.engine_options(["\n"], max_tokens=3, ratio=0.5)
     assert options == {
-        "selector": "cacheblend",
-        "ratio": 0.5,
-        "reorder": False,
-        "compress": "none",
-        "keep": 1.0,
+        "options": QueryOptions(selector="cacheblend", ratio=0.5),
         "max_new_tokens": 3,
         "temperature": 0.0,
         "stop": ("\n",),
@@ -196,7 +192,7 @@ def test_bad_fields_are_rejected(tiny_pipeline):
         ChatInfoFlow(pipeline=tiny_pipeline, selector="bogus")
     with pytest.raises(ValidationError, match="model='smollm2-135m' but the given pipeline serves 'tiny-llama'"):
         ChatInfoFlow(pipeline=tiny_pipeline, model="smollm2-135m")
-    with pytest.raises(ValidationError, match="greater than 0"):
+    with pytest.raises(ValidationError, match=r"ratio must be in \(0, 1\], got 0.0"):  # QueryOptions' own check
         ChatInfoFlow(pipeline=tiny_pipeline, ratio=0)
 
 
@@ -211,7 +207,7 @@ FACTS = [
 def test_smollm_chain_reuses_kv_and_names_the_fact(tmp_path):
     index = PassageIndex.create(tmp_path / "index")  # the offline all-MiniLM-L6-v2
     index.add_passages(FACTS)
-    pipeline = Pipeline(Engine("smollm2-135m"), open_store("memory"), index)
+    pipeline = Pipeline(Engine.load("smollm2-135m"), open_store("memory"), index)
     chain = create_infoflow_rag_chain(
         InfoFlowRetriever(index=index, k=3), ChatInfoFlow(pipeline=pipeline, max_tokens=24)
     )

@@ -182,10 +182,10 @@ def test_metadata_and_fields(pipeline, engine):
     ("fields", "message"),
     [
         ({"selector": "bogus"}, "unknown selector 'bogus'"),
-        ({"ratio": 0.0}, "greater than 0"),
+        ({"ratio": 0.0}, r"ratio must be in \(0, 1\], got 0.0"),  # QueryOptions' own check
         ({"max_new_tokens": 0}, "greater than or equal to 1"),
         ({"compress": "zip"}, "unknown compression policy 'zip'"),
-        ({"keep": 1.5}, "less than or equal to 1"),
+        ({"keep": 1.5}, r"keep=1.5 as a ratio must be in \(0, 1\]"),
     ],
 )
 def test_bad_fields_are_rejected_at_construction(pipeline, fields, message):
@@ -214,7 +214,7 @@ FACTS = [
 
 @pytest.mark.real_model
 def test_smollm_query_engine_reuses_kv_and_names_the_fact(completions):
-    pipeline = Pipeline(Engine("smollm2-135m"), open_store("memory"))
+    pipeline = Pipeline(Engine.load("smollm2-135m"), open_store("memory"))
     index = VectorStoreIndex.from_documents(
         [Document(text=t) for t in FACTS],
         embed_model=InfoFlowEmbedding(),

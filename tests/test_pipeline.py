@@ -105,7 +105,7 @@ def test_kill_9_during_ingest_then_rerun_gives_a_complete_consistent_index(tmp_p
     assert summary["passages"] == len(texts)
     assert summary["kv_computed"] == len(texts) - stored_before  # resumed: nothing redone
 
-    engine = Engine(str(model_dir))
+    engine = Engine.load(str(model_dir))
     with Pipeline.open(index_dir, model=engine) as pipeline:
         assert len(pipeline.index) == len(texts)
         assert sorted(h.text for h in pipeline.index.search(texts[5], k=1)) == [texts[5]]

@@ -28,7 +28,7 @@ FACTS = [
 
 @pytest.fixture(scope="module")
 def smollm() -> Engine:
-    return Engine("smollm2-135m")
+    return Engine.load("smollm2-135m")
 
 
 def test_gate_passes_on_the_embedded_model(smollm):

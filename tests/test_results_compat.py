@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from infoflow_rag.eval.report import write_report
+from infoflow_rag.eval.results import read_results
 from infoflow_rag.eval.suite import suite_parts, write_suite_report
 
 ROOT = Path(__file__).parent.parent
@@ -69,6 +70,14 @@ def suite_text(directory: str, out: Path) -> str:
 @pytest.fixture
 def report_argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", [COMMAND])
+
+
+@pytest.mark.parametrize("path", sorted(FILES))
+def test_old_results_file_loads_with_options(path):
+    run = read_results(_unchanged(path))
+    assert run.results
+    for r in run.results:  # every row carries its options whole, and its key is still theirs
+        assert r.spec.key == r.method
 
 
 @pytest.mark.parametrize("path", sorted(FILES))

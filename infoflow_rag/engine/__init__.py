@@ -11,9 +11,15 @@ One module per stage, in the order a query runs them:
     recompute    selected + fresh tokens through every layer, on the mixed cache
     compression  KV eviction after the first token (snapkv, infokv)
     decoding     token generation and the answer stream
+    query        the stages up to the first token, in order, for one query
     facade       :class:`Engine`, which runs them; ``Engine.load`` also runs the correctness gate (``check``)
+
+:class:`QueryOptions` (``options``) is what every stage reads its settings from.
 """
 
-from .facade import AnswerStream, Engine, Prepared
+from .decoding import AnswerStream
+from .facade import Engine
+from .options import InvalidOptionError, QueryOptions
+from .query import Prepared
 
-__all__ = ["AnswerStream", "Engine", "Prepared"]
+__all__ = ["AnswerStream", "Engine", "InvalidOptionError", "Prepared", "QueryOptions"]

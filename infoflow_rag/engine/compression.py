@@ -22,7 +22,6 @@ over ``kernel`` neighbouring tokens as in SnapKV, so a kept token keeps its imme
 from __future__ import annotations
 
 import math
-import numbers
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -105,22 +104,6 @@ POLICIES: Registry[Policy] = Registry("compression policy", "policies")
 register = POLICIES.register
 validate_policy = POLICIES.validate
 make_policy = POLICIES.make
-
-
-def validate_keep(keep: float | int) -> float | int:
-    """``keep`` as a ratio in (0, 1] (any float) or a token count >= 1 (any integer); else a ValueError.
-
-    The type decides: ``keep=1.0`` keeps every passage token, ``keep=1`` keeps one.
-    """
-    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
-        raise ValueError(f"keep must be a float ratio in (0, 1] or an int token count, got {keep!r}")
-    if isinstance(keep, numbers.Integral):
-        if keep < 1:
-            raise ValueError(f"keep={keep} as a token count must be >= 1; pass a float such as 0.5 for a ratio")
-        return int(keep)
-    if not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep={keep} as a ratio must be in (0, 1]; e.g. keep=0.5 keeps half the context tokens")
-    return float(keep)
 
 
 @register

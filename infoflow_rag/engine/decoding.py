@@ -1,12 +1,20 @@
-"""Token-by-token decoding on a prepared cache, and text deltas with stop strings held back."""
+"""Decoding: token-by-token generation on a prepared cache, text deltas with stop strings held back, and the
+answer stream that times it all and ends in an :class:`AnswerResult`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from .result import AnswerResult
+
+if TYPE_CHECKING:
+    from .query import Prepared
 
 
 @dataclass(frozen=True)
@@ -91,3 +99,82 @@ def text_deltas(tokens: Iterator[int], tokenizer: PreTrainedTokenizerBase, stop:
             emitted = safe
     if len(text) > emitted:
         yield text[emitted:]
+
+
+def decode(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    eos_ids: set[int],
+    prep: Prepared,
+    gen: GenerationConfig,
+    compress: Callable[[Prepared], None],
+) -> Iterator[str]:
+    """Text deltas of the answer to ``prep``; returns its :class:`AnswerResult` (``compress`` runs on ``prep``
+    once the first token is out: the next step is the first to read the cache)."""
+    timings = prep.timings
+    t = time.perf_counter()
+    generated: list[int] = []
+
+    def timed(tokens: Iterator[int]) -> Iterator[int]:
+        for token in tokens:
+            if not generated:
+                timings.first_token = time.perf_counter() - t
+                timings.ttft = time.perf_counter() - prep.t0
+            generated.append(token)
+            yield token
+            if len(generated) == 1:
+                compress(prep)
+
+    out = prep.out  # compression evicts from out.cache in place, so the generator's cache follows
+    tokens = generate_tokens(model, out.cache, out.logits, out.next_position, gen, eos_ids)
+    answer = []
+    for delta in text_deltas(timed(tokens), tokenizer, gen.stop):
+        answer.append(delta)
+        yield delta
+    if not generated:  # EOS straight away: the first token was still picked
+        timings.first_token = time.perf_counter() - t
+        timings.ttft = time.perf_counter() - prep.t0
+    timings.decode = time.perf_counter() - t - timings.first_token - timings.compress
+    kv_bytes = sum(t.nbytes for layer in out.cache.layers for t in (layer.keys, layer.values))
+    kv_tokens = prep.out.positions.numel()  # prompt entries decoding read: after compression, if it ran
+    return result("".join(answer).strip(), prep, generated, kv_tokens, kv_bytes)
+
+
+def result(answer: str, prep: Prepared, generated: list[int], kv_tokens: int, kv_bytes: int) -> AnswerResult:
+    layout, chosen = prep.layout, prep.chosen.tolist()
+    selected: dict[int, list[int]] = {p: [i - s for i in chosen if s <= i < e] for p, s, e in prep.placed.spans}
+    for seg in layout.segments:
+        if seg.kv is None and seg.passage is not None:  # computed fresh: every token counts as recomputed
+            selected[seg.passage] = list(range(len(seg)))
+    passages = [seg for seg in layout.segments if seg.passage is not None]
+    return AnswerResult(
+        answer=answer,
+        timings=prep.timings,
+        options=prep.options,
+        passage_order=[seg.passage for seg in passages],
+        selected=selected,
+        passage_tokens={seg.passage: seg.token_ids.tolist() for seg in passages},
+        context_tokens=sum(len(seg) for seg in passages),
+        prompt_tokens=layout.length,
+        generated_tokens=len(generated),
+        kv_tokens=kv_tokens,
+        kv_bytes=kv_bytes,
+        answer_ids=list(generated),
+    )
+
+
+class AnswerStream:
+    """Iterate for text deltas; after the last one, ``result`` holds the :class:`AnswerResult`."""
+
+    def __init__(self, run: Iterator[str]):
+        self._run = run
+        self.result: AnswerResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        self.result = yield from self._run
+
+    def finish(self) -> AnswerResult:
+        """Consume the stream; return the result."""
+        for _ in self:
+            pass
+        return self.result

@@ -1,15 +1,15 @@
-"""The engine: answer a question over passages by reusing their KV caches and recomputing a few tokens.
-
-place (global RoPE) -> [reorder] -> score/select -> recompute -> first token -> [compress] -> decode
+"""The Engine: a loaded model plus its fixed prompt prefix; it prefills passages and answers over them by
+running the stages (see the package docstring) with one :class:`QueryOptions`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -17,77 +17,27 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..kv import PassageKV
 from ..models import DEFAULT_MODEL, LoadedModel, load_model, parameters_sha256
-from . import attention, prefill, recompute, scoring
-from .check import check_supported
-from .compression import Policy, PromptMap, compress_cache, make_policy, validate_keep
-from .decoding import GenerationConfig, generate_tokens, text_deltas
-from .placement import GEOMETRIES, Layout, PlacedContext, Segment, place
+from . import attention, decoding, prefill, query, recompute
+from .check import check_supported, run_check
+from .compression import PromptMap, compress_cache
+from .decoding import AnswerStream, GenerationConfig, generate_tokens, text_deltas
+from .options import QueryOptions, split_overrides
+from .placement import Layout, Segment
 from .prompt import DEFAULT_QUESTION_TEMPLATE, PromptFormat, encode, encode_answer, encode_passage, encode_question
-from .result import AnswerResult, StageTimings
-from .selection import (
-    DEFAULT_RATIO,
-    InfoFlowSelector,
-    Probe,
-    Selector,
-    default_score_layers,
-    make_selector,
-    ratio_budget,
-    top_candidates,
-)
+from .query import Passage, Prepared, Prompt
+from .result import AnswerResult
+from .selection import default_score_layers
 from .signals import SIGNALS, install_hooks
 
-Passage = str | PassageKV
 PREFILL_BATCH_TOKENS = 4096  # padded tokens per prefill forward: bounds activation memory
 
 
-GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "seed", "stop")
-# Which tokens of the question block score the context: the raw question (published), or the whole block
-# (instruction, question and the end of the chat turn: every token the first answer token is computed from).
-SCORE_ROWS = ("question", "block")
-
-
-@dataclass(frozen=True)
-class QueryOptions:
-    selector: str = "infoflow"
-    ratio: float = DEFAULT_RATIO
-    reorder: bool = False
-    geometry: str = "global"
-    selector_options: tuple[tuple[str, object], ...] = ()
-    compress: str = "none"
-    keep: float | int = 1.0
-    compress_options: tuple[tuple[str, object], ...] = ()
-
-    def make_selector(self, score_layers: list[int]) -> Selector:
-        sel = make_selector(self.selector, **dict(self.selector_options))
-        if isinstance(sel, InfoFlowSelector) and sel.layers is None:
-            sel.layers = score_layers
-        return sel
-
-    def make_policy(self) -> Policy:
-        return make_policy(self.compress, **dict(self.compress_options))
-
-
-@dataclass
-class Prepared:
-    """A query made ready to decode: the cache holds the whole prompt, ``out.logits`` the first token's.
-
-    KV compression (``options.compress``) has not run yet: decoding runs it once the first token is out, so
-    it never delays TTFT. :meth:`Engine.compress` runs it on demand (e.g. to inspect the decode cache).
-    """
-
-    layout: Layout
-    placed: PlacedContext
-    chosen: torch.Tensor  # (s,) recomputed indices into the placed tokens
-    options: QueryOptions
-    out: recompute.Recomputed
-    timings: StageTimings
-    t0: float  # perf_counter at the call, for TTFT
-    policy: Policy  # the KV compression policy decoding applies after the first token
-    compressed: bool = False
-
-
 class Engine:
-    """A loaded model plus its fixed prompt prefix, ready to prefill passages and answer over them."""
+    """A loaded model plus its fixed prompt prefix, ready to prefill passages and answer over them.
+
+    Build one with :meth:`load`, which also runs the correctness gate; the constructor only refuses models
+    whose config it cannot serve exactly (it is what the gate itself and tests with tiny models use).
+    """
 
     def __init__(
         self,
@@ -95,7 +45,6 @@ class Engine:
         *,
         system_prompt: str | None = None,
         score_layers: list[int] | None = None,
-        check: bool = True,
         record_signals: bool = True,
     ):
         """``record_signals``: record InfoKV's per-token signals at prefill (costs extra prefill time, see
@@ -118,17 +67,22 @@ class Engine:
         self.inv_freq = self.model.model.rotary_emb.inv_freq.detach().float()  # (head_dim/2,)
         self.num_layers = self.model.config.num_hidden_layers
         self.score_layers = score_layers or default_score_layers(self.num_layers)
-        self._check_layers(self.score_layers)
+        self.check_layers(self.score_layers)
         self.max_positions = int(self.model.config.max_position_embeddings)
         self.record_signals = record_signals
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
+
+    @classmethod
+    def load(cls, model: LoadedModel | str = DEFAULT_MODEL, *, check: bool = True, **settings: Any) -> Engine:
+        """An engine for ``model`` (a registered name, a Hugging Face dir, a .gguf file or a loaded model);
+        with ``check``, the correctness gate runs first and refuses the model if its keys cannot be placed
+        exactly (:class:`~infoflow_rag.errors.UnsupportedModelError`). ``settings`` as for the constructor."""
+        engine = cls(model, **settings)
         if check:
-            from .check import run_check  # the gate drives this engine, so it imports lazily
+            run_check(engine, thorough=False).raise_if_failed()
+        return engine
 
-            report = run_check(self, thorough=False)
-            report.raise_if_failed()
-
-    def _check_layers(self, layers: list[int]) -> None:
+    def check_layers(self, layers: list[int]) -> None:
         if bad := [layer for layer in layers if not 0 <= layer < self.num_layers]:
             raise ValueError(
                 f"scoring layers {bad} out of range for a {self.num_layers}-layer model; use 0..{self.num_layers - 1}"
@@ -136,9 +90,11 @@ class Engine:
 
     # --- identity -------------------------------------------------------------------------------------
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
-        """Everything a passage KV depends on: weights identity, config, dtype, prefix and separator tokens."""
+        """Everything a passage KV depends on: weights identity, config, dtype, prefix and separator tokens.
+
+        Computed once: none of it changes over the engine's life."""
         config = {
             k: v
             for k, v in self.model.config.to_dict().items()
@@ -233,62 +189,79 @@ class Engine:
 
     # --- answering ------------------------------------------------------------------------------------
 
-    def answer(self, question: str, passages: Sequence[Passage], **kwargs) -> AnswerResult:
+    def answer(
+        self, question: str, passages: Sequence[Passage], options: QueryOptions | None = None, **overrides: Any
+    ) -> AnswerResult:
         """Answer ``question`` over ``passages`` (texts or prefilled :class:`PassageKV`, in prompt order).
 
-        Keyword options: selector (a name of ``selectors.SELECTORS``: "infoflow", "sinkflow", ...), ratio,
-        reorder, geometry, template, score_rows ("question" or "block"), selector_options; KV compression
-        for decoding: compress ("none", "snapkv", "infokv"), keep (float ratio of passage tokens, or int
-        count), compress_options; and generation settings (max_new_tokens, temperature, top_p, seed, stop).
+        ``options`` (default: ``QueryOptions()``) says how; keyword ``overrides`` change single options
+        (``selector="epic"``, ``ratio=0.25``, ...). Also accepted as keywords: ``template`` (the question
+        wording, ``{question}`` once) and the generation settings of :class:`GenerationConfig`
+        (max_new_tokens, temperature, top_p, seed, stop).
         """
-        return self.stream(question, passages, **kwargs).finish()
+        return self.stream(question, passages, options, **overrides).finish()
 
-    def stream(self, question: str, passages: Sequence[Passage], **kwargs) -> AnswerStream:
+    def stream(
+        self, question: str, passages: Sequence[Passage], options: QueryOptions | None = None, **overrides: Any
+    ) -> AnswerStream:
         """Like :meth:`answer`, but iterate to receive text deltas; ``.result`` is set once exhausted."""
-        gen = GenerationConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in GENERATION_KEYS})
-        return AnswerStream(
-            self._decode(self.prepare(question, passages, max_new_tokens=gen.max_new_tokens, **kwargs), gen)
-        )
+        options, rest = split_overrides(options, overrides)
+        template = rest.pop("template", DEFAULT_QUESTION_TEMPLATE)
+        gen = GenerationConfig(**rest)
+        prep = self.prepare(question, passages, options, template=template, max_new_tokens=gen.max_new_tokens)
+        return AnswerStream(self._decode(prep, gen))
 
-    def answer_prompt(self, pieces: Sequence[str | PassageKV], **kwargs) -> AnswerResult:
+    def answer_prompt(
+        self, pieces: Sequence[str | PassageKV], options: QueryOptions | None = None, **overrides: Any
+    ) -> AnswerResult:
         """Answer a prompt given as pieces (fresh text and cached passages); see :meth:`prepare_prompt`."""
-        return self.stream_prompt(pieces, **kwargs).finish()
+        return self.stream_prompt(pieces, options, **overrides).finish()
 
-    def stream_prompt(self, pieces: Sequence[str | PassageKV], **kwargs) -> AnswerStream:
-        gen = GenerationConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in GENERATION_KEYS})
-        return AnswerStream(self._decode(self.prepare_prompt(pieces, max_new_tokens=gen.max_new_tokens, **kwargs), gen))
+    def stream_prompt(
+        self, pieces: Sequence[str | PassageKV], options: QueryOptions | None = None, **overrides: Any
+    ) -> AnswerStream:
+        options, rest = split_overrides(options, overrides)
+        gen = GenerationConfig(**rest)
+        return AnswerStream(self._decode(self.prepare_prompt(pieces, options, max_new_tokens=gen.max_new_tokens), gen))
 
     def prepare(
         self,
         question: str,
         passages: Sequence[Passage],
+        options: QueryOptions | None = None,
         *,
         template: str = DEFAULT_QUESTION_TEMPLATE,
-        score_rows: str = "question",
-        **options,
+        max_new_tokens: int = 0,
+        **overrides: Any,
     ) -> Prepared:
         """Everything up to the first token's logits: place, [reorder], score, select, recompute.
 
-        Options: selector, ratio, reorder, geometry, selector_options, compress, keep, compress_options,
-        max_new_tokens (for the length check); ``score_rows`` (one of SCORE_ROWS) picks the scoring tokens.
+        ``max_new_tokens`` is only checked against the context window here; ``overrides`` as for :meth:`answer`.
         """
         t0 = time.perf_counter()
+        options = _only_options(options, overrides)
         if not passages:
             raise ValueError("no passages: pass at least one passage (text or PassageKV) to answer over")
-        if score_rows not in SCORE_ROWS:
-            raise ValueError(f"unknown score_rows {score_rows!r}; choose one of {', '.join(SCORE_ROWS)}")
         block = encode_question(self.tokenizer, self.format, question, template)
         tail = torch.tensor(block.token_ids, dtype=torch.long)
-        query = block.question if score_rows == "question" else slice(0, len(tail))
-        return self._prepare(list(passages), [], tail, query, t0, **options)
+        rows = block.question if options.score_rows == "question" else slice(0, len(tail))
+        return query.run(self, list(passages), Prompt([], tail, rows), options, t0, max_new_tokens)
 
-    def prepare_prompt(self, pieces: Sequence[str | PassageKV], **options) -> Prepared:
+    def prepare_prompt(
+        self,
+        pieces: Sequence[str | PassageKV],
+        options: QueryOptions | None = None,
+        *,
+        max_new_tokens: int = 0,
+        **overrides: Any,
+    ) -> Prepared:
         """Like :meth:`prepare` for a prompt given as pieces: fresh text and cached passages, in order.
 
         This is how a framework's ready-made prompt string is served: the caller found the cached passages
         inside it; everything else is computed fresh. The text after the last passage scores the context.
         """
         t0 = time.perf_counter()
+        options = _only_options(options, overrides)
         pieces = list(pieces)
         trailing = pieces.pop() if pieces and isinstance(pieces[-1], str) else ""
         tail = torch.tensor(encode(self.tokenizer, trailing + self.format.tail), dtype=torch.long)
@@ -298,79 +271,10 @@ class Engine:
             if isinstance(p, str)
         }
         kvs = [p for p in pieces if isinstance(p, PassageKV)]
-        order = [fresh.get(i) for i in range(len(pieces))]  # None marks a passage slot
-        return self._prepare(kvs, order, tail, slice(0, len(tail)), t0, **options)
+        slots = [fresh.get(i) for i in range(len(pieces))]  # None marks a passage slot
+        return query.run(self, kvs, Prompt(slots, tail, slice(0, len(tail))), options, t0, max_new_tokens)
 
-    def _prepare(
-        self,
-        passages: list[Passage],
-        slots: list[torch.Tensor | None],
-        tail: torch.Tensor,
-        query: slice,
-        t0: float,
-        *,
-        selector: str = "infoflow",
-        ratio: float = DEFAULT_RATIO,
-        reorder: bool = False,
-        geometry: str = "global",
-        selector_options: dict | None = None,
-        compress: str = "none",
-        keep: float | int = 1.0,
-        compress_options: dict | None = None,
-        max_new_tokens: int = 0,
-    ) -> Prepared:
-        """passages fill the None slots of ``slots`` (all slots when it is empty); ``tail`` ends the prompt."""
-        if not 0.0 < ratio <= 1.0:
-            raise ValueError(f"ratio must be in (0, 1], got {ratio!r}; e.g. 0.15 recomputes 15 % of context tokens")
-        if geometry not in GEOMETRIES:
-            raise ValueError(f"unknown geometry {geometry!r}; choose one of {', '.join(GEOMETRIES)}")
-        opts = QueryOptions(
-            selector,
-            ratio,
-            reorder,
-            geometry,
-            tuple(sorted((selector_options or {}).items())),
-            compress,
-            validate_keep(keep),
-            tuple(sorted((compress_options or {}).items())),
-        )
-        sel = opts.make_selector(self.score_layers)
-        if isinstance(sel, InfoFlowSelector):
-            self._check_layers(sel.layers)
-        policy = opts.make_policy()  # bad compression options fail now, not after the first token
-        timings = StageTimings()
-        passages_segs = self._passage_segments(passages, prefill=sel.name != "full", timings=timings, t0=t0)
-        if reorder:
-            t = time.perf_counter()
-            passages_segs = self._reorder(passages_segs, tail, query, slots, opts.ratio)
-            timings.reorder = time.perf_counter() - t
-        layout = self._layout(passages_segs, slots, tail, query)
-        if layout.length + max_new_tokens > self.max_positions:
-            raise ValueError(
-                f"prompt of {layout.length} tokens + max_new_tokens={max_new_tokens} exceeds the "
-                f"{self.max_positions}-token context window; pass fewer or shorter passages"
-            )
-        policy.check(PromptMap.from_layout(layout))
-
-        t = time.perf_counter()
-        placed = place(layout, self.inv_freq, self.model.dtype, "global")
-        timings.place = time.perf_counter() - t
-        # Scoring may use an ablation geometry; the recompute always runs in the global one.
-        scored = placed if geometry == "global" else place(layout, self.inv_freq, self.model.dtype, geometry)
-        t = time.perf_counter()
-        budget = sel.budget(placed, opts.ratio)
-        chosen = sel.select(scored, budget, self._probe(scored, layout)) if budget else torch.empty(0, dtype=torch.long)
-        timings.score = time.perf_counter() - t
-
-        fresh = [(s, seg) for s, seg in zip(layout.starts(), layout.segments, strict=True) if seg.kv is None]
-        fresh_ids = torch.cat([seg.token_ids for _, seg in fresh])
-        fresh_pos = torch.cat([s + torch.arange(len(seg)) for s, seg in fresh])
-        t = time.perf_counter()
-        out = recompute.recompute(self.model, placed, chosen, fresh_ids, fresh_pos)
-        timings.recompute = time.perf_counter() - t
-        return Prepared(layout, placed, chosen, opts, out, timings, t0, policy)
-
-    def decode(self, prep: Prepared, **generation) -> AnswerResult:
+    def decode(self, prep: Prepared, **generation: Any) -> AnswerResult:
         """Decode the answer from a :meth:`prepare`-d query (generation settings as in :meth:`answer`)."""
         return AnswerStream(self._decode(prep, GenerationConfig(**generation))).finish()
 
@@ -394,148 +298,22 @@ class Engine:
         prep.timings.compress = time.perf_counter() - t
         prep.compressed = True
 
-    def _passage_segments(
-        self, passages: list[Passage], prefill: bool, timings: StageTimings, t0: float
-    ) -> list[Segment]:
-        """One segment per passage; text passages are prefilled here, unless they will be computed fresh anyway."""
-        kvs: list[PassageKV | None] = [p if isinstance(p, PassageKV) else None for p in passages]
-        texts = [i for i, p in enumerate(passages) if isinstance(p, str)]
-        if texts and prefill:
-            for i, kv in zip(texts, self.prefill([passages[i] for i in texts]), strict=True):
-                kvs[i] = kv
-            timings.prefill = time.perf_counter() - t0
-        segments = []
-        for i, kv in enumerate(kvs):
-            if kv is not None and (problem := self.kv_problem(kv, kv.token_ids.tolist(), stored=False)) is not None:
-                raise ValueError(
-                    f"passage {i} cannot be served from its KV: {problem}; it comes from another model or "
-                    "prompt format: prefill it again"
-                )
-            ids = kv.token_ids if kv is not None else torch.tensor(self.passage_ids(passages[i]))
-            segments.append(Segment(ids, kv, passage=i))
-        return segments
+    def _decode(self, prep: Prepared, gen: GenerationConfig):
+        return decoding.decode(self.model, self.tokenizer, self.eos_ids, prep, gen, self.compress)
 
-    def _decode(self, prep: Prepared, gen: GenerationConfig) -> Iterator[str]:
-        timings = prep.timings
-        t = time.perf_counter()
-        generated: list[int] = []
-
-        def timed(tokens: Iterator[int]) -> Iterator[int]:
-            for token in tokens:
-                if not generated:
-                    timings.first_token = time.perf_counter() - t
-                    timings.ttft = time.perf_counter() - prep.t0
-                generated.append(token)
-                yield token
-                if len(generated) == 1:  # the next step is the first to read the cache: shrink it now
-                    self.compress(prep)
-
-        out = prep.out  # compression evicts from out.cache in place, so the generator's cache follows
-        tokens = generate_tokens(self.model, out.cache, out.logits, out.next_position, gen, self.eos_ids)
-        answer = []
-        for delta in text_deltas(timed(tokens), self.tokenizer, gen.stop):
-            answer.append(delta)
-            yield delta
-        if not generated:  # EOS straight away: the first token was still picked
-            timings.first_token = time.perf_counter() - t
-            timings.ttft = time.perf_counter() - prep.t0
-        timings.decode = time.perf_counter() - t - timings.first_token - timings.compress
-        kv_bytes = sum(t.nbytes for layer in out.cache.layers for t in (layer.keys, layer.values))
-        kv_tokens = prep.out.positions.numel()  # prompt entries decoding read: after compression, if it ran
-        return self._result("".join(answer).strip(), prep, generated, kv_tokens, kv_bytes)
-
-    def _layout(
-        self, passages: list[Segment], slots: list[torch.Tensor | None], tail: torch.Tensor, query: slice
-    ) -> Layout:
-        """Passages into their slots (or back to back), fresh slot text between, ``tail`` last."""
+    def layout(self, passages: list[Segment], prompt: Prompt) -> Layout:
+        """Passages into their slots (or back to back), fresh slot text between, the question block last."""
         remaining = iter(passages)
-        ordered = [next(remaining) if ids is None else Segment(ids) for ids in slots] or list(remaining)
+        ordered = [next(remaining) if ids is None else Segment(ids) for ids in prompt.slots] or list(remaining)
         # Only a passage right behind the prefix saw exactly its real left context at prefill.
         segments = [
             Segment(seg.token_ids, seg.kv, exact=i == 0 and seg.kv is not None, passage=seg.passage)
             for i, seg in enumerate(ordered)
         ]
+        tail, rows = prompt.tail, prompt.query
         tail_start = len(self.prefix) + sum(len(seg) for seg in segments)
         segments.append(Segment(tail))
-        return Layout(self.prefix, segments, tail[query], tail_start + torch.arange(len(tail))[query])
-
-    def _probe(self, placed: PlacedContext, layout: Layout) -> Probe:
-        return Probe(
-            question_scores=lambda layers, heads: scoring.question_attention_scores(
-                self.model, placed, layout.query_ids, layers, heads
-            ),
-            layer_kv=lambda layer: scoring.fresh_layer_kv(self.model, placed, layer),
-        )
-
-    def passage_density(
-        self,
-        question: str,
-        passages: Sequence[PassageKV],
-        ratio: float = DEFAULT_RATIO,
-        template: str = DEFAULT_QUESTION_TEMPLATE,
-    ) -> dict[int, float]:
-        """r_c = |selected in c| / |c| from one scoring round without RoPE correction (what reorder sorts by)."""
-        segments = [Segment(kv.token_ids, kv, passage=i) for i, kv in enumerate(passages)]
-        block = encode_question(self.tokenizer, self.format, question, template)
-        return self._density(segments, [], torch.tensor(block.token_ids), block.question, ratio)
-
-    def _density(
-        self,
-        passages: list[Segment],
-        slots: list[torch.Tensor | None],
-        tail: torch.Tensor,
-        query: slice,
-        ratio: float,
-    ) -> dict[int, float]:
-        layout = self._layout(passages, slots, tail, query)
-        unplaced = place(layout, self.inv_freq, self.model.dtype, "head-local/tail-prompt")
-        # Every passage competes here, the first one too: its density must be measured like the others'.
-        unplaced.candidate[unplaced.prefix_len :] = True
-        scores = scoring.question_attention_scores(self.model, unplaced, layout.query_ids, self.score_layers)
-        chosen = torch.zeros(unplaced.token_ids.numel(), dtype=torch.bool)
-        chosen[top_candidates(scores, unplaced.candidate, ratio_budget(unplaced, ratio))] = True
-        return {p: float(chosen[s:e].sum()) / (e - s) for p, s, e in unplaced.spans}
-
-    def _reorder(
-        self,
-        passages: list[Segment],
-        tail: torch.Tensor,
-        query: slice,
-        slots: list[torch.Tensor | None],
-        ratio: float,
-    ) -> list[Segment]:
-        """Published ordering: densest passage last, nearest the question (stable sort, ascending)."""
-        if any(seg.kv is None for seg in passages):
-            return passages  # nothing cached to score
-        density = self._density(passages, slots, tail, query, ratio)
-        return sorted(passages, key=lambda seg: density[seg.passage])
-
-    def _result(self, answer: str, prep: Prepared, generated: list[int], kv_tokens: int, kv_bytes: int) -> AnswerResult:
-        layout, chosen = prep.layout, prep.chosen.tolist()
-        selected: dict[int, list[int]] = {p: [i - s for i in chosen if s <= i < e] for p, s, e in prep.placed.spans}
-        for seg in layout.segments:
-            if seg.kv is None and seg.passage is not None:  # computed fresh: every token counts as recomputed
-                selected[seg.passage] = list(range(len(seg)))
-        passages = [seg for seg in layout.segments if seg.passage is not None]
-        return AnswerResult(
-            answer=answer,
-            timings=prep.timings,
-            selector=prep.options.selector,
-            ratio=prep.options.ratio,
-            geometry=prep.options.geometry,
-            reorder=prep.options.reorder,
-            passage_order=[seg.passage for seg in passages],
-            selected=selected,
-            passage_tokens={seg.passage: seg.token_ids.tolist() for seg in passages},
-            context_tokens=sum(len(seg) for seg in passages),
-            prompt_tokens=layout.length,
-            generated_tokens=len(generated),
-            compress=prep.options.compress,
-            keep=prep.options.keep,
-            kv_tokens=kv_tokens,
-            kv_bytes=kv_bytes,
-            answer_ids=list(generated),
-        )
+        return Layout(self.prefix, segments, tail[rows], tail_start + torch.arange(len(tail))[rows])
 
     # --- reference ------------------------------------------------------------------------------------
 
@@ -558,21 +336,11 @@ class Engine:
         return "".join(text_deltas(tokens, self.tokenizer, gen.stop)).strip(), out.logits
 
 
-class AnswerStream:
-    """Iterate for text deltas; after the last one, ``result`` holds the :class:`AnswerResult`."""
-
-    def __init__(self, run):
-        self._run = run
-        self.result: AnswerResult | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        self.result = yield from self._run
-
-    def finish(self) -> AnswerResult:
-        """Consume the stream; return the result."""
-        for _ in self:
-            pass
-        return self.result
+def _only_options(options: QueryOptions | None, overrides: dict[str, Any]) -> QueryOptions:
+    options, rest = split_overrides(options, overrides)
+    if rest:
+        raise TypeError(f"unknown query options {sorted(rest)}; options are: {', '.join(QueryOptions.model_fields)}")
+    return options
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -581,4 +349,4 @@ def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[
     return {int(i) for i in [*ids, tokenizer.eos_token_id] if i is not None}
 
 
-__all__ = ["AnswerStream", "Engine", "Prepared"]
+__all__ = ["Engine"]

@@ -16,6 +16,9 @@ PASSAGE_SEPARATOR = "\n\n"
 DEFAULT_QUESTION_TEMPLATE = (
     "Answer the question using the passages above. Reply with the answer only, in a few words.\nQuestion: {question}"
 )
+# Which tokens of the question block score the context: the raw question (published), or the whole block
+# (instruction, question and the end of the chat turn: every token the first answer token is computed from).
+SCORE_ROWS = ("question", "block")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .options import QueryOptions
+
 
 @dataclass
 class StageTimings:
@@ -29,18 +31,13 @@ class StageTimings:
 class AnswerResult:
     answer: str
     timings: StageTimings
-    selector: str
-    ratio: float
-    geometry: str
-    reorder: bool
+    options: QueryOptions  # what the query was answered with (selector, ratio, compression, ...)
     passage_order: list[int]  # caller's passage indices in the order they were placed
     selected: dict[int, list[int]]  # caller's passage index -> recomputed token offsets within that passage
     passage_tokens: dict[int, list[int]]  # caller's passage index -> its token ids (separator included)
     context_tokens: int  # passage tokens in the prompt
     prompt_tokens: int  # everything before the answer, prefix and question included
     generated_tokens: int
-    compress: str = "none"  # KV compression policy applied after the first token, for the rest of decoding
-    keep: float | int = 1.0  # its budget: ratio (float) or count (int) of passage tokens kept
     kv_tokens: int = 0  # prompt entries in the cache the answer decoded from (after compression, if it ran)
     kv_bytes: int = 0  # peak KV cache bytes while decoding (its size after the last token)
     answer_ids: list[int] = field(default_factory=list)  # the generated token ids, EOS excluded
@@ -52,6 +49,9 @@ class AnswerResult:
         return n / self.context_tokens if self.context_tokens else 0.0
 
     def to_dict(self) -> dict:
+        """JSON-able, with the options' fields at the top level (as ``selector``, ``ratio``, ... always were)."""
         d = asdict(self)
+        d.pop("options")
+        d = {"answer": d.pop("answer"), "timings": d.pop("timings"), **self.options.to_dict(), **d}
         d["recompute_fraction"] = self.recompute_fraction
         return d

@@ -43,9 +43,9 @@ class Probe:
 
 
 def ratio_budget(placed: PlacedContext, ratio: float) -> int:
-    """n = max(1, int(ratio * T)) with T the cached passage tokens, capped by what may be selected."""
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}; e.g. 0.15 recomputes 15 % of context tokens")
+    """n = max(1, int(ratio * T)) with T the cached passage tokens, capped by what may be selected.
+
+    ``ratio`` is in (0, 1]: :class:`~infoflow_rag.engine.options.QueryOptions` checked it."""
     n = max(1, int(ratio * placed.n_passage_tokens))
     return min(n, int(placed.candidate.sum()))
 
@@ -58,7 +58,7 @@ def top_candidates(values: torch.Tensor, candidate: torch.Tensor, budget: int) -
 
 class Selector(ABC):
     name: ClassVar[str]
-    needs_question: ClassVar[bool] = False  # True: the selector reads Probe.scores (timed as "score")
+    fixed_ratio: ClassVar[float | None] = None  # the share it always recomputes, whatever the ratio (full, none)
 
     def budget(self, placed: PlacedContext, ratio: float) -> int:
         return ratio_budget(placed, ratio)
@@ -85,7 +85,6 @@ class InfoFlowSelector(Selector):
     """Tokens the question attends to most (attention norm over question tokens, mean over scoring layers)."""
 
     name = "infoflow"
-    needs_question = True
 
     def __init__(self, layers: list[int] | None = None, heads: str = "mean"):
         if heads not in HEAD_REDUCTIONS:
@@ -218,6 +217,7 @@ class NoSelector(Selector):
     """Pure reuse: nothing recomputed."""
 
     name = "none"
+    fixed_ratio = 0.0
 
     def budget(self, placed: PlacedContext, ratio: float) -> int:
         return 0
@@ -231,6 +231,7 @@ class FullSelector(Selector):
     """Every passage token recomputed (exact passages too): reproduces full prefill."""
 
     name = "full"
+    fixed_ratio = 1.0
 
     def budget(self, placed: PlacedContext, ratio: float) -> int:
         return placed.n_passage_tokens

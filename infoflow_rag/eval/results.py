@@ -16,6 +16,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from infoflow_rag.closing import Closing
+from infoflow_rag.engine.options import QueryOptions
+from infoflow_rag.eval.methods import MethodSpec, fixed_ratio, parse_method
+
+# The option fields a result line carried before it carried the options whole (read back into QueryOptions).
+_FLAT_OPTIONS = ("selector", "ratio", "reorder", "geometry", "compress", "keep")
 
 
 def current_command() -> str:
@@ -52,10 +57,7 @@ class QuestionResult:
     id: str
     method: str  # MethodSpec.key
     name: str
-    selector: str
-    ratio: float
-    reorder: bool
-    geometry: str
+    options: QueryOptions  # how the question was answered (MethodSpec.options)
     prediction: str  # after clean_prediction; what f1/em score
     raw_answer: str
     f1: float
@@ -68,9 +70,7 @@ class QuestionResult:
     passage_order: list[int]
     prefill_time: float | None  # seconds of the shared passage prefill, None when not used
     meta: dict[str, Any] = field(default_factory=dict)
-    # KV compression; the defaults let results files from before it was added still load.
-    compress: str = "none"
-    keep: float | int = 1.0  # share of context tokens kept (float) or their count (int), see MethodSpec
+    # The defaults below let results files from before these fields were added still load.
     kv_tokens: int | None = None  # KV cache entries when decoding starts; None if the engine does not report it
     kv_bytes: int | None = None  # peak KV cache bytes while decoding; None if the engine does not report it
     # Fidelity to full prefill (see eval.fidelity); None when the run had no `full` reference or predates them.
@@ -83,6 +83,39 @@ class QuestionResult:
     @property
     def pair_key(self) -> tuple[str, str, str]:
         return (self.dataset, self.id, self.method)
+
+    @property
+    def spec(self) -> MethodSpec:
+        return MethodSpec(self.name, self.options)
+
+    def to_record(self) -> dict[str, Any]:
+        """The JSON line of this result (``"type": "result"`` included)."""
+        return {"type": "result", **asdict(self), "options": self.options.to_dict()}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> QuestionResult:
+        """A result line, as written now (``options``) or before the options type (flat option fields)."""
+        fields = {k: v for k, v in record.items() if k != "type" and k not in _FLAT_OPTIONS}
+        if "options" in record:
+            fields["options"] = QueryOptions.from_dict(record["options"])
+        else:
+            fields["options"] = _options_of_old_record(record)
+        return cls(**fields)
+
+
+def _options_of_old_record(record: dict[str, Any]) -> QueryOptions:
+    """The options of a line written before they were carried whole. Its method key spells them all (scoring
+    layers and ``+block`` included, which the flat fields lacked); a free-text name falls back to the fields."""
+    try:
+        spec = parse_method(record["method"])
+    except ValueError:
+        spec = None
+    if spec is not None and spec.key == record["method"] and spec.options.selector == record["selector"]:
+        return spec.options
+    flat = {k: record[k] for k in _FLAT_OPTIONS if record.get(k) is not None}
+    if fixed_ratio(flat.get("selector", "")):  # its fixed ratio (1 or 0) was written out; options keep a real one
+        flat.pop("ratio", None)
+    return QueryOptions(**flat)
 
 
 @dataclass
@@ -101,7 +134,7 @@ def read_results(path: str | Path) -> ResultsRun:
         raise ValueError(f"{path} is not a results file: its first line is not a header record")
     header = RunHeader(**{k: v for k, v in records[0].items() if k != "type"})
     commands = [header.command] + [r["command"] for r in records if r["type"] == "resume"]
-    results = [QuestionResult(**{k: v for k, v in r.items() if k != "type"}) for r in records if r["type"] == "result"]
+    results = [QuestionResult.from_record(r) for r in records if r["type"] == "result"]
     return ResultsRun(header, commands, results)
 
 
@@ -134,7 +167,7 @@ class ResultsLog(Closing):
             self._write({"type": "header", **asdict(header)})
 
     def append(self, result: QuestionResult) -> None:
-        self._write({"type": "result", **asdict(result)})
+        self._write(result.to_record())
 
     def close(self) -> None:
         self._file.close()

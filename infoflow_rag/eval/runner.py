@@ -9,9 +9,10 @@ from typing import Any
 
 from tqdm import tqdm
 
+from infoflow_rag.engine.options import QueryOptions
 from infoflow_rag.eval import fidelity
 from infoflow_rag.eval.datasets import EvalExample
-from infoflow_rag.eval.methods import FIXED_RATIOS, MethodSpec
+from infoflow_rag.eval.methods import MethodSpec
 from infoflow_rag.eval.metrics import best_em, best_f1, clean_prediction
 from infoflow_rag.eval.results import QuestionResult, ResultsLog, RunHeader, current_command
 
@@ -95,23 +96,17 @@ def _run_question(
     rebuilt from its stored answer tokens without decoding again.
     """
     caches, prefill_time = None, None
-    if use_prefill and any(m.selector != "full" for m in todo):
+    if use_prefill and any(m.options.selector != "full" for m in todo):
         started = time.perf_counter()
         caches = engine.prefill(example.passages)
         prefill_time = time.perf_counter() - started
     gold = engine.answer_token_ids(example.answers[0]) if example.answers else []
     ref = _stored_reference(engine, example, full_result, prompt, max_new_tokens)
     for method in todo:
-        cached = caches is not None and method.selector != "full"
+        cached = caches is not None and method.options.selector != "full"
+        passages = caches if cached else example.passages
         prep = engine.prepare(
-            example.question,
-            caches if cached else example.passages,
-            selector=method.selector,
-            reorder=method.reorder,
-            geometry=method.geometry,
-            template=prompt,
-            max_new_tokens=max_new_tokens,
-            **_optional_options(method),
+            example.question, passages, method.options, template=prompt, max_new_tokens=max_new_tokens
         )
         output = engine.decode(prep, max_new_tokens=max_new_tokens)
         if _is_reference(method):
@@ -129,9 +124,8 @@ def _stored_reference(
     """Full prefill's reference from a result on file: the prompt prefilled again, its answer teacher-forced."""
     if full_result is None or full_result.answer_ids is None:
         return None  # no full run, or a file from before the fidelity measures
-    prep = engine.prepare(
-        example.question, example.passages, selector="full", template=prompt, max_new_tokens=max_new_tokens
-    )
+    full = QueryOptions(selector="full")
+    prep = engine.prepare(example.question, example.passages, full, template=prompt, max_new_tokens=max_new_tokens)
     return fidelity.reference(full_result.answer_ids, engine.teacher_force(prep, full_result.answer_ids))
 
 
@@ -147,20 +141,7 @@ def _fidelity(engine: Any, prep: Any, ref: fidelity.Reference | None, gold: list
 
 def _is_reference(method: MethodSpec) -> bool:
     """Whether ``method`` is the full prefill that other methods' TTFT is divided by."""
-    return method.selector == "full" and method.compress == "none"
-
-
-def _optional_options(method: MethodSpec) -> dict[str, Any]:
-    """``engine.answer`` options passed only when they apply, so other calls stay exactly as before."""
-    # The engine rejects ratio 0 even for selectors that ignore it, so a fixed ratio is not passed.
-    options: dict[str, Any] = {} if method.selector in FIXED_RATIOS else {"ratio": method.ratio}
-    if method.compress != "none":
-        options.update(compress=method.compress, keep=method.keep)
-    if method.layers:
-        options["selector_options"] = {"layers": list(method.layers)}
-    if method.score_rows != "question":
-        options["score_rows"] = method.score_rows
-    return options
+    return method.options.selector == "full" and method.options.compress == "none"
 
 
 def _result(
@@ -179,10 +160,7 @@ def _result(
         id=example.id,
         method=method.key,
         name=method.name,
-        selector=method.selector,
-        ratio=method.ratio,
-        reorder=method.reorder,
-        geometry=method.geometry,
+        options=method.options,
         prediction=prediction,
         raw_answer=output.answer,
         f1=best_f1(prediction, example.answers),
@@ -195,8 +173,6 @@ def _result(
         passage_order=list(output.passage_order),
         prefill_time=prefill_time,
         meta=example.meta,
-        compress=method.compress,
-        keep=method.keep,
         kv_tokens=_reported_size(output, "kv_tokens"),
         kv_bytes=_reported_size(output, "kv_bytes"),
         answer_ids=list(output.answer_ids),

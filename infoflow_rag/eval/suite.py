@@ -10,27 +10,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..engine.placement import GEOMETRIES
+from ..engine.selection import DEFAULT_RATIO
 from .datasets import EvalExample, load_hotpotqa, load_niah, tokenizer_codec
-from .methods import DEFAULT_RATIO, GEOMETRIES, MethodSpec, parse_method
-from .report import (
-    Section,
+from .methods import MethodSpec, parse_method
+from .plots import plot_agreement, plot_frontier, plot_niah_heatmap, plot_tradeoff
+from .report import Section, write_results_md
+from .results import ResultsRun, read_results
+from .runner import run_eval
+from .stats import paired_diff, win_tie_loss
+from .tables import (
     agreement_scores,
     agreement_table,
     compression_table,
     fidelity_paired_table,
     fidelity_table,
     paired_table,
-    plot_agreement,
-    plot_frontier,
-    plot_niah_heatmap,
-    plot_tradeoff,
     summary_table,
     with_fidelity,
-    write_results_md,
 )
-from .results import ResultsRun, read_results
-from .runner import run_eval
-from .stats import paired_diff, win_tie_loss
 
 HELD_OUT_START = 1000
 MAIN_METHODS = ("full", "none", "infoflow", "sinkflow", "cacheblend", "epic", "random")
@@ -68,7 +66,7 @@ def suite_parts(
     main_n: int = 100,
     sweep_n: int = 30,
     ablation_n: int = 30,
-    ratio: float = 0.15,
+    ratio: float = DEFAULT_RATIO,
     compress_n: int = 30,
     large_n: int = 60,
 ) -> list[Part]:
@@ -217,7 +215,7 @@ def _fidelity_verdict(results: list, method: str) -> list[str]:
     """``method`` against each other method on kl_answer (lower is closer to full prefill), paired per question."""
     kl: dict[str, dict[str, float]] = {}
     for r in results:
-        if r.kl_answer is not None and r.selector != "full":
+        if r.kl_answer is not None and r.options.selector != "full":
             kl.setdefault(r.method, {})[r.id] = r.kl_answer
     lines = []
     for other in sorted(kl.keys() - {method}):
@@ -333,10 +331,10 @@ def _agreement_by_subset(results: list, baseline: str | None) -> str:
 
 def _agreement_by_ratio(results: list) -> str:
     """Agreement with full at each swept ratio, every selector paired against InfoFlow at that same ratio."""
-    ratios = sorted({r.ratio for r in results if r.selector == "infoflow"})
+    ratios = sorted({r.options.ratio for r in results if r.options.selector == "infoflow"})
     blocks = ["Agreement with the full-prefill answer at each ratio, paired against InfoFlow at the same ratio:"]
     for ratio in ratios:
-        subset = [r for r in results if r.selector == "full" or r.ratio == ratio]
+        subset = [r for r in results if r.options.selector == "full" or r.options.effective_ratio == ratio]
         blocks.append(f"*ratio {ratio:g}*\n\n{agreement_table(subset, 'full', f'infoflow@{ratio:g}')}")
     return "\n\n".join(blocks)
 
@@ -347,7 +345,7 @@ def entropy_verdict(results: list, baseline: str) -> str:
     agree = agreement_scores(results, baseline)
     by_key = {r.pair_key: r for r in results}
     lines = []
-    for keep in sorted({r.keep for r in results if r.compress == "infokv"}):
+    for keep in sorted({r.options.keep for r in results if r.options.compress == "infokv"}):
         info, snap = f"{baseline}+infokv:{keep}", f"{baseline}+snapkv:{keep}"
         pairs = [(r, by_key.get((r.dataset, r.id, snap))) for r in results if r.method == info]
         pairs = [(a, b) for a, b in pairs if b is not None]

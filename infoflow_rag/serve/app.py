@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..engine.compression import validate_keep, validate_policy
-from ..engine.selection import DEFAULT_RATIO, validate_selector
+from ..engine.options import DEFAULT_OPTIONS, InvalidOptionError, QueryOptions
 from ..errors import StoreUnavailableError
 from ..pipeline import Pipeline, PipelineStream
 from .conversation import Conversations, prompt_pieces
@@ -34,11 +33,7 @@ class ServerSettings:
     """Server-wide defaults; requests override the query options with extension fields."""
 
     model_name: str  # the id clients pass as "model"
-    selector: str = "infoflow"
-    ratio: float = DEFAULT_RATIO
-    reorder: bool = False
-    compress: str = "none"
-    keep: float | int = 1.0
+    options: QueryOptions = DEFAULT_OPTIONS  # requests override single options with extension fields
     max_tokens: int = 256  # when a request sets neither max_tokens nor max_completion_tokens
     temperature: float = 0.0  # when a request sets none: greedy, the model's best answer
     max_queue: int = 32  # requests waiting for the worker; more are refused with 429
@@ -46,11 +41,6 @@ class ServerSettings:
     system_prompts: int = 4  # system prompts other than the default kept with an engine of their own
 
     def __post_init__(self) -> None:
-        validate_selector(self.selector)
-        validate_policy(self.compress)
-        validate_keep(self.keep)
-        if not 0.0 < self.ratio <= 1.0:
-            raise ValueError(f"ratio must be in (0, 1], got {self.ratio}; e.g. 0.15 recomputes 15 % of context tokens")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
 
@@ -129,22 +119,26 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        options = _query_options(body, settings)
+
         def start() -> PipelineStream:
             query = body.messages[-1].text
             passages, sources, retrieve_s = _passages(pipeline, body, query)
             answering, pieces = conversations.pieces(body.messages, passages)
-            options = _options(body, settings, answering.engine.max_positions)
-            return answering.stream_pieces(pieces, sources, retrieve_s, **options)
+            generation = _generation(body, settings, answering.engine.max_positions)
+            return answering.stream_pieces(pieces, sources, retrieve_s, options, **generation)
 
         return await _respond(worker, request, body, Shape(chat=True, model=settings.model_name), start, settings)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
+        options = _query_options(body, settings)
+
         def start() -> PipelineStream:
             passages, sources, retrieve_s = _passages(pipeline, body, body.text)
             pieces = prompt_pieces(pipeline, body.text, passages)
-            options = _options(body, settings, pipeline.engine.max_positions)
-            return pipeline.stream_pieces(pieces, sources, retrieve_s, **options)
+            generation = _generation(body, settings, pipeline.engine.max_positions)
+            return pipeline.stream_pieces(pieces, sources, retrieve_s, options, **generation)
 
         return await _respond(worker, request, body, Shape(chat=False, model=settings.model_name), start, settings)
 
@@ -169,8 +163,16 @@ def _passages(pipeline: Pipeline, body: CommonRequest, query: str) -> tuple[list
     return [*body.passages, *(h.text for h in hits)], hits, time.perf_counter() - t
 
 
-def _options(body: CommonRequest, settings: ServerSettings, context_window: int) -> dict:
-    """Pipeline options: the request's values where it sets them, the server's defaults elsewhere."""
+def _query_options(body: CommonRequest, settings: ServerSettings) -> QueryOptions:
+    """The server's options with the ones the request sets laid over them, validated; a bad value is a 400."""
+    try:
+        return settings.options.replace(**body.option_overrides())
+    except InvalidOptionError as err:
+        raise APIError(400, str(err), code="invalid_value") from None
+
+
+def _generation(body: CommonRequest, settings: ServerSettings, context_window: int) -> dict:
+    """Generation settings: the request's values where it sets them, the server's defaults elsewhere."""
     if (max_tokens := _max_tokens(body, settings)) >= context_window:
         raise ValueError(
             f"max_tokens={max_tokens} leaves no room for the prompt in the model's {context_window}-token context "
@@ -180,22 +182,13 @@ def _options(body: CommonRequest, settings: ServerSettings, context_window: int)
     def pick(value, default):
         return default if value is None else value
 
-    options = {
-        "selector": pick(body.selector, settings.selector),
-        "ratio": pick(body.ratio, settings.ratio),
-        "reorder": pick(body.reorder, settings.reorder),
+    return {
         "max_new_tokens": max_tokens,
         "temperature": pick(body.temperature, settings.temperature),
         "top_p": pick(body.top_p, 1.0),
         "seed": pick(body.seed, 0),
         "stop": body.stops,
     }
-    compress = pick(body.compress, settings.compress)
-    if compress == "none" and body.keep is not None:
-        raise ValueError(f"keep={body.keep} needs a compression policy: also send compress, e.g. 'snapkv'")
-    if compress != "none":
-        options |= {"compress": compress, "keep": pick(body.keep, settings.keep)}
-    return options
 
 
 def _max_tokens(body: CommonRequest, settings: ServerSettings) -> int:

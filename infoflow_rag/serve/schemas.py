@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-from ..engine.compression import validate_keep, validate_policy
-from ..engine.selection import validate_selector
+from ..engine.options import QueryOptions
 
 MAX_STOP_STRINGS = 4
 
@@ -50,8 +49,21 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CommonRequest(BaseModel):
-    """Fields shared by both endpoints: generation settings, and the InfoFlow extension fields."""
+# Every query option as an optional extension field (None: the server's default), typed as in QueryOptions.
+# The values are validated once, by QueryOptions, when the request's options are laid over the server's.
+QueryOptionFields = create_model(
+    "QueryOptionFields",
+    __config__=ConfigDict(extra="ignore"),
+    **{
+        name: (field.annotation | None, Field(None, description=field.description))
+        for name, field in QueryOptions.model_fields.items()
+    },
+)
+
+
+class CommonRequest(QueryOptionFields):
+    """Fields shared by both endpoints: generation settings, and the InfoFlow extension fields (the passages,
+    retrieval, and the query options of :class:`QueryOptions`)."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -68,11 +80,6 @@ class CommonRequest(BaseModel):
     # Extension fields (the openai client sends them with extra_body={...}).
     passages: list[str] = Field(default_factory=list, description="passage texts placed before the question")
     retrieve: int | None = Field(None, description="retrieve this many passages from the server's index")
-    selector: str | None = None
-    ratio: float | None = Field(None, gt=0, le=1)
-    reorder: bool | None = None
-    compress: str | None = None
-    keep: int | float | None = None
     # Refused unless neutral: see UNSUPPORTED.
     logprobs: Any = None
     top_logprobs: Any = None
@@ -115,21 +122,6 @@ class CommonRequest(BaseModel):
             raise ValueError(f"passages {empty} are empty; send passages with text, or drop them")
         return value
 
-    @field_validator("selector")
-    @classmethod
-    def _known_selector(cls, value: str | None) -> str | None:
-        return value if value is None else validate_selector(value)
-
-    @field_validator("compress")
-    @classmethod
-    def _known_policy(cls, value: str | None) -> str | None:
-        return value if value is None else validate_policy(value)
-
-    @field_validator("keep")
-    @classmethod
-    def _valid_keep(cls, value: int | float | None) -> int | float | None:
-        return value if value is None else validate_keep(value)
-
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> CommonRequest:
         for name, why in UNSUPPORTED.items():
@@ -137,6 +129,10 @@ class CommonRequest(BaseModel):
             if not _neutral(name, value):
                 raise ValueError(f"{name}={value!r} is not supported: {why}; omit {name}")
         return self
+
+    def option_overrides(self) -> dict[str, Any]:
+        """The query options this request sets (the server's defaults stand for the others)."""
+        return {name: value for name in QueryOptions.model_fields if (value := getattr(self, name)) is not None}
 
     @property
     def stops(self) -> tuple[str, ...]:

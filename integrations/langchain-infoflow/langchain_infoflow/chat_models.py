@@ -10,30 +10,22 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from infoflow_rag.engine import Engine
-from infoflow_rag.engine.compression import POLICIES, validate_policy
-from infoflow_rag.engine.selection import DEFAULT_RATIO, SELECTORS, validate_selector
-from infoflow_rag.models import DEFAULT_MODEL
+from infoflow_rag import DEFAULT_MODEL, OptionFields
 from infoflow_rag.pipeline import Pipeline, PipelineAnswer
-from infoflow_rag.store import open_store
 
 
-class ChatInfoFlow(BaseChatModel):
+class ChatInfoFlow(BaseChatModel, OptionFields):
     """Answers with passage KV reuse: registered or indexed passages quoted in the prompt reuse their KV.
 
     Pass a ready ``pipeline`` (e.g. ``Pipeline.open(index_dir)``), or a ``model`` name to build one with an
-    in-memory KV store on first use. Reuse statistics land in ``response_metadata``.
+    in-memory KV store on first use. Reuse statistics land in ``response_metadata``. The query options
+    (selector, ratio, reorder, compress, keep, ...) are the fields of ``infoflow_rag.QueryOptions``.
     """
 
     model: str = Field(default=DEFAULT_MODEL, description="Registered model name or path of the engine.")
     pipeline: Pipeline | None = Field(default=None, exclude=True, description="The pipeline to answer with.")
-    selector: str = Field(default="infoflow", description="Tokens to recompute: " + ", ".join(SELECTORS))
-    ratio: float = Field(default=DEFAULT_RATIO, gt=0, le=1, description="Share of context tokens recomputed.")
-    reorder: bool = Field(default=False, description="Order cached passages by density (densest last).")
-    compress: str = Field(default="none", description="KV compression before decoding: " + ", ".join(POLICIES))
-    keep: float = Field(default=1.0, gt=0, le=1, description="Share of passage tokens kept by compression.")
     max_tokens: int = Field(default=64, ge=1, description="Tokens to generate at most.")
     temperature: float = Field(default=0.0, ge=0, description="Sampling temperature; 0 is greedy.")
     stop: list[str] | None = Field(default=None, description="Generation ends before any of these strings.")
@@ -43,22 +35,12 @@ class ChatInfoFlow(BaseChatModel):
     def _model_from_pipeline(cls, values: Any) -> Any:
         pipeline = values.get("pipeline") if isinstance(values, dict) else None
         if pipeline is not None:
-            name = pipeline.engine.loaded.name
+            name = pipeline.model_name
             if values.setdefault("model", name) != name:
                 raise ValueError(
                     f"model={values['model']!r} but the given pipeline serves {name!r}; pass one of the two"
                 )
         return values
-
-    @field_validator("selector")
-    @classmethod
-    def _known_selector(cls, value: str) -> str:
-        return validate_selector(value)
-
-    @field_validator("compress")
-    @classmethod
-    def _known_policy(cls, value: str) -> str:
-        return validate_policy(value)
 
     @property
     def _llm_type(self) -> str:
@@ -68,11 +50,7 @@ class ChatInfoFlow(BaseChatModel):
     def _identifying_params(self) -> dict[str, Any]:
         return {
             "model": self.model,
-            "selector": self.selector,
-            "ratio": self.ratio,
-            "reorder": self.reorder,
-            "compress": self.compress,
-            "keep": self.keep,
+            **self.query_options().to_dict(),
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
         }
@@ -80,23 +58,21 @@ class ChatInfoFlow(BaseChatModel):
     def get_pipeline(self) -> Pipeline:
         """The pipeline answering prompts (built from ``model`` with an in-memory store on first use)."""
         if self.pipeline is None:
-            self.pipeline = Pipeline(Engine(self.model), open_store("memory"))
+            self.pipeline = Pipeline.from_model(self.model)
         return self.pipeline
 
     def engine_options(self, stop: list[str] | None = None, **overrides: Any) -> dict[str, Any]:
-        """Engine options for one call: the fields, then per-call overrides (``max_tokens`` included)."""
+        """Pipeline arguments for one call: ``options`` (the fields' QueryOptions), generation settings, and
+        per-call overrides of either (``max_tokens`` included)."""
         model = overrides.pop("model", self.model)
         if model != self.model:
             raise ValueError(
                 f"this ChatInfoFlow serves {self.model!r}, not {model!r}; create one ChatInfoFlow per model"
             )
         stop = stop if stop is not None else self.stop
+        options, overrides = self.query_options().split(overrides)
         return {
-            "selector": self.selector,
-            "ratio": self.ratio,
-            "reorder": self.reorder,
-            "compress": self.compress,
-            "keep": self.keep,
+            "options": options,
             "max_new_tokens": overrides.pop("max_tokens", self.max_tokens),
             "temperature": self.temperature,
             "stop": tuple(stop or ()),

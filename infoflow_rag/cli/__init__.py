@@ -1,0 +1,32 @@
+"""``infoflow-rag``: a thin command line over the library.
+
+``parser`` declares the commands; ``serving`` (ingest, ask, serve, ...) and ``evaluation`` (bench, eval) run
+them; ``options`` turns the query-option flags, built from :class:`~infoflow_rag.QueryOptions`, into options.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from ..errors import InfoFlowError
+from .parser import build_parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.func(args)
+    except (InfoFlowError, ValueError, ModuleNotFoundError, FileNotFoundError) as err:
+        print(f"infoflow-rag: error: {one_line(err)}", file=sys.stderr)
+        return 2
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (a refusal says what was wrong and the fix; no traceback)."""
+    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Commands that measure: the benchmarks and the evaluation runs and reports."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .options import load_engine
+
+
+def cmd_bench_store(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from ..bench import bench_store
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as directory:
+        rows = bench_store(load_engine(args.model), directory, n_passages=args.passages)
+    if args.json:
+        print(json.dumps({"model": args.model, "rows": [r.to_dict() for r in rows]}, indent=2))
+        return 0
+    print("| storage dtype | bytes/token | warm load GB/s | ms/passage | max first-token logit diff | same answer |")
+    print("|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        print(
+            f"| {r.dtype} | {r.bytes_per_token:.0f} | {r.load_gb_s:.2f} | {r.load_ms_per_passage:.2f} | "
+            f"{r.max_logit_diff:.2e} | {'yes' if r.same_answer else 'no'} |"
+        )
+    return 0
+
+
+def cmd_bench_prefill(args: argparse.Namespace) -> int:
+    from ..bench import bench_prefill
+
+    if args.tokens < 64:
+        raise ValueError(f"--tokens must be >= 64, got {args.tokens}")
+    row = bench_prefill(load_engine(args.model), n_tokens=args.tokens, repeats=args.repeats)
+    if args.json:
+        print(json.dumps({"model": args.model, **row.to_dict()}, indent=2))
+        return 0
+    print(
+        f"{row.passages} passages, {row.tokens} tokens: prefill {row.plain_s:.2f} s without signals, "
+        f"{row.signals_s:.2f} s recording entropy + layer evolution (+{100 * row.overhead:.0f} %), "
+        f"median of {row.runs}"
+    )
+    return 0
+
+
+def cmd_bench_ttft(args: argparse.Namespace) -> int:
+    from ..bench import bench_ttft, format_table
+
+    contexts = _token_counts(args.context, "--context", minimum=64)
+    methods = tuple(args.methods.split(","))
+    rows = bench_ttft(load_engine(args.model), contexts, ratio=args.ratio, methods=methods, repeats=args.repeats)
+    if args.json:
+        print(json.dumps({"model": args.model, "ratio": args.ratio, "rows": [r.to_dict() for r in rows]}, indent=2))
+    else:
+        print(format_table(rows))
+    return 0
+
+
+def _token_counts(text: str, flag: str, minimum: int = 1) -> list[int]:
+    counts = [int(c) for c in text.split(",") if c.strip().isdigit()]
+    if len(counts) != len(text.split(",")) or min(counts, default=0) < minimum:
+        raise ValueError(f"{flag} takes comma-separated token counts >= {minimum}, e.g. 1024,2048,4096; got {text!r}")
+    return counts
+
+
+def _depths(text: str) -> list[float]:
+    try:
+        depths = [float(d) for d in text.split(",")]
+    except ValueError:
+        depths = []
+    if not depths or not all(0 <= d <= 1 for d in depths):
+        raise ValueError(f"--depths takes comma-separated fractions in [0, 1], e.g. 0,0.25,0.5,0.75,1; got {text!r}")
+    return depths
+
+
+def cmd_eval_run(args: argparse.Namespace) -> int:
+    from ..eval.datasets import load_hotpotqa, load_niah, load_squad, tokenizer_codec
+    from ..eval.methods import parse_method
+    from ..eval.report import write_report
+    from ..eval.runner import run_eval
+
+    methods = [parse_method(m) for m in args.methods.split(",")]
+    if args.dataset == "niah":  # parsed before the model loads, so a typo fails at once
+        lengths, depths = _token_counts(args.lengths, "--lengths"), _depths(args.depths)
+    engine = load_engine(args.model)
+    if args.dataset == "hotpotqa":
+        examples = load_hotpotqa("passage", start=args.start, limit=args.limit)
+    elif args.dataset == "hotpotqa-fixed":  # windows cut with the model's own tokenizer
+        examples = load_hotpotqa(
+            "fixed",
+            start=args.start,
+            limit=args.limit,
+            chunk_tokens=args.chunk_tokens,
+            **tokenizer_codec(engine.tokenizer),
+        )
+    elif args.dataset == "niah":
+        examples = load_niah(lengths, depths, passage_tokens=args.chunk_tokens, **tokenizer_codec(engine.tokenizer))
+    else:
+        examples = load_squad(start=args.start, limit=args.limit)
+    if args.min_context_tokens:
+        examples = _longer_than(engine, examples, args.min_context_tokens)
+    run_eval(engine, examples, methods, args.out, max_new_tokens=args.max_new_tokens)
+    print(f"report: {write_report(args.out, Path(args.out).parent)}")
+    return 0
+
+
+def _longer_than(engine, examples: list, min_tokens: int) -> list:
+    """The examples whose passages hold more than ``min_tokens`` tokens: a subset fixed before any answer is seen."""
+    kept = [ex for ex in examples if sum(len(engine.passage_ids(p)) for p in ex.passages) > min_tokens]
+    if not kept:
+        raise ValueError(
+            f"none of the {len(examples)} questions has more than {min_tokens} context tokens; "
+            "lower --min-context-tokens or raise --limit"
+        )
+    print(f"{len(kept)} of {len(examples)} questions have more than {min_tokens} context tokens")
+    return kept
+
+
+def cmd_eval_suite(args: argparse.Namespace) -> int:
+    from ..eval.suite import run_suite, suite_parts
+
+    every = suite_parts(args.main_n, args.sweep_n, args.ablation_n, args.ratio, args.compress_n, args.large_n)
+    by_name = {p.name: p for p in every}
+    if unknown := [n for n in args.parts.split(",") if n not in by_name]:
+        raise ValueError(f"unknown suite parts {unknown}; choose from {', '.join(by_name)}")
+    parts = [by_name[n] for n in args.parts.split(",")]  # run in the order given
+    # The report keeps the sections of parts already on file, so running one part alone drops none.
+    path = run_suite(load_engine(args.model), args.out, parts, start=args.start, ratio=args.ratio, report_parts=every)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_eval_report(args: argparse.Namespace) -> int:
+    from ..eval.suite import suite_parts, write_suite_report
+
+    parts = suite_parts(args.main_n, args.sweep_n, args.ablation_n, args.ratio, args.compress_n, args.large_n)
+    print(f"wrote {write_suite_report(args.out, parts, args.ratio)}")
+    return 0

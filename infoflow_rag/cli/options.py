@@ -1,0 +1,49 @@
+"""Helpers every command shares: loading the engine, and the query options from their flags."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any, get_args
+
+from ..engine import Engine, QueryOptions
+from ..engine.options import DEFAULT_OPTIONS
+
+
+def load_engine(name: str) -> Engine:
+    """The engine of ``--model``, loaded and checked by the correctness gate."""
+    return Engine.load(name)
+
+
+def add_option_flags(parser: argparse.ArgumentParser, what: str = "") -> None:
+    """One flag per field of :class:`QueryOptions` (``--selector``, ``--ratio``, ``--keep``, ...), all unset by
+    default: :func:`query_options` lays the given ones over the defaults and the options type validates them."""
+    for name, field in QueryOptions.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{what}{field.description} (default: {_shown(field.get_default(call_default_factory=True))})"
+        if field.annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif dict in (field.annotation, getattr(field.annotation, "__origin__", None)):
+            parser.add_argument(flag, type=json.loads, default=None, metavar="JSON", help=help_text)
+        else:  # numbers and names reach QueryOptions as written: it parses and checks them
+            parser.add_argument(flag, default=None, metavar=_metavar(field.annotation), help=help_text)
+
+
+def query_options(args: argparse.Namespace) -> QueryOptions:
+    """The options given as flags over the defaults. With ``--compress``, ``--keep`` must be given too."""
+    given = {name: value for name in QueryOptions.model_fields if (value := getattr(args, name, None)) is not None}
+    options = DEFAULT_OPTIONS.replace(**given)
+    if options.compress != "none" and "keep" not in given:
+        raise ValueError(
+            f"--compress {options.compress} needs --keep: a share such as 0.5 or a token count such as 256"
+        )
+    return options
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, dict) else str(value)
+
+
+def _metavar(annotation: Any) -> str:
+    kinds = get_args(annotation) or (annotation,)
+    return "NUMBER" if all(k in (int, float) for k in kinds) else "NAME" if str in kinds else "VALUE"

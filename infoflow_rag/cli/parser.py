@@ -1,0 +1,189 @@
+"""The argument parser: every subcommand, its flags, and the function that runs it."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..engine.selection import DEFAULT_RATIO
+from ..models import DEFAULT_MODEL, REGISTRY
+from ..store import STORAGE_DTYPES
+from .evaluation import (
+    cmd_bench_prefill,
+    cmd_bench_store,
+    cmd_bench_ttft,
+    cmd_eval_report,
+    cmd_eval_run,
+    cmd_eval_suite,
+)
+from .options import add_option_flags
+from .serving import cmd_ask, cmd_check, cmd_demo, cmd_index_repair, cmd_ingest, cmd_serve, positive_int
+
+DESCRIPTION = "infoflow-rag: passage KV reuse with InfoFlow selective recompute for fast RAG."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="infoflow-rag", description=DESCRIPTION)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    models = ", ".join(sorted(REGISTRY))
+
+    p = sub.add_parser("check", help="correctness gate: key re-rotation and 100 %% recompute vs full prefill")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered name ({models}), HF dir or .gguf file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_check)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("ttft", help="time-to-first-token of every method vs full prefill, side by side")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--context", default="1024,2048,4096", help="comma-separated context sizes in tokens")
+    p.add_argument("--ratio", type=float, default=DEFAULT_RATIO)
+    p.add_argument("--methods", default="full,infoflow,infoflow+reorder,cacheblend,epic,random,none")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per method (median reported)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_ttft)
+    p = bench.add_parser("prefill", help="passage prefill time with and without InfoKV's per-token signals")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--tokens", type=int, default=4096, help="passage tokens prefilled per run")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs each (median reported)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_prefill)
+    p = bench.add_parser("store", help="disk KV store per storage dtype: bytes/token, warm load speed, answer effect")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--passages", type=int, default=40)
+    p.add_argument("--dir", default=None, help="where to write the temporary stores (default: system temp)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_store)
+
+    p = sub.add_parser("ingest", help="index a folder of .txt/.md files or a .jsonl file, prefill and store KV")
+    p.add_argument("source")
+    p.add_argument("--index", required=True, help="index directory (created if missing)")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument(
+        "--store",
+        default=None,
+        help="KV store: disk:DIR, memory[:SIZE] or redis://... (default: disk store inside the index directory)",
+    )
+    p.add_argument("--split", choices=["paragraph", "tokens"], default="paragraph")
+    p.add_argument("--window", type=int, default=256, help="tokens per passage for --split tokens")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="passages committed together")
+    p.add_argument("--strict-utf8", action="store_true", help="stop at a file that is not UTF-8 (default: skip it)")
+    p.add_argument("--follow-symlinks", action="store_true", help="read files linked from outside the source folder")
+    p.add_argument(
+        "--kv-dtype",
+        choices=list(STORAGE_DTYPES),
+        default="float32",
+        help="how new KV is stored (size and answer effect per dtype: README, `infoflow-rag bench store`)",
+    )
+    p.add_argument(
+        "--index-kind",
+        choices=["flat", "hnsw", "ivf"],
+        default="flat",
+        help="FAISS index for a new index directory: exact inner product, or approximate for large corpora",
+    )
+    p.add_argument(
+        "--index-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="hnsw: M, ef_construction, ef_search; ivf: nlist, nprobe (repeatable)",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("ask", help="retrieve, reuse KV, selectively recompute, answer")
+    p.add_argument("question")
+    p.add_argument("--index", required=True)
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--store", default=None)
+    p.add_argument("--top-k", type=positive_int, default=5, help="passages retrieved (at most the index size)")
+    add_option_flags(p)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat and text completions) with passage KV reuse")
+    p.add_argument("--index", required=True, help="index directory built by `infoflow-rag ingest` (read only)")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--store", default=None, help="KV store as for ingest, e.g. redis://host:6379/0 to share it")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (loopback by default)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the model name)")
+    add_option_flags(p, what="Default (requests may send their own). ")
+    p.add_argument("--max-tokens", type=int, default=256, help="answer length when a request sets none")
+    p.add_argument("--max-queue", type=int, default=32, help="requests waiting for the model; more get 429")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take, queueing included")
+    p.set_defaults(func=cmd_serve)
+
+    maintain = sub.add_parser("index", help="maintain an index directory").add_subparsers(
+        dest="index_command", required=True
+    )
+    p = maintain.add_parser(
+        "repair", help="rebuild vectors.faiss and index.json from passages.sqlite (lost, corrupt or foreign files)"
+    )
+    p.add_argument("index", help="index directory")
+    p.add_argument(
+        "--index-kind", choices=["flat", "hnsw", "ivf"], default=None, help="default: as in index.json, else flat"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_index_repair)
+
+    p = sub.add_parser("demo", help="end-to-end demo on HotpotQA paragraphs with the embedded model")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--items", type=int, default=20, help="HotpotQA questions whose paragraphs form the corpus")
+    p.add_argument("--questions", type=int, default=3)
+    p.add_argument("--no-color", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser("eval", help="quality (F1/EM) and TTFT of every method").add_subparsers(
+        dest="eval", required=True
+    )
+    p = ev.add_parser("run", help="one dataset slice x a list of methods, resumable, with a report")
+    p.add_argument("--model", default="qwen2.5-0.5b")
+    p.add_argument("--dataset", choices=["hotpotqa", "hotpotqa-fixed", "squad", "niah"], default="hotpotqa")
+    p.add_argument(
+        "--chunk-tokens", type=int, default=128, help="passage size in tokens of the hotpotqa-fixed and niah sets"
+    )
+    p.add_argument("--start", type=int, default=0, help="first question (hotpotqa, squad)")
+    p.add_argument("--limit", type=int, default=20, help="number of questions (hotpotqa, squad)")
+    p.add_argument("--lengths", default="1000,2000,4000", help="niah: haystack sizes in tokens")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="niah: needle depths (0 = start, 1 = end)")
+    p.add_argument(
+        "--methods",
+        default="full,none,infoflow@0.15,cacheblend@0.15,epic@0.15",
+        help="comma-separated SELECTOR[+reorder][[GEOMETRY]][@RATIO][+POLICY:KEEP], e.g. infoflow@0.15+infokv:0.5",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument(
+        "--min-context-tokens",
+        type=int,
+        default=0,
+        help="keep only the questions (of --start/--limit) whose passages hold more tokens than this",
+    )
+    p.add_argument("--out", default="runs/eval/results.jsonl", help="results file (resumed if it exists)")
+    p.set_defaults(func=cmd_eval_run)
+    p = ev.add_parser(
+        "suite",
+        help="main table + ratio sweep + RoPE ablation + KV compression on held-out HotpotQA, NIAH -> RESULTS.md",
+    )
+    p.add_argument("--model", default="qwen2.5-0.5b")
+    p.add_argument("--out", default="docs", help="directory for the results files, plots and RESULTS.md")
+    p.add_argument("--parts", default="main,ablation,sweep,compress,niah")
+    p.add_argument("--start", type=int, default=1000, help="first question (0-999 is the development slice)")
+    _suite_sizes(p)
+    p.set_defaults(func=cmd_eval_suite)
+    p = ev.add_parser("report", help="rewrite RESULTS.md from the suite's results files (complete or not)")
+    p.add_argument("--out", default="docs")
+    _suite_sizes(p)
+    p.set_defaults(func=cmd_eval_report)
+    return parser
+
+
+def _suite_sizes(p: argparse.ArgumentParser) -> None:
+    """The flags that size the suite's parts (``eval suite`` runs them, ``eval report`` reads them)."""
+    p.add_argument("--main-n", type=int, default=100)
+    p.add_argument("--sweep-n", type=int, default=30)
+    p.add_argument("--ablation-n", type=int, default=30)
+    p.add_argument("--compress-n", type=int, default=30)
+    p.add_argument("--large-n", type=int, default=60, help="questions of the 'large' part (qwen2.5-1.5b only)")
+    p.add_argument("--ratio", type=float, default=DEFAULT_RATIO)

@@ -1,0 +1,150 @@
+"""Commands that build and serve an index: ingest, index repair, ask, serve, demo, check."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .options import load_engine, query_options
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from ..engine.check import run_check
+
+    report = run_check(load_engine(args.model), thorough=True)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(
+            f"{report.model}: key re-rotation error {report.key_rotation_error:.2e} (shift {report.rotation_delta}), "
+            f"100 % recompute logit diff {report.logit_diff:.2e} -> {'ok' if report.ok else 'FAILED'}"
+        )
+    return 0 if report.ok else 1
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from ..ingest import ingest
+    from ..pipeline import Pipeline
+
+    params = {}
+    for item in args.index_param:
+        key, _, value = item.partition("=")
+        if not value.isdigit():
+            raise ValueError(f"--index-param takes KEY=INTEGER (e.g. M=32, nlist=256), got {item!r}")
+        params[key] = int(value)
+    with Pipeline.open(
+        args.index,
+        model=args.model,
+        store=args.store,
+        create=True,
+        kv_dtype=args.kv_dtype,
+        kind=args.index_kind,
+        **params,
+    ) as pipeline:
+        summary = ingest(
+            pipeline,
+            args.source,
+            split=args.split,
+            window=args.window,
+            batch_size=args.batch_size,
+            progress=not args.json,
+            strict_utf8=args.strict_utf8,
+            follow_symlinks=args.follow_symlinks,
+        )
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2))
+    else:
+        print(
+            f"{summary.passages} passages from {summary.documents} documents: {summary.new_passages} new, "
+            f"{summary.kv_computed} prefilled ({summary.tokens} tokens, {summary.kv_bytes / 2**20:.1f} MiB KV) "
+            f"in {summary.seconds:.1f} s = {summary.passages_per_s:.1f} passages/s, "
+            f"{summary.tokens_per_s:.0f} tokens/s"
+        )
+    return 0
+
+
+def cmd_index_repair(args: argparse.Namespace) -> int:
+    from ..index.passage_index import PassageIndex
+
+    with PassageIndex.repair(args.index, kind=args.index_kind, show_progress=not args.json) as index:
+        n = len(index)
+    if args.json:
+        print(json.dumps({"index": args.index, "passages": n}))
+    else:
+        print(f"{args.index}: rebuilt the vectors of {n} passages from their records")
+    return 0
+
+
+def positive_int(text: str) -> int:
+    """A count that must be at least 1 (``--top-k``, ``--batch-size``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from ..pipeline import Pipeline
+
+    options = query_options(args)  # before the model loads
+    with Pipeline.open(args.index, model=args.model, store=args.store) as pipeline:
+        if args.json:
+            answer = pipeline.ask(args.question, args.top_k, options, max_new_tokens=args.max_new_tokens)
+            print(json.dumps(answer.to_dict(), indent=2))
+            return 0
+        stream = pipeline.stream(args.question, args.top_k, options, max_new_tokens=args.max_new_tokens)
+        for delta in stream:
+            print(delta, end="", flush=True)
+        answer = stream.answer
+        t = answer.result.timings
+        print(
+            f"\n\nTTFT {t.ttft:.3f} s (retrieve {t.retrieve * 1000:.0f} ms, KV load {t.load_kv * 1000:.0f} ms, "
+            f"place {t.place * 1000:.0f} ms, score {t.score * 1000:.0f} ms, recompute {t.recompute:.3f} s); "
+            f"recomputed {100 * answer.result.recompute_fraction:.1f} % of {answer.result.context_tokens} tokens"
+        )
+        if options.compress != "none":
+            r = answer.result
+            print(
+                f"KV compression {options.compress} (keep {options.keep}, {t.compress * 1000:.0f} ms): decoded from "
+                f"{r.kv_tokens} cache entries, peak {r.kv_bytes / 2**20:.2f} MiB"
+            )
+        for i, hit in enumerate(answer.sources):
+            print(f"[{i}] {hit.score:.3f} {hit.source or ''} {hit.text[:90]}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ..pipeline import Pipeline
+    from ..serve import ServerSettings, serve
+
+    options = query_options(args)  # before the model loads
+    with Pipeline.open(args.index, model=args.model, store=args.store) as pipeline:
+        settings = ServerSettings(
+            model_name=args.served_model_name or pipeline.model_name,
+            options=options,
+            max_tokens=args.max_tokens,
+            max_queue=args.max_queue,
+            timeout=args.timeout,
+        )
+        print(f"serving {settings.model_name} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
+        serve(pipeline, settings, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..demo import run_demo
+
+    if args.items < 1 or not 1 <= args.questions <= args.items:
+        raise ValueError(f"need --items >= 1 and 1 <= --questions <= --items, got {args.items} and {args.questions}")
+    run_demo(
+        args.out,
+        model=args.model,
+        n_items=args.items,
+        n_questions=args.questions,
+        color=sys.stdout.isatty() and not args.no_color,
+    )
+    return 0
