@@ -121,3 +121,17 @@ def test_overflow_names_what_overflows(engine):
     third = " ".join([PASSAGES[0]] * (window // 3 // len(engine.passage_ids(PASSAGES[0]))))
     with pytest.raises(ValueError, match="the prompt alone is .* pass fewer or shorter passages"):
         engine.prepare(QUESTION, [third] * 4)
+
+
+def test_eval_grammar_spells_every_option():
+    """Options without a syntax of their own are written ``;name=value``, so a new option can be evaluated as is."""
+    text = 'sinkflow{20-23};selector_options={"sink":4}@0.2+snapkv:0.5'
+    method = parse_method(text)
+    assert method.options == QueryOptions(
+        selector="sinkflow", ratio=0.2, selector_options={"layers": [20, 21, 22, 23], "sink": 4}, compress="snapkv",
+        keep=0.5,
+    )  # fmt: skip
+    assert method.key == text and parse_method(method.key) == method
+    assert parse_method("infoflow@0.15").key == "infoflow@0.15"  # options at their defaults add nothing
+    with pytest.raises(ValueError, match="unknown option 'colour'"):
+        parse_method("infoflow;colour=1")

@@ -1,6 +1,7 @@
 """What is compared: a context-reuse method, its recompute ratio, an optional KV compression, and its name.
 
-Method strings read ``SELECTOR[{LAYERS}][+reorder][+block][[GEOMETRY]][@RATIO][+POLICY:KEEP]``, for example
+Method strings read ``SELECTOR[{LAYERS}][+reorder][+block][[GEOMETRY]][;OPTION=VALUE...][@RATIO][+POLICY:KEEP]``,
+for example
 ``full``, ``none``, ``infoflow@0.15``, ``infoflow+reorder@0.15``, ``infoflow[tail/tail]@0.1``,
 ``infoflow{20-23}@0.15``, ``infoflow+block@0.15``, ``cacheblend@0.15``, ``infoflow@0.15+infokv:0.5``,
 ``none+snapkv:256``.
@@ -12,21 +13,29 @@ the others default to ``@0.15``. The geometry (which attention rows score the co
 when it is ``global``. ``+POLICY:KEEP`` compresses the KV cache before decoding with a policy of
 ``infoflow_rag.engine.compression.POLICIES`` (``snapkv``, ``infokv``); KEEP is either the share of context tokens kept,
 written with a decimal point and in (0, 1] (``0.5``, ``1.0``), or a whole number of context tokens (``256``).
+``;OPTION=VALUE`` sets any other field of :class:`QueryOptions` (VALUE in JSON, e.g. ``sinkflow;selector_options=
+{"sink":4}@0.15``), so a new option can be evaluated without touching this grammar; keys spell the options
+that differ from their defaults this way.
 A method is a name plus :class:`QueryOptions`: the grammar only spells options, the options type validates them.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from infoflow_rag.engine.options import QueryOptions, validate_keep
 from infoflow_rag.engine.selection import DEFAULT_RATIO, SELECTORS
 
+# Options the grammar spells with its own syntax; any other field of QueryOptions is written ``;name=value``.
+_SPELLED = ("selector", "ratio", "reorder", "geometry", "score_rows", "compress", "keep")
 _LAYERS = re.compile(r"(?P<first>\d+)(?:-(?P<last>\d+))?")
 
 _METHOD = re.compile(
-    r"(?P<selector>[a-z]+)(?:\{(?P<layers>[^}]*)\})?(?P<reorder>\+reorder)?(?P<block>\+block)?(?:\[(?P<geometry>[^\]]+)\])?(?:@(?P<ratio>[^+]+))?"
+    r"(?P<selector>[a-z]+)(?:\{(?P<layers>[^}]*)\})?(?P<reorder>\+reorder)?(?P<block>\+block)?(?:\[(?P<geometry>[^\]]+)\])?"
+    r"(?P<extra>(?:;[a-z_]+=[^;@+]*)*)(?:@(?P<ratio>[^+]+))?"
     r"(?:\+(?P<policy>[a-z0-9_]+)(?::(?P<keep>[^+]*))?)?"
 )
 
@@ -82,6 +91,8 @@ def parse_method(text: str) -> MethodSpec:
     rows = "block" if match["block"] else "question"
     try:
         options = method_options(selector, ratio, reorder, geometry, compress, keep, layers, rows)
+        if match["extra"]:
+            options = _with_extras(options, match["extra"])
     except ValueError as err:
         raise ValueError(f"method {text!r}: {err}") from None
     return MethodSpec(method_name(options), options)
@@ -115,8 +126,35 @@ def method_name(options: QueryOptions) -> str:
     layers = options.selector_options.get("layers")
     name = options.selector + (f"{{{layers[0]}-{layers[-1]}}}" if layers else "")
     name += ("+reorder" if options.reorder else "") + ("+block" if options.score_rows == "block" else "")
-    name += "" if options.geometry == "global" else f"[{options.geometry}]"
+    name += ("" if options.geometry == "global" else f"[{options.geometry}]") + _extras(options)
     return name + ("" if options.compress == "none" else f"+{options.compress}")
+
+
+def _extras(options: QueryOptions) -> str:
+    """``;name=value`` for every option the grammar has no syntax for that differs from its default."""
+    parts = []
+    for name, field in QueryOptions.model_fields.items():
+        value = getattr(options, name)
+        if name == "selector_options":  # the scoring layers have their own syntax, {A-B}
+            value = {k: v for k, v in value.items() if k != "layers"}
+        if name not in _SPELLED and value != field.get_default(call_default_factory=True):
+            parts.append(f";{name}={json.dumps(value, separators=(',', ':'))}")
+    return "".join(parts)
+
+
+def _with_extras(options: QueryOptions, text: str) -> QueryOptions:
+    changes: dict[str, Any] = {}
+    for item in text.split(";")[1:]:
+        name, _, value = item.partition("=")
+        if name in _SPELLED:
+            raise ValueError(f";{name}= is spelled by the grammar itself (see infoflow_rag.eval.methods)")
+        try:
+            changes[name] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[name] = value  # a bare name, e.g. ;option=word
+    if "selector_options" in changes and isinstance(changes["selector_options"], dict):
+        changes["selector_options"] = {**options.selector_options, **changes["selector_options"]}
+    return options.replace(**changes)
 
 
 def _parse_layers(text: str, layers: str) -> tuple[int, ...]:
