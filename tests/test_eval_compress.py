@@ -13,10 +13,11 @@ from test_eval_report import HEADER, result, table_rows, write_results_file
 from infoflow_rag.cli import main
 from infoflow_rag.eval.datasets import EvalExample
 from infoflow_rag.eval.methods import parse_method
-from infoflow_rag.eval.report import compression_table, write_report
+from infoflow_rag.eval.report import write_report
 from infoflow_rag.eval.results import read_results
 from infoflow_rag.eval.runner import run_eval
 from infoflow_rag.eval.suite import run_suite, suite_parts, write_suite_report
+from infoflow_rag.eval.tables import compression_table
 
 MiB = 2**20
 

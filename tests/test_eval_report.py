@@ -5,19 +5,10 @@ import re
 import pytest
 
 from infoflow_rag.eval.methods import parse_method
-from infoflow_rag.eval.report import (
-    Section,
-    fidelity_paired_table,
-    fidelity_table,
-    paired_table,
-    plot_frontier,
-    plot_niah_heatmap,
-    plot_tradeoff,
-    summary_table,
-    write_report,
-    write_results_md,
-)
+from infoflow_rag.eval.plots import plot_frontier, plot_niah_heatmap, plot_tradeoff
+from infoflow_rag.eval.report import Section, write_report, write_results_md
 from infoflow_rag.eval.results import QuestionResult, ResultsLog, RunHeader, read_results
+from infoflow_rag.eval.tables import fidelity_paired_table, fidelity_table, paired_table, summary_table
 
 HEADER = RunHeader(
     model_info={"name": "fake-135M", "sha256": "ab" * 32, "prompt_head": "<|user|>\n"},
@@ -200,7 +191,7 @@ def _answering(dataset, qid, method, prediction):
 
 
 def test_agreement_table_scores_answers_against_the_reference_answer_by_hand():
-    from infoflow_rag.eval.report import agreement_table
+    from infoflow_rag.eval.tables import agreement_table
 
     answers = {
         "full": ["Paris", "the red fox", "1889"],
@@ -223,7 +214,7 @@ def test_agreement_table_scores_answers_against_the_reference_answer_by_hand():
 
 
 def test_agreement_plot_is_written(tmp_path):
-    from infoflow_rag.eval.report import plot_agreement
+    from infoflow_rag.eval.plots import plot_agreement
 
     rows = [_answering("d", "q0", m, a) for m, a in (("full", "a b"), ("infoflow@0.1", "a"), ("infoflow@0.5", "a b"))]
     path = plot_agreement(rows, tmp_path / "agreement.png")

@@ -1,5 +1,5 @@
 """The generated Markdown report of a results file: the run, then its sections (tables from :mod:`tables`,
-plots from :mod:`plots`, both re-exported here)."""
+plots from :mod:`plots`)."""
 
 from __future__ import annotations
 
@@ -7,19 +7,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from infoflow_rag.eval.plots import niah_results, plot_agreement, plot_frontier, plot_niah_heatmap, plot_tradeoff
+from infoflow_rag.eval import tables
+from infoflow_rag.eval.plots import niah_results, plot_niah_heatmap, plot_tradeoff
 from infoflow_rag.eval.results import ResultsRun, current_command, read_results
-from infoflow_rag.eval.tables import (
-    DEFAULT_BASELINE,
-    agreement_scores,
-    agreement_table,
-    compression_table,
-    fidelity_paired_table,
-    fidelity_table,
-    paired_table,
-    summary_table,
-    with_fidelity,
-)
+from infoflow_rag.eval.tables import DEFAULT_BASELINE
 
 
 @dataclass(frozen=True)
@@ -75,15 +66,15 @@ def write_report(results_path: str | Path, out_dir: str | Path, baseline: str = 
     """
     run = read_results(results_path)
     out = Path(out_dir)
-    sections = [Section("Accuracy and speed", summary_table(run.results))]
+    sections = [Section("Accuracy and speed", tables.summary_table(run.results))]
     if any(r.method == baseline for r in run.results):
-        sections.append(Section(f"Paired comparison with {baseline}", paired_table(run.results, baseline)))
+        sections.append(Section(f"Paired comparison with {baseline}", tables.paired_table(run.results, baseline)))
     if any(r.options.compress != "none" for r in run.results):
-        sections.append(Section("KV compression", compression_table(run.results)))
-    if with_fidelity(run.results):
-        body = fidelity_table(run.results)
-        if any(r.method == baseline for r in with_fidelity(run.results)):
-            body += f"\n\nPaired against `{baseline}`:\n\n" + fidelity_paired_table(run.results, baseline)
+        sections.append(Section("KV compression", tables.compression_table(run.results)))
+    if tables.with_fidelity(run.results):
+        body = tables.fidelity_table(run.results)
+        if any(r.method == baseline for r in tables.with_fidelity(run.results)):
+            body += f"\n\nPaired against `{baseline}`:\n\n" + tables.fidelity_paired_table(run.results, baseline)
         sections.append(Section("Fidelity to full prefill (teacher-forced)", body))
     tradeoff = plot_tradeoff(run.results, out / "tradeoff.png")
     sections.append(Section("F1 vs TTFT", f"![F1 vs TTFT]({tradeoff.name})"))
@@ -93,21 +84,4 @@ def write_report(results_path: str | Path, out_dir: str | Path, baseline: str = 
     return write_results_md(out / "results.md", run, *sections)
 
 
-__all__ = [
-    "DEFAULT_BASELINE",
-    "Section",
-    "agreement_scores",
-    "agreement_table",
-    "compression_table",
-    "fidelity_paired_table",
-    "fidelity_table",
-    "paired_table",
-    "plot_agreement",
-    "plot_frontier",
-    "plot_niah_heatmap",
-    "plot_tradeoff",
-    "summary_table",
-    "with_fidelity",
-    "write_report",
-    "write_results_md",
-]
+__all__ = ["DEFAULT_BASELINE", "Section", "write_report", "write_results_md"]
