@@ -166,8 +166,13 @@ class QueryOptions(OptionFields):
     @property
     def effective_ratio(self) -> float:
         """The share of context the selector recomputes by its budget: fixed by ``full`` (1) and ``none`` (0)."""
-        fixed = SELECTORS[self.selector].fixed_ratio
+        fixed = fixed_ratio(self.selector)
         return self.ratio if fixed is None else fixed
+
+
+def fixed_ratio(selector: str) -> float | None:
+    """The share ``selector`` recomputes whatever the ratio (1 for ``full``, 0 for ``none``), else None."""
+    return SELECTORS[selector].fixed_ratio if selector in SELECTORS else None
 
 
 def split_overrides(options: QueryOptions | None, overrides: dict[str, Any]) -> tuple[QueryOptions, dict[str, Any]]:
@@ -191,4 +196,12 @@ def describe(err: ValidationError) -> str:
 
 DEFAULT_OPTIONS = QueryOptions()
 
-__all__ = ["DEFAULT_OPTIONS", "InvalidOptionError", "OptionFields", "QueryOptions", "split_overrides"]
+__all__ = [
+    "DEFAULT_OPTIONS",
+    "DEFAULT_RATIO",
+    "fixed_ratio",
+    "InvalidOptionError",
+    "OptionFields",
+    "QueryOptions",
+    "split_overrides",
+]

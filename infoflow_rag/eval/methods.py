@@ -26,8 +26,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from infoflow_rag.engine.options import QueryOptions, validate_keep
-from infoflow_rag.engine.selection import DEFAULT_RATIO, SELECTORS
+from infoflow_rag.engine.options import DEFAULT_RATIO, QueryOptions, validate_keep
+from infoflow_rag.engine.options import fixed_ratio as _fixed
 
 # Options the grammar spells with its own syntax; any other field of QueryOptions is written ``;name=value``.
 _SPELLED = ("selector", "ratio", "reorder", "geometry", "score_rows", "compress", "keep")
@@ -70,7 +70,7 @@ class MethodSpec:
 
 def fixed_ratio(selector: str) -> bool:
     """Whether ``selector`` recomputes a fixed share whatever the ratio (``full``, ``none``): it takes no ``@``."""
-    return selector in SELECTORS and SELECTORS[selector].fixed_ratio is not None
+    return _fixed(selector) is not None
 
 
 def parse_method(text: str) -> MethodSpec:
