@@ -129,6 +129,21 @@ def test_niah_grid_and_edges():
     assert all(ex.answers == ["eat a sandwich and sit in Dolores Park on a sunny day"] for ex in examples)
 
 
+def test_niah_held_out_haystack_is_the_other_half_of_the_essays():
+    (dev,) = load_niah([2000], [0.5], passage_tokens=100)
+    (held,) = load_niah([2000], [0.5], passage_tokens=100, haystack="second")
+    assert held.id == "niah-second-2000-0.5" and held.meta["haystack"] == "second"
+    dev_words = set(" ".join(dev.passages).split()) - set(NIAH_NEEDLE.split())
+    assert not {p for p in held.passages if NIAH_NEEDLE not in p} & set(dev.passages)
+    assert len(dev_words) > 100  # the halves share vocabulary, not text
+    assert len(" ".join(held.passages).split()) == 2000 + len(NIAH_NEEDLE.split())
+
+
+def test_niah_rejects_an_unknown_haystack():
+    with pytest.raises(ValueError, match="haystack must be one of first, second"):
+        load_niah([500], [0.5], haystack="third")
+
+
 @pytest.mark.parametrize(
     ("lengths", "depths", "match"),
     [([500], [1.5], r"\[0, 1\]"), ([500, 500], [0.5], "must not repeat"), ([10**9], [0.5], "essays' length")],

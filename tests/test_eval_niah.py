@@ -49,6 +49,7 @@ def test_niah_suite_part_is_the_whole_grid_cut_with_the_model_tokens():
     examples = part.examples(Engine(), start=1000)  # a grid, not questions: start does not apply
     assert len(examples) == part.limit == len(NIAH_LENGTHS) * len(NIAH_DEPTHS)
     for ex in examples:
+        assert ex.meta["haystack"] == "second"  # the reported grid is never the development haystack
         needle = ex.passages[ex.meta["needle_passage"]]
         assert NIAH_NEEDLE in needle
         assert all(len(p) <= NIAH_PASSAGE_TOKENS for p in ex.passages if p is not needle)

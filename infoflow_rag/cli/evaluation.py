@@ -97,7 +97,13 @@ def cmd_eval_run(args: argparse.Namespace) -> int:
             **tokenizer_codec(engine.tokenizer),
         )
     elif args.dataset == "niah":
-        examples = load_niah(lengths, depths, passage_tokens=args.chunk_tokens, **tokenizer_codec(engine.tokenizer))
+        examples = load_niah(
+            lengths,
+            depths,
+            passage_tokens=args.chunk_tokens,
+            haystack=args.haystack,
+            **tokenizer_codec(engine.tokenizer),
+        )
     else:
         examples = load_squad(start=args.start, limit=args.limit)
     if args.min_context_tokens:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..engine.selection import DEFAULT_RATIO
+from ..eval.datasets import HAYSTACKS
 from ..models import DEFAULT_MODEL, REGISTRY
 from ..store import STORAGE_DTYPES
 from .evaluation import (
@@ -148,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=20, help="number of questions (hotpotqa, squad)")
     p.add_argument("--lengths", default="1000,2000,4000", help="niah: haystack sizes in tokens")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="niah: needle depths (0 = start, 1 = end)")
+    p.add_argument(
+        "--haystack",
+        choices=HAYSTACKS,
+        default="first",
+        help="niah: which half of the essays makes the haystack: first (development) or second (held out, the "
+        "suite's) (default: %(default)s)",
+    )
     p.add_argument(
         "--methods",
         default="full,none,infoflow@0.15,cacheblend@0.15,epic@0.15",

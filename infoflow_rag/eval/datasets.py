@@ -153,6 +153,9 @@ def load_squad(
     return examples
 
 
+HAYSTACKS = ("first", "second")  # halves of the essays file: development, held out
+
+
 def load_niah(
     context_tokens: Sequence[int],
     depths: Sequence[float],
@@ -161,12 +164,14 @@ def load_niah(
     question: str = NIAH_QUESTION,
     answer: str = NIAH_ANSWER,
     passage_tokens: int = 256,
+    haystack: str = "first",
     tokenize: Tokenize | None = None,
     detokenize: Detokenize | None = None,
 ) -> list[EvalExample]:
     """Needle-in-a-haystack over Paul Graham essays: one example per (context length, depth).
 
-    The haystack is the first ``N`` tokens of the essays (whitespace collapsed), cut into windows of
+    The haystack is the first ``N`` tokens of one half of the essays (whitespace collapsed; ``haystack``, one of
+    HAYSTACKS: the first half for development, the second, never tuned on, for reported runs), cut into windows of
     ``passage_tokens`` tokens: the essays carry no usable paragraph breaks. The needle goes, whole, into
     the window holding relative depth ``d`` (0 = start, 1 = end, measured in characters), at the sentence
     boundary nearest to it, so the context is ``N`` haystack tokens plus the needle.
@@ -179,22 +184,29 @@ def load_niah(
     if passage_tokens < 1:
         raise ValueError(f"passage_tokens must be a positive number of tokens, got {passage_tokens}")
     codec = _codec(tokenize, detokenize)
+    if haystack not in HAYSTACKS:
+        raise ValueError(f"haystack must be one of {', '.join(HAYSTACKS)} (half of the essays), got {haystack!r}")
     ids = list(codec.tokenize(" ".join(load_json("PaulGrahamEssays.json")["text"].split())))
+    half = len(ids) // 2
+    ids = ids[:half] if haystack == "first" else ids[half:]
     if bad := [n for n in context_tokens if not 1 <= n <= len(ids)]:
-        raise ValueError(f"context_tokens must be in 1..{len(ids)} (the essays' length), got {bad}")
+        raise ValueError(f"context_tokens must be in 1..{len(ids)} (half the essays' length), got {bad}")
     examples = []
     for n in context_tokens:
-        haystack = [codec.detokenize(window) for window in token_windows(ids[:n], passage_tokens)]
+        windows = [codec.detokenize(window) for window in token_windows(ids[:n], passage_tokens)]
         for depth in depths:
-            placed = _insert_at_depth(haystack, needle, depth)
+            placed = _insert_at_depth(windows, needle, depth)
             meta = {
+                "haystack": haystack,
                 "context_tokens": n,
                 "depth": depth,
                 "needle_depth": placed.depth,
                 "needle_passage": placed.passage,
             }
-            passages = [*haystack[: placed.passage], placed.text, *haystack[placed.passage + 1 :]]
-            examples.append(EvalExample(f"niah-{n}-{depth:g}", question, [answer], passages, meta, "niah"))
+            passages = [*windows[: placed.passage], placed.text, *windows[placed.passage + 1 :]]
+            # The first half keeps the ids of the runs made before there were two halves.
+            name = f"niah-{n}-{depth:g}" if haystack == "first" else f"niah-{haystack}-{n}-{depth:g}"
+            examples.append(EvalExample(name, question, [answer], passages, meta, "niah"))
     return examples
 
 

@@ -58,7 +58,8 @@ class Part:
     def examples(self, engine, start: int) -> list[EvalExample]:
         if self.dataset == "niah":  # the haystack is cut with the model's own tokens
             codec = tokenizer_codec(engine.tokenizer)
-            return load_niah(NIAH_LENGTHS, NIAH_DEPTHS, passage_tokens=NIAH_PASSAGE_TOKENS, **codec)
+            # The second half of the essays: the first is the development haystack.
+            return load_niah(NIAH_LENGTHS, NIAH_DEPTHS, passage_tokens=NIAH_PASSAGE_TOKENS, haystack="second", **codec)
         return load_hotpotqa("passage", start=start, limit=self.limit)
 
 
@@ -99,7 +100,8 @@ def suite_parts(
         ),
         Part(
             "niah",
-            f"Needle in a haystack (Paul Graham essays, {NIAH_PASSAGE_TOKENS}-token passages), ratio {ratio:g}",
+            f"Needle in a haystack (second half of the Paul Graham essays, {NIAH_PASSAGE_TOKENS}-token passages), "
+            f"ratio {ratio:g}",
             grid,
             niah,
             dataset="niah",
