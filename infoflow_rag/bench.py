@@ -1,6 +1,8 @@
 """TTFT of every method side by side in one run, against plain full prefill on the same model.
 
 Methods are interleaved within each repeat, so a busy neighbour slows them all alike; medians are reported.
+Next to each measured speedup: the ceiling its FLOPs allow (see :mod:`costmodel`) and the FLOP rate each path
+achieved, so "close to the limit" is a number.
 """
 
 from __future__ import annotations
@@ -10,9 +12,19 @@ import time
 from dataclasses import asdict, dataclass
 
 from .corpus import hotpotqa, paragraph_text
+from .costmodel import (
+    Cost,
+    ModelShape,
+    cacheblend_scoring_flops,
+    full_prefill_flops,
+    infoflow_scoring_flops,
+    mean_relative_position,
+    recompute_flops,
+)
 from .engine import Engine
 from .engine.prefill import full_prefill
-from .engine.selection import DEFAULT_RATIO
+from .engine.query import Prepared, selector_for
+from .engine.selection import DEFAULT_RATIO, CacheBlendSelector, InfoFlowSelector
 from .store import STORAGE_DTYPES
 
 BENCH_METHODS = ("full", "infoflow", "infoflow+reorder", "cacheblend", "epic", "random", "none")
@@ -27,9 +39,41 @@ class BenchRow:
     score_share: float  # median share of TTFT spent scoring (InfoFlow attention / CacheBlend check layer)
     recompute_fraction: float
     runs: int
+    ceiling: float  # the speedup this method's FLOPs allow (full prefill FLOPs / scoring + recompute FLOPs)
+    score_gflop_s: float  # achieved FLOP rate of the scoring pass (nan when there is none)
+    recompute_gflop_s: float  # achieved FLOP rate of the recompute (for full prefill: of the whole prefill)
+    mean_position: float  # of the recomputed context tokens in the prompt: 0 = its start, 1 = its end
+
+    @property
+    def of_ceiling(self) -> float:
+        return self.speedup / self.ceiling
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "of_ceiling": self.of_ceiling}
+
+
+def method_cost(engine: Engine, prep: Prepared) -> Cost:
+    """The FLOPs of one prepared query's scoring and recompute, next to full prefill of the same prompt."""
+    shape = ModelShape.of(engine.model.config)
+    placed, n_prompt = prep.placed, prep.out.next_position
+    n_context = placed.token_ids.numel()
+    # The recompute's inputs are the last entries of its cache: the chosen tokens and every fresh token.
+    inputs = prep.out.positions[-(prep.chosen.numel() + n_prompt - n_context) :]
+    selector = selector_for(engine, prep.options)
+    n_queries = placed.query_positions.numel()
+    scoring = 0.0
+    if isinstance(selector, InfoFlowSelector):  # and its variants: the question's attention
+        scoring += infoflow_scoring_flops(shape, n_queries, n_context, selector.layers)
+    if isinstance(selector, CacheBlendSelector):
+        scoring += cacheblend_scoring_flops(shape, placed.prefix_len, n_context, selector.check_layer)
+    if prep.options.reorder:  # the density round: one more question pass on the engine's scoring layers
+        scoring += infoflow_scoring_flops(shape, n_queries, n_context, engine.score_layers)
+    return Cost(
+        full_flops=full_prefill_flops(shape, n_prompt),
+        scoring_flops=scoring,
+        recompute_flops=recompute_flops(shape, inputs),
+        mean_relative_position=mean_relative_position(placed.positions[prep.chosen], n_prompt),
+    )
 
 
 def build_context(engine: Engine, n_tokens: int) -> tuple[str, list[str]]:
@@ -60,8 +104,12 @@ def bench_ttft(
         question, texts = build_context(engine, n_tokens)
         kvs = engine.prefill(texts)  # offline work: never part of TTFT
         ids = engine.prompt_ids(question, texts)
+        options = {m: _options(m, ratio) for m in methods}
+        costs = {m: method_cost(engine, engine.prepare(question, kvs, **options[m])) for m in methods}
         ttft: dict[str, list[float]] = {m: [] for m in ("prefill", *methods)}
         share: dict[str, list[float]] = {m: [] for m in methods}
+        score_s: dict[str, list[float]] = {m: [] for m in methods}
+        recompute_s: dict[str, list[float]] = {m: [] for m in methods}
         fraction: dict[str, float] = {}
         for repeat in range(repeats + 1):  # repeat 0 warms up allocators and is discarded
             t = time.perf_counter()
@@ -70,19 +118,34 @@ def bench_ttft(
             if repeat:
                 ttft["prefill"].append(elapsed)
             for method in methods:
-                selector, _, flag = method.partition("+")
-                r = engine.answer(
-                    question, kvs, selector=selector, ratio=ratio, reorder=flag == "reorder", max_new_tokens=1
-                )
+                r = engine.answer(question, kvs, max_new_tokens=1, **options[method])
                 if repeat:
                     ttft[method].append(r.timings.ttft)
                     share[method].append((r.timings.score + r.timings.reorder) / r.timings.ttft)
+                    score_s[method].append(r.timings.score + r.timings.reorder)
+                    recompute_s[method].append(r.timings.recompute)
                     fraction[method] = r.recompute_fraction
         reference = statistics.median(ttft["prefill"])
         context = sum(len(kv) for kv in kvs)
-        rows.append(BenchRow(context, "full prefill", reference, 1.0, 0.0, 1.0, repeats))
+        full_flops = full_prefill_flops(ModelShape.of(engine.model.config), len(ids))
+        nan = float("nan")
+        rows.append(
+            BenchRow(
+                context,
+                "full prefill",
+                reference,
+                1.0,
+                0.0,
+                1.0,
+                repeats,
+                1.0,
+                nan,
+                _rate(full_flops, [reference]),
+                nan,
+            )
+        )
         for method in methods:
-            median = statistics.median(ttft[method])
+            median, cost = statistics.median(ttft[method]), costs[method]
             rows.append(
                 BenchRow(
                     context,
@@ -92,22 +155,43 @@ def bench_ttft(
                     statistics.median(share[method]),
                     fraction[method],
                     repeats,
+                    cost.ceiling,
+                    _rate(cost.scoring_flops, score_s[method]) if cost.scoring_flops else nan,
+                    _rate(cost.recompute_flops, recompute_s[method]),
+                    cost.mean_relative_position,
                 )
             )
     return rows
 
 
+def _options(method: str, ratio: float) -> dict:
+    """A bench method name (a selector, ``+reorder`` for the reordered variant) as query options."""
+    selector, _, flag = method.partition("+")
+    return {"selector": selector, "ratio": ratio, "reorder": flag == "reorder"}
+
+
+def _rate(flops: float, seconds: list[float]) -> float:
+    """GFLOP/s at the median time."""
+    return flops / statistics.median(seconds) / 1e9
+
+
 def format_table(rows: list[BenchRow]) -> str:
     lines = [
-        "| context | method | TTFT (s) | speedup vs prefill | scoring share | recomputed |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| context | method | TTFT (s) | speedup vs prefill | ceiling | of ceiling | scoring share | recomputed | "
+        "mean position | GFLOP/s scoring | GFLOP/s recompute |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.context_tokens} | {r.method} | {r.ttft_s:.3f} | {r.speedup:.2f}x | "
-            f"{100 * r.score_share:.1f} % | {100 * r.recompute_fraction:.1f} % |"
+            f"| {r.context_tokens} | {r.method} | {r.ttft_s:.3f} | {r.speedup:.2f}x | {r.ceiling:.2f}x | "
+            f"{100 * r.of_ceiling:.0f} % | {100 * r.score_share:.1f} % | {100 * r.recompute_fraction:.1f} % | "
+            f"{_num(r.mean_position, '.2f')} | {_num(r.score_gflop_s, '.1f')} | {_num(r.recompute_gflop_s, '.1f')} |"
         )
     return "\n".join(lines)
+
+
+def _num(x: float, fmt: str) -> str:
+    return "–" if x != x else format(x, fmt)  # nan: the path does not exist for this method
 
 
 @dataclass

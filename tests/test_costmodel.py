@@ -1,0 +1,87 @@
+"""The bench's cost model against torch's own FLOP counter, and the ceiling it implies."""
+
+import pytest
+import torch
+from tiny import tiny_model
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import DynamicCache
+
+from infoflow_rag.costmodel import (
+    Cost,
+    ModelShape,
+    full_prefill_flops,
+    infoflow_scoring_flops,
+    mean_relative_position,
+    recompute_flops,
+)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("cached", [0, 37, 150])
+def test_one_token_after_a_cache_costs_what_torch_counts(family, cached):
+    # Eager attention is plain matmuls, which the counter sees (the CPU SDPA kernel it does not); a single
+    # query sees every key, so the counter's dense QK^T and PV are exactly the visible-key work.
+    model = tiny_model(family).model
+    model.set_attn_implementation("eager")
+    ids = torch.randint(0, 256, (1, cached + 1))
+    cache = DynamicCache()
+    with torch.inference_mode():
+        if cached:
+            model(input_ids=ids[:, :cached], cache=cache, use_cache=True, logits_to_keep=1)
+        with FlopCounterMode(display=False) as counter:
+            model(input_ids=ids[:, cached:], cache=cache, use_cache=True, logits_to_keep=1)
+    shape = ModelShape.of(model.config)
+    assert recompute_flops(shape, torch.tensor([cached])) == counter.get_total_flops()
+
+
+def test_recomputing_every_token_costs_a_full_prefill_and_late_tokens_cost_more():
+    shape = ModelShape.of(tiny_model().model.config)
+    n = 1000
+    assert recompute_flops(shape, torch.arange(n)) == full_prefill_flops(shape, n)
+    early, late = recompute_flops(shape, torch.arange(100)), recompute_flops(shape, torch.arange(n - 100, n))
+    assert late > early
+    cost = Cost(full_prefill_flops(shape, n), 0.0, late, mean_relative_position(torch.arange(n - 100, n), n))
+    assert 1 < cost.ceiling < n / 100  # 10 % of the tokens, but the attention-heavy ones
+    assert cost.mean_relative_position == pytest.approx((n - 50.5) / (n - 1))
+
+
+def test_scoring_cost_grows_with_the_scoring_layers():
+    shape = ModelShape.of(tiny_model().model.config)
+    one, two = infoflow_scoring_flops(shape, 20, 500, [1]), infoflow_scoring_flops(shape, 20, 500, [1, 2])
+    assert 0 < one < two < full_prefill_flops(shape, 520)
+
+
+def test_infoflow_scoring_costs_what_torch_counts(engine):
+    # The math SDPA backend is plain matmuls the counter sees; it computes the dense (q, K) scores, so the
+    # count exceeds the causal visible-key count by the question block's own upper triangle: in the SDPA of
+    # layers 0..L-1 and in the attention norm's QK^T on each scoring layer.
+    from infoflow_rag.engine.scoring import attention_scores
+
+    model, shape = engine.model, ModelShape.of(engine.model.config)
+    n_context, n_queries, layers = 300, 12, [1, 2]
+    kv = torch.randn(shape.layers, shape.kv_heads, n_context, shape.head_dim)
+    query_ids = torch.randint(0, 256, (n_queries,))
+    positions = n_context + torch.arange(n_queries)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        attention_scores(model, kv, kv, query_ids, positions, layers)
+    triangle = n_queries * (n_queries - 1) // 2  # question-to-later-question scores, masked but computed
+    dense_extra = triangle * (max(layers) * shape.key_layer_flops + len(layers) * shape.key_layer_flops // 2)
+    expected = infoflow_scoring_flops(shape, n_queries, n_context, layers) + dense_extra
+    assert counter.get_total_flops() == pytest.approx(expected, rel=1e-3)
+
+
+def test_bench_reports_each_methods_ceiling_and_flop_rates(engine):
+    from infoflow_rag.bench import bench_ttft, format_table
+
+    methods = ("full", "infoflow", "infoflow+reorder", "cacheblend", "epic", "none")
+    rows = {r.method: r for r in bench_ttft(engine, [1500], ratio=0.2, methods=methods, repeats=1)}
+    assert rows["full prefill"].ceiling == 1.0 and rows["full prefill"].recompute_gflop_s > 0
+    assert 1.0 <= rows["full"].ceiling < 1.1  # everything but the cached prefix runs
+    # Scoring costs FLOPs: the reordered variant pays a second question pass on top of the same recompute.
+    assert rows["infoflow+reorder"].ceiling < rows["infoflow"].ceiling < rows["none"].ceiling
+    assert rows["epic"].score_gflop_s != rows["epic"].score_gflop_s  # nan: EPIC has no scoring pass
+    assert rows["cacheblend"].score_gflop_s > 0 and rows["infoflow"].score_gflop_s > 0
+    assert all(0 <= rows[m].mean_position <= 1 for m in ("infoflow", "cacheblend", "epic"))
+    assert all(r.of_ceiling == r.speedup / r.ceiling for r in rows.values())
+    table = format_table(list(rows.values()))
+    assert "| ceiling | of ceiling |" in table and "| – |" in table
