@@ -30,6 +30,34 @@ def test_full_recompute_reproduces_full_prefill(family_engine):
     assert answer == e.full_prefill_answer(QUESTION, PASSAGES, max_new_tokens=12)[0]
 
 
+def test_full_prefill_reference_runs_the_causal_kernel(engine, monkeypatch):
+    # The reference for every speedup must be the fastest plain prefill: SDPA's own causal path (no float mask,
+    # grouped K/V heads read in place), and it must agree with the explicitly masked forward.
+    from infoflow_rag.engine.cache import position_mask
+    from infoflow_rag.engine.prefill import full_prefill
+
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("attn_mask"), kwargs.get("is_causal"), kwargs.get("enable_gqa")))
+        return sdpa(*args, **kwargs)
+
+    ids = engine.prompt_ids(QUESTION, PASSAGES)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    out = full_prefill(engine.model, ids)
+    monkeypatch.undo()
+    assert calls and all(mask is None and causal and gqa for mask, causal, gqa in calls)
+    pos = torch.arange(len(ids))
+    with torch.inference_mode():
+        masked = engine.model(
+            input_ids=torch.tensor(ids)[None],
+            position_ids=pos[None],
+            attention_mask=position_mask(pos, pos, torch.float32),
+        ).logits[0, -1]
+    assert (out.logits - masked).abs().max() <= 1e-4
+
+
 def _concatenation_reference(e: Engine, question: str, passages: list[str]) -> torch.Tensor:
     """Independent 0 % reference: plain per-passage forwards, keys moved with transformers' own RoPE code."""
     model, prefix = e.model, e.prefix.token_ids
