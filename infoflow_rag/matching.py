@@ -15,6 +15,13 @@ ANCHOR_CHARS = 32  # texts shorter than this are anchored by their whole text
 
 
 @dataclass(frozen=True)
+class KnownPassage:
+    """A passage inside a prompt, by its text: its KV comes from the store (prefilled and stored if missing)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
 class Match:
     start: int  # character offsets in the prompt
     end: int

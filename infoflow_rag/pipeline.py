@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .chat import Conversations, Turn
 from .closing import Closing
 from .engine import AnswerStream, Engine, QueryOptions
 from .engine.options import split_overrides
@@ -24,7 +25,7 @@ from .engine.result import AnswerResult
 from .errors import StoreUnavailableError
 from .index.passage_index import META_FILE, RECORDS_FILE, Hit, PassageIndex
 from .kv import PassageKV
-from .matching import PassageMatcher
+from .matching import KnownPassage, PassageMatcher
 from .models import DEFAULT_MODEL
 from .store import CacheKey, KVStore, open_store
 
@@ -49,13 +50,6 @@ class KVLookup:
         return len(self.fresh) - self.computed
 
 
-@dataclass(frozen=True)
-class KnownPassage:
-    """A passage inside a prompt, by its text: its KV comes from the store (prefilled and stored if missing)."""
-
-    text: str
-
-
 @dataclass
 class ReuseStats:
     passages_hit: int  # passages found in the prompt whose KV came from the store
@@ -69,8 +63,13 @@ class ReuseStats:
         """Share of the prompt whose KV the store already held: 0 when no passage was a hit."""
         return self.stored_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
+    @property
+    def prefilled_tokens(self) -> int:
+        """Of reused_tokens, those whose KV this call prefilled (and stored): a cache write, not a read."""
+        return self.reused_tokens - self.stored_tokens
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "reused_share": self.reused_share}
+        return {**asdict(self), "prefilled_tokens": self.prefilled_tokens, "reused_share": self.reused_share}
 
 
 @dataclass
@@ -134,6 +133,7 @@ class Pipeline(Closing):
         self._texts: dict[int, str] = {}
         self._register_lock = threading.Lock()
         self._store_failures: set[str] = set()  # actions whose failure was already reported
+        self.conversations = Conversations(self)  # shared by copies: they are its system-prompt variants
 
     @classmethod
     def open(
@@ -292,6 +292,14 @@ class Pipeline(Closing):
     def stream_prompt(self, prompt: str, options: QueryOptions | None = None, **overrides: Any) -> PipelineStream:
         """Serve a ready-made prompt: known passages inside it reuse their KV, the rest is computed fresh."""
         return self.stream_pieces(self.split_prompt(prompt), (), 0.0, options, **overrides)
+
+    def stream_chat(
+        self, turns: Sequence[Turn], passages: Sequence[str] = (), options: QueryOptions | None = None, **overrides: Any
+    ) -> PipelineStream:
+        """Answer a conversation (system, user and assistant turns, the user's last) through the model's chat
+        template; known passages in any user turn reuse their KV, ``passages`` go first in the last turn."""
+        pipeline, pieces = self.conversations.pieces(turns, passages)
+        return pipeline.stream_pieces(pieces, (), 0.0, options, **overrides)
 
     def split_prompt(self, prompt: str) -> list[str | KnownPassage]:
         """The prompt as fresh text and the known passages the matcher finds in it, in prompt order."""

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from ..chat import Conversations, Turn, passage_pieces
 from ..engine.options import DEFAULT_OPTIONS, InvalidOptionError, QueryOptions
 from ..errors import StoreUnavailableError
 from ..pipeline import Pipeline, PipelineStream
-from .conversation import Conversations, prompt_pieces
 from .errors import APIError, from_exception, install_handlers
 from .responses import Shape, sse
 from .schemas import ChatCompletionRequest, CommonRequest, CompletionRequest
@@ -124,7 +124,8 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
         def start() -> PipelineStream:
             query = body.messages[-1].text
             passages, sources, retrieve_s = _passages(pipeline, body, query)
-            answering, pieces = conversations.pieces(body.messages, passages)
+            turns = [Turn(role=m.role, content=m.text) for m in body.messages]
+            answering, pieces = conversations.pieces(turns, passages)
             generation = _generation(body, settings, answering.engine.max_positions)
             return answering.stream_pieces(pieces, sources, retrieve_s, options, **generation)
 
@@ -136,7 +137,7 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
 
         def start() -> PipelineStream:
             passages, sources, retrieve_s = _passages(pipeline, body, body.text)
-            pieces = prompt_pieces(pipeline, body.text, passages)
+            pieces = passage_pieces(passages) + pipeline.split_prompt(body.text)
             generation = _generation(body, settings, pipeline.engine.max_positions)
             return pipeline.stream_pieces(pieces, sources, retrieve_s, options, **generation)
 
