@@ -47,12 +47,13 @@ def _with_pngs(md: Path) -> str:
 
 
 def _unchanged(path: str) -> Path:
-    """The results file at ``path``, or a skip if it is gone or was rewritten since the snapshot."""
+    """The results file at ``path``; a failure if it is gone or was rewritten since the snapshot (these files are
+    records of finished runs: neither should ever happen, and a skip would hide it)."""
     file = ROOT / path
     if not file.exists():
-        pytest.skip(f"{path} is not in this checkout")
+        pytest.fail(f"{path} is missing: it is a committed record of a finished run; restore it from git")
     if hashlib.sha256(file.read_bytes()).hexdigest() != FILES[path]:
-        pytest.skip(f"{path} changed since the snapshot was recorded; re-record it (see the module docstring)")
+        pytest.fail(f"{path} changed since the snapshot was recorded; restore it, or re-record (module docstring)")
     return file
 
 
