@@ -1,3 +1,4 @@
+import asyncio
 import shutil
 import socket
 import subprocess
@@ -85,3 +86,61 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def redis_url(redis_server: str) -> str:
     redis.Redis.from_url(redis_server).flushdb()
     return redis_server
+
+
+def record_prompts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The whole prompt of every ``Pipeline.stream_pieces`` call from now on: head, pieces (passages as their
+    text) and tail of the pipeline answering, as the model reads it."""
+    from infoflow_rag.pipeline import Pipeline
+
+    prompts: list[str] = []
+    original = Pipeline.stream_pieces
+
+    def spy(self: Pipeline, pieces, *args, **kwargs):
+        body = "".join(p if isinstance(p, str) else p.text for p in pieces)
+        prompts.append(self.engine.format.head + body + self.engine.format.tail)
+        return original(self, pieces, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "stream_pieces", spy)
+    return prompts
+
+
+def chat_template(engine: Engine, turns: list[tuple[str, str]]) -> str:
+    """``(role, content)`` turns as the model's chat template renders them, up to the assistant header."""
+    messages = [{"role": role, "content": content} for role, content in turns]
+    return engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+TICK_S = 0.02
+
+
+async def ticks_while(call) -> tuple[int, float]:
+    """How often a 20 ms ticker ticked while ``call`` (a coroutine) ran, and how long it ran."""
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(TICK_S)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)  # the ticker starts first
+    start = time.perf_counter()
+    await call
+    elapsed = time.perf_counter() - start
+    task.cancel()
+    return ticks, elapsed
+
+
+async def overlap(*calls) -> bool:
+    """Whether coroutines gathered together ran at the same time: every one started before any ended."""
+    spans: list[tuple[float, float]] = []
+
+    async def timed(call) -> None:
+        start = time.perf_counter()
+        await call
+        spans.append((start, time.perf_counter()))
+
+    await asyncio.gather(*(timed(c) for c in calls))
+    return max(s for s, _ in spans) < min(e for _, e in spans)

@@ -6,15 +6,17 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from conftest import PASSAGES, QUESTION
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from conftest import PASSAGES, QUESTION, TICK_S, chat_template, overlap, record_prompts, ticks_while
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.prompts import ChatPromptTemplate
-from langchain_infoflow import ChatInfoFlow, InfoFlowRetriever, create_infoflow_rag_chain, messages_to_prompt
+from langchain_infoflow import ChatInfoFlow, InfoFlowRetriever, create_infoflow_rag_chain, messages_to_turns
 from langchain_tests.unit_tests import ChatModelUnitTests
 from pydantic import ValidationError
 from test_index import BagOfWordsEmbedder
 
 from infoflow_rag.engine import Engine, QueryOptions
+from infoflow_rag.engine.prompt import encode
 from infoflow_rag.index.passage_index import PassageIndex
 from infoflow_rag.pipeline import Pipeline
 from infoflow_rag.store import open_store
@@ -178,13 +180,82 @@ def test_per_call_options_override_the_fields(tiny_pipeline):
         llm.invoke("Hello", model="other")
 
 
-def test_messages_to_prompt_keeps_system_and_human_text_only():
-    prompt = messages_to_prompt([SystemMessage("Be brief."), HumanMessage([{"type": "text", "text": "Hi"}])])
-    assert prompt == "Be brief.\n\nHi"
-    with pytest.raises(ValueError, match="got a 'ai' message"):
-        messages_to_prompt([HumanMessage("Hi"), AIMessage("Hello")])
+def test_messages_to_turns_keeps_text_and_refuses_tools_and_images():
+    turns = messages_to_turns(
+        [SystemMessage("Be brief."), HumanMessage([{"type": "text", "text": "Hi"}]), AIMessage("Hello")]
+    )
+    assert turns == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+    ]
+    with pytest.raises(ValueError, match="got a 'tool' message; tool calling is not supported yet"):
+        messages_to_turns([HumanMessage("Hi"), ToolMessage("4", tool_call_id="1")])
     with pytest.raises(ValueError, match=r"text only, got content blocks of type \['image'\]"):
-        messages_to_prompt([HumanMessage([{"type": "image", "url": "https://example.com/a.png"}])])
+        messages_to_turns([HumanMessage([{"type": "image", "url": "https://example.com/a.png"}])])
+
+
+CONVERSATION = [("system", "Be brief."), ("user", "Name a colour."), ("assistant", "Blue."), ("user", "Another?")]
+MESSAGES = {"system": SystemMessage, "user": HumanMessage, "assistant": AIMessage}
+
+
+def test_a_conversation_is_the_model_chat_template_of_all_turns(tiny_pipeline, engine, monkeypatch):
+    prompts = record_prompts(monkeypatch)
+    message = chat(tiny_pipeline).invoke([MESSAGES[role](text) for role, text in CONVERSATION])
+    assert prompts == [chat_template(engine, CONVERSATION)]
+    assert message.usage_metadata["input_tokens"] == len(encode(engine.tokenizer, prompts[0]))
+    streamed = list(chat(tiny_pipeline).stream([MESSAGES[role](text) for role, text in CONVERSATION]))
+    assert prompts[1] == prompts[0] and "".join(c.content for c in streamed).strip() == message.content
+    with pytest.raises(ValueError, match="the last message must be the user's, got 'assistant'"):
+        chat(tiny_pipeline).invoke([HumanMessage("Hi"), AIMessage("Hello")])
+
+
+def test_passages_in_an_earlier_user_turn_reuse_their_kv_and_usage_says_read_or_written(pipeline, engine):
+    context = "Context:\n" + "\n\n".join(PASSAGES)
+    messages = [HumanMessage(context), AIMessage("Canberra."), HumanMessage("Sure?")]
+    first, again = chat(pipeline).invoke(messages), chat(pipeline).invoke(messages)
+    passage_tokens = sum(len(encode(engine.tokenizer, text)) for text in PASSAGES)
+    assert first.response_metadata["passages_computed"] == again.response_metadata["passages_hit"] == len(PASSAGES)
+    # The first call read nothing from the store and wrote every passage; the second read them all.
+    assert first.usage_metadata["input_token_details"] == {"cache_read": 0, "cache_creation": passage_tokens}
+    assert again.usage_metadata["input_token_details"] == {"cache_read": passage_tokens, "cache_creation": 0}
+
+
+class Events(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.starts = self.ends = 0
+
+    def on_chat_model_start(self, *args, **kwargs) -> None:
+        self.starts += 1
+
+    def on_llm_end(self, *args, **kwargs) -> None:
+        self.ends += 1
+
+
+def test_async_calls_run_off_the_event_loop_with_one_event_each(pipeline):
+    llm = ChatInfoFlow(pipeline=pipeline, max_tokens=48)
+    events = Events()
+    config = {"callbacks": [events]}
+    question = "Context:\n" + "\n\n".join(PASSAGES) + "\n\nTell me everything."
+
+    async def astream() -> list:
+        return [chunk async for chunk in llm.astream(question, config)]
+
+    ticks, elapsed = asyncio.run(ticks_while(llm.ainvoke(question, config)))
+    assert elapsed > 5 * TICK_S and ticks >= elapsed / TICK_S / 2  # a blocked loop ticks 0 times
+    ticks, elapsed = asyncio.run(ticks_while(astream()))
+    assert ticks >= elapsed / TICK_S / 2
+    assert asyncio.run(overlap(llm.ainvoke(question), llm.ainvoke(question)))
+    assert (events.starts, events.ends) == (2, 2)
+
+    chunks = asyncio.run(astream())
+    assert len(chunks) > 2 and chunks[-1].chunk_position == "last" and chunks[-1].usage_metadata["output_tokens"] > 1
+    assert "".join(c.content for c in chunks).strip() == llm.invoke(question).content
+
+
+def test_bind_tools_says_what_is_supported(tiny_pipeline):
+    with pytest.raises(NotImplementedError, match="not support tool calling or with_structured_output yet.*JSON"):
+        chat(tiny_pipeline).bind_tools([])
 
 
 def test_bad_fields_are_rejected(tiny_pipeline):

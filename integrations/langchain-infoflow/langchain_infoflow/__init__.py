@@ -1,7 +1,7 @@
 """LangChain integration of infoflow-rag: a chat model with passage KV reuse, a retriever and a RAG chain."""
 
 from langchain_infoflow.chains import InfoFlowAnswer, create_infoflow_rag_chain
-from langchain_infoflow.chat_models import ChatInfoFlow, messages_to_prompt
+from langchain_infoflow.chat_models import ChatInfoFlow, messages_to_turns
 from langchain_infoflow.retrievers import InfoFlowRetriever
 
 __all__ = [
@@ -9,5 +9,5 @@ __all__ = [
     "InfoFlowAnswer",
     "InfoFlowRetriever",
     "create_infoflow_rag_chain",
-    "messages_to_prompt",
+    "messages_to_turns",
 ]

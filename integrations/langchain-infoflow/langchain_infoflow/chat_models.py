@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
-from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable
 from pydantic import Field, model_validator
 
 from infoflow_rag import DEFAULT_MODEL, OptionFields
-from infoflow_rag.pipeline import Pipeline, PipelineAnswer
+from infoflow_rag.pipeline import Pipeline, PipelineAnswer, PipelineStream, Turn, iterate_in_thread, run_in_thread
 
 
 class ChatInfoFlow(BaseChatModel, OptionFields):
-    """Answers with passage KV reuse: registered or indexed passages quoted in the prompt reuse their KV.
+    """Answers with passage KV reuse: registered or indexed passages quoted in any user turn reuse their KV.
 
-    Pass a ready ``pipeline`` (e.g. ``Pipeline.open(index_dir)``), or a ``model`` name to build one with an
-    in-memory KV store on first use. Reuse statistics land in ``response_metadata``. The query options
+    Messages (system, human, AI) are written by the model's own chat template. Pass a ready ``pipeline``
+    (e.g. ``Pipeline.open(index_dir)``), or a ``model`` name to build one with an in-memory KV store on
+    first use. Reuse statistics land in ``response_metadata``, token counts in ``usage_metadata``
+    (``input_token_details``: ``cache_read`` from the store, ``cache_creation`` prefilled by this call).
+    Async calls run the engine on a worker thread. The query options
     (selector, ratio, reorder, compress, keep, ...) are the fields of ``infoflow_rag.QueryOptions``.
     """
 
@@ -86,10 +90,17 @@ class ChatInfoFlow(BaseChatModel, OptionFields):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        options = self.engine_options(stop, **kwargs)
-        answer = self.get_pipeline().answer_prompt(messages_to_prompt(messages), **options)
-        message = AIMessage(content=answer.answer, response_metadata=self._metadata(), usage_metadata=_usage(answer))
-        return ChatResult(generations=[ChatGeneration(message=message, generation_info=answer.stats())])
+        return self._result(self._start(messages, stop, kwargs).finish())
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        answer = await run_in_thread(lambda: self._start(messages, stop, kwargs).finish())
+        return self._result(answer)
 
     def _stream(
         self,
@@ -98,41 +109,80 @@ class ChatInfoFlow(BaseChatModel, OptionFields):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        options = self.engine_options(stop, **kwargs)
-        stream = self.get_pipeline().stream_prompt(messages_to_prompt(messages), **options)
-        for delta in stream:
-            chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
-            if run_manager is not None:
-                run_manager.on_llm_new_token(delta, chunk=chunk)
+        for step in _steps(self._start(messages, stop, kwargs)):
+            chunk = self._chunk(step)
+            if run_manager is not None and isinstance(step, str):
+                run_manager.on_llm_new_token(step, chunk=chunk)
             yield chunk
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        async for step in iterate_in_thread(lambda: _steps(self._start(messages, stop, kwargs))):
+            chunk = self._chunk(step)
+            if run_manager is not None and isinstance(step, str):
+                await run_manager.on_llm_new_token(step, chunk=chunk)
+            yield chunk
+
+    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> Runnable:
+        raise NotImplementedError(
+            "ChatInfoFlow does not support tool calling or with_structured_output yet: it answers in plain text. "
+            "Describe the tools or the schema in the prompt, ask for a JSON reply and parse it, e.g. "
+            "prompt | ChatInfoFlow(...) | JsonOutputParser() (or PydanticOutputParser(pydantic_object=Model))"
+        )
+
+    def _start(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> PipelineStream:
+        return self.get_pipeline().stream_chat(messages_to_turns(messages), **self.engine_options(stop, **kwargs))
+
+    def _result(self, answer: PipelineAnswer) -> ChatResult:
+        message = AIMessage(
+            content=answer.answer, response_metadata=self._metadata(answer), usage_metadata=_usage(answer)
+        )
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    def _chunk(self, step: str | PipelineAnswer) -> ChatGenerationChunk:
+        if isinstance(step, str):
+            return ChatGenerationChunk(message=AIMessageChunk(content=step))
         # The stats exist only once decoding ends: a last, empty chunk carries them.
         last = AIMessageChunk(
-            content="",
-            response_metadata=self._metadata(),
-            usage_metadata=_usage(stream.answer),
-            chunk_position="last",
+            content="", response_metadata=self._metadata(step), usage_metadata=_usage(step), chunk_position="last"
         )
-        yield ChatGenerationChunk(message=last, generation_info=stream.answer.stats())
+        return ChatGenerationChunk(message=last)
 
-    def _metadata(self) -> dict[str, Any]:
-        return {"model_name": self.model, "model_provider": "infoflow"}
+    def _metadata(self, answer: PipelineAnswer) -> dict[str, Any]:
+        return {**answer.stats(), "model_name": self.model, "model_provider": "infoflow"}
 
 
-def messages_to_prompt(messages: Sequence[BaseMessage]) -> str:
-    """System and human texts in order, one paragraph each; the engine adds the model's chat template."""
-    parts = []
+ROLES = {"system": "system", "human": "user", "ai": "assistant"}  # message type -> chat template role
+
+
+def messages_to_turns(messages: Sequence[BaseMessage]) -> list[Turn]:
+    """System, human and AI messages as chat turns, for the model's own chat template (text content only)."""
+    turns = []
     for message in messages:
-        if not isinstance(message, SystemMessage | HumanMessage):
+        role = message.role if isinstance(message, ChatMessage) else ROLES.get(message.type)
+        if role is None or (isinstance(message, AIMessage) and message.tool_calls):
             raise ValueError(
-                f"ChatInfoFlow answers a single user turn, got a {message.type!r} message; pass system and "
-                "human messages only, with any earlier turns written into the human text"
+                f"ChatInfoFlow reads system, human and AI text messages, got a {message.type!r} message"
+                + (" with tool calls" if role else "")
+                + "; tool calling is not supported yet"
             )
         blocks = message.content if isinstance(message.content, list) else []
         kinds = {b.get("type") for b in blocks if isinstance(b, dict)} - {"text"}
         if kinds:
             raise ValueError(f"ChatInfoFlow reads text only, got content blocks of type {sorted(kinds)}")
-        parts.append(message.text)
-    return "\n\n".join(parts)
+        turns.append(Turn(role=role, content=message.text))
+    return turns
+
+
+def _steps(stream: PipelineStream) -> Iterator[str | PipelineAnswer]:
+    """The stream's text deltas, then its answer."""
+    yield from stream
+    yield stream.answer
 
 
 def _usage(answer: PipelineAnswer) -> UsageMetadata:
@@ -142,6 +192,9 @@ def _usage(answer: PipelineAnswer) -> UsageMetadata:
         output_tokens=result.generated_tokens,
         total_tokens=result.prompt_tokens + result.generated_tokens,
     )
-    if answer.reuse is not None:  # read from the cache: what the store already held, not what this call prefilled
-        usage["input_token_details"] = {"cache_read": answer.reuse.stored_tokens}
+    # Read from the cache: the passage tokens the store already held; written: those this call prefilled.
+    usage["input_token_details"] = {
+        "cache_read": answer.reuse.stored_tokens,
+        "cache_creation": answer.reuse.prefilled_tokens,
+    }
     return usage

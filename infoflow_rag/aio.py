@@ -1,0 +1,55 @@
+"""Async callers of the synchronous engine: its work runs on a thread, so the event loop keeps running.
+
+Framework adapters use these for their async entry points (LlamaIndex ``acomplete``/``astream_*``,
+LangChain ``_agenerate``/``_astream``); the pipeline is safe to share between threads, so two awaited
+calls overlap instead of running one after the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import TypeVar
+
+T = TypeVar("T")
+_END = object()
+
+
+async def run_in_thread(work: Callable[[], T]) -> T:
+    """``work()`` on a worker thread (with the caller's context variables), awaited."""
+    return await asyncio.to_thread(work)
+
+
+async def iterate_in_thread(make: Callable[[], Iterable[T]]) -> AsyncIterator[T]:
+    """The items of ``make()``, created and iterated on a worker thread and handed over through a queue.
+
+    An exception in the thread is raised here; leaving the ``async for`` early stops the thread at its
+    next item.
+    """
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue = asyncio.Queue()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in make():
+                loop.call_soon_threadsafe(items.put_nowait, (item, None))
+                if stop.is_set():
+                    break
+        except BaseException as err:  # handed to the consumer, which raises it
+            loop.call_soon_threadsafe(items.put_nowait, (_END, err))
+        else:
+            loop.call_soon_threadsafe(items.put_nowait, (_END, None))
+
+    threading.Thread(target=produce, name="infoflow-async", daemon=True).start()
+    try:
+        while True:
+            item, error = await items.get()
+            if item is _END:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
