@@ -6,22 +6,28 @@ import asyncio
 
 import faiss
 import pytest
-from conftest import PASSAGES, QUESTION
+from conftest import PASSAGES, QUESTION, TICK_S, chat_template, overlap, record_prompts, ticks_while
 from llama_index.core import Document, StorageContext, VectorStoreIndex
 from llama_index.core.base.llms.types import ChatMessage, CompletionResponse
+from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
+from llama_index.core.chat_engine import SimpleChatEngine
 from llama_index.core.embeddings import MockEmbedding
 from llama_index.core.ingestion import IngestionPipeline
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
-from llama_index.core.instrumentation.events.llm import LLMCompletionEndEvent
+from llama_index.core.instrumentation.events.llm import LLMChatEndEvent, LLMCompletionEndEvent
+from llama_index.core.memory import ChatMemoryBuffer
 from llama_index.core.node_parser import SentenceSplitter
 from llama_index.core.query_engine import RetrieverQueryEngine
 from llama_index.core.schema import MetadataMode
 from llama_index.llms.infoflow import STATS_KEY, InfoFlowEmbedding, InfoFlowKVCacheTransform, InfoFlowLLM
 from llama_index.vector_stores.faiss import FaissVectorStore
 from pydantic import ValidationError
+from test_index import BagOfWordsEmbedder
 
 from infoflow_rag.engine import Engine
+from infoflow_rag.engine.prompt import encode
+from infoflow_rag.index.passage_index import PassageIndex
 from infoflow_rag.pipeline import Pipeline
 from infoflow_rag.store import open_store
 
@@ -89,7 +95,7 @@ def test_stock_query_engine_reuses_the_ingested_passages_kv(pipeline, completion
     response = index.as_query_engine(llm=llm(pipeline), similarity_top_k=len(PASSAGES)).query(QUESTION)
 
     [(prompt, completion)] = completions
-    stats = completion.additional_kwargs[STATS_KEY]
+    stats = completion.raw[STATS_KEY]
     assert response.response == completion.text
     assert stats["passages_hit"] == len(PASSAGES) and stats["passages_computed"] == 0
     assert 0 < stats["reused_share"] < 1 and stats["reused_tokens"] == stats["context_tokens"]
@@ -108,15 +114,15 @@ def test_full_recompute_gives_the_uncached_answer(pipeline, engine, completions)
     ]
     (cached_prompt, cached), (uncached_prompt, uncached) = completions
     assert cached_prompt == uncached_prompt
-    assert cached.additional_kwargs[STATS_KEY]["passages_hit"] == 2
-    assert uncached.additional_kwargs[STATS_KEY]["reused_share"] == 0
+    assert cached.raw[STATS_KEY]["passages_hit"] == 2
+    assert uncached.raw[STATS_KEY]["reused_share"] == 0
     assert answers[0] == answers[1] != ""
 
 
 def test_prompt_without_known_passages_reports_no_reuse(pipeline):
     ingested_index(pipeline)
     response = llm(pipeline).complete("Name a river in Europe.")
-    stats = response.additional_kwargs[STATS_KEY]
+    stats = response.raw[STATS_KEY]
     assert stats["passages_hit"] == stats["passages_computed"] == stats["reused_tokens"] == 0
     assert stats["reused_share"] == 0 and stats["generated_tokens"] >= 1
     assert response.raw["answer"] == response.text
@@ -133,8 +139,8 @@ def test_streaming_query_engine_and_stream_complete(pipeline, completions):
     responses = list(llm(pipeline).stream_complete(prompt))
     last = responses[-1]
     assert last.text == "".join(r.delta or "" for r in responses)
-    assert last.additional_kwargs[STATS_KEY]["passages_hit"] == 2  # as_query_engine retrieves 2 by default
-    assert all(STATS_KEY not in r.additional_kwargs for r in responses[:-1])
+    assert last.raw[STATS_KEY]["passages_hit"] == 2  # as_query_engine retrieves 2 by default
+    assert all(r.raw is None for r in responses[:-1])
 
 
 def test_retriever_query_engine_over_faiss_with_an_ingestion_pipeline(pipeline, completions):
@@ -145,24 +151,100 @@ def test_retriever_query_engine_over_faiss_with_an_ingestion_pipeline(pipeline, 
     index = VectorStoreIndex(nodes, storage_context=storage, embed_model=embed_model())
     query_engine = RetrieverQueryEngine.from_args(index.as_retriever(similarity_top_k=3), llm=llm(pipeline))
     response = query_engine.query(QUESTION)
-    stats = completions[0][1].additional_kwargs[STATS_KEY]
+    stats = completions[0][1].raw[STATS_KEY]
     assert stats["passages_hit"] == 3 and stats["reused_share"] > 0
     assert len(response.source_nodes) == 3
 
 
-def test_chat_and_async_completion_go_through_the_pipeline(pipeline):
+CONVERSATION = [("system", "Be brief."), ("user", "Name a colour."), ("assistant", "Blue."), ("user", "Another?")]
+
+
+def test_chat_is_the_model_chat_template_of_all_turns(pipeline, engine, monkeypatch):
+    prompts = record_prompts(monkeypatch)
+    model = llm(pipeline)
+    response = model.chat([ChatMessage(role=role, content=text) for role, text in CONVERSATION])
+    assert prompts == [chat_template(engine, CONVERSATION)]  # not 'system: ...\nuser: ...' in one user turn
+    assert response.raw["usage"]["prompt_tokens"] == len(encode(engine.tokenizer, prompts[0]))
+    assert response.message.role == "assistant" and response.message.additional_kwargs == {}
+    streamed = list(model.stream_chat([ChatMessage(role=role, content=text) for role, text in CONVERSATION]))
+    assert prompts[1] == prompts[0] and streamed[-1].message.content.strip() == response.message.content
+    assert streamed[-1].raw[STATS_KEY]["generated_tokens"] >= 1 and all(r.raw is None for r in streamed[:-1])
+
+
+def test_chat_finds_passages_in_any_user_turn(pipeline):
     ingested_index(pipeline)
-    prompt = "Facts:\n" + "\n\n".join(registered_texts())
-    chat = llm(pipeline).chat([ChatMessage(role="user", content=prompt)])
-    assert chat.message.additional_kwargs[STATS_KEY]["passages_hit"] == len(PASSAGES)
+    history = [ChatMessage(role="user", content="Facts:\n" + "\n\n".join(registered_texts()))]
+    history += [ChatMessage(role="assistant", content="Noted."), ChatMessage(role="user", content=QUESTION)]
+    response = llm(pipeline).chat(history)
+    assert response.raw[STATS_KEY]["passages_hit"] == len(PASSAGES)
+    assert response.raw["usage"]["cache_read"] == response.raw[STATS_KEY]["stored_tokens"] > 0
+    assert response.raw["usage"]["cache_creation"] == 0
 
-    async def run() -> tuple[CompletionResponse, list[CompletionResponse]]:
-        model = llm(pipeline)
-        return await model.acomplete(prompt), [r async for r in await model.astream_complete(prompt)]
 
-    completed, streamed = asyncio.run(run())
-    assert streamed[-1].text.strip() == completed.text
-    assert completed.additional_kwargs[STATS_KEY]["passages_hit"] == len(PASSAGES)
+def test_stats_stay_out_of_the_next_turn_of_a_chat_engine(pipeline, engine, monkeypatch):
+    prompts = record_prompts(monkeypatch)
+    memory = ChatMemoryBuffer.from_defaults(token_limit=10_000, tokenizer_fn=str.split)
+    chat_engine = SimpleChatEngine.from_defaults(llm=llm(pipeline), memory=memory)
+    first = chat_engine.chat("Name a colour.").response
+    chat_engine.chat("Another?")
+    expected = [("user", "Name a colour."), ("assistant", first), ("user", "Another?")]
+    assert prompts[1] == chat_template(engine, expected)
+    assert "passages_hit" not in prompts[1] and STATS_KEY not in prompts[1]
+
+
+def test_usage_says_what_came_from_the_store_and_what_this_call_prefilled(engine, tmp_path):
+    index = PassageIndex.create(tmp_path / "index", embedder=BagOfWordsEmbedder())
+    index.add_passages(PASSAGES)
+    pipeline = Pipeline(engine, open_store("memory"), index)  # every passage known, none stored
+    pipeline.kv_for(PASSAGES[:1])  # the first is stored; the call prefills the rest
+    prompt = "Facts:\n" + "\n\n".join(PASSAGES)
+    usage = llm(pipeline).complete(prompt).raw["usage"]
+    first, rest = (
+        len(encode(engine.tokenizer, PASSAGES[0])),
+        sum(len(encode(engine.tokenizer, p)) for p in PASSAGES[1:]),
+    )
+    assert (usage["cache_read"], usage["cache_creation"]) == (first, rest)
+    assert llm(pipeline).complete(prompt).raw["usage"]["cache_read"] == first + rest
+
+
+class EndEvents(BaseEventHandler):
+    """How many completion and chat end events LlamaIndex instrumentation saw."""
+
+    counts: dict[str, int] = {}
+
+    def handle(self, event, **kwargs) -> None:
+        if isinstance(event, LLMCompletionEndEvent | LLMChatEndEvent):
+            self.counts[type(event).__name__] = self.counts.get(type(event).__name__, 0) + 1
+
+
+def test_async_runs_off_the_event_loop_with_one_event_and_true_token_counts(pipeline, engine):
+    ingested_index(pipeline)
+    prompt = "Facts:\n" + "\n\n".join(registered_texts()) + "\n\nTell me everything."
+    counter = TokenCountingHandler(tokenizer=str.split)
+    model = InfoFlowLLM(pipeline=pipeline, max_new_tokens=48, callback_manager=CallbackManager([counter]))
+    messages = [ChatMessage(role="user", content=prompt)]
+    events = EndEvents(counts={})
+    get_dispatcher().add_event_handler(events)
+
+    async def drain(stream) -> list:
+        return [r async for r in await stream]
+
+    try:
+        completed = model.complete(prompt)
+        for call in (model.acomplete(prompt), drain(model.astream_complete(prompt))):
+            ticks, elapsed = asyncio.run(ticks_while(call))
+            assert elapsed > 5 * TICK_S and ticks >= elapsed / TICK_S / 2  # a blocked loop ticks 0 times
+        chatted = asyncio.run(model.achat(messages))
+        streamed = asyncio.run(drain(model.astream_chat(messages)))
+        assert asyncio.run(overlap(model.acomplete(prompt), model.acomplete(prompt)))
+    finally:
+        get_dispatcher().event_handlers.remove(events)
+    assert events.counts == {"LLMCompletionEndEvent": 5, "LLMChatEndEvent": 2}  # one per call
+    assert streamed[-1].message.content.strip() == chatted.message.content == completed.text
+    assert chatted.raw[STATS_KEY]["passages_hit"] == len(PASSAGES)
+    prompt_tokens = completed.raw["usage"]["prompt_tokens"]
+    assert chatted.raw["usage"]["prompt_tokens"] == prompt_tokens  # one user turn either way
+    assert counter.prompt_llm_token_count == 7 * prompt_tokens  # counted once per call, sync or async
 
 
 def test_metadata_and_fields(pipeline, engine):
@@ -171,9 +253,9 @@ def test_metadata_and_fields(pipeline, engine):
     assert meta.context_window == engine.max_positions and meta.num_output == MAX_NEW_TOKENS
     assert meta.model_name == model.model == "tiny-llama" and not meta.is_chat_model
     assert model.pipeline is pipeline
-    stats = model.complete(PASSAGES[2]).additional_kwargs[STATS_KEY]
+    stats = model.complete(PASSAGES[2]).raw[STATS_KEY]
     assert stats["ratio"] == 0.3 and stats["compress"] == "none"
-    squeezed = llm(pipeline, compress="infokv", keep=0.5).complete(PASSAGES[2]).additional_kwargs[STATS_KEY]
+    squeezed = llm(pipeline, compress="infokv", keep=0.5).complete(PASSAGES[2]).raw[STATS_KEY]
     assert squeezed["compress"] == "infokv"
     assert squeezed["kv_tokens"] == stats["kv_tokens"] - (stats["context_tokens"] - int(0.5 * stats["context_tokens"]))
 
@@ -222,7 +304,7 @@ def test_smollm_query_engine_reuses_kv_and_names_the_fact(completions):
     )
     query_engine = index.as_query_engine(llm=InfoFlowLLM(pipeline=pipeline, max_new_tokens=24), similarity_top_k=3)
     response = query_engine.query("When was the Eiffel Tower completed?")
-    stats = completions[0][1].additional_kwargs[STATS_KEY]
+    stats = completions[0][1].raw[STATS_KEY]
     assert response.source_nodes[0].node.text == FACTS[0]  # the offline MiniLM ranks the asked-about fact first
     assert "1889" in response.response
     assert stats["passages_hit"] == 3 and stats["reused_share"] > 0.3 and stats["recompute_fraction"] <= 0.16

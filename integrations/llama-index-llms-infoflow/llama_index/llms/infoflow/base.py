@@ -2,21 +2,41 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from llama_index.core.base.llms.types import CompletionResponse, CompletionResponseGen, LLMMetadata
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+    MessageRole,
+    TextBlock,
+)
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
-from llama_index.core.llms.callbacks import llm_completion_callback
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
 from infoflow_rag import DEFAULT_MODEL, OptionFields
-from infoflow_rag.pipeline import Pipeline, PipelineAnswer
+from infoflow_rag.pipeline import Pipeline, PipelineAnswer, PipelineStream, Turn, iterate_in_thread, run_in_thread
 
-STATS_KEY = "infoflow"  # CompletionResponse.additional_kwargs[STATS_KEY] holds PipelineAnswer.stats()
+STATS_KEY = "infoflow"  # response.raw[STATS_KEY] holds PipelineAnswer.stats(); raw["usage"] the token counts
+
+Response = CompletionResponse | ChatResponse
 
 
 class InfoFlowLLM(CustomLLM, OptionFields):
     """Completes prompts with passage KV reuse: registered passages found in the prompt reuse their KV.
+
+    ``chat`` writes the messages (system, user, assistant) with the model's own chat template; passages
+    are recognised in any user turn. Statistics go in ``response.raw`` (never in ``additional_kwargs``,
+    which chat engines write back into the next prompt): ``raw[STATS_KEY]`` the reuse statistics,
+    ``raw["usage"]`` the token counts (``cache_read`` from the store, ``cache_creation`` prefilled now) that
+    ``TokenCountingHandler`` reads. Async methods run the engine on a worker thread.
 
     Pass a ``pipeline`` shared with :class:`InfoFlowKVCacheTransform`, or a ``model`` name to build one
     with an in-memory KV store on first use. The query options (selector, ratio, reorder, compress, keep,
@@ -52,6 +72,8 @@ class InfoFlowLLM(CustomLLM, OptionFields):
 
     @property
     def metadata(self) -> LLMMetadata:
+        # Not a chat model for LlamaIndex: synthesizers then send their prompt as one user turn, whose head is
+        # the one the ingested passages were prefilled behind (a system message would start another head).
         return LLMMetadata(
             context_window=self.pipeline.context_window,
             num_output=self.max_new_tokens,
@@ -59,28 +81,53 @@ class InfoFlowLLM(CustomLLM, OptionFields):
             model_name=self.model,
         )
 
+    # One decorated method per entry point, none calling another: each call emits one completion event.
+
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        answer = self.pipeline.answer_prompt(self._prompt(prompt, formatted), **self._options(kwargs))
-        return _response(answer.answer, answer)
+        return _response(self._completion(prompt, formatted, kwargs)().finish(), chat=False)
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        stream = self.pipeline.stream_prompt(self._prompt(prompt, formatted), **self._options(kwargs))
+        return _Responses(chat=False).of(_steps(self._completion(prompt, formatted, kwargs)))
 
-        def deltas() -> CompletionResponseGen:
-            text = ""
-            for delta in stream:
-                text += delta
-                yield CompletionResponse(text=text, delta=delta)
-            # The stats exist only once decoding ends: a last, empty delta carries them.
-            yield _response(text, stream.answer, delta="")
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        start = self._completion(prompt, formatted, kwargs)
+        return _response(await run_in_thread(lambda: start().finish()), chat=False)
 
-        return deltas()
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
+        start = self._completion(prompt, formatted, kwargs)
+        return _Responses(chat=False).aof(iterate_in_thread(lambda: _steps(start)))
 
-    def _prompt(self, prompt: str, formatted: bool) -> str:
-        # The engine wraps the prompt in the model's chat template itself; this is the user's own hook.
-        return prompt if formatted else self.completion_to_prompt(prompt)
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return _response(self._chat(messages, kwargs)().finish(), chat=True)
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        return _Responses(chat=True).of(_steps(self._chat(messages, kwargs)))
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        start = self._chat(messages, kwargs)
+        return _response(await run_in_thread(lambda: start().finish()), chat=True)
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        start = self._chat(messages, kwargs)
+        return _Responses(chat=True).aof(iterate_in_thread(lambda: _steps(start)))
+
+    def _completion(self, prompt: str, formatted: bool, kwargs: dict[str, Any]) -> Callable[[], PipelineStream]:
+        # The engine wraps the prompt in the model's chat template itself; completion_to_prompt is the user's hook.
+        text = prompt if formatted else self.completion_to_prompt(prompt)
+        options = self._options(kwargs)  # checked now, in the caller's thread
+        return lambda: self.pipeline.stream_prompt(text, **options)
+
+    def _chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> Callable[[], PipelineStream]:
+        turns, options = messages_to_turns(messages), self._options(kwargs)
+        return lambda: self.pipeline.stream_chat(turns, **options)
 
     def _options(self, overrides: dict[str, Any]) -> dict[str, Any]:
         options, overrides = self.query_options().split(overrides)
@@ -92,7 +139,61 @@ class InfoFlowLLM(CustomLLM, OptionFields):
         }
 
 
-def _response(text: str, answer: PipelineAnswer, delta: str | None = None) -> CompletionResponse:
-    return CompletionResponse(
-        text=text, delta=delta, additional_kwargs={STATS_KEY: answer.stats()}, raw=answer.to_dict()
-    )
+def messages_to_turns(messages: Sequence[ChatMessage]) -> list[Turn]:
+    """System, user and assistant messages as chat turns (text blocks only) for the model's chat template."""
+    turns = []
+    for message in messages:
+        kinds = sorted({type(b).__name__ for b in message.blocks if not isinstance(b, TextBlock)})
+        if kinds:
+            raise ValueError(f"InfoFlowLLM reads text only, got content blocks of type {kinds}")
+        turns.append(Turn(role=MessageRole(message.role).value, content=message.content or ""))
+    return turns
+
+
+def _steps(start: Callable[[], PipelineStream]) -> Iterator[str | PipelineAnswer]:
+    """The text deltas of the stream ``start()`` begins, then its answer."""
+    stream = start()
+    yield from stream
+    yield stream.answer
+
+
+def _raw(answer: PipelineAnswer) -> dict[str, Any]:
+    result, reuse = answer.result, answer.reuse
+    usage = {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.generated_tokens,
+        "total_tokens": result.prompt_tokens + result.generated_tokens,
+        "cache_read": reuse.stored_tokens,  # passage tokens the store already held
+        "cache_creation": reuse.prefilled_tokens,  # passage tokens this call prefilled (and stored)
+    }
+    return {**answer.to_dict(), STATS_KEY: answer.stats(), "usage": usage}
+
+
+def _response(answer: PipelineAnswer, chat: bool, text: str | None = None, delta: str | None = None) -> Response:
+    text = answer.answer if text is None else text
+    if chat:
+        message = ChatMessage(role=MessageRole.ASSISTANT, content=text)
+        return ChatResponse(message=message, delta=delta, raw=_raw(answer))
+    return CompletionResponse(text=text, delta=delta, raw=_raw(answer))
+
+
+class _Responses:
+    """Streamed responses: the text so far and its delta per step, the stats on a last, empty delta."""
+
+    def __init__(self, chat: bool):
+        self.chat, self.text = chat, ""
+
+    def __call__(self, step: str | PipelineAnswer) -> Response:
+        if not isinstance(step, str):  # the stats exist only once decoding ends
+            return _response(step, self.chat, self.text, delta="")
+        self.text += step
+        if self.chat:
+            return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=self.text), delta=step)
+        return CompletionResponse(text=self.text, delta=step)
+
+    def of(self, steps: Iterator[str | PipelineAnswer]) -> Iterator[Response]:
+        return (self(step) for step in steps)
+
+    async def aof(self, steps: Any) -> Any:
+        async for step in steps:
+            yield self(step)
