@@ -117,10 +117,19 @@ def test_chain_streams_documents_then_answer_deltas_then_stats(pipeline):
     assert total["stats"]["passages_computed"] == 2 and invoked["stats"]["passages_hit"] == 2
 
 
-def test_chain_runs_async(pipeline):
+def test_chain_runs_async_and_astream_streams_the_answer(pipeline):
     chain = create_infoflow_rag_chain(InfoFlowRetriever(index=pipeline.index, k=2), chat(pipeline))
     out = asyncio.run(chain.ainvoke({"question": QUESTION}))
     assert out["documents"][0].page_content == CAPITAL and out["stats"]["passages_computed"] == 2
+
+    async def astream() -> list[dict]:
+        return [chunk async for chunk in chain.astream({"question": QUESTION})]
+
+    chunks = asyncio.run(astream())
+    assert list(chunks[0]) == ["documents"] and list(chunks[-1]) == ["stats"]
+    assert len(chunks) > 3 and all(list(c) == ["answer"] for c in chunks[1:-1])
+    assert "".join(c["answer"] for c in chunks[1:-1]).strip() == out["answer"]
+    assert chunks[-1]["stats"]["passages_hit"] == 2
 
 
 def test_chain_rejects_a_bad_question_and_a_foreign_llm(pipeline):

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from langchain_core.documents import Document
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 from langchain_core.runnables.utils import AddableDict
 
-from infoflow_rag.pipeline import PipelineStream
+from infoflow_rag.pipeline import PipelineStream, iterate_in_thread, run_in_thread
 
 from .chat_models import ChatInfoFlow
 
@@ -22,13 +22,12 @@ def create_infoflow_rag_chain(retriever: Runnable[str, list[Document]], llm: Cha
 
     ``.stream()`` yields :class:`AddableDict` chunks: ``{"documents": [...]}`` first, then
     ``{"answer": delta}`` per text delta (raw, before the final strip ``invoke`` applies), then
-    ``{"stats": {...}}``; adding the chunks up gives the whole output. ``astream`` yields one final chunk.
+    ``{"stats": {...}}``; adding the chunks up gives the whole output. ``astream`` yields the same chunks,
+    the engine running on a worker thread.
     """
     if not isinstance(llm, ChatInfoFlow):
         raise TypeError(f"llm must be a ChatInfoFlow (it owns the KV pipeline), got {type(llm).__name__}")
 
-    # Retrieval runs in the caller's thread, not in RunnableParallel's pool: the core's SQLite passage
-    # records may only be read from the thread that opened them.
     def retrieve(inputs: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
         question = _question(inputs)
         return {"question": question, "documents": retriever.invoke(question, config)}
@@ -60,6 +59,21 @@ class InfoFlowAnswer(Runnable[dict, dict]):
     def stream(self, input: dict, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[dict]:
         yield from self._transform_stream_with_config(iter([input]), self._chunks, config)
 
+    async def ainvoke(self, input: dict, config: RunnableConfig | None = None, **kwargs: Any) -> dict:
+        return await self._acall_with_config(self._aanswer, input, config)
+
+    async def astream(self, input: dict, config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[dict]:
+        async for chunk in self._atransform_stream_with_config(_one(input), self._achunks, config):
+            yield chunk
+
+    async def _aanswer(self, inputs: dict) -> dict:
+        return await run_in_thread(lambda: self._answer(inputs))
+
+    async def _achunks(self, inputs: AsyncIterator[dict]) -> AsyncIterator[AddableDict]:
+        async for item in inputs:
+            async for chunk in iterate_in_thread(lambda item=item: self._chunks(iter([item]))):
+                yield chunk
+
     def _answer(self, inputs: dict) -> dict:
         answer = self._start(inputs).finish()
         return {"answer": answer.answer, "documents": inputs["documents"], "stats": answer.stats()}
@@ -75,3 +89,7 @@ class InfoFlowAnswer(Runnable[dict, dict]):
     def _start(self, inputs: dict) -> PipelineStream:
         passages = [doc.page_content for doc in inputs["documents"]]
         return self.llm.get_pipeline().stream_passages(inputs["question"], passages, **self.llm.engine_options())
+
+
+async def _one(item: dict) -> AsyncIterator[dict]:
+    yield item

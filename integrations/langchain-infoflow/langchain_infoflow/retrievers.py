@@ -8,6 +8,7 @@ from langchain_core.retrievers import BaseRetriever
 from pydantic import Field
 
 from infoflow_rag.index.passage_index import PassageIndex
+from infoflow_rag.pipeline import run_in_thread
 
 
 class InfoFlowRetriever(BaseRetriever):
@@ -29,5 +30,5 @@ class InfoFlowRetriever(BaseRetriever):
     async def _aget_relevant_documents(
         self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun
     ) -> list[Document]:
-        # Inline, not in an executor thread: the core's SQLite records are bound to the opening thread.
-        return self._get_relevant_documents(query, run_manager=run_manager.get_sync())
+        sync = run_manager.get_sync()  # the search runs on a worker thread: the event loop keeps running
+        return await run_in_thread(lambda: self._get_relevant_documents(query, run_manager=sync))
