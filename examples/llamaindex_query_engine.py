@@ -35,7 +35,7 @@ class LastStats(BaseEventHandler):
 
     def handle(self, event, **kwargs) -> None:
         if isinstance(event, LLMCompletionEndEvent):
-            self.stats = event.response.additional_kwargs.get(STATS_KEY, {})
+            self.stats = (event.response.raw or {}).get(STATS_KEY, {})
 
 
 def documents(items: list[dict]) -> list[Document]:
