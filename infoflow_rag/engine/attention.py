@@ -12,6 +12,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
@@ -71,11 +72,13 @@ def sparse_queries(plan: SparseQueries) -> contextlib.AbstractContextManager[Spa
     return _setting(_sparse, plan)
 
 
-def chunked_attention(module, query, key, value, mask, plan: SparseQueries, **kwargs):
+def chunked_attention(query, key, value, mask, plan: SparseQueries, scaling: float | None = None):
     """SDPA per query chunk over the visible key prefix; same result as one call with the full mask.
 
     query: (B, heads, Q, d); key/value: (B, kv_heads, Nu + Q, d); mask: (B, 1, Q, Nu + Q).
-    Returns (B, Q, heads, d) like transformers' attention functions.
+    Returns (B, Q, heads, d) like transformers' attention functions. torch's SDPA is called directly with
+    ``enable_gqa``: transformers copies every K/V head group out (repeat_kv) whenever a mask is given, which
+    costs the recompute about a third of its attention time on CPU.
     """
     n_cached, q_len = plan.cached_positions.numel(), plan.input_positions.numel()
     step = max(64, -(-q_len // plan.chunks))
@@ -86,8 +89,8 @@ def chunked_attention(module, query, key, value, mask, plan: SparseQueries, **kw
         k = torch.cat([key[:, :, :u], key[:, :, n_cached : n_cached + b]], dim=2)
         v = torch.cat([value[:, :, :u], value[:, :, n_cached : n_cached + b]], dim=2)
         m = torch.cat([mask[:, :, a:b, :u], mask[:, :, a:b, n_cached : n_cached + b]], dim=3)
-        out, _ = sdpa_attention_forward(module, query[:, :, a:b], k, v, m, **kwargs)
-        outputs.append(out)
+        out = F.scaled_dot_product_attention(query[:, :, a:b], k, v, attn_mask=m, scale=scaling, enable_gqa=True)
+        outputs.append(out.transpose(1, 2))  # (B, q, heads, d)
     return torch.cat(outputs, dim=1), None
 
 
@@ -134,9 +137,7 @@ def infoflow_attention(module, query, key, value, attention_mask, scaling=None, 
         raise StopForward
     plan = _sparse.get()
     if plan is not None and query.shape[2] == plan.input_positions.numel() and attention_mask is not None:
-        return chunked_attention(
-            module, query, key, value, attention_mask, plan, dropout=dropout, scaling=scaling, **kwargs
-        )
+        return chunked_attention(query, key, value, attention_mask, plan, scaling=scaling)  # inference: no dropout
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
