@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .engine import Engine
 from .engine.prompt import encode
-from .index.splitting import load_source, split_paragraphs, split_token_windows
+from .index.splitting import TEXT_SUFFIXES, Document, load_source, split_paragraphs, split_token_windows
 from .pipeline import Pipeline
 
 SPLITS = ("paragraph", "tokens")
@@ -84,6 +84,20 @@ def fitting_passages(engine: Engine, texts: list[str], window: int) -> list[str]
     return out
 
 
+def no_documents(source: str | Path, follow_symlinks: bool = False) -> ValueError:
+    """The error for a source :func:`load_source` found no document in: it says what was looked for."""
+    path = Path(source)
+    looked = (
+        f"{'/'.join(TEXT_SUFFIXES)} files in it and its subfolders (UTF-8"
+        + (")" if follow_symlinks else ", not linked from outside it)")
+        if path.is_dir()
+        else 'non-blank JSON lines with a "text"'
+        if path.suffix.lower() == ".jsonl"
+        else "readable UTF-8 text"
+    )
+    return ValueError(f"no documents in {path}: looked for {looked}; nothing was indexed")
+
+
 def ingest(
     pipeline: Pipeline,
     source: str | Path,
@@ -94,18 +108,26 @@ def ingest(
     *,
     strict_utf8: bool = False,
     follow_symlinks: bool = False,
+    documents: list[Document] | None = None,
 ) -> IngestSummary:
     """Index and prefill every passage of ``source`` (folder of .txt/.md, or .jsonl).
 
     ``strict_utf8`` and ``follow_symlinks`` as in :func:`load_source`: by default non-UTF-8 files and files
-    linked from outside the folder are skipped with a warning.
+    linked from outside the folder are skipped with a warning. ``documents``: ``source`` already read by
+    :func:`load_source`. A source without documents is refused (:func:`no_documents`).
     """
     if window < 8:
         raise ValueError(f"window must be at least 8 tokens, got {window}")
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1 passage, got {batch_size}")
     t0 = time.perf_counter()
-    docs = load_source(source, strict_utf8=strict_utf8, follow_symlinks=follow_symlinks)
+    docs = (
+        documents
+        if documents is not None
+        else load_source(source, strict_utf8=strict_utf8, follow_symlinks=follow_symlinks)
+    )
+    if not docs:
+        raise no_documents(source, follow_symlinks)
     engine = pipeline.engine
     tok = engine.tokenizer
     passages, sources, metas = [], [], []

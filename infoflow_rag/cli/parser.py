@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from importlib.metadata import PackageNotFoundError, version
 
 from ..engine.selection import DEFAULT_RATIO
 from ..eval.datasets import HAYSTACKS
@@ -20,51 +21,83 @@ from .options import add_option_flags
 from .serving import cmd_ask, cmd_check, cmd_demo, cmd_index_repair, cmd_ingest, cmd_serve, positive_int
 
 DESCRIPTION = "infoflow-rag: passage KV reuse with InfoFlow selective recompute for fast RAG."
+MODELS = ", ".join(sorted(REGISTRY))
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default shown, unless its help already says it or there is none (unset, a flag's off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """The command's parsers, subcommands' included (they are built by the class of their parent)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def package_version() -> str:
+    try:
+        return version("infoflow-rag")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="infoflow-rag", description=DESCRIPTION)
+    parser = Parser(prog="infoflow-rag", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
-    models = ", ".join(sorted(REGISTRY))
 
     p = sub.add_parser("check", help="correctness gate: key re-rotation and 100 %% recompute vs full prefill")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered name ({models}), HF dir or .gguf file")
-    p.add_argument("--json", action="store_true")
+    _model(p)
+    _json(p)
     p.set_defaults(func=cmd_check)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("ttft", help="time-to-first-token of every method vs full prefill, side by side")
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    _model(p)
     p.add_argument("--context", default="1024,2048,4096", help="comma-separated context sizes in tokens")
-    p.add_argument("--ratio", type=float, default=DEFAULT_RATIO)
-    p.add_argument("--methods", default="full,infoflow,infoflow+reorder,cacheblend,epic,random,none")
+    p.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="share of context tokens recomputed")
+    p.add_argument(
+        "--methods",
+        default="full,infoflow,infoflow+reorder,cacheblend,epic,random,none",
+        help="comma-separated methods: selectors, +reorder for density order",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed runs per method (median reported)")
-    p.add_argument("--json", action="store_true")
+    _json(p)
     p.set_defaults(func=cmd_bench_ttft)
     p = bench.add_parser("prefill", help="passage prefill time with and without InfoKV's per-token signals")
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    _model(p)
     p.add_argument("--tokens", type=int, default=4096, help="passage tokens prefilled per run")
     p.add_argument("--repeats", type=int, default=3, help="timed runs each (median reported)")
-    p.add_argument("--json", action="store_true")
+    _json(p)
     p.set_defaults(func=cmd_bench_prefill)
     p = bench.add_parser("store", help="disk KV store per storage dtype: bytes/token, warm load speed, answer effect")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--passages", type=int, default=40)
+    _model(p)
+    p.add_argument("--passages", type=int, default=40, help="passages written to and read from each store")
     p.add_argument("--dir", default=None, help="where to write the temporary stores (default: system temp)")
-    p.add_argument("--json", action="store_true")
+    _json(p)
     p.set_defaults(func=cmd_bench_store)
 
     p = sub.add_parser("ingest", help="index a folder of .txt/.md files or a .jsonl file, prefill and store KV")
-    p.add_argument("source")
+    p.add_argument("source", help="folder of .txt/.md files (read recursively), one such file, or a .jsonl file")
     p.add_argument("--index", required=True, help="index directory (created if missing)")
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    _model(p)
     p.add_argument(
         "--store",
         default=None,
         help="KV store: disk:DIR, memory[:SIZE] or redis://... (default: disk store inside the index directory)",
     )
-    p.add_argument("--split", choices=["paragraph", "tokens"], default="paragraph")
+    p.add_argument(
+        "--split", choices=["paragraph", "tokens"], default="paragraph", help="passages: paragraphs or token windows"
+    )
     p.add_argument("--window", type=int, default=256, help="tokens per passage for --split tokens")
     p.add_argument("--batch-size", type=positive_int, default=64, help="passages committed together")
     p.add_argument("--strict-utf8", action="store_true", help="stop at a file that is not UTF-8 (default: skip it)")
@@ -88,26 +121,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="hnsw: M, ef_construction, ef_search; ivf: nlist, nprobe (repeatable)",
     )
-    p.add_argument("--json", action="store_true")
+    _json(p)
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("ask", help="retrieve, reuse KV, selectively recompute, answer")
-    p.add_argument("question")
-    p.add_argument("--index", required=True)
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--store", default=None)
+    p.add_argument("question", help="the question to answer from the index")
+    p.add_argument("--index", required=True, help="index directory built by `infoflow-rag ingest`")
+    _model(p)
+    p.add_argument("--store", default=None, help="KV store as for ingest (default: disk store inside the index)")
     p.add_argument("--top-k", type=positive_int, default=5, help="passages retrieved (at most the index size)")
     add_option_flags(p)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length in tokens at most")
+    _json(p)
+    p.add_argument("--token-ids", action="store_true", help="with --json: include the token-id lists")
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat and text completions) with passage KV reuse")
     p.add_argument("--index", required=True, help="index directory built by `infoflow-rag ingest` (read only)")
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    _model(p)
     p.add_argument("--store", default=None, help="KV store as for ingest, e.g. redis://host:6379/0 to share it")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (loopback by default)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the model name)")
     add_option_flags(p, what="Default (requests may send their own). ")
     p.add_argument("--max-tokens", type=int, default=256, help="answer length when a request sets none")
@@ -123,25 +157,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("index", help="index directory")
     p.add_argument(
-        "--index-kind", choices=["flat", "hnsw", "ivf"], default=None, help="default: as in index.json, else flat"
+        "--index-kind",
+        choices=["flat", "hnsw", "ivf"],
+        default=None,
+        help="FAISS index kind (default: as in index.json, else flat)",
     )
-    p.add_argument("--json", action="store_true")
+    _json(p)
     p.set_defaults(func=cmd_index_repair)
 
     p = sub.add_parser("demo", help="end-to-end demo on HotpotQA paragraphs with the embedded model")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--out", default="runs/demo", help="directory for the demo's index and KV store")
+    _model(p)
     p.add_argument("--items", type=int, default=20, help="HotpotQA questions whose paragraphs form the corpus")
-    p.add_argument("--questions", type=int, default=3)
-    p.add_argument("--no-color", action="store_true")
+    p.add_argument("--questions", type=int, default=3, help="of those, the questions asked")
+    p.add_argument("--no-color", action="store_true", help="plain output even on a terminal")
     p.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser("eval", help="quality (F1/EM) and TTFT of every method").add_subparsers(
         dest="eval", required=True
     )
     p = ev.add_parser("run", help="one dataset slice x a list of methods, resumable, with a report")
-    p.add_argument("--model", default="qwen2.5-0.5b")
-    p.add_argument("--dataset", choices=["hotpotqa", "hotpotqa-fixed", "squad", "niah"], default="hotpotqa")
+    _model(p, "qwen2.5-0.5b")
+    p.add_argument(
+        "--dataset",
+        choices=["hotpotqa", "hotpotqa-fixed", "squad", "niah"],
+        default="hotpotqa",
+        help="questions: HotpotQA paragraphs or fixed-size windows, SQuAD, or needle-in-a-haystack",
+    )
     p.add_argument(
         "--chunk-tokens", type=int, default=128, help="passage size in tokens of the hotpotqa-fixed and niah sets"
     )
@@ -153,15 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--haystack",
         choices=HAYSTACKS,
         default="first",
-        help="niah: which half of the essays makes the haystack: first (development) or second (held out, the "
-        "suite's) (default: %(default)s)",
+        help="niah: which half of the essays makes the haystack: first (development) or second (held out, the suite's)",
     )
     p.add_argument(
         "--methods",
         default="full,none,infoflow@0.15,cacheblend@0.15,epic@0.15",
         help="comma-separated SELECTOR[+reorder][[GEOMETRY]][@RATIO][+POLICY:KEEP], e.g. infoflow@0.15+infokv:0.5",
     )
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length in tokens at most")
     p.add_argument(
         "--min-context-tokens",
         type=int,
@@ -174,14 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
         "suite",
         help="main table + ratio sweep + RoPE ablation + KV compression on held-out HotpotQA, NIAH -> RESULTS.md",
     )
-    p.add_argument("--model", default="qwen2.5-0.5b")
+    _model(p, "qwen2.5-0.5b")
     p.add_argument("--out", default="docs", help="directory for the results files, plots and RESULTS.md")
-    p.add_argument("--parts", default="main,ablation,sweep,compress,niah")
+    p.add_argument("--parts", default="main,ablation,sweep,compress,niah", help="comma-separated parts, run in order")
     p.add_argument("--start", type=int, default=1000, help="first question (0-999 is the development slice)")
     _suite_sizes(p)
     p.set_defaults(func=cmd_eval_suite)
     p = ev.add_parser("report", help="rewrite RESULTS.md from the suite's results files (complete or not)")
-    p.add_argument("--out", default="docs")
+    p.add_argument("--out", default="docs", help="directory of the suite's results files")
     _suite_sizes(p)
     p.set_defaults(func=cmd_eval_report)
     return parser
@@ -189,9 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _suite_sizes(p: argparse.ArgumentParser) -> None:
     """The flags that size the suite's parts (``eval suite`` runs them, ``eval report`` reads them)."""
-    p.add_argument("--main-n", type=int, default=100)
-    p.add_argument("--sweep-n", type=int, default=30)
-    p.add_argument("--ablation-n", type=int, default=30)
-    p.add_argument("--compress-n", type=int, default=30)
+    p.add_argument("--main-n", type=int, default=100, help="questions of the main table")
+    p.add_argument("--sweep-n", type=int, default=30, help="questions of the ratio sweep")
+    p.add_argument("--ablation-n", type=int, default=30, help="questions of the RoPE ablation")
+    p.add_argument("--compress-n", type=int, default=30, help="questions of the KV compression part")
     p.add_argument("--large-n", type=int, default=60, help="questions of the 'large' part (qwen2.5-1.5b only)")
-    p.add_argument("--ratio", type=float, default=DEFAULT_RATIO)
+    p.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="share of context tokens recomputed")
+
+
+def _model(p: argparse.ArgumentParser, default: str = DEFAULT_MODEL) -> None:
+    p.add_argument("--model", default=default, help=f"registered name ({MODELS}), HF dir or .gguf file")
+
+
+def _json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .options import load_engine, query_options
 
@@ -24,7 +25,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from ..ingest import ingest
+    from ..index.splitting import load_source
+    from ..ingest import ingest, no_documents
     from ..pipeline import Pipeline
 
     params = {}
@@ -33,6 +35,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         if not value.isdigit():
             raise ValueError(f"--index-param takes KEY=INTEGER (e.g. M=32, nlist=256), got {item!r}")
         params[key] = int(value)
+    documents = load_source(args.source, strict_utf8=args.strict_utf8, follow_symlinks=args.follow_symlinks)
+    if not documents and not Path(args.index).exists():  # refused before the model loads or the index is created
+        raise no_documents(args.source, args.follow_symlinks)
     with Pipeline.open(
         args.index,
         model=args.model,
@@ -49,8 +54,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             window=args.window,
             batch_size=args.batch_size,
             progress=not args.json,
-            strict_utf8=args.strict_utf8,
-            follow_symlinks=args.follow_symlinks,
+            documents=documents,
         )
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
@@ -94,7 +98,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     with Pipeline.open(args.index, model=args.model, store=args.store) as pipeline:
         if args.json:
             answer = pipeline.ask(args.question, args.top_k, options, max_new_tokens=args.max_new_tokens)
-            print(json.dumps(answer.to_dict(), indent=2))
+            print(json.dumps(answer.to_dict() if args.token_ids else without_token_ids(answer.to_dict()), indent=2))
             return 0
         stream = pipeline.stream(args.question, args.top_k, options, max_new_tokens=args.max_new_tokens)
         for delta in stream:
@@ -106,6 +110,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
             f"place {t.place * 1000:.0f} ms, score {t.score * 1000:.0f} ms, recompute {t.recompute:.3f} s); "
             f"recomputed {100 * answer.result.recompute_fraction:.1f} % of {answer.result.context_tokens} tokens"
         )
+        print(reuse_line(answer))
         if options.compress != "none":
             r = answer.result
             print(
@@ -115,6 +120,27 @@ def cmd_ask(args: argparse.Namespace) -> int:
         for i, hit in enumerate(answer.sources):
             print(f"[{i}] {hit.score:.3f} {hit.source or ''} {hit.text[:90]}")
     return 0
+
+
+def reuse_line(answer) -> str:
+    """Where the passages' KV came from: the store, or computed by this call (and stored for next time)."""
+    reuse, result = answer.reuse, answer.result
+    recomputed = sum(len(offsets) for offsets in result.selected.values())
+    return (
+        f"reuse: {reuse.passages_hit} passages from the store ({reuse.stored_tokens} tokens), "
+        f"{reuse.passages_computed} computed now ({reuse.prefilled_tokens} tokens prefilled and stored); "
+        f"{recomputed} tokens recomputed"
+    )
+
+
+TOKEN_ID_FIELDS = ("selected", "passage_tokens", "answer_ids")  # AnswerResult's per-token lists
+
+
+def without_token_ids(answer: dict) -> dict:
+    """``PipelineAnswer.to_dict()`` without the raw token-id lists (``--token-ids`` keeps them)."""
+    result = {k: v for k, v in answer["result"].items() if k not in TOKEN_ID_FIELDS}
+    result["recomputed_tokens"] = sum(len(v) for v in answer["result"]["selected"].values())
+    return {**answer, "result": result}
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -1,0 +1,96 @@
+"""The command line as a user meets it: help for every option with its default, --version, the ask reuse line,
+--json without token-id lists, and an empty source refused."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from importlib.metadata import version
+
+import pytest
+from conftest import PASSAGES, QUESTION
+
+from infoflow_rag.cli import build_parser, main
+
+
+def parsers(parser: argparse.ArgumentParser, name: str = "infoflow-rag"):
+    """Every (sub)command's parser, by its command line."""
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub, child in action.choices.items():
+                yield from parsers(child, f"{name} {sub}")
+
+
+def test_every_option_has_help_and_shows_its_default(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # no line wrapping inside long defaults
+    for name, parser in parsers(build_parser()):
+        text = " ".join(parser.format_help().split())
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction | argparse._VersionAction):
+                continue
+            flag = "/".join(action.option_strings) or action.dest
+            assert action.help, f"{name} {flag} has no help text"
+            shown = "default" in action.help or action.default in (None, False, [])
+            assert shown or f"(default: {action.default})" in text, f"{name} {flag} hides its default"
+        assert not re.search(r"``|:(class|func|meth):", text), f"{name} --help shows reST markup"
+
+
+def test_shown_defaults_are_the_values_used():
+    args = build_parser().parse_args(["ask", "q", "--index", "i"])
+    assert (args.top_k, args.selector) == (5, None)  # query options: unset flags take QueryOptions' defaults
+    ask = dict(parsers(build_parser()))["infoflow-rag ask"]
+    help_text = " ".join(ask.format_help().split())
+    assert "passages retrieved (at most the index size) (default: 5)" in help_text
+    assert "--selector NAME Tokens to recompute:" in help_text and "(default: infoflow)" in help_text
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"infoflow-rag {version('infoflow-rag')}\n"
+
+
+@pytest.mark.parametrize("kind", ["folder", "jsonl"])
+def test_an_empty_source_is_an_error_that_says_what_was_looked_for(tmp_path, capsys, kind):
+    source = tmp_path / "docs"
+    if kind == "folder":
+        source.mkdir()
+        (source / "notes.pdf").write_bytes(b"%PDF")  # not a text file: not read
+        looked = "looked for .txt/.md files in it and its subfolders"
+    else:
+        source = tmp_path / "docs.jsonl"
+        source.write_text("\n\n")
+        looked = 'looked for non-blank JSON lines with a "text"'
+    index = tmp_path / "index"
+    assert main(["ingest", str(source), "--index", str(index)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"infoflow-rag: error: no documents in {source}: {looked}") and "nothing was indexed" in err
+    assert not index.exists()  # refused before the model loads or the index is created
+
+
+def test_ask_says_where_the_kv_came_from_and_json_leaves_out_token_ids(tmp_path, model_dir, capsys, monkeypatch):
+    monkeypatch.setenv("INFOFLOW_RAG_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "docs"
+    corpus.mkdir()
+    (corpus / "a.md").write_text("\n\n".join(PASSAGES))
+    index = str(tmp_path / "index")
+    assert main(["ingest", str(corpus), "--index", index, "--model", model_dir, "--json"]) == 0
+    capsys.readouterr()
+    ask = ["ask", QUESTION, "--index", index, "--model", model_dir, "--top-k", "2", "--max-new-tokens", "3"]
+
+    assert main(ask) == 0
+    [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("reuse:")]
+    assert re.fullmatch(
+        r"reuse: 2 passages from the store \(\d+ tokens\), 0 computed now \(0 tokens prefilled and stored\); "
+        r"\d+ tokens recomputed",
+        line,
+    )
+
+    assert main([*ask, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)["result"]
+    assert not {"selected", "passage_tokens", "answer_ids"} & set(result) and result["recomputed_tokens"] > 0
+    assert main([*ask, "--json", "--token-ids"]) == 0
+    result = json.loads(capsys.readouterr().out)["result"]
+    assert {"selected", "passage_tokens", "answer_ids"} <= set(result)
