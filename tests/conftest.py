@@ -144,3 +144,11 @@ async def overlap(*calls) -> bool:
 
     await asyncio.gather(*(timed(c) for c in calls))
     return max(s for s, _ in spans) < min(e for _, e in spans)
+
+
+def write_corpus(tmp_path: Path) -> Path:
+    """A source folder for ``infoflow-rag ingest``: one Markdown file of the PASSAGES, one a paragraph."""
+    corpus = tmp_path / "docs"
+    corpus.mkdir()
+    (corpus / "a.md").write_text("\n\n".join(PASSAGES))
+    return corpus

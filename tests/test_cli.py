@@ -9,7 +9,7 @@ import re
 from importlib.metadata import version
 
 import pytest
-from conftest import PASSAGES, QUESTION
+from conftest import QUESTION, write_corpus
 
 from infoflow_rag.cli import build_parser, main
 
@@ -72,9 +72,7 @@ def test_an_empty_source_is_an_error_that_says_what_was_looked_for(tmp_path, cap
 
 def test_ask_says_where_the_kv_came_from_and_json_leaves_out_token_ids(tmp_path, model_dir, capsys, monkeypatch):
     monkeypatch.setenv("INFOFLOW_RAG_CACHE", str(tmp_path / "cache"))
-    corpus = tmp_path / "docs"
-    corpus.mkdir()
-    (corpus / "a.md").write_text("\n\n".join(PASSAGES))
+    corpus = write_corpus(tmp_path)
     index = str(tmp_path / "index")
     assert main(["ingest", str(corpus), "--index", index, "--model", model_dir, "--json"]) == 0
     capsys.readouterr()

@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import PASSAGES, QUESTION
+from conftest import PASSAGES, QUESTION, write_corpus
 from tiny import BagOfWordsEmbedder
 
 from infoflow_rag.engine import Engine
@@ -120,9 +120,7 @@ def test_cli_ingest_ask_and_check_in_process(tmp_path, model_dir, capsys, monkey
     from infoflow_rag.cli import main
 
     monkeypatch.setenv("INFOFLOW_RAG_CACHE", str(tmp_path / "cache"))
-    corpus = tmp_path / "docs"
-    corpus.mkdir()
-    (corpus / "a.md").write_text("\n\n".join(PASSAGES))
+    corpus = write_corpus(tmp_path)
     index = str(tmp_path / "index")
     assert (
         main(
