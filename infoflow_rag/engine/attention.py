@@ -41,11 +41,10 @@ class Capture:
 
 @dataclass
 class SparseQueries:
-    """Recompute queries and cached keys, both sorted by position: a query chunk ending at position P sees
-    only the cached keys up to P and the inputs up to its own end, so masked blocks are never computed."""
+    """Recompute queries sorted by position over a cache in prompt order (key j at position j): a query chunk
+    ending at position P sees only keys [0, P], so the masked blocks after it are never computed."""
 
-    cached_positions: torch.Tensor  # (Nu,) ascending: keys [0, Nu) of every layer
-    input_positions: torch.Tensor  # (Q,) ascending: keys [Nu, Nu + Q) and the queries
+    input_positions: torch.Tensor  # (Q,) ascending: the queries' positions
     chunks: int = 8
 
 
@@ -73,23 +72,27 @@ def sparse_queries(plan: SparseQueries) -> contextlib.AbstractContextManager[Spa
 
 
 def chunked_attention(query, key, value, mask, plan: SparseQueries, scaling: float | None = None):
-    """SDPA per query chunk over the visible key prefix; same result as one call with the full mask.
+    """SDPA per query chunk over the visible key prefix (views, nothing copied); same result as one call with
+    the full mask.
 
-    query: (B, heads, Q, d); key/value: (B, kv_heads, Nu + Q, d); mask: (B, 1, Q, Nu + Q).
+    query: (B, heads, Q, d); key/value: (B, kv_heads, M, d) in prompt order; mask: (B, 1, Q, M).
     Returns (B, Q, heads, d) like transformers' attention functions. torch's SDPA is called directly with
-    ``enable_gqa``: transformers copies every K/V head group out (repeat_kv) whenever a mask is given, which
-    costs the recompute about a third of its attention time on CPU.
+    ``enable_gqa``: transformers copies every K/V head group out (repeat_kv) whenever a mask is given.
     """
-    n_cached, q_len = plan.cached_positions.numel(), plan.input_positions.numel()
+    q_len = plan.input_positions.numel()
     step = max(64, -(-q_len // plan.chunks))
     outputs = []
     for a in range(0, q_len, step):
         b = min(a + step, q_len)
-        u = int(torch.searchsorted(plan.cached_positions, plan.input_positions[b - 1], right=True))
-        k = torch.cat([key[:, :, :u], key[:, :, n_cached : n_cached + b]], dim=2)
-        v = torch.cat([value[:, :, :u], value[:, :, n_cached : n_cached + b]], dim=2)
-        m = torch.cat([mask[:, :, a:b, :u], mask[:, :, a:b, n_cached : n_cached + b]], dim=3)
-        out = F.scaled_dot_product_attention(query[:, :, a:b], k, v, attn_mask=m, scale=scaling, enable_gqa=True)
+        end = int(plan.input_positions[b - 1]) + 1  # keys after the chunk's last query are masked for all of it
+        out = F.scaled_dot_product_attention(
+            query[:, :, a:b],
+            key[:, :, :end],
+            value[:, :, :end],
+            attn_mask=mask[:, :, a:b, :end],
+            scale=scaling,
+            enable_gqa=True,
+        )
         outputs.append(out.transpose(1, 2))  # (B, q, heads, d)
     return torch.cat(outputs, dim=1), None
 

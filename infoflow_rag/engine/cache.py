@@ -36,6 +36,33 @@ def cache_from(keys: torch.Tensor, values: torch.Tensor) -> DynamicCache:
     return cache
 
 
+class SlottedLayer(DynamicLayer):
+    """A cache layer in prompt order whose next forward writes its inputs' K/V into reserved slots instead of
+    appending them: the recompute's keys stay sorted by position, so a query's visible keys are a prefix."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor):
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values, self.slots = keys, values, slots
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.slots is None:  # later forwards (decoding, teacher forcing) append as usual
+            return super().update(key_states, value_states, *args, **kwargs)
+        self.keys.index_copy_(2, self.slots, key_states)
+        self.values.index_copy_(2, self.slots, value_states)
+        self.slots = None
+        return self.keys, self.values
+
+
+def slotted_cache(keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> DynamicCache:
+    """keys/values (layers, kv_heads, M, head_dim), written to in place; slots (Q,): entries the next forward
+    fills with its inputs, in input order."""
+    cache = DynamicCache()
+    for k, v in zip(keys[:, None].unbind(0), values[:, None].unbind(0), strict=True):
+        cache.layers.append(SlottedLayer(k, v, slots))
+    return cache
+
+
 def stacked(cache: DynamicCache) -> tuple[torch.Tensor, torch.Tensor]:
     """DynamicCache -> keys, values (layers, B, kv_heads, n, head_dim)."""
     return torch.stack([layer.keys for layer in cache.layers]), torch.stack([layer.values for layer in cache.layers])

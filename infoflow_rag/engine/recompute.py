@@ -10,14 +10,14 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from .attention import SparseQueries, sparse_queries
-from .cache import cache_from, position_mask, truncate
+from .cache import position_mask, slotted_cache, truncate
 from .placement import PlacedContext
 
 
 @dataclass
 class Recomputed:
     logits: torch.Tensor  # (vocab,) float32: next-token logits after the last prompt token
-    cache: DynamicCache  # unselected cached tokens + recomputed + fresh tokens (order irrelevant: keys carry RoPE)
+    cache: DynamicCache  # every prompt position in prompt order, then what decoding appended
     next_position: int  # position of the first generated token
     positions: torch.Tensor  # (M,) prompt position of each cache entry, in cache order
 
@@ -32,28 +32,33 @@ def recompute(
 ) -> Recomputed:
     """Run selected cached tokens + fresh tokens through every layer at their global positions.
 
-    selected: (s,) indices into the placed tokens. The cache holds the other cached tokens; the forward
-    appends fresh K/V for the inputs, which attend to the mixed cache under pos_k <= pos_q. Unselected
-    tokens are never forwarded.
+    selected: (s,) indices into the placed tokens. The cache holds every prompt position in prompt order: the
+    cached tokens at theirs, and slots for the inputs, which the forward fills with fresh K/V; the inputs
+    attend under pos_k <= pos_q. Unselected tokens are never forwarded.
     """
-    keep = torch.ones(placed.token_ids.numel(), dtype=torch.bool)
-    keep[selected] = False
     inputs = torch.cat([placed.token_ids[selected], fresh_ids])
     in_pos = torch.cat([placed.positions[selected], fresh_positions])
     order = in_pos.argsort()
     inputs, in_pos = inputs[order], in_pos[order]
-    cached_pos = placed.positions[keep]  # ascending: placed tokens are in prompt order
-    mask = position_mask(in_pos, torch.cat([cached_pos, in_pos]), model.dtype)
-    cache = cache_from(placed.keys[:, :, keep], placed.values[:, :, keep])
-    with sparse_queries(SparseQueries(cached_pos, in_pos)):
+    length = placed.token_ids.numel() + fresh_ids.numel()
+    if int(in_pos.max()) + 1 != length or int(placed.positions.max()) >= length:
+        raise RuntimeError(f"the placed and fresh tokens do not tile prompt positions 0..{length - 1}")
+    layers, kv_heads, _, head_dim = placed.keys.shape
+    keys = placed.keys.new_empty(layers, kv_heads, length, head_dim)  # (L, kv_heads, M, d), prompt order
+    values = placed.values.new_empty(layers, kv_heads, length, head_dim)
+    keys.index_copy_(2, placed.positions, placed.keys)  # the selected entries are overwritten by the forward
+    values.index_copy_(2, placed.positions, placed.values)
+    positions = torch.arange(length)
+    cache = slotted_cache(keys, values, in_pos)
+    with sparse_queries(SparseQueries(in_pos)):
         out = model(
             input_ids=inputs[None],
             position_ids=in_pos[None],
-            attention_mask=mask,
+            attention_mask=position_mask(in_pos, positions, model.dtype),  # (1, 1, Q, M)
             cache=cache,
             logits_to_keep=1,
         )
-    return Recomputed(out.logits[0, -1].float(), cache, int(in_pos.max()) + 1, torch.cat([cached_pos, in_pos]))
+    return Recomputed(out.logits[0, -1].float(), cache, length, positions)
 
 
 @torch.inference_mode()
