@@ -5,7 +5,8 @@ The one renderer of conversations: the server's chat route and both framework ad
 The engine's prompt is its cached head (the chat template up to the first user content), the pieces,
 then its tail (the end of the user turn and the assistant header). A conversation rendered by the same
 template is exactly ``head + body + tail``, so its body (earlier turns included, with their role markers)
-becomes the pieces, and the passages inside any user turn are found by their text. A system message
+becomes the pieces, and the passages inside any user turn are found by their text (leading system messages
+are joined into one, a paragraph each). A system message
 changes the head, and with it every passage's KV: such conversations are answered by an engine built for
 that system prompt on the same loaded model, with its own store entries (kept for the few most recent
 system prompts).
@@ -16,7 +17,7 @@ from __future__ import annotations
 import copy
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, TypedDict
 
 from jinja2 import TemplateError
@@ -54,7 +55,7 @@ class Conversations:
 
     def pieces(self, turns: Sequence[Turn], passages: Sequence[str] = ()) -> tuple[Pipeline, list[Piece]]:
         """The pipeline and pieces for ``turns``; ``passages`` go first in the last user turn."""
-        turns = [_checked(turn) for turn in turns]
+        turns = _one_system(_checked(turn) for turn in turns)
         if not turns or turns[-1]["role"] != "user":
             got = repr(turns[-1]["role"]) if turns else "no message"
             raise ValueError(f"the last message must be the user's, got {got}; end the list with the message to answer")
@@ -109,6 +110,15 @@ class Conversations:
                 "send alternating user/assistant turns after at most one leading system message"
             )
         return rendered[len(head) : len(rendered) - len(tail)]
+
+
+def _one_system(turns: Iterable[Turn]) -> list[Turn]:
+    """Leading system messages joined into one (a paragraph each): the engine's head holds one system prompt."""
+    turns = list(turns)
+    n = next((i for i, turn in enumerate(turns) if turn["role"] != "system"), len(turns))
+    if n < 2:
+        return turns
+    return [Turn(role="system", content="\n\n".join(t["content"] for t in turns[:n])), *turns[n:]]
 
 
 def _checked(turn: Turn) -> Turn:

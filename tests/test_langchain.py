@@ -219,6 +219,16 @@ def test_a_conversation_is_the_model_chat_template_of_all_turns(tiny_pipeline, e
         chat(tiny_pipeline).invoke([HumanMessage("Hi"), AIMessage("Hello")])
 
 
+def test_doubled_messages_render_with_the_leading_system_messages_joined(tiny_pipeline, engine, monkeypatch):
+    """langchain-tests' test_double_messages_conversation: two of each role; the engine's head holds one system
+    prompt, so the leading system messages become one, a paragraph each."""
+    prompts = record_prompts(monkeypatch)
+    doubled = [(role, text) for role, text in CONVERSATION[:3] for _ in range(2)] + [CONVERSATION[3]]
+    chat(tiny_pipeline).invoke([MESSAGES[role](text) for role, text in doubled])
+    joined = [("system", "Be brief.\n\nBe brief."), *doubled[2:]]
+    assert prompts == [chat_template(engine, joined)]
+
+
 def test_passages_in_an_earlier_user_turn_reuse_their_kv_and_usage_says_read_or_written(pipeline, engine):
     context = "Context:\n" + "\n\n".join(PASSAGES)
     messages = [HumanMessage(context), AIMessage("Canberra."), HumanMessage("Sure?")]
