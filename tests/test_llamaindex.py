@@ -247,6 +247,13 @@ def test_async_runs_off_the_event_loop_with_one_event_and_true_token_counts(pipe
     assert counter.prompt_llm_token_count == 7 * prompt_tokens  # counted once per call, sync or async
 
 
+def test_aquery_of_a_stock_query_engine_leaves_the_event_loop_running(pipeline):
+    index = ingested_index(pipeline)
+    query_engine = index.as_query_engine(llm=InfoFlowLLM(pipeline=pipeline, max_new_tokens=48))
+    ticks, elapsed = asyncio.run(ticks_while(query_engine.aquery(QUESTION)))
+    assert elapsed > 5 * TICK_S and ticks >= elapsed / TICK_S / 2  # the issue: 0 ticks in a 2.2 s aquery
+
+
 def test_metadata_and_fields(pipeline, engine):
     model = llm(pipeline, reorder=True, ratio=0.3)
     meta = model.metadata
