@@ -117,6 +117,11 @@ class PipelineStream(AnswerStream):
     def answer(self) -> PipelineAnswer | None:
         return self.result
 
+    def steps(self) -> Iterator[str | PipelineAnswer]:
+        """The text deltas, then the :class:`PipelineAnswer` (what an adapter turns into chunks)."""
+        yield from self
+        yield self.answer
+
 
 def _then(stream: AnswerStream, make: Callable[[AnswerResult], PipelineAnswer]) -> Iterator[str]:
     yield from stream

@@ -109,7 +109,7 @@ class ChatInfoFlow(BaseChatModel, OptionFields):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        for step in _steps(self._start(messages, stop, kwargs)):
+        for step in self._start(messages, stop, kwargs).steps():
             chunk = self._chunk(step)
             if run_manager is not None and isinstance(step, str):
                 run_manager.on_llm_new_token(step, chunk=chunk)
@@ -122,7 +122,7 @@ class ChatInfoFlow(BaseChatModel, OptionFields):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        async for step in iterate_in_thread(lambda: _steps(self._start(messages, stop, kwargs))):
+        async for step in iterate_in_thread(lambda: self._start(messages, stop, kwargs).steps()):
             chunk = self._chunk(step)
             if run_manager is not None and isinstance(step, str):
                 await run_manager.on_llm_new_token(step, chunk=chunk)
@@ -177,12 +177,6 @@ def messages_to_turns(messages: Sequence[BaseMessage]) -> list[Turn]:
             raise ValueError(f"ChatInfoFlow reads text only, got content blocks of type {sorted(kinds)}")
         turns.append(Turn(role=role, content=message.text))
     return turns
-
-
-def _steps(stream: PipelineStream) -> Iterator[str | PipelineAnswer]:
-    """The stream's text deltas, then its answer."""
-    yield from stream
-    yield stream.answer
 
 
 def _usage(answer: PipelineAnswer) -> UsageMetadata:

@@ -89,7 +89,7 @@ class InfoFlowLLM(CustomLLM, OptionFields):
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        return _Responses(chat=False).of(_steps(self._completion(prompt, formatted, kwargs)))
+        return _Responses(chat=False).of(self._completion(prompt, formatted, kwargs)().steps())
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
@@ -99,7 +99,7 @@ class InfoFlowLLM(CustomLLM, OptionFields):
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
         start = self._completion(prompt, formatted, kwargs)
-        return _Responses(chat=False).aof(iterate_in_thread(lambda: _steps(start)))
+        return _Responses(chat=False).aof(iterate_in_thread(lambda: start().steps()))
 
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
@@ -107,7 +107,7 @@ class InfoFlowLLM(CustomLLM, OptionFields):
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        return _Responses(chat=True).of(_steps(self._chat(messages, kwargs)))
+        return _Responses(chat=True).of(self._chat(messages, kwargs)().steps())
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
@@ -117,7 +117,7 @@ class InfoFlowLLM(CustomLLM, OptionFields):
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         start = self._chat(messages, kwargs)
-        return _Responses(chat=True).aof(iterate_in_thread(lambda: _steps(start)))
+        return _Responses(chat=True).aof(iterate_in_thread(lambda: start().steps()))
 
     def _completion(self, prompt: str, formatted: bool, kwargs: dict[str, Any]) -> Callable[[], PipelineStream]:
         # The engine wraps the prompt in the model's chat template itself; completion_to_prompt is the user's hook.
@@ -148,13 +148,6 @@ def messages_to_turns(messages: Sequence[ChatMessage]) -> list[Turn]:
             raise ValueError(f"InfoFlowLLM reads text only, got content blocks of type {kinds}")
         turns.append(Turn(role=MessageRole(message.role).value, content=message.content or ""))
     return turns
-
-
-def _steps(start: Callable[[], PipelineStream]) -> Iterator[str | PipelineAnswer]:
-    """The text deltas of the stream ``start()`` begins, then its answer."""
-    stream = start()
-    yield from stream
-    yield stream.answer
 
 
 def _raw(answer: PipelineAnswer) -> dict[str, Any]:
