@@ -32,11 +32,10 @@ from infoflow_rag.engine.selection import InfoFlowSelector, Probe, kv_deviation,
 from infoflow_rag.eval import fidelity
 from infoflow_rag.eval.datasets import load_hotpotqa
 from infoflow_rag.eval.runner import DEFAULT_PROMPT
-from infoflow_rag.eval.stats import mean_ci, paired_diff
+from infoflow_rag.eval.stats import log_kl_diff, mean_ci, paired_diff
 
 DEV_END = 1000  # questions from 1000 on are held out; from 5000 on reserved for independent checks
 MAX_NEW_TOKENS = 32
-KL_FLOOR = 1e-6  # below float noise of a recompute: keeps a log ratio finite where a KL is exactly 0
 
 
 @register
@@ -134,9 +133,7 @@ def summary(rows: list[dict], baseline: str = "infoflow") -> str:
         if name != baseline and shared:
             ours, theirs = [per_id[i]["kl_answer"] for i in shared], [base[i]["kl_answer"] for i in shared]
             d = paired_diff(ours, theirs)
-            log_ratio = mean_ci(
-                [np.log10(max(a, KL_FLOOR) / max(b, KL_FLOOR)) for a, b in zip(ours, theirs, strict=True)]
-            )
+            log_ratio = log_kl_diff(ours, theirs)
             ratio = f"{10**log_ratio.mean:.2f} [{10**log_ratio.low:.2f}, {10**log_ratio.high:.2f}]"
             closer = sum(a < b for a, b in zip(ours, theirs, strict=True))
             further = sum(a > b for a, b in zip(ours, theirs, strict=True))

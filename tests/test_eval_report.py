@@ -1,5 +1,6 @@
 """Report tables, plots and the generated Markdown, from a small hand-made results file."""
 
+import math
 import re
 
 import pytest
@@ -312,9 +313,31 @@ def test_fidelity_paired_table_counts_who_is_closer():
     assert "infoflow@0.15" not in rows
     epic = rows["epic@0.15"]
     # kl_answer epic - infoflow per question: +0.2, -0.1, +0.2, 0 -> mean +0.075; closer on q1, tie on q3.
-    assert epic[2] == "4" and epic[3].startswith("+0.075 [") and epic[4] == "1/1/2"
-    assert epic[5].startswith("-37.5 [")  # top1 0.5 vs 0.875
-    assert epic[6].startswith("+0.1 [")  # gold NLL 2.25 vs 2.15
+    assert epic[2] == "4" and epic[3].startswith("+0.075 [") and epic[5] == "1/1/2"
+    # Per-question ratios 3, 0.5, 5/3, 1: geometric mean 10 ** mean(log10) = 1.257.
+    assert epic[4].startswith("1.26 [")
+    assert epic[6].startswith("-37.5 [")  # top1 0.5 vs 0.875
+    assert epic[7].startswith("+0.1 [")  # gold NLL 2.25 vs 2.15
+
+
+def test_log_kl_diff_is_the_geometric_ratio_and_floors_zero():
+    from infoflow_rag.eval.stats import KL_FLOOR, log_kl_diff
+
+    d = log_kl_diff([0.2, 0.1, 0.0], [0.1, 0.1, KL_FLOOR])
+    assert d.mean == pytest.approx(math.log10(2) / 3)  # 2, 1 and (0 floored) 1
+    assert 10**d.mean == pytest.approx(2 ** (1 / 3))
+
+
+def test_resolution_table_scores_each_measure_against_its_interval():
+    from infoflow_rag.eval.tables import resolution_table
+
+    table = resolution_table(fidelity_results(), "infoflow@0.15")
+    header, rows = table.splitlines()[0], {row[1]: row for row in table_rows(table)}
+    assert "| gold F1 | agreement | kl_answer | log kl_answer | top1 | gold_nll |" in header
+    assert set(rows) == {"epic@0.15", "epic@0.3"}  # not the baseline, not full, not a method without measures
+    assert rows["epic@0.3"][3] == "n/a"  # gold F1 0.5 everywhere: a zero-width interval resolves nothing
+    # kl_answer epic@0.3 - infoflow: 0, -0.1, -0.2, -0.3 -> the interval excludes 0, so the ratio is above 1
+    assert float(rows["epic@0.3"][5]) > 1
 
 
 def test_fidelity_verdict_pairs_kl_per_question():

@@ -52,6 +52,18 @@ def paired_diff(
     return mean_ci(_paired_diffs(a, b), n_boot=n_boot, seed=seed, alpha=alpha)
 
 
+KL_FLOOR = 1e-6  # below float noise of a recompute: keeps a log ratio finite where a KL is exactly 0
+
+
+def log_kl_diff(a: Sequence[float], b: Sequence[float], n_boot: int = 1000, seed: int = 0) -> Estimate:
+    """Paired mean of log10(a[i] / b[i]) for KL divergences (floored at KL_FLOOR), with its bootstrap CI.
+
+    KL is heavy-tailed: a few questions can carry the arithmetic mean. On the log scale each question counts
+    once; 10 ** the estimate is the geometric-mean ratio a / b (below 1: ``a`` is closer to the reference).
+    """
+    return paired_diff(np.log10(np.maximum(a, KL_FLOOR)), np.log10(np.maximum(b, KL_FLOOR)), n_boot, seed)
+
+
 def win_tie_loss(a: Sequence[float], b: Sequence[float]) -> WinTieLoss:
     """How many questions ``a`` scores higher than, equal to, or lower than ``b``."""
     diffs = _paired_diffs(a, b)

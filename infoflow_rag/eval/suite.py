@@ -26,6 +26,7 @@ from .tables import (
     fidelity_paired_table,
     fidelity_table,
     paired_table,
+    resolution_table,
     summary_table,
     with_fidelity,
 )
@@ -305,6 +306,10 @@ def _fidelity_blocks(results: list, baseline: str | None) -> list[str]:
     if baseline:
         paired = fidelity_paired_table(results, baseline)
         blocks.append(f"Fidelity paired against `{baseline}` on the same questions:\n\n{paired}")
+        note = (
+            "Which measure tells each method from the baseline (|paired difference| / half-width of its 95 % interval)"
+        )
+        blocks.append(f"{note}:\n\n{resolution_table(results, baseline)}")
     return blocks
 
 

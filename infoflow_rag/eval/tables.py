@@ -10,7 +10,7 @@ import numpy as np
 from infoflow_rag.engine.selection import DEFAULT_RATIO
 from infoflow_rag.eval.metrics import exact_match, token_f1
 from infoflow_rag.eval.results import QuestionResult
-from infoflow_rag.eval.stats import Estimate, mean_ci, paired_diff, win_tie_loss
+from infoflow_rag.eval.stats import Estimate, log_kl_diff, mean_ci, paired_diff, win_tie_loss
 
 DEFAULT_BASELINE = f"infoflow@{DEFAULT_RATIO:g}"
 
@@ -144,14 +144,15 @@ def fidelity_paired_table(
 ) -> str:
     """Markdown table of each method's per-question fidelity minus ``baseline``'s, on the questions both ran.
 
-    Negative Δkl_answer and Δgold_nll and positive Δtop1 mean closer to full prefill than the baseline.
+    Negative Δkl_answer and Δgold_nll, a kl ratio below 1 and positive Δtop1 mean closer to full prefill than
+    the baseline. The kl ratio is the geometric mean of the per-question ratios (robust to KL's heavy tail).
     "closer" counts the questions where the method's kl_answer is below / equal to / above the baseline's.
     """
     groups = _by_dataset_method(with_fidelity(results))
     lines = [
-        f"| Dataset | Method | n | Δkl_answer vs {baseline} [95% CI] | closer/tie/further | Δtop1 % [95% CI] "
-        "| Δgold_nll [95% CI] |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        f"| Dataset | Method | n | Δkl_answer vs {baseline} [95% CI] | kl_answer ratio (geometric) [95% CI] "
+        "| closer/tie/further | Δtop1 % [95% CI] | Δgold_nll [95% CI] |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for (dataset, method), rows in groups.items():
         base = {r.id: r for r in groups.get((dataset, baseline), [])}
@@ -159,13 +160,52 @@ def fidelity_paired_table(
         if method == baseline or not pairs:
             continue
         kl = paired_diff([r.kl_answer for r, _ in pairs], [b.kl_answer for _, b in pairs], n_boot, seed)
+        log_ratio = log_kl_diff([r.kl_answer for r, _ in pairs], [b.kl_answer for _, b in pairs], n_boot, seed)
+        ratio = f"{10**log_ratio.mean:.2f} [{10**log_ratio.low:.2f}, {10**log_ratio.high:.2f}]"
         closer = win_tie_loss([-r.kl_answer for r, _ in pairs], [-b.kl_answer for _, b in pairs])
         top1 = paired_diff([r.top1 for r, _ in pairs], [b.top1 for _, b in pairs], n_boot, seed)
         gold = [(r.gold_nll, b.gold_nll) for r, b in pairs if r.gold_nll is not None and b.gold_nll is not None]
         nll = _plain_signed_ci(paired_diff(*zip(*gold, strict=True), n_boot, seed)) if gold else "n/a"
         lines.append(
-            f"| {dataset} | {method} | {len(pairs)} | {_plain_signed_ci(kl)} | {closer} | {_signed_ci(top1)} | {nll} |"
+            f"| {dataset} | {method} | {len(pairs)} | {_plain_signed_ci(kl)} | {ratio} | {closer} | {_signed_ci(top1)} "
+            f"| {nll} |"
         )
+    return "\n".join(lines)
+
+
+def resolution_table(
+    results: Sequence[QuestionResult], baseline: str = DEFAULT_BASELINE, n_boot: int = 1000, seed: int = 0
+) -> str:
+    """Which measure tells each method from ``baseline``: |paired mean difference| / half-width of its 95 %
+    interval, per measure, on the questions both ran (above 1: the interval excludes 0). The measures share the
+    questions, so a larger number is a measure that resolves the same difference with fewer questions."""
+    agree = agreement_scores(results, "full")
+    measures = {
+        "gold F1": lambda r: r.f1,
+        "agreement": lambda r: agree.get(r.pair_key),
+        "kl_answer": lambda r: r.kl_answer,
+        "log kl_answer": lambda r: r.kl_answer,
+        "top1": lambda r: r.top1,
+        "gold_nll": lambda r: r.gold_nll,
+    }
+    groups = _by_dataset_method(with_fidelity(results))
+    lines = [
+        f"| Dataset | Method vs {baseline} | n | " + " | ".join(measures) + " |",
+        "|---|---|---:|" + "---:|" * len(measures),
+    ]
+    for (dataset, method), rows in groups.items():
+        base = {r.id: r for r in groups.get((dataset, baseline), [])}
+        pairs = [(r, base[r.id]) for r in rows if r.id in base]
+        if method in (baseline, "full") or not pairs:
+            continue
+        cells = []
+        for name, get in measures.items():
+            both = [(get(r), get(b)) for r, b in pairs if get(r) is not None and get(b) is not None]
+            diff = log_kl_diff if name == "log kl_answer" else paired_diff
+            d = diff(*zip(*both, strict=True), n_boot, seed) if both else None
+            half = (d.high - d.low) / 2 if d else 0.0
+            cells.append(f"{abs(d.mean) / half:.2f}" if half > 0 else "n/a")
+        lines.append(f"| {dataset} | {method} | {len(pairs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
