@@ -18,7 +18,7 @@ from .plots import plot_agreement, plot_frontier, plot_niah_heatmap, plot_tradeo
 from .report import Section, write_results_md
 from .results import ResultsRun, read_results
 from .runner import run_eval
-from .stats import paired_diff, win_tie_loss
+from .stats import log_kl_diff, paired_diff, win_tie_loss
 from .tables import (
     agreement_scores,
     agreement_table,
@@ -226,12 +226,13 @@ def _fidelity_verdict(results: list, method: str) -> list[str]:
         if not ids:
             continue
         ours, theirs = [kl[method][i] for i in ids], [kl[other][i] for i in ids]
-        diff = paired_diff(ours, theirs)
+        diff, log_ratio = paired_diff(ours, theirs), log_kl_diff(ours, theirs)
         closer = sum(a < b for a, b in zip(ours, theirs, strict=True))
         word = "closer to full" if diff.high < 0 else "further from full" if diff.low > 0 else "no clear difference"
         lines.append(
             f"- fidelity, `{method}` vs `{other}` on {len(ids)} questions: kl_answer {sum(ours) / len(ids):.3g} vs "
             f"{sum(theirs) / len(ids):.3g}, paired difference {diff.mean:+.3g} [{diff.low:+.3g}, {diff.high:+.3g}], "
+            f"geometric ratio {10**log_ratio.mean:.2f} [{10**log_ratio.low:.2f}, {10**log_ratio.high:.2f}], "
             f"closer on {closer} of {len(ids)} — {word}"
         )
     return lines
