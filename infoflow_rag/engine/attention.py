@@ -76,8 +76,7 @@ def chunked_attention(query, key, value, mask, plan: SparseQueries, scaling: flo
     the full mask.
 
     query: (B, heads, Q, d); key/value: (B, kv_heads, M, d) in prompt order; mask: (B, 1, Q, M).
-    Returns (B, Q, heads, d) like transformers' attention functions. torch's SDPA is called directly with
-    ``enable_gqa``: transformers copies every K/V head group out (repeat_kv) whenever a mask is given.
+    Returns (B, Q, heads, d) like transformers' attention functions.
     """
     q_len = plan.input_positions.numel()
     step = max(64, -(-q_len // plan.chunks))
@@ -85,16 +84,20 @@ def chunked_attention(query, key, value, mask, plan: SparseQueries, scaling: flo
     for a in range(0, q_len, step):
         b = min(a + step, q_len)
         end = int(plan.input_positions[b - 1]) + 1  # keys after the chunk's last query are masked for all of it
-        out = F.scaled_dot_product_attention(
-            query[:, :, a:b],
-            key[:, :, :end],
-            value[:, :, :end],
-            attn_mask=mask[:, :, a:b, :end],
-            scale=scaling,
-            enable_gqa=True,
+        outputs.append(
+            masked_sdpa(query[:, :, a:b], key[:, :, :end], value[:, :, :end], mask[:, :, a:b, :end], scaling)
         )
-        outputs.append(out.transpose(1, 2))  # (B, q, heads, d)
     return torch.cat(outputs, dim=1), None
+
+
+def masked_sdpa(query, key, value, mask, scaling: float | None) -> torch.Tensor:
+    """torch's SDPA under an explicit mask with grouped K/V heads read in place. -> (B, q, heads, d)
+
+    transformers copies every K/V head group out (repeat_kv) whenever a mask is given; ``enable_gqa`` makes
+    the same call without the copies (7 query heads per K/V head on Qwen2.5-0.5B).
+    """
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2)
 
 
 def attention_norm(
@@ -141,6 +144,8 @@ def infoflow_attention(module, query, key, value, attention_mask, scaling=None, 
     plan = _sparse.get()
     if plan is not None and query.shape[2] == plan.input_positions.numel() and attention_mask is not None:
         return chunked_attention(query, key, value, attention_mask, plan, scaling=scaling)  # inference: no dropout
+    if attention_mask is not None and query.shape[2] > 1:  # prefill, scoring, teacher forcing: all explicit masks
+        return masked_sdpa(query, key, value, attention_mask, scaling), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
