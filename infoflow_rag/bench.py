@@ -11,6 +11,8 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 
+import torch
+
 from .corpus import hotpotqa, paragraph_text
 from .costmodel import (
     Cost,
@@ -57,8 +59,11 @@ def method_cost(engine: Engine, prep: Prepared) -> Cost:
     shape = ModelShape.of(engine.model.config)
     placed, n_prompt = prep.placed, prep.out.next_position
     n_context = placed.token_ids.numel()
-    # The recompute's inputs are the last entries of its cache: the chosen tokens and every fresh token.
-    inputs = prep.out.positions[-(prep.chosen.numel() + n_prompt - n_context) :]
+    # The recompute's inputs: the chosen cached tokens and every fresh prompt token (the positions no cached
+    # token holds).
+    fresh = torch.ones(n_prompt, dtype=torch.bool)
+    fresh[placed.positions] = False
+    inputs = torch.cat([placed.positions[prep.chosen], fresh.nonzero()[:, 0]])
     selector = selector_for(engine, prep.options)
     n_queries = placed.query_positions.numel()
     scoring = 0.0

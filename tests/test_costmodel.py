@@ -85,3 +85,18 @@ def test_bench_reports_each_methods_ceiling_and_flop_rates(engine):
     assert all(r.of_ceiling == r.speedup / r.ceiling for r in rows.values())
     table = format_table(list(rows.values()))
     assert "| ceiling | of ceiling |" in table and "| – |" in table
+
+
+def test_method_cost_counts_the_tokens_the_recompute_runs(engine):
+    # The recompute runs the chosen cached tokens and the fresh prompt tokens, wherever they sit in the prompt.
+    from infoflow_rag.bench import build_context, method_cost
+
+    question, texts = build_context(engine, 1500)
+    kvs = engine.prefill(texts)
+    shape = ModelShape.of(engine.model.config)
+    for selector in ("epic", "infoflow", "none"):
+        prep = engine.prepare(question, kvs, selector=selector, ratio=0.2)
+        n_prompt, placed = prep.out.next_position, prep.placed
+        fresh = sorted(set(range(n_prompt)) - set(placed.positions.tolist()))
+        inputs = torch.tensor(sorted(placed.positions[prep.chosen].tolist() + fresh))
+        assert method_cost(engine, prep).recompute_flops == recompute_flops(shape, inputs), selector
