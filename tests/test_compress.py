@@ -121,6 +121,13 @@ def test_signals_are_recorded_at_prefill_exactly(engine, kvs):
         assert evolution.shape == (len(kv),) and bool(((evolution >= 0) & (evolution <= 2)).all())
 
 
+def test_prefill_without_signals_gives_the_same_cache(engine, kvs):
+    bare = engine.prefill(PASSAGES, signals=False)
+    for a, b in zip(bare, kvs, strict=True):
+        assert a.signals == {}
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
 def test_signals_do_not_depend_on_the_batch(engine):
     together = engine.prefill(PASSAGES)
     alone = [engine.prefill([text])[0] for text in PASSAGES]

@@ -56,9 +56,11 @@ class PrefillingEngine(FakeEngine):
     """A fake engine with the optional prefill-once fast path."""
 
     prefills: list[list[str]] = field(default_factory=list)
+    signals: list[bool] = field(default_factory=list)
 
-    def prefill(self, passages):
+    def prefill(self, passages, signals=None):
         self.prefills.append(list(passages))
+        self.signals.append(signals)
         return [f"KV<{p}>" for p in passages]
 
 
@@ -179,6 +181,16 @@ def test_prefill_once_per_question_outside_ttft(tmp_path):
         cached = call["selector"] != "full"
         assert call["passages"] == (["KV<p1>", "KV<p2>"] if cached else ["p1", "p2"])
     assert all((r.prefill_time is None) == (r.options.selector == "full") for r in results)
+
+
+def test_prefill_records_signals_only_for_a_policy_that_reads_them(tmp_path):
+    engine = PrefillingEngine()
+    run(engine, tmp_path / "a.jsonl")
+    assert engine.signals == [False] * 3
+    engine = PrefillingEngine()
+    methods = [*METHODS, parse_method("infoflow@0.15+infokv:0.5")]
+    run_eval(engine, EXAMPLES, methods, tmp_path / "b.jsonl", progress=False, command="eval --toy")
+    assert engine.signals == [True] * 3
 
 
 def test_prefill_fast_path_can_be_turned_off(tmp_path):

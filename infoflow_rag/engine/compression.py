@@ -90,6 +90,11 @@ class Policy(ABC):
         pad = self.kernel // 2
         return torch.nn.functional.max_pool1d(attention[None, None], self.kernel, 1, pad)[0, 0]
 
+    @property
+    def needs_signals(self) -> bool:
+        """Whether ranking reads the per-token signals recorded at passage prefill (see :mod:`.signals`)."""
+        return False
+
     def check(self, prompt: PromptMap) -> None:
         """Raise ValueError if this policy cannot rank ``prompt``: called before the query runs, so a bad
         combination fails at once instead of after the first token. Every ranking works by default."""
@@ -152,6 +157,10 @@ class InfoKV(Policy):
         self.weights = {"attention": attention, "entropy": entropy, "evolution": evolution}
         if any(w < 0 for w in self.weights.values()) or not any(self.weights.values()):
             raise ValueError(f"infokv weights must be >= 0 and not all 0, got {self.weights}")
+
+    @property
+    def needs_signals(self) -> bool:
+        return any(self.weights[name] for name in SIGNALS)
 
     def check(self, prompt: PromptMap) -> None:
         for name in SIGNALS:

@@ -164,8 +164,14 @@ class Engine:
             return f"signals {sorted(missing)} are missing"
         return None
 
-    def prefill(self, passages: Sequence[str], progress: bool = False) -> list[PassageKV]:
-        """Prefill passages alone behind the prefix, batching similar lengths; returns KVs in input order."""
+    def prefill(self, passages: Sequence[str], progress: bool = False, signals: bool | None = None) -> list[PassageKV]:
+        """Prefill passages alone behind the prefix, batching similar lengths; returns KVs in input order.
+
+        ``signals``: record InfoKV's per-token signals (default: the engine's ``record_signals``). Their entropy
+        runs the vocabulary head on every passage token, which on a large-vocabulary model costs more than the
+        rest of the prefill: callers that know no policy will read them pass False.
+        """
+        signals = self.record_signals if signals is None else signals
         ids = [self.passage_ids(text) for text in passages]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out: list[PassageKV | None] = [None] * len(ids)
@@ -178,7 +184,7 @@ class Engine:
             batch = order[start:end]
             for i, kv in zip(
                 batch,
-                prefill.prefill_passages(self.model, self.prefix, [ids[i] for i in batch], self.record_signals),
+                prefill.prefill_passages(self.model, self.prefix, [ids[i] for i in batch], signals),
                 strict=True,
             ):
                 out[i] = kv

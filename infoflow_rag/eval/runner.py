@@ -9,6 +9,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from infoflow_rag.engine.compression import make_policy
 from infoflow_rag.engine.options import QueryOptions
 from infoflow_rag.eval import fidelity
 from infoflow_rag.eval.datasets import EvalExample
@@ -98,7 +99,8 @@ def _run_question(
     caches, prefill_time = None, None
     if use_prefill and any(m.options.selector != "full" for m in todo):
         started = time.perf_counter()
-        caches = engine.prefill(example.passages)
+        # Signals only when a policy reads them: recording them runs the vocabulary head on every passage token.
+        caches = engine.prefill(example.passages, signals=any(_needs_signals(m.options) for m in todo))
         prefill_time = time.perf_counter() - started
     gold = engine.answer_token_ids(example.answers[0]) if example.answers else []
     ref = _stored_reference(engine, example, full_result, prompt, max_new_tokens)
@@ -137,6 +139,10 @@ def _fidelity(engine: Any, prep: Any, ref: fidelity.Reference | None, gold: list
     if gold:
         scores["gold_nll"] = fidelity.gold_nll(engine.teacher_force(prep, gold), gold)
     return scores
+
+
+def _needs_signals(options: QueryOptions) -> bool:
+    return make_policy(options.compress, **options.compress_options).needs_signals
 
 
 def _is_reference(method: MethodSpec) -> bool:

@@ -1,8 +1,9 @@
 """One worker thread runs every request's model work, in arrival order, behind a bounded queue.
 
-The model is a single shared object: running two forwards on it at once would interleave their
-signal hooks and caches, and on a CPU two at once are no faster than one after the other. So the
-event loop only queues jobs and relays their output; a full queue is refused at once (429) instead of
+The engine is safe to share between threads (its per-forward state lives in context variables), but
+on a CPU two forwards at once are no faster than one after the other, and each would finish later: one
+worker in arrival order gives every request the whole machine. So the event loop only queues jobs and
+relays their output; a full queue is refused at once (429) instead of
 letting latency grow without bound. A job stops between two text deltas once it is cancelled (client
 gone, timeout); its prefill and recompute, a bounded amount of work, always run to the end.
 """
