@@ -92,13 +92,13 @@ def recompute_flops(shape: ModelShape, input_positions: torch.Tensor) -> float:
 
 
 def infoflow_scoring_flops(shape: ModelShape, n_queries: int, n_context: int, score_layers: list[int]) -> float:
-    """The question rows over the whole context up to the last scoring layer L: layers 0..L-1 whole, layer L's
-    q, k, v (the forward stops once its scores are taken), and on every scoring layer the attention norm's own
-    QK^T over all the keys."""
+    """The question rows over the whole context up to the last scoring layer L: layers 0..L-1 whole (a scoring
+    layer's norm comes from the probabilities its attention computes anyway), and layer L's q, k, v and QK^T
+    (the forward stops once its scores are taken)."""
     visible = n_context + torch.arange(1, n_queries + 1)  # (q,) the context, then the question causally
     last = max(score_layers)
-    norm = len(score_layers) * float(visible.double().sum()) * shape.key_layer_flops // 2
-    return forward_flops(shape, visible, layers=last) + n_queries * shape.qkv_flops + norm
+    last_scores = float(visible.double().sum()) * shape.key_layer_flops // 2
+    return forward_flops(shape, visible, layers=last) + n_queries * shape.qkv_flops + last_scores
 
 
 def cacheblend_scoring_flops(shape: ModelShape, n_prefix: int, n_context: int, check_layer: int) -> float:

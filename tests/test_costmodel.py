@@ -52,9 +52,9 @@ def test_scoring_cost_grows_with_the_scoring_layers():
 
 
 def test_infoflow_scoring_costs_what_torch_counts(engine):
-    # The math SDPA backend is plain matmuls the counter sees; it computes the dense (q, K) scores, so the
-    # count exceeds the causal visible-key count by the question block's own upper triangle: in the SDPA of
-    # layers 0..L-1 and in the attention norm's QK^T on each scoring layer.
+    # The question's attention is plain matmuls the counter sees (grouped_attention); they compute the dense
+    # (q, K) scores, so the count exceeds the causal visible-key count by the question block's own upper
+    # triangle: in the attention of layers 0..L-1 and in the last layer's QK^T.
     from infoflow_rag.engine.scoring import attention_scores
 
     model, shape = engine.model, ModelShape.of(engine.model.config)
@@ -65,7 +65,7 @@ def test_infoflow_scoring_costs_what_torch_counts(engine):
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         attention_scores(model, kv, kv, query_ids, positions, layers)
     triangle = n_queries * (n_queries - 1) // 2  # question-to-later-question scores, masked but computed
-    dense_extra = triangle * (max(layers) * shape.key_layer_flops + len(layers) * shape.key_layer_flops // 2)
+    dense_extra = triangle * (max(layers) * shape.key_layer_flops + shape.key_layer_flops // 2)
     expected = infoflow_scoring_flops(shape, n_queries, n_context, layers) + dense_extra
     assert counter.get_total_flops() == pytest.approx(expected, rel=1e-3)
 

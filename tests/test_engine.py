@@ -8,7 +8,7 @@ from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from infoflow_rag.engine import Engine
-from infoflow_rag.engine.attention import attention_norm
+from infoflow_rag.engine.attention import grouped_attention
 from infoflow_rag.engine.check import rotation_error
 from infoflow_rag.engine.prompt import DEFAULT_QUESTION_TEMPLATE
 from infoflow_rag.engine.selection import DEFAULT_RATIO, SELECTORS
@@ -129,15 +129,18 @@ def test_infoflow_scores_follow_the_question(engine):
     assert a != b
 
 
-def test_attention_norm_head_reductions_match_a_hand_computation():
+def test_grouped_attention_matches_a_hand_computation_and_sdpa():
     torch.manual_seed(0)
-    query, key = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 5, 8)  # 4 query heads share 2 KV heads (GQA)
-    probs = (query @ key.repeat_interleave(2, dim=1).transpose(-1, -2) * 0.5).softmax(-1)[0, :, :, :4]  # (h, q, 4)
-    mean = attention_norm(query, key, None, 0.5, n_keys=4)
+    query, key, value = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)  # GQA: 4 on 2
+    mask = torch.zeros(1, 1, 3, 5).masked_fill_(torch.rand(1, 1, 3, 5) < 0.3, torch.finfo(torch.float32).min)
+    logits = query @ key.repeat_interleave(2, dim=1).transpose(-1, -2) * 0.5 + mask
+    probs = logits.softmax(-1)[0, :, :, :4]  # (h, q, 4)
+    out, mean = grouped_attention(query, key, value, mask, 0.5, n_keys=4)
     assert torch.allclose(mean, probs.mean(0).pow(2).sum(0).sqrt())
-    assert torch.allclose(
-        attention_norm(query, key, None, 0.5, 4, heads="max"), probs.pow(2).sum(1).sqrt().max(0).values
-    )
+    sdpa = torch.nn.functional.scaled_dot_product_attention(query, key, value, mask, scale=0.5, enable_gqa=True)
+    assert torch.allclose(out, sdpa.transpose(1, 2), atol=1e-6)
+    _, top = grouped_attention(query, key, None, mask, 0.5, 4, heads="max")
+    assert torch.allclose(top, probs.pow(2).sum(1).sqrt().max(0).values)
 
 
 def test_infoflow_head_reduction_is_an_option_that_changes_the_picks(engine):
@@ -305,6 +308,25 @@ def test_chunked_recompute_attention_equals_one_full_mask_call(engine, monkeypat
     monkeypatch.setattr(recompute, "sparse_queries", lambda plan: contextlib.nullcontext())
     whole = recompute.recompute(*args).logits
     assert (chunked - whole).abs().max() <= 1e-5
+
+
+def test_question_scores_in_prompt_slots_equal_scores_over_a_copied_cache(engine):
+    """The question written into its own prompt slots scores as it does appended to a copy of the cache, and
+    the placed keys are left as they were."""
+    from infoflow_rag.engine import scoring
+    from infoflow_rag.engine.placement import place
+
+    layout = engine.prepare(QUESTION, engine.prefill(PASSAGES), selector="infoflow").layout
+    placed = place(layout, engine.inv_freq, engine.model.dtype)
+    assert placed.cached_first and placed.keys.data_ptr() == placed.prompt_keys.data_ptr()
+    keys = placed.keys.clone()
+    layers = engine.score_layers
+    in_slots = scoring.question_attention_scores(engine.model, placed, layout.query_ids, layers)
+    copied = scoring.attention_scores(
+        engine.model, placed.keys, placed.values, layout.query_ids, placed.query_positions, layers
+    )
+    assert (in_slots - copied).abs().max() <= 1e-6
+    assert torch.equal(placed.keys, keys)
 
 
 def test_score_rows_pick_the_raw_question_or_the_whole_question_block(engine):

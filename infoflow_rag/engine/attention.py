@@ -100,51 +100,78 @@ def masked_sdpa(query, key, value, mask, scaling: float | None) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
-def attention_norm(
+def grouped_attention(
     query: torch.Tensor,
     key: torch.Tensor,
+    value: torch.Tensor | None,
     mask: torch.Tensor | None,
     scaling: float,
-    n_keys: int,
+    n_keys: int = 0,
     heads: str = "mean",
-) -> torch.Tensor:
-    """s[k] = || mean_heads softmax(QK^T * scaling + mask)[:, k] ||_2 over question rows, for the first n_keys keys;
-    with ``heads="max"``, max over heads of each head's || softmax(...)[:, k] ||_2 instead.
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Attention of a few query rows as two plain matmuls, grouped K/V heads read in place; with ``n_keys``,
+    also the attention norm of the first ``n_keys`` keys from the same probabilities (InfoFlow's score):
+    s[k] = || mean_heads softmax(QK^T * scaling + mask)[:, k] ||_2 over query rows, or with ``heads="max"``
+    the max over heads of each head's || softmax(...)[:, k] ||_2.
 
-    query: (1, heads, q, d); key: (1, kv_heads, K, d) (GQA: expanded to the query heads);
-    mask: additive (1, 1, q, K) or None. Returns (n_keys,) float32.
+    query: (B, heads, q, d); key/value: (B, kv_heads, K, d); mask: additive (B, 1, q, K) or None.
+    Returns the output (B, q, heads, d) like transformers' attention functions (None without ``value``) and
+    the scores (n_keys,) float32 (None without ``n_keys``). Not SDPA: for a question's few rows over thousands
+    of keys torch's CPU flash kernel ran at ~11 GFLOP/s (13 rows x 4K keys, SmolLM2), far below what two
+    matmuls that read K and V once reach.
     """
-    n_heads, kv_heads = query.shape[1], key.shape[1]
-    key = key.repeat_interleave(n_heads // kv_heads, dim=1).float()  # (1, heads, K, d)
-    sq = torch.zeros(n_heads if heads == "max" else 1, n_keys, dtype=torch.float32, device=query.device)
-    for start in range(0, query.shape[2], QUERY_CHUNK):
-        q = query[:, :, start : start + QUERY_CHUNK].float()  # (1, heads, c, d)
-        logits = q @ key.transpose(-1, -2) * scaling  # (1, heads, c, K)
+    b, n_heads, q_len, d = query.shape
+    kv_heads, n_k = key.shape[1], key.shape[2]
+    group = n_heads // kv_heads  # query heads g*group .. g*group+group-1 read K/V head g (transformers' repeat_kv)
+    out = None if value is None else query.new_empty(b, kv_heads, group, q_len, d)
+    sq = torch.zeros(n_heads if heads == "max" else 1, n_keys) if n_keys else None
+    for start in range(0, q_len, QUERY_CHUNK):
+        stop = min(start + QUERY_CHUNK, q_len)
+        rows = stop - start
+        q = query[:, :, start:stop].reshape(b, kv_heads, group * rows, d)
+        logits = (q @ key.transpose(-1, -2)).mul_(scaling).view(b, kv_heads, group, rows, n_k)
         if mask is not None:
-            logits = logits + mask[:, :, start : start + QUERY_CHUNK].float()
-        probs = logits.softmax(dim=-1)[0, :, :, :n_keys]  # (heads, c, n_keys)
-        if heads == "mean":
-            probs = probs.mean(dim=0, keepdim=True)  # (1, c, n_keys)
-        sq += probs.pow(2).sum(dim=1)
-    return sq.sqrt().max(dim=0).values
+            logits += mask[:, :, None, start:stop]  # (B, 1, 1, rows, K) over every head of a group
+        probs = logits.softmax(dim=-1)  # (B, kv_heads, group, rows, K)
+        if out is not None:
+            out[:, :, :, start:stop] = (probs.view(b, kv_heads, group * rows, n_k) @ value).view(
+                b, kv_heads, group, rows, d
+            )
+        if sq is not None:
+            per_head = probs[0, ..., :n_keys].reshape(n_heads, rows, n_keys).float()
+            if heads == "mean":
+                per_head = per_head.mean(dim=0, keepdim=True)  # (1, rows, n_keys)
+            sq += per_head.pow(2).sum(dim=1)
+    output = None if out is None else out.view(b, n_heads, q_len, d).transpose(1, 2)
+    return output, None if sq is None else sq.sqrt().max(dim=0).values
 
 
 def infoflow_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     c = _active.get()
     layer = getattr(module, "layer_idx", None)
-    if c is not None and layer == c.stop_after and c.stop_before_attention:
-        raise StopForward
-    if c is not None and layer in c.score_layers:
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        s = attention_norm(query, key, attention_mask, scale, c.n_keys, c.heads)
-        c.scores = s if c.scores is None else c.scores + s
-        c.layers_seen.append(layer)
-    if c is not None and layer == c.stop_after:
-        raise StopForward
+    if c is not None:  # a scoring forward, which stops after c.stop_after
+        if layer == c.stop_after and c.stop_before_attention:
+            raise StopForward
+        scored, last = layer in c.score_layers, layer == c.stop_after
+        # A question's few rows: one probability block, where plain matmuls beat the flash kernel. Many rows
+        # (CacheBlend's check pass over the whole context) keep SDPA for their output.
+        few = query.shape[2] <= QUERY_CHUNK
+        out = None
+        if scored or (few and not last):
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            wanted = value if few and not last else None  # the last layer's output is never used
+            out, s = grouped_attention(query, key, wanted, attention_mask, scale, c.n_keys if scored else 0, c.heads)
+            if scored:
+                c.scores = s if c.scores is None else c.scores + s
+                c.layers_seen.append(layer)
+        if last:
+            raise StopForward
+        if out is not None:
+            return out, None
     plan = _sparse.get()
     if plan is not None and query.shape[2] == plan.input_positions.numel() and attention_mask is not None:
         return chunked_attention(query, key, value, attention_mask, plan, scaling=scaling)  # inference: no dropout
-    if attention_mask is not None and query.shape[2] > 1:  # prefill, scoring, teacher forcing: all explicit masks
+    if attention_mask is not None and query.shape[2] > 1:  # prefill, teacher forcing: explicit masks
         return masked_sdpa(query, key, value, attention_mask, scaling), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 

@@ -37,18 +37,27 @@ def delta_cos_sin(deltas: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.T
     return emb.cos(), emb.sin()
 
 
-def rotate_keys(keys: torch.Tensor, deltas: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+def rotate_keys(
+    keys: torch.Tensor, deltas: torch.Tensor, inv_freq: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Move post-RoPE keys by ``deltas`` positions.
 
     keys: (..., n, head_dim), any float dtype; deltas: (n,) ints (one per token; a passage shares one).
-    Returns keys of the same shape and dtype. Zero deltas return the input untouched. The product is
-    taken in the keys' dtype (float32 in practice): only the angle needs float64.
+    Returns keys of the same shape and dtype, written into ``out`` if given (else a new tensor, or the input
+    itself when every delta is zero). The product is taken in the keys' dtype (float32 in practice): only
+    the angle needs float64. Written as in-place products on ``out`` rather than ``k cos + rotate_half(k) sin``:
+    a 4K cache is ~90 MB of keys, and each temporary of that size costs a pass over memory.
     """
     if not bool(deltas.any()):
-        return keys
+        return keys if out is None else out.copy_(keys)
     cos, sin = delta_cos_sin(deltas.to(keys.device), inv_freq.to(keys.device))
-    cos, sin = cos.to(keys.dtype), sin.to(keys.dtype)
-    return keys * cos + rotate_half(keys) * sin  # cos/sin (n, hd) broadcast over leading dims
+    cos, sin = cos.to(keys.dtype), sin.to(keys.dtype)  # (n, hd), broadcast over leading dims
+    out = torch.empty_like(keys) if out is None else out
+    half = keys.shape[-1] // 2
+    torch.mul(keys, cos, out=out)
+    out[..., :half].addcmul_(keys[..., half:], sin[:, :half], value=-1)  # rotate_half: (-x2, x1)
+    out[..., half:].addcmul_(keys[..., :half], sin[:, half:])
+    return out
 
 
 # Key geometry / question geometry used when *scoring* (the recompute itself is always global):
@@ -96,7 +105,13 @@ class Layout:
 
 @dataclass
 class PlacedContext:
-    """Every cached token (prefix first), keys rotated into one geometry, in prompt order."""
+    """Every cached token (prefix first), keys rotated into one geometry, in prompt order.
+
+    ``keys``/``values`` are views into ``prompt_keys``/``prompt_values``, buffers with one entry per prompt
+    position, where the fresh positions are zeros: the recompute's cache is that buffer, its forward fills
+    the fresh and selected entries in place, so the placed keys are read, never copied, on the way to the
+    first token. ``keys``/``values`` hold the cached entries only (a copy when fresh text sits between them).
+    """
 
     keys: torch.Tensor  # (layers, kv_heads, N, head_dim)
     values: torch.Tensor  # (layers, kv_heads, N, head_dim)
@@ -106,25 +121,37 @@ class PlacedContext:
     spans: list[tuple[int, int, int]]  # (passage index, start, end) ranges into N, cached passages only
     query_positions: torch.Tensor  # (q,) where the scoring question sits in this geometry
     prefix_len: int  # the first prefix_len tokens are the fixed prefix
+    prompt_keys: torch.Tensor  # (layers, kv_heads, M, head_dim), M = prompt length, entry j at position j
+    prompt_values: torch.Tensor  # (layers, kv_heads, M, head_dim)
 
     @property
     def n_passage_tokens(self) -> int:
         return sum(end - start for _, start, end in self.spans)
 
+    @property
+    def cached_first(self) -> bool:
+        """Whether the cached tokens are the prompt's first N positions (``keys`` is a view of ``prompt_keys``)."""
+        return int(self.positions[-1]) == self.positions.numel() - 1
+
 
 def place(layout: Layout, inv_freq: torch.Tensor, dtype: torch.dtype, geometry: str = "global") -> PlacedContext:
-    """Concatenate the cached segments, rotating each one's keys into ``geometry``."""
+    """Lay the cached segments into prompt-order buffers, rotating each one's keys into ``geometry``."""
     if geometry not in GEOMETRIES:
         raise ValueError(f"unknown geometry {geometry!r}; choose one of {', '.join(GEOMETRIES)}")
     p = layout.prefix_len
     context_end = layout.length - sum(len(s) for s in layout.segments if s.kv is None)
-    keys, values, ids, positions, candidate, spans = [], [], [], [], [], []
+    layers, kv_heads, _, head_dim = layout.prefix.keys.shape
+    prompt_keys = torch.empty(layers, kv_heads, layout.length, head_dim, dtype=dtype)
+    prompt_values = torch.empty_like(prompt_keys)
+    ids, positions, candidate, spans = [], [], [], []
 
     def add(kv: PassageKV, start: int, key_start: int, can_select: bool) -> None:
         n = len(kv)
         local = kv.offset + torch.arange(n)
-        keys.append(rotate_keys(kv.keys.to(dtype), key_start + torch.arange(n) - local, inv_freq))
-        values.append(kv.values.to(dtype))
+        rotate_keys(
+            kv.keys.to(dtype), key_start + torch.arange(n) - local, inv_freq, out=prompt_keys[:, :, start : start + n]
+        )
+        prompt_values[:, :, start : start + n].copy_(kv.values)
         ids.append(kv.token_ids)
         positions.append(start + torch.arange(n))
         candidate.append(torch.full((n,), can_select))
@@ -133,6 +160,9 @@ def place(layout: Layout, inv_freq: torch.Tensor, dtype: torch.dtype, geometry: 
     n_cached = p
     for seg, start in zip(layout.segments, layout.starts(), strict=True):
         if seg.kv is None:
+            # Zeros, not garbage: a fresh entry is masked until the recompute fills it, and 0 * NaN would not be 0.
+            prompt_keys[:, :, start : start + len(seg)] = 0
+            prompt_values[:, :, start : start + len(seg)] = 0
             continue
         if geometry == "global":
             key_start = start
@@ -145,15 +175,22 @@ def place(layout: Layout, inv_freq: torch.Tensor, dtype: torch.dtype, geometry: 
             spans.append((seg.passage, n_cached, n_cached + len(seg)))
         n_cached += len(seg)
 
+    all_positions = torch.cat(positions)
+    if int(all_positions[-1]) == n_cached - 1:  # cached_first: the cached tokens are the prompt's first N
+        keys, values = prompt_keys[:, :, :n_cached], prompt_values[:, :, :n_cached]
+    else:
+        keys, values = prompt_keys.index_select(2, all_positions), prompt_values.index_select(2, all_positions)
     q = layout.query_ids.numel()
     query_positions = p + torch.arange(q) if geometry == "head-local/head-prompt" else layout.query_positions
     return PlacedContext(
-        keys=torch.cat(keys, dim=2),
-        values=torch.cat(values, dim=2),
+        keys=keys,
+        values=values,
         token_ids=torch.cat(ids),
-        positions=torch.cat(positions),
+        positions=all_positions,
         candidate=torch.cat(candidate),
         spans=spans,
         query_positions=query_positions,
         prefix_len=p,
+        prompt_keys=prompt_keys,
+        prompt_values=prompt_values,
     )

@@ -34,22 +34,20 @@ def recompute(
 
     selected: (s,) indices into the placed tokens. The cache holds every prompt position in prompt order: the
     cached tokens at theirs, and slots for the inputs, which the forward fills with fresh K/V; the inputs
-    attend under pos_k <= pos_q. Unselected tokens are never forwarded.
+    attend under pos_k <= pos_q. Unselected tokens are never forwarded. ``placed``'s buffers become the cache,
+    so its keys/values hold the recomputed entries afterwards; running this again gives the same result (each
+    layer writes every input entry before its attention reads them, and the other entries are never written).
     """
     inputs = torch.cat([placed.token_ids[selected], fresh_ids])
     in_pos = torch.cat([placed.positions[selected], fresh_positions])
     order = in_pos.argsort()
     inputs, in_pos = inputs[order], in_pos[order]
     length = placed.token_ids.numel() + fresh_ids.numel()
-    if int(in_pos.max()) + 1 != length or int(placed.positions.max()) >= length:
+    if int(in_pos.max()) + 1 != length or length != placed.prompt_keys.shape[2]:
         raise RuntimeError(f"the placed and fresh tokens do not tile prompt positions 0..{length - 1}")
-    layers, kv_heads, _, head_dim = placed.keys.shape
-    keys = placed.keys.new_empty(layers, kv_heads, length, head_dim)  # (L, kv_heads, M, d), prompt order
-    values = placed.values.new_empty(layers, kv_heads, length, head_dim)
-    keys.index_copy_(2, placed.positions, placed.keys)  # the selected entries are overwritten by the forward
-    values.index_copy_(2, placed.positions, placed.values)
     positions = torch.arange(length)
-    cache = slotted_cache(keys, values, in_pos)
+    # The placed prompt-order buffers become the cache: the forward overwrites the input entries in place.
+    cache = slotted_cache(placed.prompt_keys, placed.prompt_values, in_pos)  # (L, kv_heads, M, d)
     with sparse_queries(SparseQueries(in_pos)):
         out = model(
             input_ids=inputs[None],

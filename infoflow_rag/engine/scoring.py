@@ -5,10 +5,10 @@
 from __future__ import annotations
 
 import torch
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from .attention import Capture, StopForward, capture
-from .cache import cache_from, position_mask
+from .cache import cache_from, position_mask, slotted_cache
 from .placement import PlacedContext
 
 
@@ -19,9 +19,19 @@ def question_attention_scores(
     """InfoFlow score: mean over ``layers`` of the question's attention norm on each cached token. -> (N,)
 
     Only the question tokens run, on top of the placed cache, and the forward stops after the last
-    scoring layer. The scoring cache is a throwaway: the placed tensors are never written to.
+    scoring layer. The placed keys/values are never written to.
     """
-    return attention_scores(model, placed.keys, placed.values, query_ids, placed.query_positions, layers, heads)
+    n, q_pos = placed.token_ids.numel(), placed.query_positions
+    if not (placed.cached_first and int(q_pos.min()) >= n):
+        return attention_scores(model, placed.keys, placed.values, query_ids, q_pos, layers, heads)
+    # The question's K/V go into its own, still empty, prompt slots (the recompute fills them again later)
+    # instead of being appended to a copy of the whole cache on every layer.
+    end = int(q_pos.max()) + 1
+    k_pos = torch.full((end,), end)  # fresh slots the question does not fill stay masked
+    k_pos[:n] = -1  # every cached token is visible to every question row
+    k_pos[q_pos] = q_pos
+    cache = slotted_cache(placed.prompt_keys[:, :, :end], placed.prompt_values[:, :, :end], q_pos)
+    return _scores(model, cache, k_pos, query_ids, q_pos, n, layers, heads)
 
 
 @torch.inference_mode()
@@ -41,15 +51,30 @@ def attention_scores(
     """
     n = keys.shape[2]
     k_pos = torch.cat([torch.full((n,), -1), query_positions])
+    return _scores(model, cache_from(keys, values), k_pos, query_ids, query_positions, n, layers, heads)
+
+
+def _scores(
+    model: PreTrainedModel,
+    cache: DynamicCache,
+    k_pos: torch.Tensor,
+    query_ids: torch.Tensor,
+    query_positions: torch.Tensor,
+    n_keys: int,
+    layers: list[int],
+    heads: str,
+) -> torch.Tensor:
+    """The queries' forward over ``cache`` (keys at ``k_pos`` once the queries are in), scoring its first
+    ``n_keys`` entries on ``layers``. -> (n_keys,)"""
     mask = position_mask(query_positions, k_pos, model.dtype)
-    c = Capture(score_layers=frozenset(layers), n_keys=n, stop_after=max(layers), heads=heads)
+    c = Capture(score_layers=frozenset(layers), n_keys=n_keys, stop_after=max(layers), heads=heads)
     with capture(c):
         try:
             model(
                 input_ids=query_ids[None],
                 position_ids=query_positions[None],
                 attention_mask=mask,
-                cache=cache_from(keys, values),
+                cache=cache,
                 logits_to_keep=1,
             )
         except StopForward:
