@@ -351,9 +351,14 @@ FACTS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def smollm() -> Engine:
+    return Engine.load("smollm2-135m")
+
+
 @pytest.mark.real_model
-def test_smollm_query_engine_reuses_kv_and_names_the_fact(completions):
-    pipeline = Pipeline(Engine.load("smollm2-135m"), open_store("memory"))
+def test_smollm_query_engine_reuses_kv_and_names_the_fact(smollm, completions):
+    pipeline = Pipeline(smollm, open_store("memory"))
     index = VectorStoreIndex.from_documents(
         [Document(text=t) for t in FACTS],
         embed_model=InfoFlowEmbedding(),
@@ -365,3 +370,18 @@ def test_smollm_query_engine_reuses_kv_and_names_the_fact(completions):
     assert response.source_nodes[0].node.text == FACTS[0]  # the offline MiniLM ranks the asked-about fact first
     assert "1889" in response.response
     assert stats["passages_hit"] == 3 and stats["reused_share"] > 0.3 and stats["recompute_fraction"] <= 0.16
+
+
+@pytest.mark.real_model
+def test_smollm_over_an_index_with_no_ingestion_step_reuses_in_every_response_mode(smollm, completions):
+    index = VectorStoreIndex.from_documents([Document(text=t) for t in FACTS], embed_model=InfoFlowEmbedding())
+    modes = ("compact", "refine", "tree_summarize", "simple_summarize")
+    for engine_args in [*({"response_mode": m} for m in modes), {"text_qa_template": INLINE}]:
+        pipeline = Pipeline(smollm, open_store("memory"))  # a fresh store per mode
+        model = InfoFlowLLM(pipeline=pipeline, max_new_tokens=24)
+        query_engine = index.as_query_engine(llm=model, similarity_top_k=3, **engine_args)
+        answers = [query_engine.query("When was the Eiffel Tower completed?").response for _ in range(2)]
+        second = [c.raw[STATS_KEY] for _, c in completions[len(completions) // 2 :]]
+        completions.clear()
+        assert answers[0] == answers[1] and "1889" in answers[0], engine_args
+        assert all(s["passages_hit"] >= 1 and s["passages_computed"] == 0 for s in second), engine_args
