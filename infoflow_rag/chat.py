@@ -53,8 +53,11 @@ class Conversations:
         self._by_system: OrderedDict[str, Pipeline] = OrderedDict()
         self._lock = threading.Lock()  # adapters answer from several threads
 
-    def pieces(self, turns: Sequence[Turn], passages: Sequence[str] = ()) -> tuple[Pipeline, list[Piece]]:
-        """The pipeline and pieces for ``turns``; ``passages`` go first in the last user turn."""
+    def pieces(
+        self, turns: Sequence[Turn], passages: Sequence[str] = (), known: Sequence[str] = ()
+    ) -> tuple[Pipeline, list[Piece]]:
+        """The pipeline and pieces for ``turns``; ``passages`` go first in the last user turn, ``known`` are more
+        passages the turns may quote."""
         turns = _one_system(_checked(turn) for turn in turns)
         if not turns or turns[-1]["role"] != "user":
             got = repr(turns[-1]["role"]) if turns else "no message"
@@ -62,11 +65,10 @@ class Conversations:
         pipeline = self._pipeline_for(turns)
         before, after = self._body(pipeline.engine, turns).split(_LAST_USER)
         last = turns[-1]["content"]
-        # split_prompt finds passages at line starts: the last user content starts a line after its header.
         return pipeline, [
-            *pipeline.split_prompt(before),
+            *pipeline.split_prompt(before, known),
             *passage_pieces(passages),
-            *pipeline.split_prompt(last + after),
+            *pipeline.split_prompt(last + after, known),
         ]
 
     def _pipeline_for(self, turns: list[Turn]) -> Pipeline:

@@ -26,7 +26,7 @@ from .engine.result import AnswerResult
 from .errors import StoreUnavailableError
 from .index.passage_index import META_FILE, RECORDS_FILE, Hit, PassageIndex
 from .kv import PassageKV
-from .matching import KnownPassage, PassageMatcher
+from .matching import KnownPassage, PassageMatcher, RecentPassages  # noqa: F401  (RecentPassages: for the adapters)
 from .models import DEFAULT_MODEL
 from .store import CacheKey, KVStore, open_store
 
@@ -295,26 +295,38 @@ class Pipeline(Closing):
     def answer_prompt(self, prompt: str, options: QueryOptions | None = None, **overrides: Any) -> PipelineAnswer:
         return self.stream_prompt(prompt, options, **overrides).finish()
 
-    def stream_prompt(self, prompt: str, options: QueryOptions | None = None, **overrides: Any) -> PipelineStream:
-        """Serve a ready-made prompt: known passages inside it reuse their KV, the rest is computed fresh."""
-        return self.stream_pieces(self.split_prompt(prompt), (), 0.0, options, **overrides)
+    def stream_prompt(
+        self, prompt: str, options: QueryOptions | None = None, known: Sequence[str] = (), **overrides: Any
+    ) -> PipelineStream:
+        """Serve a ready-made prompt: known passages inside it reuse their KV, the rest is computed fresh.
+
+        ``known``: more passage texts the prompt may quote (what a framework retrieved for it); any of them
+        found is prefilled and stored on first sight, and reused from then on."""
+        return self.stream_pieces(self.split_prompt(prompt, known), (), 0.0, options, **overrides)
 
     def stream_chat(
-        self, turns: Sequence[Turn], passages: Sequence[str] = (), options: QueryOptions | None = None, **overrides: Any
+        self,
+        turns: Sequence[Turn],
+        passages: Sequence[str] = (),
+        options: QueryOptions | None = None,
+        known: Sequence[str] = (),
+        **overrides: Any,
     ) -> PipelineStream:
         """Answer a conversation (system, user and assistant turns, the user's last) through the model's chat
-        template; known passages in any user turn reuse their KV, ``passages`` go first in the last turn."""
-        pipeline, pieces = self.conversations.pieces(turns, passages)
+        template; known passages in any user turn reuse their KV (``known`` as for :meth:`stream_prompt`),
+        ``passages`` go first in the last turn."""
+        pipeline, pieces = self.conversations.pieces(turns, passages, known)
         return pipeline.stream_pieces(pieces, (), 0.0, options, **overrides)
 
-    def split_prompt(self, prompt: str) -> list[str | KnownPassage]:
-        """The prompt as fresh text and the known passages the matcher finds in it, in prompt order."""
+    def split_prompt(self, prompt: str, known: Sequence[str] = ()) -> list[str | KnownPassage]:
+        """The prompt as fresh text and the known passages (indexed, registered or in ``known``) found in it,
+        in prompt order."""
         pieces: list[str | KnownPassage] = []
         pos = 0
-        for m in self.matcher.find(prompt):
+        for m in self.matcher.find(prompt, PassageMatcher(enumerate(known))):
             if m.start > pos:
                 pieces.append(prompt[pos : m.start])
-            pieces.append(KnownPassage(self._text(m.key)))
+            pieces.append(KnownPassage(prompt[m.start : m.end]))
             pos = m.end
         if pos < len(prompt):
             pieces.append(prompt[pos:])
@@ -353,11 +365,6 @@ class Pipeline(Closing):
             return PipelineAnswer(result.answer, list(sources), result, _reuse(lookup, reused, result, stored))
 
         return PipelineStream(stream, make)
-
-    def _text(self, key: int) -> str:
-        if key in self._texts:
-            return self._texts[key]
-        return self.index.get([key])[0].text
 
     def _head(self, kv: PassageKV, text: str) -> PassageKV | str:
         """The cached tokens of ``text`` as it appears in a prompt: the stored KV minus its separator tokens.

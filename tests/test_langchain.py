@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 from conftest import PASSAGES, QUESTION, TICK_S, chat_template, overlap, record_prompts, ticks_while
 from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.embeddings import DeterministicFakeEmbedding
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.vectorstores import InMemoryVectorStore
 from langchain_infoflow import ChatInfoFlow, InfoFlowRetriever, create_infoflow_rag_chain, messages_to_turns
 from langchain_tests.unit_tests import ChatModelUnitTests
 from pydantic import ValidationError
@@ -154,6 +156,22 @@ def test_chat_model_reuses_indexed_passages_quoted_in_the_prompt(pipeline):
     usage = message.usage_metadata
     assert usage["input_token_details"]["cache_read"] == meta["stored_tokens"] > 0
     assert usage["input_tokens"] == meta["prompt_tokens"] and usage["output_tokens"] == meta["generated_tokens"]
+
+
+def test_a_plain_lcel_chain_over_any_retriever_reuses_on_the_second_query(engine):
+    store = InMemoryVectorStore(DeterministicFakeEmbedding(size=8))  # not an infoflow index
+    store.add_texts(PASSAGES)
+    prompt = ChatPromptTemplate.from_messages([("human", "Notes: {context}\n\nQuestion: " + QUESTION)])
+    llm = chat(Pipeline(engine, open_store("memory")))  # nothing indexed, registered or stored
+    chain = store.as_retriever(search_kwargs={"k": 2}) | (lambda docs: " ".join(d.page_content for d in docs))
+    chain = chain | prompt | llm
+    first, second = chain.invoke(QUESTION), chain.invoke(QUESTION)
+    third = asyncio.run(chain.ainvoke(QUESTION))  # async retrievers report their documents too
+    metadata = [m.response_metadata for m in (first, second, third)]
+    reuse = [(m["passages_hit"], m["passages_computed"]) for m in metadata]
+    assert reuse == [(0, 2), (2, 0), (2, 0)]  # the documents are inline, the second not at a line start
+    assert first.usage_metadata["input_token_details"]["cache_read"] == 0
+    assert third.usage_metadata["input_token_details"]["cache_read"] > 0
 
 
 def test_chat_model_without_known_passages_reports_no_reuse(tiny_pipeline):

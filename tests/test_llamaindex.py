@@ -12,13 +12,16 @@ from llama_index.core.base.llms.types import ChatMessage, CompletionResponse
 from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
 from llama_index.core.chat_engine import SimpleChatEngine
 from llama_index.core.embeddings import MockEmbedding
+from llama_index.core.indices.prompt_helper import PromptHelper
 from llama_index.core.ingestion import IngestionPipeline
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events.llm import LLMChatEndEvent, LLMCompletionEndEvent
 from llama_index.core.memory import ChatMemoryBuffer
 from llama_index.core.node_parser import SentenceSplitter
+from llama_index.core.prompts import PromptTemplate
 from llama_index.core.query_engine import RetrieverQueryEngine
+from llama_index.core.response_synthesizers import get_response_synthesizer
 from llama_index.core.schema import MetadataMode
 from llama_index.llms.infoflow import STATS_KEY, InfoFlowEmbedding, InfoFlowKVCacheTransform, InfoFlowLLM
 from llama_index.vector_stores.faiss import FaissVectorStore
@@ -294,6 +297,53 @@ def test_transform_returns_nodes_unchanged_and_skips_empty_text(pipeline):
     assert answer.reuse.passages_hit == 1
 
 
+def second_query_reuse(pipeline: Pipeline, completions: list, **engine_args) -> list[tuple[int, int]]:
+    """Ask a stock query engine over an index built with no ingestion hook the same question twice; the
+    (passages hit, computed now) of every LLM call of the second query."""
+    index = VectorStoreIndex.from_documents(documents(), embed_model=embed_model())
+    first = index.as_query_engine(llm=llm(pipeline), similarity_top_k=len(PASSAGES), **engine_args)
+    first.query(QUESTION)
+    calls = len(completions)
+    assert all(c.raw[STATS_KEY]["passages_hit"] == 0 for _, c in completions)  # a fresh store
+    assert sum(c.raw[STATS_KEY]["passages_computed"] for _, c in completions) >= 1  # ... filled on first sight
+    first.query(QUESTION)
+    return [(c.raw[STATS_KEY]["passages_hit"], c.raw[STATS_KEY]["passages_computed"]) for _, c in completions[calls:]]
+
+
+INLINE = PromptTemplate("Notes: {context_str} Question: {query_str} Answer: ")
+
+
+@pytest.mark.parametrize(
+    ("engine_args", "hits"),
+    [
+        ({"response_mode": "compact"}, [4]),  # every node verbatim in one prompt
+        ({"response_mode": "refine"}, [1, 1, 1, 1]),  # one prompt per node
+        ({"response_mode": "tree_summarize"}, [4]),
+        ({"response_mode": "simple_summarize"}, [1]),  # the prompt quotes a list repr: one passage of its own
+        ({"text_qa_template": INLINE}, [4]),  # the first node not at a line start
+    ],
+    ids=["compact", "refine", "tree_summarize", "simple_summarize", "inline_template"],
+)
+def test_stock_index_without_ingestion_reuses_on_the_second_query(pipeline, completions, engine_args, hits):
+    assert second_query_reuse(pipeline, completions, **engine_args) == [(n, 0) for n in hits]
+
+
+def test_passages_the_prompt_helper_cuts_are_reused_by_their_pieces(pipeline, completions):
+    # Chunks of at most 24 (whitespace) tokens: repack cuts the nodes apart and across prompts.
+    helper = PromptHelper(context_window=4096, num_output=MAX_NEW_TOKENS, chunk_size_limit=24, tokenizer=str.split)
+    synthesizer = get_response_synthesizer(llm=llm(pipeline), response_mode="compact", prompt_helper=helper)
+    reuse = second_query_reuse(pipeline, completions, response_synthesizer=synthesizer)
+    assert len(reuse) > 1 and all(hit >= 1 and computed == 0 for hit, computed in reuse)
+
+
+def test_a_context_chat_engine_reuses_its_retrieved_nodes(pipeline, completions):
+    index = VectorStoreIndex.from_documents(documents(), embed_model=embed_model())
+    model = llm(pipeline)
+    for _ in range(2):  # a new chat engine each time: the same prompt, no history
+        index.as_chat_engine(chat_mode="context", llm=model, similarity_top_k=len(PASSAGES)).chat(QUESTION)
+    assert [c.raw[STATS_KEY]["passages_hit"] for _, c in completions] == [0, len(PASSAGES)]
+
+
 FACTS = [
     "The Eiffel Tower in Paris was completed in 1889 for the World's Fair.",
     "Mount Kilimanjaro, in Tanzania, is the highest mountain in Africa.",
@@ -301,9 +351,14 @@ FACTS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def smollm() -> Engine:
+    return Engine.load("smollm2-135m")
+
+
 @pytest.mark.real_model
-def test_smollm_query_engine_reuses_kv_and_names_the_fact(completions):
-    pipeline = Pipeline(Engine.load("smollm2-135m"), open_store("memory"))
+def test_smollm_query_engine_reuses_kv_and_names_the_fact(smollm, completions):
+    pipeline = Pipeline(smollm, open_store("memory"))
     index = VectorStoreIndex.from_documents(
         [Document(text=t) for t in FACTS],
         embed_model=InfoFlowEmbedding(),
@@ -315,3 +370,18 @@ def test_smollm_query_engine_reuses_kv_and_names_the_fact(completions):
     assert response.source_nodes[0].node.text == FACTS[0]  # the offline MiniLM ranks the asked-about fact first
     assert "1889" in response.response
     assert stats["passages_hit"] == 3 and stats["reused_share"] > 0.3 and stats["recompute_fraction"] <= 0.16
+
+
+@pytest.mark.real_model
+def test_smollm_over_an_index_with_no_ingestion_step_reuses_in_every_response_mode(smollm, completions):
+    index = VectorStoreIndex.from_documents([Document(text=t) for t in FACTS], embed_model=InfoFlowEmbedding())
+    modes = ("compact", "refine", "tree_summarize", "simple_summarize")
+    for engine_args in [*({"response_mode": m} for m in modes), {"text_qa_template": INLINE}]:
+        pipeline = Pipeline(smollm, open_store("memory"))  # a fresh store per mode
+        model = InfoFlowLLM(pipeline=pipeline, max_new_tokens=24)
+        query_engine = index.as_query_engine(llm=model, similarity_top_k=3, **engine_args)
+        answers = [query_engine.query("When was the Eiffel Tower completed?").response for _ in range(2)]
+        second = [c.raw[STATS_KEY] for _, c in completions[len(completions) // 2 :]]
+        completions.clear()
+        assert answers[0] == answers[1] and "1889" in answers[0], engine_args
+        assert all(s["passages_hit"] >= 1 and s["passages_computed"] == 0 for s in second), engine_args

@@ -13,17 +13,8 @@ from tiny import BagOfWordsEmbedder
 
 from infoflow_rag.engine import Engine
 from infoflow_rag.index.passage_index import PassageIndex
-from infoflow_rag.matching import PassageMatcher
 from infoflow_rag.pipeline import Pipeline
 from infoflow_rag.store import DiskKVStore, open_store
-
-
-def test_matcher_finds_passages_at_line_starts_longest_first():
-    m = PassageMatcher([(1, "alpha beta gamma"), (2, "alpha beta gamma delta"), (3, "omega")])
-    prompt = "Context:\nalpha beta gamma delta\n\n  omega\nnot omega here\nalpha beta gamma"
-    found = [(x.key, prompt[x.start : x.end]) for x in m.find(prompt)]
-    assert found == [(2, "alpha beta gamma delta"), (3, "omega"), (1, "alpha beta gamma")]
-    assert m.find("nothing known") == []
 
 
 @pytest.fixture()

@@ -16,9 +16,15 @@ from pydantic import Field, model_validator
 from infoflow_rag import DEFAULT_MODEL, OptionFields
 from infoflow_rag.pipeline import Pipeline, PipelineAnswer, PipelineStream, Turn, iterate_in_thread, run_in_thread
 
+from .retrieved import RETRIEVED, watch_retrievers
+
 
 class ChatInfoFlow(BaseChatModel, OptionFields):
-    """Answers with passage KV reuse: registered or indexed passages quoted in any user turn reuse their KV.
+    """Answers with passage KV reuse: passages quoted in any user turn reuse their KV.
+
+    Passages are the pipeline's indexed or registered ones, and the documents any retriever in the process
+    returned lately (``retrieved.py``): in a plain ``retriever | format_docs | prompt | ChatInfoFlow`` chain
+    they are prefilled and stored on first sight and reused from then on.
 
     Messages (system, human, AI) are written by the model's own chat template. Pass a ready ``pipeline``
     (e.g. ``Pipeline.open(index_dir)``), or a ``model`` name to build one with an in-memory KV store on
@@ -45,6 +51,11 @@ class ChatInfoFlow(BaseChatModel, OptionFields):
                     f"model={values['model']!r} but the given pipeline serves {name!r}; pass one of the two"
                 )
         return values
+
+    @model_validator(mode="after")
+    def _watch_retrievers(self) -> ChatInfoFlow:
+        watch_retrievers()
+        return self
 
     @property
     def _llm_type(self) -> str:
@@ -136,7 +147,8 @@ class ChatInfoFlow(BaseChatModel, OptionFields):
         )
 
     def _start(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> PipelineStream:
-        return self.get_pipeline().stream_chat(messages_to_turns(messages), **self.engine_options(stop, **kwargs))
+        turns, known = messages_to_turns(messages), RETRIEVED.texts()
+        return self.get_pipeline().stream_chat(turns, known=known, **self.engine_options(stop, **kwargs))
 
     def _result(self, answer: PipelineAnswer) -> ChatResult:
         message = AIMessage(

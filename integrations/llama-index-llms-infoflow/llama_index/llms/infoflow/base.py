@@ -20,9 +20,18 @@ from llama_index.core.base.llms.types import (
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
+from llama_index.llms.infoflow.passages import watch_passages
 
 from infoflow_rag import DEFAULT_MODEL, OptionFields
-from infoflow_rag.pipeline import Pipeline, PipelineAnswer, PipelineStream, Turn, iterate_in_thread, run_in_thread
+from infoflow_rag.pipeline import (
+    Pipeline,
+    PipelineAnswer,
+    PipelineStream,
+    RecentPassages,
+    Turn,
+    iterate_in_thread,
+    run_in_thread,
+)
 
 STATS_KEY = "infoflow"  # response.raw[STATS_KEY] holds PipelineAnswer.stats(); raw["usage"] the token counts
 
@@ -38,9 +47,11 @@ class InfoFlowLLM(CustomLLM, OptionFields):
     ``raw["usage"]`` the token counts (``cache_read`` from the store, ``cache_creation`` prefilled now) that
     ``TokenCountingHandler`` reads. Async methods run the engine on a worker thread.
 
-    Pass a ``pipeline`` shared with :class:`InfoFlowKVCacheTransform`, or a ``model`` name to build one
-    with an in-memory KV store on first use. The query options (selector, ratio, reorder, compress, keep,
-    ...) are the fields of ``infoflow_rag.QueryOptions``.
+    Passages need no ingestion step: the nodes a query engine synthesizes reach ``recent_passages`` (see
+    ``passages.py``), and those quoted in the prompt are prefilled and stored on first sight, reused after.
+    Pass a ``pipeline`` (shared with :class:`InfoFlowKVCacheTransform` to warm its store ahead of time), or
+    a ``model`` name to build one with an in-memory KV store on first use. The query options (selector,
+    ratio, reorder, compress, keep, ...) are the fields of ``infoflow_rag.QueryOptions``.
     """
 
     model: str = Field(default=DEFAULT_MODEL, description="Registered model name or path of the engine.")
@@ -48,6 +59,7 @@ class InfoFlowLLM(CustomLLM, OptionFields):
     temperature: float = Field(default=0.0, ge=0, description="Sampling temperature; 0 is greedy.")
 
     _pipeline: Pipeline | None = PrivateAttr(default=None)
+    _recent: RecentPassages = PrivateAttr(default_factory=RecentPassages)
 
     def __init__(self, pipeline: Pipeline | None = None, **kwargs: Any) -> None:
         if pipeline is not None:
@@ -58,6 +70,7 @@ class InfoFlowLLM(CustomLLM, OptionFields):
                 )
         super().__init__(**kwargs)
         self._pipeline = pipeline
+        watch_passages()
 
     @classmethod
     def class_name(cls) -> str:
@@ -69,6 +82,11 @@ class InfoFlowLLM(CustomLLM, OptionFields):
         if self._pipeline is None:
             self._pipeline = Pipeline.from_model(self.model)
         return self._pipeline
+
+    @property
+    def recent_passages(self) -> RecentPassages:
+        """The passage texts recently synthesized for this LLM (bounded): prompts quoting them reuse their KV."""
+        return self._recent
 
     @property
     def metadata(self) -> LLMMetadata:
@@ -123,11 +141,12 @@ class InfoFlowLLM(CustomLLM, OptionFields):
         # The engine wraps the prompt in the model's chat template itself; completion_to_prompt is the user's hook.
         text = prompt if formatted else self.completion_to_prompt(prompt)
         options = self._options(kwargs)  # checked now, in the caller's thread
-        return lambda: self.pipeline.stream_prompt(text, **options)
+        known = self._recent.texts()
+        return lambda: self.pipeline.stream_prompt(text, known=known, **options)
 
     def _chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> Callable[[], PipelineStream]:
-        turns, options = messages_to_turns(messages), self._options(kwargs)
-        return lambda: self.pipeline.stream_chat(turns, **options)
+        turns, options, known = messages_to_turns(messages), self._options(kwargs), self._recent.texts()
+        return lambda: self.pipeline.stream_chat(turns, known=known, **options)
 
     def _options(self, overrides: dict[str, Any]) -> dict[str, Any]:
         options, overrides = self.query_options().split(overrides)
