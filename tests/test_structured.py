@@ -3,21 +3,26 @@ at every entry point."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
-from typing import Literal
+from typing import Annotated, Literal, TypedDict
 
 import pytest
 from conftest import PASSAGES, QUESTION
+from langchain_core.exceptions import OutputParserException
 from langchain_infoflow import ChatInfoFlow
+from llama_index.core.prompts import PromptTemplate
 from llama_index.llms.infoflow import InfoFlowLLM
 from pydantic import BaseModel, Field, ValidationError
 
 from infoflow_rag import InvalidOptionError, QueryOptions
 from infoflow_rag.cli import main
+from infoflow_rag.pipeline import Pipeline
 from infoflow_rag.serve.app import ServerSettings, _query_options
 from infoflow_rag.serve.errors import APIError
 from infoflow_rag.serve.schemas import CompletionRequest
+from infoflow_rag.store import open_store
 
 
 class Person(BaseModel):
@@ -84,3 +89,51 @@ def test_a_bad_schema_is_refused_at_every_entry_point(schema, message, capsys):
             _query_options(CompletionRequest(model="m", prompt="p", json_schema=schema), ServerSettings(model_name="m"))
         assert main(["ask", "q", "--index", "nowhere", "--json-schema", json.dumps(schema)]) == 2
         assert re.search(message, capsys.readouterr().err)
+
+
+# --- the framework adapters ------------------------------------------------------------------------------------
+
+
+class Pet(TypedDict):
+    name: Annotated[str, ..., "the pet's name"]
+    kind: Literal["cat", "dog"]
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(engine) -> Pipeline:
+    return Pipeline(engine, open_store("memory"))
+
+
+def test_with_structured_output_returns_a_validated_instance(tiny_pipeline):
+    llm = ChatInfoFlow(pipeline=tiny_pipeline, max_tokens=MAX_TOKENS)
+    person = llm.with_structured_output(Person).invoke("Describe a person.")
+    assert isinstance(person, Person)
+    streamed = list(llm.with_structured_output(Person).stream("Describe a person."))
+    assert streamed and streamed[-1] == person  # partial objects that validate, the whole one last
+    for schema in (PERSON, Pet):  # a JSON schema dict, a TypedDict: dicts of the schema's keys
+        for method in ("json_schema", "function_calling", "json_mode"):
+            out = llm.with_structured_output(schema, method=method).invoke("Describe one.")
+            assert set(out) == set(PERSON["properties"] if schema is PERSON else Pet.__annotations__)
+    with pytest.raises(ValueError, match="method='xml' is not supported; use one of json_schema, function_calling"):
+        llm.with_structured_output(Person, method="xml")
+
+
+def test_include_raw_returns_the_message_and_a_parsing_error_instead_of_raising(tiny_pipeline):
+    llm = ChatInfoFlow(pipeline=tiny_pipeline, max_tokens=MAX_TOKENS)
+    out = llm.with_structured_output(Person, include_raw=True).invoke("Describe a person.")
+    assert isinstance(out["parsed"], Person) and out["parsing_error"] is None
+    assert Person.model_validate_json(out["raw"].content) == out["parsed"]
+    assert out["raw"].usage_metadata["output_tokens"] > 1
+    cut = ChatInfoFlow(pipeline=tiny_pipeline, max_tokens=4)  # too few tokens for a whole Person
+    out = cut.with_structured_output(Person, include_raw=True).invoke("Describe a person.")
+    assert out["parsed"] is None and isinstance(out["parsing_error"], OutputParserException)
+
+
+def test_llamaindex_structured_predict_and_structured_llm_decode_under_the_schema(tiny_pipeline):
+    llm = InfoFlowLLM(pipeline=tiny_pipeline, max_new_tokens=MAX_TOKENS)
+    prompt = PromptTemplate("Describe a person called {name}.")
+    assert isinstance(llm.structured_predict(Person, prompt, name="Ada"), Person)
+    assert isinstance(asyncio.run(llm.astructured_predict(Person, prompt, name="Ada")), Person)
+    assert isinstance(list(llm.stream_structured_predict(Person, prompt, name="Ada"))[-1], Person)
+    response = llm.as_structured_llm(Person).complete("Describe a person.")
+    assert isinstance(response.raw, Person) and Person.model_validate_json(response.text) == response.raw

@@ -16,6 +16,8 @@ from pydantic import Field, model_validator
 from infoflow_rag import DEFAULT_MODEL, OptionFields
 from infoflow_rag.pipeline import Pipeline, PipelineAnswer, PipelineStream, Turn, iterate_in_thread, run_in_thread
 
+from .structured import structured_output
+
 
 class ChatInfoFlow(BaseChatModel, OptionFields):
     """Answers with passage KV reuse: registered or indexed passages quoted in any user turn reuse their KV.
@@ -130,10 +132,26 @@ class ChatInfoFlow(BaseChatModel, OptionFields):
 
     def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> Runnable:
         raise NotImplementedError(
-            "ChatInfoFlow does not support tool calling or with_structured_output yet: it answers in plain text. "
-            "Describe the tools or the schema in the prompt, ask for a JSON reply and parse it, e.g. "
-            "prompt | ChatInfoFlow(...) | JsonOutputParser() (or PydanticOutputParser(pydantic_object=Model))"
+            "ChatInfoFlow does not support tool calling (bind_tools, tool messages). For a JSON reply that follows "
+            "a schema, use with_structured_output(schema) with a pydantic class, a TypedDict or a JSON schema dict: "
+            "decoding is constrained to the schema, so the reply parses unless max_tokens cuts it off"
         )
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type,
+        *,
+        include_raw: bool = False,
+        method: str = "json_schema",
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable:
+        """The reply as an instance of ``schema`` (a pydantic class) or a dict (a TypedDict or JSON schema), decoded
+        under the schema's JSON grammar. Every ``method`` is that constrained decoding, and decoding is always
+        strict. A reply cut off by ``max_tokens`` is incomplete JSON: raise ``max_tokens`` for long objects."""
+        if kwargs:
+            raise ValueError(f"Received unsupported arguments {kwargs}")
+        return structured_output(self, schema, include_raw, method, strict)
 
     def _start(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> PipelineStream:
         return self.get_pipeline().stream_chat(messages_to_turns(messages), **self.engine_options(stop, **kwargs))
