@@ -52,6 +52,17 @@ def test_sampled_constrained_answers_validate_too(engine):
     assert len({p.name for p in people}) > 1  # sampled: different answers, each valid
 
 
+@pytest.mark.parametrize("budget", [24, 40])  # the shortest finish here is 21 byte tokens
+def test_the_json_is_finished_within_the_token_budget(engine, budget):
+    """Unbounded strings from random weights: the budget, not the model, ends them, and the JSON still parses."""
+    kvs = engine.prefill(PASSAGES)
+    schema = {"type": "object", "properties": {"text": {"type": "string"}, "n": {"type": "integer"}}}
+    schema["required"] = ["text", "n"]
+    for seed in range(3):
+        result = engine.answer(QUESTION, kvs, json_schema=schema, max_new_tokens=budget, temperature=1.0, seed=seed)
+        assert set(json.loads(result.answer)) == {"text", "n"} and result.generated_tokens <= budget
+
+
 def test_other_schemas_arrays_and_enums(engine):
     kvs = engine.prefill(PASSAGES)
     schema = {"type": "array", "items": {"enum": ["yes", "no", 3]}, "minItems": 1, "maxItems": 3}

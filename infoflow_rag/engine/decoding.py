@@ -57,13 +57,19 @@ def generate_tokens(
     constraint: JsonConstraint | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids until EOS or ``max_new_tokens``; the first comes from ``first_logits``.
-    With a ``constraint``, each token is picked among those it allows (EOS only once the JSON is complete).
+    With a ``constraint``, each token is picked among those it allows (EOS only once the JSON is complete), and
+    the JSON is finished within ``max_new_tokens`` (see :class:`~.constraint.JsonConstraint`).
 
     One query per step needs no mask: it sees the whole cache, whatever order its entries are in.
     """
     generator = torch.Generator().manual_seed(cfg.seed)
-    allowed = constraint.mask if constraint is not None else _unmasked
-    token = pick(allowed(first_logits), cfg, generator)
+
+    def next_token(logits: torch.Tensor, left: int) -> int:
+        if constraint is None:
+            return pick(logits, cfg, generator)
+        return constraint.pick(logits, left, lambda masked: pick(masked, cfg, generator))
+
+    token = next_token(first_logits, cfg.max_new_tokens)
     for step in range(cfg.max_new_tokens):
         if token in eos_ids:
             return
@@ -77,11 +83,7 @@ def generate_tokens(
             position_ids=torch.tensor([[next_position + step]]),
             cache=cache,
         )
-        token = pick(allowed(out.logits[0, -1]), cfg, generator)
-
-
-def _unmasked(logits: torch.Tensor) -> torch.Tensor:
-    return logits
+        token = next_token(out.logits[0, -1], cfg.max_new_tokens - step - 1)
 
 
 def text_deltas(tokens: Iterator[int], tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...]) -> Iterator[str]:

@@ -9,7 +9,7 @@ import hashlib
 import json
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -20,7 +20,7 @@ from ..models import DEFAULT_MODEL, LoadedModel, load_model, parameters_sha256
 from . import attention, decoding, prefill, query, recompute
 from .check import check_supported, run_check
 from .compression import PromptMap, compress_cache
-from .constraint import JsonConstraint, grammar_vocabulary, json_grammar
+from .constraint import JsonConstraint, Vocabulary, grammar_vocabulary, json_grammar
 from .decoding import AnswerStream, GenerationConfig, generate_tokens, text_deltas
 from .options import QueryOptions, split_overrides
 from .placement import Layout, Segment
@@ -29,9 +29,6 @@ from .query import Passage, Prepared, Prompt
 from .result import AnswerResult
 from .selection import default_score_layers
 from .signals import SIGNALS, install_hooks
-
-if TYPE_CHECKING:
-    from llguidance import LLTokenizer
 
 PREFILL_BATCH_TOKENS = 4096  # padded tokens per prefill forward: bounds activation memory
 
@@ -304,11 +301,11 @@ class Engine:
 
     def _decode(self, prep: Prepared, gen: GenerationConfig):
         schema = prep.options.json_schema
-        constraint = None if schema is None else JsonConstraint(self.grammar_tokenizer, json_grammar(schema))
+        constraint = None if schema is None else JsonConstraint(self.json_vocabulary, json_grammar(schema))
         return decoding.decode(self.model, self.tokenizer, self.eos_ids, prep, gen, self.compress, constraint)
 
     @functools.cached_property
-    def grammar_tokenizer(self) -> LLTokenizer:
+    def json_vocabulary(self) -> Vocabulary:
         """The vocabulary for constrained decoding (``json_schema``), built on first use: it takes a second."""
         return grammar_vocabulary(self.tokenizer, self.eos_ids)
 

@@ -134,7 +134,7 @@ class ChatInfoFlow(BaseChatModel, OptionFields):
         raise NotImplementedError(
             "ChatInfoFlow does not support tool calling (bind_tools, tool messages). For a JSON reply that follows "
             "a schema, use with_structured_output(schema) with a pydantic class, a TypedDict or a JSON schema dict: "
-            "decoding is constrained to the schema, so the reply parses unless max_tokens cuts it off"
+            "decoding is constrained to the schema, so the reply parses"
         )
 
     def with_structured_output(
@@ -148,7 +148,8 @@ class ChatInfoFlow(BaseChatModel, OptionFields):
     ) -> Runnable:
         """The reply as an instance of ``schema`` (a pydantic class) or a dict (a TypedDict or JSON schema), decoded
         under the schema's JSON grammar. Every ``method`` is that constrained decoding, and decoding is always
-        strict. A reply cut off by ``max_tokens`` is incomplete JSON: raise ``max_tokens`` for long objects."""
+        strict. The JSON is finished within ``max_tokens``: when the budget runs short the last value is cut short,
+        so give long values room."""
         if kwargs:
             raise ValueError(f"Received unsupported arguments {kwargs}")
         return structured_output(self, schema, include_raw, method, strict)
