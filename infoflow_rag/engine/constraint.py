@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-# Compact JSON with the separators of ``json.dumps``: whitespace between tokens is never forced, so a weak model
+# Compact JSON with the separators of ``json.dumps`` and no other whitespace outside strings, so a weak model
 # cannot spend its token budget on indentation. A schema may override these in its "x-guidance" key.
 JSON_STYLE: llguidance.JsonCompileOptions = {
     "whitespace_flexible": False,
