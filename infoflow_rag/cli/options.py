@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any, get_args
+from typing import Any, get_args, get_origin
 
 from ..engine import Engine, QueryOptions
 from ..engine.options import DEFAULT_OPTIONS
@@ -23,7 +23,7 @@ def add_option_flags(parser: argparse.ArgumentParser, what: str = "") -> None:
         help_text = f"{what}{field.description} (default: {_shown(field.get_default(call_default_factory=True))})"
         if field.annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif dict in (field.annotation, getattr(field.annotation, "__origin__", None)):
+        elif any(dict in (kind, get_origin(kind)) for kind in (field.annotation, *get_args(field.annotation))):
             parser.add_argument(flag, type=json.loads, default=None, metavar="JSON", help=help_text)
         else:  # numbers and names reach QueryOptions as written: it parses and checks them
             parser.add_argument(flag, default=None, metavar=_metavar(field.annotation), help=help_text)

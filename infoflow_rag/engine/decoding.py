@@ -14,6 +14,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from .result import AnswerResult
 
 if TYPE_CHECKING:
+    from .constraint import JsonConstraint
     from .query import Prepared
 
 
@@ -53,16 +54,27 @@ def generate_tokens(
     next_position: int,
     cfg: GenerationConfig,
     eos_ids: set[int],
+    constraint: JsonConstraint | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids until EOS or ``max_new_tokens``; the first comes from ``first_logits``.
+    With a ``constraint``, each token is picked among those it allows (EOS only once the JSON is complete), and
+    the JSON is finished within ``max_new_tokens`` (see :class:`~.constraint.JsonConstraint`).
 
     One query per step needs no mask: it sees the whole cache, whatever order its entries are in.
     """
     generator = torch.Generator().manual_seed(cfg.seed)
-    token = pick(first_logits, cfg, generator)
+
+    def next_token(logits: torch.Tensor, left: int) -> int:
+        if constraint is None:
+            return pick(logits, cfg, generator)
+        return constraint.pick(logits, left, lambda masked: pick(masked, cfg, generator))
+
+    token = next_token(first_logits, cfg.max_new_tokens)
     for step in range(cfg.max_new_tokens):
         if token in eos_ids:
             return
+        if constraint is not None:
+            constraint.consume(token)
         yield token
         if step + 1 == cfg.max_new_tokens:
             return
@@ -71,7 +83,7 @@ def generate_tokens(
             position_ids=torch.tensor([[next_position + step]]),
             cache=cache,
         )
-        token = pick(out.logits[0, -1], cfg, generator)
+        token = next_token(out.logits[0, -1], cfg.max_new_tokens - step - 1)
 
 
 def text_deltas(tokens: Iterator[int], tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...]) -> Iterator[str]:
@@ -108,9 +120,11 @@ def decode(
     prep: Prepared,
     gen: GenerationConfig,
     compress: Callable[[Prepared], None],
+    constraint: JsonConstraint | None = None,
 ) -> Iterator[str]:
     """Text deltas of the answer to ``prep``; returns its :class:`AnswerResult` (``compress`` runs on ``prep``
-    once the first token is out: the next step is the first to read the cache)."""
+    once the first token is out: the next step is the first to read the cache; ``constraint`` masks every
+    step's logits, see :func:`generate_tokens`)."""
     timings = prep.timings
     t = time.perf_counter()
     generated: list[int] = []
@@ -126,7 +140,7 @@ def decode(
                 compress(prep)
 
     out = prep.out  # compression evicts from out.cache in place, so the generator's cache follows
-    tokens = generate_tokens(model, out.cache, out.logits, out.next_position, gen, eos_ids)
+    tokens = generate_tokens(model, out.cache, out.logits, out.next_position, gen, eos_ids, constraint)
     answer = []
     for delta in text_deltas(timed(tokens), tokenizer, gen.stop):
         answer.append(delta)

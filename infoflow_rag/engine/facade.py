@@ -20,6 +20,7 @@ from ..models import DEFAULT_MODEL, LoadedModel, load_model, parameters_sha256
 from . import attention, decoding, prefill, query, recompute
 from .check import check_supported, run_check
 from .compression import PromptMap, compress_cache
+from .constraint import JsonConstraint, Vocabulary, grammar_vocabulary, json_grammar
 from .decoding import AnswerStream, GenerationConfig, generate_tokens, text_deltas
 from .options import QueryOptions, split_overrides
 from .placement import Layout, Segment
@@ -305,7 +306,14 @@ class Engine:
         prep.compressed = True
 
     def _decode(self, prep: Prepared, gen: GenerationConfig):
-        return decoding.decode(self.model, self.tokenizer, self.eos_ids, prep, gen, self.compress)
+        schema = prep.options.json_schema
+        constraint = None if schema is None else JsonConstraint(self.json_vocabulary, json_grammar(schema))
+        return decoding.decode(self.model, self.tokenizer, self.eos_ids, prep, gen, self.compress, constraint)
+
+    @functools.cached_property
+    def json_vocabulary(self) -> Vocabulary:
+        """The vocabulary for constrained decoding (``json_schema``), built on first use: it takes a second."""
+        return grammar_vocabulary(self.tokenizer, self.eos_ids)
 
     def layout(self, passages: list[Segment], prompt: Prompt) -> Layout:
         """Passages into their slots (or back to back), fresh slot text between, the question block last."""

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import InfoFlowError
 from .compression import POLICIES, make_policy, validate_policy
+from .constraint import json_grammar
 from .placement import GEOMETRIES
 from .prompt import SCORE_ROWS
 from .selection import DEFAULT_RATIO, SELECTORS, make_selector, validate_selector
@@ -81,6 +82,9 @@ class OptionFields(BaseModel):
         default=1.0, description="With compress: share (float in (0, 1]) or count (int >= 1) of passage tokens kept."
     )
     compress_options: dict[str, Any] = Field(default_factory=dict, description="Keyword options of the policy.")
+    json_schema: dict[str, Any] | None = Field(
+        default=None, description="Constrain the answer to JSON matching this JSON schema (decoding masks the rest)."
+    )
 
     @field_validator("selector")
     @classmethod
@@ -111,6 +115,13 @@ class OptionFields(BaseModel):
     @classmethod
     def _keep_in_range(cls, value: Any) -> float | int:
         return validate_keep(value)
+
+    @field_validator("json_schema", mode="before")
+    @classmethod
+    def _enforceable_schema(cls, value: Any) -> Any:
+        if value is not None:
+            json_grammar(value)  # compiled now so that a bad schema fails where it is given, not mid-query
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> OptionFields:

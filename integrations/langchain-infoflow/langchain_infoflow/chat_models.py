@@ -17,6 +17,7 @@ from infoflow_rag import DEFAULT_MODEL, OptionFields
 from infoflow_rag.pipeline import Pipeline, PipelineAnswer, PipelineStream, Turn, iterate_in_thread, run_in_thread
 
 from .retrieved import RETRIEVED, watch_retrievers
+from .structured import structured_output
 
 
 class ChatInfoFlow(BaseChatModel, OptionFields):
@@ -141,10 +142,27 @@ class ChatInfoFlow(BaseChatModel, OptionFields):
 
     def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> Runnable:
         raise NotImplementedError(
-            "ChatInfoFlow does not support tool calling or with_structured_output yet: it answers in plain text. "
-            "Describe the tools or the schema in the prompt, ask for a JSON reply and parse it, e.g. "
-            "prompt | ChatInfoFlow(...) | JsonOutputParser() (or PydanticOutputParser(pydantic_object=Model))"
+            "ChatInfoFlow does not support tool calling (bind_tools, tool messages). For a JSON reply that follows "
+            "a schema, use with_structured_output(schema) with a pydantic class, a TypedDict or a JSON schema dict: "
+            "decoding is constrained to the schema, so the reply parses"
         )
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type,
+        *,
+        include_raw: bool = False,
+        method: str = "json_schema",
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable:
+        """The reply as an instance of ``schema`` (a pydantic class) or a dict (a TypedDict or JSON schema), decoded
+        under the schema's JSON grammar. Every ``method`` is that constrained decoding, and decoding is always
+        strict. The JSON is finished within ``max_tokens``: when the budget runs short the last value is cut short,
+        so give long values room."""
+        if kwargs:
+            raise ValueError(f"Received unsupported arguments {kwargs}")
+        return structured_output(self, schema, include_raw, method, strict)
 
     def _start(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> PipelineStream:
         turns, known = messages_to_turns(messages), RETRIEVED.texts()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -17,9 +17,11 @@ from llama_index.core.base.llms.types import (
     MessageRole,
     TextBlock,
 )
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import BaseModel, Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
+from llama_index.core.prompts import PromptTemplate
+from llama_index.core.types import Model
 from llama_index.llms.infoflow.passages import watch_passages
 
 from infoflow_rag import DEFAULT_MODEL, OptionFields
@@ -32,6 +34,9 @@ from infoflow_rag.pipeline import (
     iterate_in_thread,
     run_in_thread,
 )
+
+if TYPE_CHECKING:
+    from llama_index.core.program.utils import FlexibleModel
 
 STATS_KEY = "infoflow"  # response.raw[STATS_KEY] holds PipelineAnswer.stats(); raw["usage"] the token counts
 
@@ -137,6 +142,31 @@ class InfoFlowLLM(CustomLLM, OptionFields):
         start = self._chat(messages, kwargs)
         return _Responses(chat=True).aof(iterate_in_thread(lambda: start().steps()))
 
+    # Structured prediction (and as_structured_llm, which calls it): LlamaIndex's text-completion program, whose
+    # prompt describes the schema, with decoding constrained to the output class's JSON schema, so the reply parses.
+
+    def structured_predict(
+        self, output_cls: type[Model], prompt: PromptTemplate, llm_kwargs: dict[str, Any] | None = None, **args: Any
+    ) -> Model:
+        return super().structured_predict(output_cls, prompt, _constrained(output_cls, llm_kwargs), **args)
+
+    async def astructured_predict(
+        self, output_cls: type[Model], prompt: PromptTemplate, llm_kwargs: dict[str, Any] | None = None, **args: Any
+    ) -> Model:
+        return await super().astructured_predict(output_cls, prompt, _constrained(output_cls, llm_kwargs), **args)
+
+    def stream_structured_predict(
+        self, output_cls: type[Model], prompt: PromptTemplate, llm_kwargs: dict[str, Any] | None = None, **args: Any
+    ) -> Generator[Model | FlexibleModel, None, None]:
+        return super().stream_structured_predict(output_cls, prompt, _constrained(output_cls, llm_kwargs), **args)
+
+    async def astream_structured_predict(
+        self, output_cls: type[Model], prompt: PromptTemplate, llm_kwargs: dict[str, Any] | None = None, **args: Any
+    ) -> AsyncGenerator[Model | FlexibleModel, None]:
+        return await super().astream_structured_predict(
+            output_cls, prompt, _constrained(output_cls, llm_kwargs), **args
+        )
+
     def _completion(self, prompt: str, formatted: bool, kwargs: dict[str, Any]) -> Callable[[], PipelineStream]:
         # The engine wraps the prompt in the model's chat template itself; completion_to_prompt is the user's hook.
         text = prompt if formatted else self.completion_to_prompt(prompt)
@@ -156,6 +186,11 @@ class InfoFlowLLM(CustomLLM, OptionFields):
             "temperature": self.temperature,
             **overrides,
         }
+
+
+def _constrained(output_cls: type[BaseModel], llm_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """The program's LLM arguments with the output class's JSON schema as the ``json_schema`` option."""
+    return {"json_schema": output_cls.model_json_schema(), **(llm_kwargs or {})}
 
 
 def messages_to_turns(messages: Sequence[ChatMessage]) -> list[Turn]:
