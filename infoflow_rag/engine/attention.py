@@ -121,6 +121,8 @@ def grouped_attention(
     matmuls that read K and V once reach.
     """
     b, n_heads, q_len, d = query.shape
+    if n_keys and b != 1:  # a scoring forward is one prompt; scores over a batch would mix prompts
+        raise ValueError(f"attention scores need a batch of 1 prompt, got {b}; score each prompt alone")
     kv_heads, n_k = key.shape[1], key.shape[2]
     group = n_heads // kv_heads  # query heads g*group .. g*group+group-1 read K/V head g (transformers' repeat_kv)
     out = None if value is None else query.new_empty(b, kv_heads, group, q_len, d)
