@@ -91,6 +91,8 @@ def build_context(engine: Engine, n_tokens: int) -> tuple[str, list[str]]:
             text = paragraph_text(title, sentences)
             n = len(engine.passage_ids(text))
             if total + n > n_tokens:
+                if not passages:
+                    raise ValueError(f"context of {n_tokens} tokens holds no passage: the first has {n}; ask for more")
                 return question, passages
             passages.append(text)
             total += n
@@ -180,12 +182,16 @@ def _rate(flops: float, seconds: list[float]) -> float:
     return flops / statistics.median(seconds) / 1e9
 
 
-def format_table(rows: list[BenchRow]) -> str:
-    lines = [
-        "| context | method | TTFT (s) | speedup vs prefill | ceiling | of ceiling | scoring share | recomputed | "
-        "mean position | GFLOP/s scoring | GFLOP/s recompute |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+TABLE_HEADER = (
+    "| context | method | TTFT (s) | speedup vs prefill | ceiling | of ceiling | scoring share | recomputed | "
+    "mean position | GFLOP/s scoring | GFLOP/s recompute |\n"
+    "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def format_table(rows: list[BenchRow], header: bool = True) -> str:
+    """Markdown rows; ``header=False`` continues a table already started (the CLI prints a context at a time)."""
+    lines = [TABLE_HEADER] if header else []
     for r in rows:
         lines.append(
             f"| {r.context_tokens} | {r.method} | {r.ttft_s:.3f} | {r.speedup:.2f}x | {r.ceiling:.2f}x | "

@@ -1,5 +1,5 @@
 """The command line as a user meets it: help for every option with its default, --version, the ask reuse line,
---json without token-id lists, and an empty source refused."""
+--json without token-id lists, an empty source refused, and a benchmark that prints as it goes."""
 
 from __future__ import annotations
 
@@ -92,3 +92,23 @@ def test_ask_says_where_the_kv_came_from_and_json_leaves_out_token_ids(tmp_path,
     assert main([*ask, "--json", "--token-ids"]) == 0
     result = json.loads(capsys.readouterr().out)["result"]
     assert {"selected", "passage_tokens", "answer_ids"} <= set(result)
+
+
+def test_bench_ttft_prints_each_context_when_it_is_done(model_dir, capsys):
+    bench = ["bench", "ttft", "--model", model_dir, "--context", "800,2000", "--methods", "infoflow,none"]
+    assert main([*bench, "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("| context |") for line in lines) == 1  # one table, continued per context
+    contexts = [int(line.split("|")[1]) for line in lines[2:]]
+    assert len(contexts) == 6 and contexts[0] == contexts[2] < contexts[3] == contexts[5]  # prefill + 2 methods
+
+    assert main([*bench, "--repeats", "1", "--json"]) == 0
+    captured = capsys.readouterr()
+    progress = [line for line in captured.err.splitlines() if line.startswith("context ")]  # beside load bars
+    assert progress == ["context 800: done (1/2)", "context 2000: done (2/2)"]
+    assert len(json.loads(captured.out)["rows"]) == 6
+
+
+def test_bench_ttft_refuses_a_context_too_small_for_one_passage(model_dir, capsys):
+    assert main(["bench", "ttft", "--model", model_dir, "--context", "64", "--methods", "none", "--repeats", "1"]) == 2
+    assert "holds no passage" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from .options import load_engine
@@ -51,11 +52,18 @@ def cmd_bench_ttft(args: argparse.Namespace) -> int:
 
     contexts = _token_counts(args.context, "--context", minimum=64)
     methods = tuple(args.methods.split(","))
-    rows = bench_ttft(load_engine(args.model), contexts, ratio=args.ratio, methods=methods, repeats=args.repeats)
+    engine = load_engine(args.model)
+    rows = []
+    # One context at a time, each printed when done: a long run shows its figures as it goes.
+    for i, n_tokens in enumerate(contexts):
+        done = bench_ttft(engine, [n_tokens], ratio=args.ratio, methods=methods, repeats=args.repeats)
+        rows += done
+        if args.json:
+            print(f"context {n_tokens}: done ({i + 1}/{len(contexts)})", file=sys.stderr, flush=True)
+        else:
+            print(format_table(done, header=i == 0), flush=True)
     if args.json:
         print(json.dumps({"model": args.model, "ratio": args.ratio, "rows": [r.to_dict() for r in rows]}, indent=2))
-    else:
-        print(format_table(rows))
     return 0
 
 
