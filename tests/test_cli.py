@@ -111,4 +111,4 @@ def test_bench_ttft_prints_each_context_when_it_is_done(model_dir, capsys):
 
 def test_bench_ttft_refuses_a_context_too_small_for_one_passage(model_dir, capsys):
     assert main(["bench", "ttft", "--model", model_dir, "--context", "64", "--methods", "none", "--repeats", "1"]) == 2
-    assert "holds no passage" in capsys.readouterr().err
+    assert "no passage fits in 64 tokens" in capsys.readouterr().err
