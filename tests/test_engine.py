@@ -30,6 +30,25 @@ def test_full_recompute_reproduces_full_prefill(family_engine):
     assert answer == e.full_prefill_answer(QUESTION, PASSAGES, max_new_tokens=12)[0]
 
 
+def test_full_selector_is_the_reference_prefill_on_the_causal_kernel(engine, monkeypatch):
+    # As a method, "full" must cost what the reference costs: no masked sparse-query path, the same logits.
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("attn_mask") is None and kwargs.get("is_causal"))
+        return sdpa(*args, **kwargs)
+
+    kvs = engine.prefill(PASSAGES)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    prep = engine.prepare(QUESTION, kvs, selector="full")
+    monkeypatch.undo()
+    assert calls and all(calls)
+    _, reference = engine.full_prefill_answer(QUESTION, PASSAGES, max_new_tokens=1)
+    assert torch.equal(prep.out.logits, reference)
+    assert prep.out.positions.tolist() == list(range(len(engine.prompt_ids(QUESTION, PASSAGES))))
+
+
 def test_full_prefill_reference_runs_the_causal_kernel(engine, monkeypatch):
     # The reference for every speedup must be the fastest plain prefill: SDPA's own causal path (no float mask,
     # grouped K/V heads read in place), and it must agree with the explicitly masked forward.

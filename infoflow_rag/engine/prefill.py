@@ -75,14 +75,14 @@ def prefill_passages(
 
 
 @torch.inference_mode()
-def full_prefill(model: PreTrainedModel, ids: list[int]) -> Recomputed:
+def full_prefill(model: PreTrainedModel, ids: list[int] | torch.Tensor) -> Recomputed:
     """The reference: the whole prompt in one plain causal forward, nothing cached.
 
     No mask is passed: with nothing cached and no padding transformers lets SDPA run ``is_causal``, whose
     kernel skips the masked half of the scores and reads grouped K/V heads without copying them. The fastest
     plain prefill this stack offers, so speedups are measured against it, not against a slow reference.
     """
-    t = torch.tensor(ids, dtype=torch.long)
+    t = torch.as_tensor(ids, dtype=torch.long)
     pos = torch.arange(len(ids))
     cache = DynamicCache()
     out = model(input_ids=t[None], position_ids=pos[None], cache=cache, logits_to_keep=1)

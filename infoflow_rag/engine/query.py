@@ -15,6 +15,7 @@ from . import recompute, reorder, scoring
 from .compression import Policy, PromptMap, make_policy
 from .options import QueryOptions
 from .placement import Layout, PlacedContext, Segment, place
+from .prefill import full_prefill
 from .result import StageTimings
 from .selection import InfoFlowSelector, Probe, Selector, make_selector
 
@@ -90,13 +91,19 @@ def run(
     chosen = sel.select(scored, budget, probe(engine, scored, layout)) if budget else torch.empty(0, dtype=torch.long)
     timings.score = time.perf_counter() - t
 
-    fresh = [(s, seg) for s, seg in zip(layout.starts(), layout.segments, strict=True) if seg.kv is None]
-    fresh_ids = torch.cat([seg.token_ids for _, seg in fresh])
-    fresh_pos = torch.cat([s + torch.arange(len(seg)) for s, seg in fresh])
     t = time.perf_counter()
-    out = recompute.recompute(engine.model, placed, chosen, fresh_ids, fresh_pos)
+    if sel.name == "full":  # nothing cached is read: the reference, the whole prompt on the causal kernel
+        out = full_prefill(engine.model, torch.cat([layout.prefix.token_ids, *(s.token_ids for s in layout.segments)]))
+    else:
+        out = recompute.recompute(engine.model, placed, chosen, *fresh_inputs(layout))
     timings.recompute = time.perf_counter() - t
     return Prepared(layout, placed, chosen, options, out, timings, t0, policy)
+
+
+def fresh_inputs(layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token ids (F,) and global positions (F,) of the segments that have no cached KV (question, template)."""
+    fresh = [(s, seg) for s, seg in zip(layout.starts(), layout.segments, strict=True) if seg.kv is None]
+    return torch.cat([seg.token_ids for _, seg in fresh]), torch.cat([s + torch.arange(len(seg)) for s, seg in fresh])
 
 
 def _overflow(prompt_tokens: int, max_new_tokens: int, window: int) -> str:

@@ -228,7 +228,8 @@ class NoSelector(Selector):
 
 @register
 class FullSelector(Selector):
-    """Every passage token recomputed (exact passages too): reproduces full prefill."""
+    """Every passage token recomputed (exact passages too): full prefill itself. The engine runs it as one causal
+    forward over the whole prompt (nothing cached is read), so as a method it costs what the reference costs."""
 
     name = "full"
     fixed_ratio = 1.0
