@@ -55,6 +55,54 @@ class DeviationInfoFlow(InfoFlowSelector):
         return top_candidates(probe.scores(self.layers) * staleness, placed.candidate, budget)
 
 
+@register
+class SinkShareInfoFlow(InfoFlowSelector):
+    """sinkflow with each passage's sink tokens a share of that passage's part of the budget (``share`` x budget x
+    passage length / context length) instead of a fixed count: a long passage gets a longer repaired head, as
+    under EPIC, whose whole budget goes to passage heads (share 1)."""
+
+    name = "study-sinkshare"
+
+    def __init__(self, share: float = 0.5, layers: list[int] | None = None):
+        super().__init__(layers)
+        self.share = share
+
+    def select(self, placed: PlacedContext, budget: int, probe: Probe) -> torch.Tensor:
+        spans = [(start, end) for _, start, end in placed.spans if bool(placed.candidate[start:end].all())]
+        total = sum(end - start for start, end in spans) or 1
+        heads = [
+            (offset, start + offset)
+            for start, end in spans
+            for offset in range(min(end - start, round(self.share * budget * (end - start) / total)))
+        ]
+        first = torch.tensor([i for _, i in sorted(heads)], dtype=torch.long)[:budget]  # round-robin, like sinkflow
+        rest = placed.candidate.clone()
+        rest[first] = False
+        picks = top_candidates(probe.scores(self.layers), rest, budget - first.numel())
+        return torch.cat([first, picks]).sort().values
+
+
+@register
+class PassageInfoFlow(InfoFlowSelector):
+    """Two stages: whole passages in order of the question's mean attention per token, while they fit the budget
+    (a recomputed passage is exact given what precedes it), then InfoFlow's picks for what is left."""
+
+    name = "study-passages"
+
+    def select(self, placed: PlacedContext, budget: int, probe: Probe) -> torch.Tensor:
+        scores = probe.scores(self.layers)
+        spans = [(start, end) for _, start, end in placed.spans if bool(placed.candidate[start:end].all())]
+        chosen, left = [], budget
+        for start, end in sorted(spans, key=lambda se: -float(scores[se[0] : se[1]].mean())):
+            if end - start <= left:
+                chosen.append(torch.arange(start, end))
+                left -= end - start
+        whole = torch.cat(chosen) if chosen else torch.empty(0, dtype=torch.long)
+        rest = placed.candidate.clone()
+        rest[whole] = False
+        return torch.cat([whole, top_candidates(scores, rest, left)]).sort().values
+
+
 def candidates(ratio: float) -> dict[str, dict]:
     """Name -> ``engine.prepare`` options; every rule at the same token budget unless its name says otherwise."""
     return {
@@ -75,6 +123,15 @@ def candidates(ratio: float) -> dict[str, dict]:
             "selector_options": {"sink": 4, "heads": "max"},
         },
         "deviation*infoflow": {"selector": "study-deviation-infoflow", "ratio": ratio},
+        "passages+infoflow": {"selector": "study-passages", "ratio": ratio},
+        **{
+            f"sinkshare{share}+infoflow": {
+                "selector": "study-sinkshare",
+                "ratio": ratio,
+                "selector_options": {"share": share},
+            }
+            for share in (0.4, 0.55, 0.7)  # sink8 is share ~0.41 on a 130-token passage at 15 %
+        },
     }
 
 
@@ -165,10 +222,15 @@ def main() -> None:
     parser.add_argument("--candidates", default="all", help="comma-separated names, or 'all'")
     parser.add_argument("--out", required=True, help="JSON lines, one per (question, candidate); resumed")
     parser.add_argument("--summary", action="store_true", help="print the table of what is on file and stop")
+    parser.add_argument("--summary-on", metavar="CANDIDATE", help="with --summary: only the questions CANDIDATE ran on")
     args = parser.parse_args()
     out_path = Path(args.out)
     if args.summary:
-        print(summary(_read(out_path)))
+        rows = _read(out_path)
+        if args.summary_on:
+            ran = {r["id"] for r in rows if r["candidate"] == args.summary_on}
+            rows = [r for r in rows if r["id"] in ran]
+        print(summary(rows))
         return
     if args.start + args.questions > DEV_END:
         raise SystemExit(f"questions {args.start}..{args.start + args.questions - 1} leave the development slice 0-999")
