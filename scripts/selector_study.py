@@ -28,7 +28,15 @@ import torch
 
 from infoflow_rag.engine import Engine
 from infoflow_rag.engine.placement import PlacedContext
-from infoflow_rag.engine.selection import InfoFlowSelector, Probe, kv_deviation, register, top_candidates
+from infoflow_rag.engine.selection import (
+    InfoFlowSelector,
+    Probe,
+    kv_deviation,
+    passage_heads,
+    recomputable_spans,
+    register,
+    top_candidates,
+)
 from infoflow_rag.eval import fidelity
 from infoflow_rag.eval.datasets import load_hotpotqa
 from infoflow_rag.eval.runner import DEFAULT_PROMPT
@@ -68,14 +76,8 @@ class SinkShareInfoFlow(InfoFlowSelector):
         self.share = share
 
     def select(self, placed: PlacedContext, budget: int, probe: Probe) -> torch.Tensor:
-        spans = [(start, end) for _, start, end in placed.spans if bool(placed.candidate[start:end].all())]
-        total = sum(end - start for start, end in spans) or 1
-        heads = [
-            (offset, start + offset)
-            for start, end in spans
-            for offset in range(min(end - start, round(self.share * budget * (end - start) / total)))
-        ]
-        first = torch.tensor([i for _, i in sorted(heads)], dtype=torch.long)[:budget]  # round-robin, like sinkflow
+        total = sum(end - start for start, end in recomputable_spans(placed)) or 1
+        first = passage_heads(placed, lambda n: round(self.share * budget * n / total))[:budget]
         rest = placed.candidate.clone()
         rest[first] = False
         picks = top_candidates(probe.scores(self.layers), rest, budget - first.numel())
@@ -91,9 +93,8 @@ class PassageInfoFlow(InfoFlowSelector):
 
     def select(self, placed: PlacedContext, budget: int, probe: Probe) -> torch.Tensor:
         scores = probe.scores(self.layers)
-        spans = [(start, end) for _, start, end in placed.spans if bool(placed.candidate[start:end].all())]
         chosen, left = [], budget
-        for start, end in sorted(spans, key=lambda se: -float(scores[se[0] : se[1]].mean())):
+        for start, end in sorted(recomputable_spans(placed), key=lambda se: -float(scores[se[0] : se[1]].mean())):
             if end - start <= left:
                 chosen.append(torch.arange(start, end))
                 left -= end - start

@@ -30,20 +30,26 @@ def test_full_recompute_reproduces_full_prefill(family_engine):
     assert answer == e.full_prefill_answer(QUESTION, PASSAGES, max_new_tokens=12)[0]
 
 
-def test_full_selector_is_the_reference_prefill_on_the_causal_kernel(engine, monkeypatch):
-    # As a method, "full" must cost what the reference costs: no masked sparse-query path, the same logits.
-    calls = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
+def sdpa_calls_during(monkeypatch, run):
+    """``run()`` with torch's SDPA spied on: its result and the keyword arguments of every SDPA call it made."""
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
 
     def spy(*args, **kwargs):
-        calls.append(kwargs.get("attn_mask") is None and kwargs.get("is_causal"))
+        calls.append(kwargs)
         return sdpa(*args, **kwargs)
 
-    kvs = engine.prefill(PASSAGES)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    prep = engine.prepare(QUESTION, kvs, selector="full")
-    monkeypatch.undo()
-    assert calls and all(calls)
+    try:
+        return run(), calls
+    finally:
+        monkeypatch.undo()
+
+
+def test_full_selector_is_the_reference_prefill_on_the_causal_kernel(engine, monkeypatch):
+    # As a method, "full" must cost what the reference costs: no masked sparse-query path, the same logits.
+    kvs = engine.prefill(PASSAGES)
+    prep, calls = sdpa_calls_during(monkeypatch, lambda: engine.prepare(QUESTION, kvs, selector="full"))
+    assert calls and all(c.get("attn_mask") is None and c.get("is_causal") for c in calls)
     _, reference = engine.full_prefill_answer(QUESTION, PASSAGES, max_new_tokens=1)
     assert torch.equal(prep.out.logits, reference)
     assert prep.out.positions.tolist() == list(range(len(engine.prompt_ids(QUESTION, PASSAGES))))
@@ -55,18 +61,9 @@ def test_full_prefill_reference_runs_the_causal_kernel(engine, monkeypatch):
     from infoflow_rag.engine.cache import position_mask
     from infoflow_rag.engine.prefill import full_prefill
 
-    calls = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(*args, **kwargs):
-        calls.append((kwargs.get("attn_mask"), kwargs.get("is_causal"), kwargs.get("enable_gqa")))
-        return sdpa(*args, **kwargs)
-
     ids = engine.prompt_ids(QUESTION, PASSAGES)
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    out = full_prefill(engine.model, ids)
-    monkeypatch.undo()
-    assert calls and all(mask is None and causal and gqa for mask, causal, gqa in calls)
+    out, calls = sdpa_calls_during(monkeypatch, lambda: full_prefill(engine.model, ids))
+    assert calls and all(c.get("attn_mask") is None and c.get("is_causal") and c.get("enable_gqa") for c in calls)
     pos = torch.arange(len(ids))
     with torch.inference_mode():
         masked = engine.model(

@@ -102,6 +102,10 @@ class Layout:
     def length(self) -> int:
         return self.prefix_len + sum(len(s) for s in self.segments)
 
+    def token_ids(self) -> torch.Tensor:
+        """(length,) int64: every prompt token in order, prefix first."""
+        return torch.cat([self.prefix.token_ids, *(seg.token_ids for seg in self.segments)])
+
 
 @dataclass
 class PlacedContext:

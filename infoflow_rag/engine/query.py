@@ -93,7 +93,7 @@ def run(
 
     t = time.perf_counter()
     if sel.name == "full":  # nothing cached is read: the reference, the whole prompt on the causal kernel
-        out = full_prefill(engine.model, torch.cat([layout.prefix.token_ids, *(s.token_ids for s in layout.segments)]))
+        out = full_prefill(engine.model, layout.token_ids())
     else:
         out = recompute.recompute(engine.model, placed, chosen, *fresh_inputs(layout))
     timings.recompute = time.perf_counter() - t

@@ -98,14 +98,20 @@ class InfoFlowSelector(Selector):
         return top_candidates(probe.scores(self.layers, self.heads), placed.candidate, budget)
 
 
-def passage_heads(placed: PlacedContext, k: int) -> torch.Tensor:
-    """Indices of the first ``k`` tokens of every passage that may be recomputed, round-robin: every
-    passage's first token, then every passage's second, ... so a budget cut short still reaches them all."""
+def recomputable_spans(placed: PlacedContext) -> list[tuple[int, int]]:
+    """(start, end) into the placed tokens of every passage that may be recomputed (exact passages are not)."""
+    return [(start, end) for _, start, end in placed.spans if bool(placed.candidate[start:end].all())]
+
+
+def passage_heads(placed: PlacedContext, k: int | Callable[[int], int]) -> torch.Tensor:
+    """Indices of the first ``k`` tokens (or ``k(passage length)``) of every passage that may be recomputed,
+    round-robin: every passage's first token, then every passage's second, ... so a budget cut short still
+    reaches them all."""
+    count = k if callable(k) else lambda _: k
     heads = [
         (offset, start + offset)
-        for _, start, end in placed.spans
-        if bool(placed.candidate[start:end].all())
-        for offset in range(min(k, end - start))
+        for start, end in recomputable_spans(placed)
+        for offset in range(min(count(end - start), end - start))
     ]
     return torch.tensor([index for _, index in sorted(heads)], dtype=torch.long)
 
@@ -180,7 +186,7 @@ class EpicSelector(Selector):
         return sum(min(self.k, int(placed.candidate[s:e].sum())) for _, s, e in placed.spans)
 
     def select(self, placed: PlacedContext, budget: int, probe: Probe) -> torch.Tensor:
-        spans = [(s, e) for _, s, e in placed.spans if bool(placed.candidate[s:e].all())]
+        spans = recomputable_spans(placed)
         quota = [0] * len(spans)
         remaining = budget
         while remaining > 0:  # round-robin, so a short passage's unused share flows to the others
