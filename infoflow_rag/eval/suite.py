@@ -33,7 +33,9 @@ from .tables import (
 
 HELD_OUT_START = 1000
 MAIN_METHODS = ("full", "none", "infoflow", "sinkflow", "cacheblend", "epic", "random")
-# The selector on trial (sinkflow) also runs at this smaller budget in the main part: does it match the others
+TRIAL = "sinkflow"  # the selector on trial: paired against each rival at the same ratio in the report
+TRIAL_RIVALS = ("infoflow", "cacheblend", "epic")
+# The selector on trial also runs at this smaller budget in the main and large parts: does it match the others
 # for less?
 SMALL_RATIO = 0.1
 SWEEP_RATIOS = (0.05, 0.1, 0.15, 0.25, 0.5)
@@ -76,7 +78,8 @@ def suite_parts(
         return tuple(m if m in ("full", "none") else f"{m}@{ratio:g}" for m in names)
 
     # Every part runs `full`: the reference of the fidelity measures (and of TTFT ratios).
-    main = at_ratio(MAIN_METHODS) + ((f"sinkflow@{SMALL_RATIO:g}",) if SMALL_RATIO != ratio else ())
+    small = (f"{TRIAL}@{SMALL_RATIO:g}",) if SMALL_RATIO != ratio else ()
+    main = at_ratio(MAIN_METHODS) + small
     sweep = ("full", *(f"{s}@{r:g}" for s in SWEEP_SELECTORS for r in SWEEP_RATIOS))
     ablation = ("full", *(f"infoflow[{g}]@{ratio:g}" for g in GEOMETRIES))
     # Its own uncompressed run, on the same questions, is the baseline every compression is paired with.
@@ -111,7 +114,7 @@ def suite_parts(
             "large",
             f"HotpotQA passage split, {large_n} held-out questions on {LARGE_MODEL}, ratio {ratio:g}",
             large_n,
-            at_ratio(LARGE_METHODS),
+            at_ratio(LARGE_METHODS) + small,
             model=LARGE_MODEL,
         ),
     ]
