@@ -171,7 +171,7 @@ def test_write_report_end_to_end(tmp_path):
 
 
 def test_verdict_states_the_goal_from_the_numbers():
-    from infoflow_rag.eval.suite import verdict
+    from infoflow_rag.eval.verdicts import verdict
 
     rows = []
     for qid, (full, inf, cb, epic) in enumerate([(1.0, 1.0, 0.0, 1.0), (0.5, 0.4, 0.4, 0.0), (1.0, 1.0, 1.0, 0.0)]):
@@ -209,7 +209,7 @@ def test_agreement_table_scores_answers_against_the_reference_answer_by_hand():
     assert table[0][5:] == ["—", "—"]
     assert table[1][5].startswith("-37.8 ") and table[1][6] == "0/1/2"
     # the verdict adds the same comparison
-    from infoflow_rag.eval.suite import verdict
+    from infoflow_rag.eval.verdicts import verdict
 
     assert "`infoflow@0.15` vs `none`: 93.3 vs 55.6, paired difference +37.8" in verdict(rows)
 
@@ -253,7 +253,7 @@ def test_agreement_by_ratio_pairs_each_selector_with_infoflow_at_the_same_ratio(
 
 
 def test_entropy_verdict_pairs_infokv_with_snapkv_at_each_keep():
-    from infoflow_rag.eval.suite import entropy_verdict
+    from infoflow_rag.eval.verdicts import entropy_verdict
 
     rows = []
     for i in range(4):
@@ -341,12 +341,52 @@ def test_resolution_table_scores_each_measure_against_its_interval():
 
 
 def test_fidelity_verdict_pairs_kl_per_question():
-    from infoflow_rag.eval.suite import verdict
+    from infoflow_rag.eval.verdicts import verdict
 
     text = verdict(fidelity_results())
     line = next(x for x in text.splitlines() if "`infoflow@0.15` vs `epic@0.3`" in x)
     assert "kl_answer 0.25 vs 0.1, paired difference +0.15" in line and "closer on 0 of 4" in line
     assert line.endswith("further from full")  # every per-question difference is positive: the CI excludes 0
+
+
+def test_trial_verdict_holds_the_candidate_to_the_bar_against_each_rival():
+    from infoflow_rag.eval.verdicts import trial_verdict
+
+    rows = fidelity_results()
+    # epic@0.3 - infoflow@0.15 per question: kl 0, -0.1, -0.2, -0.3 (interval below 0); top1 +0.125 on average.
+    text = trial_verdict(rows, "epic@0.3", ["infoflow@0.15"])
+    assert "`epic@0.3` vs `infoflow@0.15` on 4 questions: kl_answer 0.1 vs 0.25, paired difference -0.15" in text
+    assert "top1 paired difference +12.5 [" in text and text.endswith(": met")
+    # infoflow - epic@0.15: kl -0.2, +0.1, -0.2, 0 (the interval includes 0) misses; against more budget
+    # (epic@0.3: every question further) it is judged only on "at least as close", and is not.
+    text = trial_verdict(rows, "infoflow@0.15", ["epic@0.15", "cacheblend@0.15"], frontier=["epic@0.3"])
+    lines = text.splitlines()
+    assert lines[0].startswith("- `infoflow@0.15` vs `epic@0.15`") and lines[0].endswith("misses the bar")
+    assert lines[1] == "- `infoflow@0.15` vs `cacheblend@0.15`: not run on the same questions"
+    assert lines[2].startswith("- `infoflow@0.15` vs `epic@0.3`") and lines[2].endswith("further from full")
+    assert lines[3].endswith("NOT met (missed against `epic@0.15`, `cacheblend@0.15`)")
+    assert trial_verdict(rows, "sinkflow@0.15", ["infoflow@0.15"]).startswith("No verdict")
+
+
+def test_suite_report_puts_the_trial_selector_against_its_rivals(tmp_path):
+    from infoflow_rag.eval.suite import suite_parts, write_suite_report
+
+    rows = []
+    for r in fidelity_results():  # epic@0.3's numbers play the selector on trial
+        renamed = result(r.dataset, r.id, "sinkflow@0.15", r.f1, r.em, r.ttft, 0.15) if r.method == "epic@0.3" else r
+        renamed.kl_answer, renamed.kl_first, renamed.top1, renamed.gold_nll = (
+            r.kl_answer,
+            r.kl_first,
+            r.top1,
+            r.gold_nll,
+        )
+        rows.append(renamed)
+    write_results_file(tmp_path / "main.jsonl", rows)
+    md = write_suite_report(tmp_path, suite_parts()).read_text()
+    assert "The selector on trial, `sinkflow@0.15`, computed from the fidelity tables below:" in md
+    assert "- `sinkflow@0.15` vs `epic@0.15` on 4 questions" in md
+    assert "- `sinkflow@0.15` vs `cacheblend@0.15`: not run on the same questions" in md
+    assert "Fidelity paired against `sinkflow@0.15` on the same questions:" in md
 
 
 def test_frontier_plot_is_written(tmp_path):

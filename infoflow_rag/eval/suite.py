@@ -18,9 +18,7 @@ from .plots import plot_agreement, plot_frontier, plot_niah_heatmap, plot_tradeo
 from .report import Section, write_results_md
 from .results import ResultsRun, read_results
 from .runner import run_eval
-from .stats import log_kl_diff, paired_diff, win_tie_loss
 from .tables import (
-    agreement_scores,
     agreement_table,
     compression_table,
     fidelity_paired_table,
@@ -30,6 +28,7 @@ from .tables import (
     summary_table,
     with_fidelity,
 )
+from .verdicts import entropy_verdict, trial_verdict, verdict
 
 HELD_OUT_START = 1000
 MAIN_METHODS = ("full", "none", "infoflow", "sinkflow", "cacheblend", "epic", "random")
@@ -155,92 +154,6 @@ def run_suite(
     return write_suite_report(out, parts if report_parts is None else report_parts, ratio)
 
 
-def verdict(results: list, method: str = f"infoflow@{DEFAULT_RATIO:g}", target_gap: float = 0.02) -> str:
-    """The goal stated plainly from the numbers: ``method`` within ``target_gap`` (relative) of full-prefill F1,
-    and ahead of CacheBlend and EPIC at the same budget, on the questions every method answered."""
-    by_method: dict[str, dict[str, float]] = {}
-    for r in results:
-        by_method.setdefault(r.method, {})[r.id] = r.f1
-    if method not in by_method or "full" not in by_method:
-        return f"No verdict: `{method}` and `full` must both have been run."
-    ratio = method.rpartition("@")[2]
-    lines = []
-    for other in ("full", f"cacheblend@{ratio}", f"epic@{ratio}"):
-        if other not in by_method:
-            continue
-        ids = sorted(by_method[method].keys() & by_method[other].keys())
-        ours, theirs = [by_method[method][i] for i in ids], [by_method[other][i] for i in ids]
-        diff, wtl = paired_diff(ours, theirs), win_tie_loss(ours, theirs)
-        mean_ours, mean_theirs = sum(ours) / len(ids), sum(theirs) / len(ids)
-        line = (
-            f"- `{method}` vs `{other}` on {len(ids)} questions: F1 {100 * mean_ours:.1f} vs "
-            f"{100 * mean_theirs:.1f}, paired difference {100 * diff.mean:+.1f} "
-            f"[{100 * diff.low:+.1f}, {100 * diff.high:+.1f}], W/T/L {wtl.wins}/{wtl.ties}/{wtl.losses}"
-        )
-        if other == "full":
-            gap = (mean_theirs - mean_ours) / mean_theirs if mean_theirs else 0.0
-            line += (
-                f"; relative gap {100 * gap:.1f} % — {'within' if gap <= target_gap else 'NOT within'} "
-                f"the {100 * target_gap:.0f} % goal"
-            )
-        else:
-            line += f" — {'ahead' if diff.mean > 0 else 'tied' if diff.mean == 0 else 'behind'}"
-            line += " (the interval excludes 0)" if diff.low > 0 or diff.high < 0 else " (the interval includes 0)"
-        lines.append(line)
-    scores = agreement_scores(results, "full")
-    agree: dict[str, dict[str, float]] = {}
-    for r in results:
-        if r.pair_key in scores:
-            agree.setdefault(r.method, {})[r.id] = scores[r.pair_key]
-    for other in ("none", f"cacheblend@{ratio}", f"epic@{ratio}"):
-        if other not in agree or method not in agree:
-            continue
-        ids = sorted(agree[method].keys() & agree[other].keys())
-        ours, theirs = [agree[method][i] for i in ids], [agree[other][i] for i in ids]
-        diff = paired_diff(ours, theirs)
-        lines.append(
-            f"- agreement with the full-prefill answer (F1 of each answer against full's), `{method}` vs `{other}`: "
-            f"{100 * sum(ours) / len(ids):.1f} vs {100 * sum(theirs) / len(ids):.1f}, paired difference "
-            f"{100 * diff.mean:+.1f} [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}]"
-            + (" (the interval excludes 0)" if diff.low > 0 or diff.high < 0 else " (the interval includes 0)")
-        )
-    lines += _fidelity_verdict(results, method)
-    ids = sorted(by_method.get("none", {}).keys() & by_method["full"].keys())
-    if ids:
-        none_f1 = sum(by_method["none"][i] for i in ids) / len(ids)
-        full_f1 = sum(by_method["full"][i] for i in ids) / len(ids)
-        lines.append(
-            f"- headroom: `none` (cached passages, nothing recomputed) scores F1 {100 * none_f1:.1f} vs full "
-            f"{100 * full_f1:.1f} on {len(ids)} questions. Where that gap is inside the intervals above, this "
-            "model and slice cannot tell the selectors apart, whatever the verdicts say."
-        )
-    return "\n".join(lines)
-
-
-def _fidelity_verdict(results: list, method: str) -> list[str]:
-    """``method`` against each other method on kl_answer (lower is closer to full prefill), paired per question."""
-    kl: dict[str, dict[str, float]] = {}
-    for r in results:
-        if r.kl_answer is not None and r.options.selector != "full":
-            kl.setdefault(r.method, {})[r.id] = r.kl_answer
-    lines = []
-    for other in sorted(kl.keys() - {method}):
-        ids = sorted(kl.get(method, {}).keys() & kl[other].keys())
-        if not ids:
-            continue
-        ours, theirs = [kl[method][i] for i in ids], [kl[other][i] for i in ids]
-        diff, log_ratio = paired_diff(ours, theirs), log_kl_diff(ours, theirs)
-        closer = sum(a < b for a, b in zip(ours, theirs, strict=True))
-        word = "closer to full" if diff.high < 0 else "further from full" if diff.low > 0 else "no clear difference"
-        lines.append(
-            f"- fidelity, `{method}` vs `{other}` on {len(ids)} questions: kl_answer {sum(ours) / len(ids):.3g} vs "
-            f"{sum(theirs) / len(ids):.3g}, paired difference {diff.mean:+.3g} [{diff.low:+.3g}, {diff.high:+.3g}], "
-            f"geometric ratio {10**log_ratio.mean:.2f} [{10**log_ratio.low:.2f}, {10**log_ratio.high:.2f}], "
-            f"closer on {closer} of {len(ids)} — {word}"
-        )
-    return lines
-
-
 def write_suite_report(out_dir: str | Path, parts: list[Part], ratio: float = DEFAULT_RATIO) -> Path:
     out = Path(out_dir)
     sections = []
@@ -280,6 +193,15 @@ def _part_body(part: Part, run: ResultsRun, out: Path, ratio: float) -> list[str
     if "full" in methods:
         note = "Agreement with the full-prefill answer (what reuse is meant to reproduce), paired against the baseline:"
         body.append(f"{note}\n\n{agreement_table(run.results, 'full', baseline)}")
+    candidate = f"{TRIAL}@{ratio:g}"
+    if candidate in methods and with_fidelity(run.results):
+        rivals = [f"{rival}@{ratio:g}" for rival in TRIAL_RIVALS]
+        # The frontier claim: the trial selector at this budget against InfoFlow at the next swept one.
+        frontier = [f"infoflow@{r:g}" for r in SWEEP_RATIOS if r > ratio][:1] if part.name == "sweep" else []
+        text = trial_verdict(run.results, candidate, rivals, frontier)
+        paired = fidelity_paired_table(run.results, candidate)
+        body.insert(0, f"The selector on trial, `{candidate}`, computed from the fidelity tables below:\n\n{text}")
+        body.append(f"Fidelity paired against `{candidate}` on the same questions:\n\n{paired}")
     if part.name == "main":
         body.insert(0, "Verdict, computed from the table below:\n\n" + verdict(run.results, f"infoflow@{ratio:g}"))
         if "full" in methods:
@@ -348,30 +270,3 @@ def _agreement_by_ratio(results: list) -> str:
         subset = [r for r in results if r.options.selector == "full" or r.options.effective_ratio == ratio]
         blocks.append(f"*ratio {ratio:g}*\n\n{agreement_table(subset, 'full', f'infoflow@{ratio:g}')}")
     return "\n\n".join(blocks)
-
-
-def entropy_verdict(results: list, baseline: str) -> str:
-    """InfoKV against SnapKV (the same attention signal without entropy and layer evolution) at each keep:
-    paired differences in gold F1 and in agreement with the uncompressed ``baseline`` answer."""
-    agree = agreement_scores(results, baseline)
-    by_key = {r.pair_key: r for r in results}
-    lines = []
-    for keep in sorted({r.options.keep for r in results if r.options.compress == "infokv"}):
-        info, snap = f"{baseline}+infokv:{keep}", f"{baseline}+snapkv:{keep}"
-        pairs = [(r, by_key.get((r.dataset, r.id, snap))) for r in results if r.method == info]
-        pairs = [(a, b) for a, b in pairs if b is not None]
-        if not pairs:
-            continue
-        f1 = paired_diff([a.f1 for a, _ in pairs], [b.f1 for _, b in pairs])
-        ag = paired_diff([agree[a.pair_key] for a, _ in pairs], [agree[b.pair_key] for _, b in pairs])
-        helps = f1.low > 0 or ag.low > 0
-        hurts = f1.high < 0 or ag.high < 0
-        word = {(True, False): "helps", (False, True): "hurts", (True, True): "mixed"}.get(
-            (helps, hurts), "no significant difference"
-        )
-        lines.append(
-            f"- keep {keep}: InfoKV − SnapKV on {len(pairs)} questions: gold F1 {100 * f1.mean:+.1f} "
-            f"[{100 * f1.low:+.1f}, {100 * f1.high:+.1f}], agreement with `{baseline}` {100 * ag.mean:+.1f} "
-            f"[{100 * ag.low:+.1f}, {100 * ag.high:+.1f}] — {word}"
-        )
-    return "\n".join(lines) or "No verdict: InfoKV and SnapKV were not both run at the same keep."
