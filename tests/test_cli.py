@@ -106,7 +106,27 @@ def test_bench_ttft_prints_each_context_when_it_is_done(model_dir, capsys):
     captured = capsys.readouterr()
     progress = [line for line in captured.err.splitlines() if line.startswith("context ")]  # beside load bars
     assert progress == ["context 800: done (1/2)", "context 2000: done (2/2)"]
-    assert len(json.loads(captured.out)["rows"]) == 6
+    report = json.loads(captured.out)
+    assert len(report["rows"]) == 6 and report["complete"] is True
+
+
+def test_bench_ttft_json_keeps_the_finished_contexts_of_a_run_cut_short(model_dir, capsys, monkeypatch):
+    import infoflow_rag.bench
+
+    real = infoflow_rag.bench.bench_ttft
+
+    def interrupted_at_2000(engine, contexts, **kw):
+        if contexts == [2000]:
+            raise KeyboardInterrupt
+        return real(engine, contexts, **kw)
+
+    monkeypatch.setattr(infoflow_rag.bench, "bench_ttft", interrupted_at_2000)
+    bench = ["bench", "ttft", "--model", model_dir, "--context", "800,2000", "--methods", "none", "--repeats", "1"]
+    with pytest.raises(KeyboardInterrupt):
+        main([*bench, "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["complete"] is False and len(report["rows"]) == 2  # context 800: prefill + none
+    assert {row["context_tokens"] for row in report["rows"]} == {report["rows"][0]["context_tokens"]}
 
 
 def test_bench_ttft_refuses_a_context_too_small_for_one_passage(model_dir, capsys):

@@ -53,17 +53,21 @@ def cmd_bench_ttft(args: argparse.Namespace) -> int:
     contexts = _token_counts(args.context, "--context", minimum=64)
     methods = tuple(args.methods.split(","))
     engine = load_engine(args.model)
-    rows = []
-    # One context at a time, each printed when done: a long run shows its figures as it goes.
-    for i, n_tokens in enumerate(contexts):
-        done = bench_ttft(engine, [n_tokens], ratio=args.ratio, methods=methods, repeats=args.repeats)
-        rows += done
+    rows, finished = [], 0
+    # One context at a time, each printed when done: a long run shows its figures as it goes, and a run cut
+    # short (an error, Ctrl-C) still prints the JSON of the contexts it finished, marked incomplete.
+    try:
+        for n_tokens in contexts:
+            done = bench_ttft(engine, [n_tokens], ratio=args.ratio, methods=methods, repeats=args.repeats)
+            rows, finished = rows + done, finished + 1
+            if args.json:
+                print(f"context {n_tokens}: done ({finished}/{len(contexts)})", file=sys.stderr, flush=True)
+            else:
+                print(format_table(done, header=finished == 1), flush=True)
+    finally:
         if args.json:
-            print(f"context {n_tokens}: done ({i + 1}/{len(contexts)})", file=sys.stderr, flush=True)
-        else:
-            print(format_table(done, header=i == 0), flush=True)
-    if args.json:
-        print(json.dumps({"model": args.model, "ratio": args.ratio, "rows": [r.to_dict() for r in rows]}, indent=2))
+            report = {"model": args.model, "ratio": args.ratio, "complete": finished == len(contexts)}
+            print(json.dumps({**report, "rows": [r.to_dict() for r in rows]}, indent=2), flush=True)
     return 0
 
 
