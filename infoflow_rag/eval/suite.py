@@ -34,7 +34,7 @@ HELD_OUT_START = 1000
 MAIN_METHODS = ("full", "none", "infoflow", "sinkflow", "cacheblend", "epic", "random")
 TRIAL = "sinkflow"  # the selector on trial: paired against each rival at the same ratio in the report
 TRIAL_RIVALS = ("infoflow", "cacheblend", "epic")
-# The selector on trial also runs at this smaller budget in the main and large parts: does it match the others
+# The selector on trial also runs at this smaller budget in the main, needle and large parts: does it match the others
 # for less?
 SMALL_RATIO = 0.1
 SWEEP_RATIOS = (0.05, 0.1, 0.15, 0.25, 0.5)
@@ -83,7 +83,7 @@ def suite_parts(
     ablation = ("full", *(f"infoflow[{g}]@{ratio:g}" for g in GEOMETRIES))
     # Its own uncompressed run, on the same questions, is the baseline every compression is paired with.
     compress = ("full", f"infoflow@{ratio:g}", *(f"infoflow@{ratio:g}+{c}" for c in COMPRESSIONS))
-    niah = at_ratio(NIAH_METHODS)
+    niah = at_ratio(NIAH_METHODS) + small
     grid = len(NIAH_LENGTHS) * len(NIAH_DEPTHS)
     return [
         Part("main", f"HotpotQA passage split, {main_n} held-out questions, ratio {ratio:g}", main_n, main),
