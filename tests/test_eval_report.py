@@ -1,6 +1,7 @@
 """Report tables, plots and the generated Markdown, from a small hand-made results file."""
 
 import math
+import random
 import re
 
 import pytest
@@ -366,6 +367,24 @@ def test_trial_verdict_holds_the_candidate_to_the_bar_against_each_rival():
     assert lines[2].startswith("- `infoflow@0.15` vs `epic@0.3`") and lines[2].endswith("further from full")
     assert lines[3].endswith("NOT met (missed against `epic@0.15`, `cacheblend@0.15`)")
     assert trial_verdict(rows, "sinkflow@0.15", ["infoflow@0.15"]).startswith("No verdict")
+
+
+def test_trial_verdict_states_the_interval_of_the_paired_table():
+    from infoflow_rag.eval.verdicts import trial_verdict
+
+    rng = random.Random(0)
+    ids = [f"q{i}" for i in range(12)]
+    rng.shuffle(ids)  # a results file is in run order, not sorted: the pairing must not depend on it
+    rows = []
+    for method in ("full", "infoflow@0.15", "sinkflow@0.15"):
+        for qid in ids:
+            r = result("hotpotqa", qid, method, 0.5, 0.0, 1.0, 0.15)
+            r.kl_answer, r.kl_first, r.top1, r.gold_nll = (0.0 if method == "full" else rng.random()), 0.0, 1.0, 2.0
+            rows.append(r)
+    text = trial_verdict(rows, "sinkflow@0.15", ["infoflow@0.15"])
+    interval = re.search(r"paired difference (\S+ \[[^\]]+\])", text).group(1)
+    table = {row[1]: row for row in table_rows(fidelity_paired_table(rows, "infoflow@0.15"))}
+    assert table["sinkflow@0.15"][3] == interval
 
 
 def test_suite_report_puts_the_trial_selector_against_its_rivals(tmp_path):

@@ -136,7 +136,8 @@ def trial_verdict(results: list, candidate: str, rivals: Sequence[str], frontier
         return f"No verdict: `{candidate}` was not run with `full`."
     lines, missed = [], []
     for rival in (*rivals, *frontier):
-        ids = sorted(by_method[candidate].keys() & by_method.get(rival, {}).keys())
+        # In the candidate's row order, as the paired tables pair them: the same resamples, the same intervals.
+        ids = [i for i in by_method[candidate] if i in by_method.get(rival, {})]
         if not ids:
             missed += [rival] if rival in rivals else []
             lines.append(f"- `{candidate}` vs `{rival}`: not run on the same questions")
