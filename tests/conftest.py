@@ -133,6 +133,12 @@ async def ticks_while(call) -> tuple[int, float]:
     return ticks, elapsed
 
 
+def loop_ran_free(ticks: int, elapsed: float) -> bool:
+    """Whether the ticker of :func:`ticks_while` kept ticking through a call that took ``elapsed`` s: a blocked
+    loop ticks 0 times; a free one about elapsed / TICK_S, fewer on a busy machine (a 20 ms sleep can take 60)."""
+    return elapsed > 5 * TICK_S and ticks >= max(3, elapsed / TICK_S / 8)
+
+
 async def overlap(*calls) -> bool:
     """Whether coroutines gathered together ran at the same time: every one started before any ended."""
     spans: list[tuple[float, float]] = []

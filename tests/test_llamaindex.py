@@ -6,7 +6,7 @@ import asyncio
 
 import faiss
 import pytest
-from conftest import PASSAGES, QUESTION, TICK_S, chat_template, overlap, record_prompts, ticks_while
+from conftest import PASSAGES, QUESTION, chat_template, loop_ran_free, overlap, record_prompts, ticks_while
 from llama_index.core import Document, StorageContext, VectorStoreIndex
 from llama_index.core.base.llms.types import ChatMessage, CompletionResponse
 from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
@@ -236,7 +236,7 @@ def test_async_runs_off_the_event_loop_with_one_event_and_true_token_counts(pipe
         completed = model.complete(prompt)
         for call in (model.acomplete(prompt), drain(model.astream_complete(prompt))):
             ticks, elapsed = asyncio.run(ticks_while(call))
-            assert elapsed > 5 * TICK_S and ticks >= elapsed / TICK_S / 2  # a blocked loop ticks 0 times
+            assert loop_ran_free(ticks, elapsed)
         chatted = asyncio.run(model.achat(messages))
         streamed = asyncio.run(drain(model.astream_chat(messages)))
         assert asyncio.run(overlap(model.acomplete(prompt), model.acomplete(prompt)))
@@ -254,7 +254,7 @@ def test_aquery_of_a_stock_query_engine_leaves_the_event_loop_running(pipeline):
     index = ingested_index(pipeline)
     query_engine = index.as_query_engine(llm=InfoFlowLLM(pipeline=pipeline, max_new_tokens=48))
     ticks, elapsed = asyncio.run(ticks_while(query_engine.aquery(QUESTION)))
-    assert elapsed > 5 * TICK_S and ticks >= elapsed / TICK_S / 2  # the issue: 0 ticks in a 2.2 s aquery
+    assert loop_ran_free(ticks, elapsed)  # the issue: 0 ticks in a 2.2 s aquery
 
 
 def test_metadata_and_fields(pipeline, engine):
