@@ -26,11 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from infoflow_rag.engine import Engine
-from infoflow_rag.engine.placement import PlacedContext
+from infoflow_rag.engine import Engine, query, recompute
+from infoflow_rag.engine.placement import Layout, PlacedContext
 from infoflow_rag.engine.selection import (
     InfoFlowSelector,
     Probe,
+    SinkFlowSelector,
     kv_deviation,
     passage_heads,
     recomputable_spans,
@@ -104,6 +105,39 @@ class PassageInfoFlow(InfoFlowSelector):
         return torch.cat([whole, top_candidates(scores, rest, left)]).sort().values
 
 
+@register
+class RepairedSinkFlow(SinkFlowSelector):
+    """sinkflow with InfoFlow's question attention measured after the sink tokens are recomputed. Stale sinks
+    draw the question's attention in the cached context, so scores taken over the unrepaired cache may misrank
+    the other tokens. Study only: the sink tokens run twice (here, then in the joint recompute), which a shipped
+    rule would avoid by recomputing the rest on top of them."""
+
+    name = "study-repaired-sinkflow"
+
+    def select(self, placed: PlacedContext, budget: int, probe: Probe) -> torch.Tensor:
+        first = passage_heads(placed, self.sink)[:budget]  # (≤ budget,)
+        if budget == first.numel():
+            return first.sort().values
+        probe.repair(first)  # writes the sinks' (and the fresh tokens') full-context K/V into the placed buffers
+        rest = placed.candidate.clone()
+        rest[first] = False
+        picks = top_candidates(probe.scores(self.layers, self.heads), rest, budget - first.numel())
+        return torch.cat([first, picks]).sort().values
+
+
+_plain_probe = query.probe
+
+
+def _probe_that_repairs(engine: Engine, placed: PlacedContext, layout: Layout) -> Probe:
+    """The engine's probe, plus ``repair(chosen)``: recompute ``chosen`` (and the fresh tokens) in place."""
+    probe = _plain_probe(engine, placed, layout)
+    probe.repair = lambda chosen: recompute.recompute(engine.model, placed, chosen, *query.fresh_inputs(layout))
+    return probe
+
+
+query.probe = _probe_that_repairs  # the one hook the study needs; the library's selectors never call repair
+
+
 def candidates(ratio: float) -> dict[str, dict]:
     """Name -> ``engine.prepare`` options; every rule at the same token budget unless its name says otherwise."""
     return {
@@ -125,6 +159,14 @@ def candidates(ratio: float) -> dict[str, dict]:
         },
         "deviation*infoflow": {"selector": "study-deviation-infoflow", "ratio": ratio},
         "passages+infoflow": {"selector": "study-passages", "ratio": ratio},
+        **{
+            f"repaired-sink{k}+infoflow": {
+                "selector": "study-repaired-sinkflow",
+                "ratio": ratio,
+                "selector_options": {"sink": k},
+            }
+            for k in (4, 8)
+        },
         **{
             f"sinkshare{share}+infoflow": {
                 "selector": "study-sinkshare",
