@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..engine.selection import DEFAULT_RATIO
+from .results import QuestionResult
 from .stats import log_kl_diff, paired_diff, win_tie_loss
 from .tables import agreement_scores, with_fidelity
 
@@ -129,7 +130,7 @@ def trial_verdict(results: list, candidate: str, rivals: Sequence[str], frontier
     0, and a higher top1. Against ``frontier`` (more budget) it need only be at least as close: a mean kl_answer
     difference not above 0.
     """
-    by_method: dict[str, dict[str, object]] = {}
+    by_method: dict[str, dict[str, QuestionResult]] = {}
     for r in with_fidelity(results):
         by_method.setdefault(r.method, {})[r.id] = r
     if candidate not in by_method:
