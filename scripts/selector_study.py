@@ -43,6 +43,7 @@ from infoflow_rag.eval.datasets import load_hotpotqa
 from infoflow_rag.eval.runner import DEFAULT_PROMPT
 from infoflow_rag.eval.stats import log_kl_diff, mean_ci, paired_diff
 
+LADDER = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
 DEV_END = 1000  # questions from 1000 on are held out; from 5000 on reserved for independent checks
 MAX_NEW_TOKENS = 32
 
@@ -159,6 +160,9 @@ def candidates(ratio: float) -> dict[str, dict]:
         },
         "deviation*infoflow": {"selector": "study-deviation-infoflow", "ratio": ratio},
         "passages+infoflow": {"selector": "study-passages", "ratio": ratio},
+        # The budget ladder for an adaptive budget: sinkflow at rising ratios, in this order, each row with
+        # step_kl, how far its first-token distribution moved from the rung below (needs no reference).
+        **{f"ladder-sinkflow@{r:g}": {"selector": "sinkflow", "ratio": r} for r in LADDER},
         **{
             f"repaired-sink{k}+infoflow": {
                 "selector": "study-repaired-sinkflow",
@@ -194,6 +198,7 @@ def run(engine: Engine, start: int, questions: int, chosen: dict[str, dict], out
             answer_ids = engine.decode(full, max_new_tokens=MAX_NEW_TOKENS).answer_ids
             ref = fidelity.reference(answer_ids, engine.teacher_force(full, answer_ids))
             gold = engine.answer_token_ids(ex.answers[0])
+            rung_below = None  # the previous ladder rung's first-token log-probabilities, this question
             for name in todo:
                 started = time.perf_counter()
                 prep = engine.prepare(
@@ -206,6 +211,11 @@ def run(engine: Engine, start: int, questions: int, chosen: dict[str, dict], out
                 n = prep.placed.token_ids.numel()
                 row["context_tokens"] = prep.placed.n_passage_tokens
                 row["pick_position"] = float(prep.chosen.float().mean() / n) if prep.chosen.numel() else None
+                if name.startswith("ladder-"):
+                    log_p = prep.out.logits.double().log_softmax(-1)  # (vocab,)
+                    if rung_below is not None:
+                        row["step_kl"] = float((log_p.exp() * (log_p - rung_below)).sum())
+                    rung_below = log_p
                 out.write(json.dumps(row) + "\n")
                 out.flush()
             print(f"{number}/{len(examples)} {ex.id}", flush=True)
@@ -266,6 +276,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="JSON lines, one per (question, candidate); resumed")
     parser.add_argument("--summary", action="store_true", help="print the table of what is on file and stop")
     parser.add_argument("--summary-on", metavar="CANDIDATE", help="with --summary: only the questions CANDIDATE ran on")
+    parser.add_argument("--baseline", default="infoflow", help="with --summary: the candidate every row is paired with")
     args = parser.parse_args()
     out_path = Path(args.out)
     if args.summary:
@@ -273,7 +284,7 @@ def main() -> None:
         if args.summary_on:
             ran = {r["id"] for r in rows if r["candidate"] == args.summary_on}
             rows = [r for r in rows if r["id"] in ran]
-        print(summary(rows))
+        print(summary(rows, args.baseline))
         return
     if args.start + args.questions > DEV_END:
         raise SystemExit(f"questions {args.start}..{args.start + args.questions - 1} leave the development slice 0-999")
