@@ -260,6 +260,43 @@ def summary(rows: list[dict], baseline: str = "infoflow") -> str:
     return "\n".join(lines)
 
 
+def ladder_summary(rows: list[dict], taus: tuple[float, ...] = (0.3, 0.1, 0.03, 0.01, 0.003, 0.001)) -> str:
+    """Markdown: an adaptive budget replayed on the ladder rows. Per question, recompute rung after rung and stop
+    at the first rung from the second on whose step_kl (how far the first-token distribution moved from the rung
+    below) is under tau, else at the top rung: its kl_answer at the budget it spent. The fixed rungs beside it,
+    and each rule paired with the fixed rung at 0.15 on kl_answer."""
+    rungs: dict[str, dict[float, dict]] = {}
+    for r in rows:
+        if r["candidate"].startswith("ladder-"):
+            rungs.setdefault(r["id"], {})[float(r["candidate"].rpartition("@")[2])] = r
+    complete = {q: by_ratio for q, by_ratio in rungs.items() if set(by_ratio) == set(LADDER)}
+    if not complete:
+        return "No question has every ladder rung yet."
+    ids = sorted(complete)
+
+    def stop(by_ratio: dict[float, dict], tau: float) -> float:
+        return next((r for r in LADDER[1:] if by_ratio[r]["step_kl"] < tau), LADDER[-1])
+
+    rules = {f"fixed {r:g}": {q: r for q in ids} for r in LADDER}
+    rules |= {f"step_kl < {tau:g}": {q: stop(complete[q], tau) for q in ids} for tau in taus}
+    base = [complete[q][0.15]["kl_answer"] for q in ids]
+    lines = [
+        "| rule | n | mean ratio | kl_answer [95% CI] | median | top1 % | Δkl_answer vs fixed 0.15 [95% CI] "
+        "| kl ratio vs fixed 0.15 (geometric) [95% CI] |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, spent in rules.items():
+        kl = [complete[q][spent[q]]["kl_answer"] for q in ids]
+        est, d, ratio = mean_ci(kl), paired_diff(kl, base), log_kl_diff(kl, base)
+        top1 = 100 * np.mean([complete[q][spent[q]]["top1"] for q in ids])
+        lines.append(
+            f"| {name} | {len(ids)} | {np.mean(list(spent.values())):.3f} | {est.mean:.4f} [{est.low:.4f}, "
+            f"{est.high:.4f}] | {np.median(kl):.4f} | {top1:.1f} | {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}] | "
+            f"{10**ratio.mean:.2f} [{10**ratio.low:.2f}, {10**ratio.high:.2f}] |"
+        )
+    return "\n".join(lines)
+
+
 def _read(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -277,8 +314,12 @@ def main() -> None:
     parser.add_argument("--summary", action="store_true", help="print the table of what is on file and stop")
     parser.add_argument("--summary-on", metavar="CANDIDATE", help="with --summary: only the questions CANDIDATE ran on")
     parser.add_argument("--baseline", default="infoflow", help="with --summary: the candidate every row is paired with")
+    parser.add_argument("--ladder", action="store_true", help="print the adaptive-budget replay of the ladder and stop")
     args = parser.parse_args()
     out_path = Path(args.out)
+    if args.ladder:
+        print(ladder_summary(_read(out_path)))
+        return
     if args.summary:
         rows = _read(out_path)
         if args.summary_on:
