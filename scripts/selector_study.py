@@ -189,6 +189,8 @@ def run(engine: Engine, start: int, questions: int, chosen: dict[str, dict], out
     with out_path.open("a", encoding="utf-8") as out:
         for number, ex in enumerate(examples, start=1):
             todo = [name for name in chosen if (ex.id, name) not in done]
+            if any(name.startswith("ladder-") for name in todo):  # a rung's step_kl needs the rung below: redo all
+                todo = [name for name in chosen if name.startswith("ladder-") or name in todo]  # later rows win
             if not todo:
                 continue
             kvs = engine.prefill(ex.passages)
@@ -269,7 +271,12 @@ def ladder_summary(rows: list[dict], taus: tuple[float, ...] = (0.3, 0.1, 0.03, 
     for r in rows:
         if r["candidate"].startswith("ladder-"):
             rungs.setdefault(r["id"], {})[float(r["candidate"].rpartition("@")[2])] = r
-    complete = {q: by_ratio for q, by_ratio in rungs.items() if set(by_ratio) == set(LADDER)}
+    # Every rung, each above the first with its step_kl (a rung resumed after an interruption has none).
+    complete = {
+        q: by_ratio
+        for q, by_ratio in rungs.items()
+        if set(by_ratio) == set(LADDER) and all("step_kl" in by_ratio[r] for r in LADDER[1:])
+    }
     if not complete:
         return "No question has every ladder rung yet."
     ids = sorted(complete)
