@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from ..engine.selection import DEFAULT_RATIO
 from .results import QuestionResult
-from .stats import log_kl_diff, paired_diff, win_tie_loss
+from .stats import Estimate, log_kl_diff, paired_diff, win_tie_loss
 from .tables import agreement_scores, with_fidelity
 
 
@@ -84,14 +84,12 @@ def fidelity_verdict(results: list, method: str) -> list[str]:
         if not ids:
             continue
         ours, theirs = [kl[method][i] for i in ids], [kl[other][i] for i in ids]
-        diff, log_ratio = paired_diff(ours, theirs), log_kl_diff(ours, theirs)
+        diff, phrase = kl_comparison(ours, theirs)
         closer = sum(a < b for a, b in zip(ours, theirs, strict=True))
         word = "closer to full" if diff.high < 0 else "further from full" if diff.low > 0 else "no clear difference"
         lines.append(
-            f"- fidelity, `{method}` vs `{other}` on {len(ids)} questions: kl_answer {sum(ours) / len(ids):.3g} vs "
-            f"{sum(theirs) / len(ids):.3g}, paired difference {diff.mean:+.3g} [{diff.low:+.3g}, {diff.high:+.3g}], "
-            f"geometric ratio {10**log_ratio.mean:.2f} [{10**log_ratio.low:.2f}, {10**log_ratio.high:.2f}], "
-            f"closer on {closer} of {len(ids)} — {word}"
+            f"- fidelity, `{method}` vs `{other}` on {len(ids)} questions: {phrase}, closer on {closer} of "
+            f"{len(ids)} — {word}"
         )
     return lines
 
@@ -144,8 +142,7 @@ def trial_verdict(results: list, candidate: str, rivals: Sequence[str], frontier
             lines.append(f"- `{candidate}` vs `{rival}`: not run on the same questions")
             continue
         ours, theirs = [by_method[candidate][i] for i in ids], [by_method[rival][i] for i in ids]
-        kl_ours, kl_theirs = [r.kl_answer for r in ours], [r.kl_answer for r in theirs]
-        kl, geo = paired_diff(kl_ours, kl_theirs), log_kl_diff(kl_ours, kl_theirs)
+        kl, phrase = kl_comparison([r.kl_answer for r in ours], [r.kl_answer for r in theirs])
         top1 = paired_diff([r.top1 for r in ours], [r.top1 for r in theirs])
         if rival in rivals:
             meets = kl.high < 0 and top1.mean > 0
@@ -154,9 +151,7 @@ def trial_verdict(results: list, candidate: str, rivals: Sequence[str], frontier
         else:
             word = "at least as close" if kl.mean <= 0 else "further from full"
         lines.append(
-            f"- `{candidate}` vs `{rival}` on {len(ids)} questions: kl_answer {sum(kl_ours) / len(ids):.3g} vs "
-            f"{sum(kl_theirs) / len(ids):.3g}, paired difference {kl.mean:+.3g} [{kl.low:+.3g}, {kl.high:+.3g}], "
-            f"geometric ratio {10**geo.mean:.2f} [{10**geo.low:.2f}, {10**geo.high:.2f}]; top1 paired difference "
+            f"- `{candidate}` vs `{rival}` on {len(ids)} questions: {phrase}; top1 paired difference "
             f"{100 * top1.mean:+.1f} [{100 * top1.low:+.1f}, {100 * top1.high:+.1f}] points — {word}"
         )
     if rivals:
@@ -166,3 +161,14 @@ def trial_verdict(results: list, candidate: str, rivals: Sequence[str], frontier
             + outcome
         )
     return "\n".join(lines)
+
+
+def kl_comparison(ours: Sequence[float], theirs: Sequence[float]) -> tuple[Estimate, str]:
+    """Per-question kl_answer of two methods: the paired mean difference, and the phrase every verdict states it
+    in (both means, that difference with its interval, and the geometric-mean ratio with its interval)."""
+    diff, log_ratio = paired_diff(ours, theirs), log_kl_diff(ours, theirs)
+    return diff, (
+        f"kl_answer {sum(ours) / len(ours):.3g} vs {sum(theirs) / len(theirs):.3g}, paired difference "
+        f"{diff.mean:+.3g} [{diff.low:+.3g}, {diff.high:+.3g}], geometric ratio {10**log_ratio.mean:.2f} "
+        f"[{10**log_ratio.low:.2f}, {10**log_ratio.high:.2f}]"
+    )
