@@ -369,8 +369,9 @@ def test_trial_verdict_holds_the_candidate_to_the_bar_against_each_rival():
     assert trial_verdict(rows, "sinkflow@0.15", ["infoflow@0.15"]).startswith("No verdict")
 
 
-def test_trial_verdict_states_the_interval_of_the_paired_table():
-    from infoflow_rag.eval.verdicts import trial_verdict
+@pytest.mark.parametrize("verdict_of", ["trial", "fidelity"])
+def test_verdicts_state_the_interval_of_the_paired_table(verdict_of):
+    from infoflow_rag.eval.verdicts import fidelity_verdict, trial_verdict
 
     rng = random.Random(0)
     ids = [f"q{i}" for i in range(12)]
@@ -381,7 +382,10 @@ def test_trial_verdict_states_the_interval_of_the_paired_table():
             r = result("hotpotqa", qid, method, 0.5, 0.0, 1.0, 0.15)
             r.kl_answer, r.kl_first, r.top1, r.gold_nll = (0.0 if method == "full" else rng.random()), 0.0, 1.0, 2.0
             rows.append(r)
-    text = trial_verdict(rows, "sinkflow@0.15", ["infoflow@0.15"])
+    if verdict_of == "trial":
+        text = trial_verdict(rows, "sinkflow@0.15", ["infoflow@0.15"])
+    else:
+        text = "\n".join(fidelity_verdict(rows, "sinkflow@0.15"))
     interval = re.search(r"paired difference (\S+ \[[^\]]+\])", text).group(1)
     table = {row[1]: row for row in table_rows(fidelity_paired_table(rows, "infoflow@0.15"))}
     assert table["sinkflow@0.15"][3] == interval

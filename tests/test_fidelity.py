@@ -79,6 +79,19 @@ def test_gold_nll_is_the_mean_negative_log_likelihood_of_the_gold_tokens():
         fidelity.gold_nll(logits, [])
 
 
+def test_position_fidelity_is_what_the_answer_means_are_made_of():
+    full = torch.tensor([[3.0, 0.0, 0.0], [0.0, 2.0, 0.0]])  # answer [0], then what follows it
+    method = torch.tensor([[3.0, 0.0, 0.0], [2.0, 0.0, 0.0]])  # same first row; the second ranks token 0 first
+    reference = fidelity.reference([0], full)
+    kl, same_top = fidelity.position_fidelity(reference, method)
+    p = full[1].softmax(-1)
+    assert kl[0] == pytest.approx(0.0, abs=1e-12)
+    assert kl[1] == pytest.approx(float((p * (p.log() - method[1].log_softmax(-1))).sum()))
+    assert same_top.tolist() == [True, False]
+    means = fidelity.answer_fidelity(reference, method)
+    assert means["kl_answer"] == pytest.approx(float(kl.mean())) and means["top1"] == 0.5
+
+
 def test_answer_fidelity_refuses_misaligned_logits():
     reference = fidelity.reference([1, 2], torch.zeros(3, 5))
     with pytest.raises(ValueError, match="do not align"):

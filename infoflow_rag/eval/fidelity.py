@@ -40,17 +40,23 @@ def reference(answer_ids: Sequence[int], logits: torch.Tensor) -> Reference:
     return Reference(list(answer_ids), logits.double().log_softmax(-1))
 
 
-def answer_fidelity(ref: Reference, logits: torch.Tensor) -> dict[str, float]:
-    """kl_first, kl_answer and top1 of a method's logits (m+1, vocab) along ``ref``'s answer."""
+def position_fidelity(ref: Reference, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per answer position of a method's logits (m+1, vocab) along ``ref``'s answer: KL(full ‖ method) (m+1,)
+    float64, and whether the method ranks full's token first (m+1,) bool."""
     if logits.shape != ref.log_probs.shape:
         raise ValueError(
             f"logits of shape {tuple(logits.shape)} do not align with the reference's {tuple(ref.log_probs.shape)}"
         )
     log_q = logits.double().log_softmax(-1)
     p = ref.log_probs.exp()
-    kl = (p * (ref.log_probs - log_q)).sum(-1).clamp_min(0.0)  # (m+1,); rounding can dip a hair below 0
-    top1 = (log_q.argmax(-1) == ref.log_probs.argmax(-1)).double().mean()
-    return {"kl_first": float(kl[0]), "kl_answer": float(kl.mean()), "top1": float(top1)}
+    kl = (p * (ref.log_probs - log_q)).sum(-1).clamp_min(0.0)  # rounding can dip a hair below 0
+    return kl, log_q.argmax(-1) == ref.log_probs.argmax(-1)
+
+
+def answer_fidelity(ref: Reference, logits: torch.Tensor) -> dict[str, float]:
+    """kl_first, kl_answer and top1 of a method's logits (m+1, vocab) along ``ref``'s answer."""
+    kl, same_top = position_fidelity(ref, logits)
+    return {"kl_first": float(kl[0]), "kl_answer": float(kl.mean()), "top1": float(same_top.double().mean())}
 
 
 def gold_nll(logits: torch.Tensor, gold_ids: Sequence[int]) -> float:

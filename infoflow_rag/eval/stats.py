@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +43,15 @@ def mean_ci(values: Sequence[float], n_boot: int = 1000, seed: int = 0, alpha: f
     boot_means = data[rng.integers(0, data.size, size=(n_boot, data.size))].mean(axis=1)
     low, high = np.quantile(boot_means, [alpha / 2, 1 - alpha / 2])
     return Estimate(mean=float(data.mean()), low=float(low), high=float(high), n=int(data.size))
+
+
+def shared_ids(ours: Mapping, theirs: Mapping) -> list:
+    """The question ids both methods have, in ``ours``' order (the order its rows were written).
+
+    A paired bootstrap resamples positions, so two pairings of the same questions in different orders state
+    different intervals; every table and verdict pairs in this one order, and so states the same interval.
+    """
+    return [i for i in ours if i in theirs]
 
 
 def paired_diff(

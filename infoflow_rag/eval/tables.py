@@ -10,7 +10,7 @@ import numpy as np
 from infoflow_rag.engine.selection import DEFAULT_RATIO
 from infoflow_rag.eval.metrics import exact_match, token_f1
 from infoflow_rag.eval.results import QuestionResult
-from infoflow_rag.eval.stats import Estimate, log_kl_diff, mean_ci, paired_diff, win_tie_loss
+from infoflow_rag.eval.stats import Estimate, log_kl_diff, mean_ci, paired_diff, shared_ids, win_tie_loss
 
 DEFAULT_BASELINE = f"infoflow@{DEFAULT_RATIO:g}"
 
@@ -97,7 +97,7 @@ def agreement_table(
         line += f"{same:.0f}% |"
         if baseline:
             base = {r.id: scores[r.pair_key] for r in groups.get((dataset, baseline), []) if r.pair_key in scores}
-            shared = sorted(mine.keys() & base.keys())
+            shared = shared_ids(mine, base)
             if method == baseline or not shared:
                 line += " — | — |"
             else:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from ..engine.selection import DEFAULT_RATIO
 from .results import QuestionResult
-from .stats import Estimate, log_kl_diff, paired_diff, win_tie_loss
+from .stats import Estimate, log_kl_diff, paired_diff, shared_ids, win_tie_loss
 from .tables import agreement_scores, with_fidelity
 
 
@@ -23,7 +23,7 @@ def verdict(results: list, method: str = f"infoflow@{DEFAULT_RATIO:g}", target_g
     for other in ("full", f"cacheblend@{ratio}", f"epic@{ratio}"):
         if other not in by_method:
             continue
-        ids = sorted(by_method[method].keys() & by_method[other].keys())
+        ids = shared_ids(by_method[method], by_method[other])
         ours, theirs = [by_method[method][i] for i in ids], [by_method[other][i] for i in ids]
         diff, wtl = paired_diff(ours, theirs), win_tie_loss(ours, theirs)
         mean_ours, mean_theirs = sum(ours) / len(ids), sum(theirs) / len(ids)
@@ -50,7 +50,7 @@ def verdict(results: list, method: str = f"infoflow@{DEFAULT_RATIO:g}", target_g
     for other in ("none", f"cacheblend@{ratio}", f"epic@{ratio}"):
         if other not in agree or method not in agree:
             continue
-        ids = sorted(agree[method].keys() & agree[other].keys())
+        ids = shared_ids(agree[method], agree[other])
         ours, theirs = [agree[method][i] for i in ids], [agree[other][i] for i in ids]
         diff = paired_diff(ours, theirs)
         lines.append(
@@ -80,7 +80,7 @@ def fidelity_verdict(results: list, method: str) -> list[str]:
             kl.setdefault(r.method, {})[r.id] = r.kl_answer
     lines = []
     for other in sorted(kl.keys() - {method}):
-        ids = sorted(kl.get(method, {}).keys() & kl[other].keys())
+        ids = shared_ids(kl.get(method, {}), kl[other])
         if not ids:
             continue
         ours, theirs = [kl[method][i] for i in ids], [kl[other][i] for i in ids]
@@ -135,8 +135,7 @@ def trial_verdict(results: list, candidate: str, rivals: Sequence[str], frontier
         return f"No verdict: `{candidate}` was not run with `full`."
     lines, missed = [], []
     for rival in (*rivals, *frontier):
-        # In the candidate's row order, as the paired tables pair them: the same resamples, the same intervals.
-        ids = [i for i in by_method[candidate] if i in by_method.get(rival, {})]
+        ids = shared_ids(by_method[candidate], by_method.get(rival, {}))
         if not ids:
             missed += [rival] if rival in rivals else []
             lines.append(f"- `{candidate}` vs `{rival}`: not run on the same questions")
