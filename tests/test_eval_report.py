@@ -136,8 +136,8 @@ def test_niah_heatmap_needs_niah_results(tmp_path):
         plot_niah_heatmap(toy_results(), tmp_path / "niah.png")
 
 
-def write_results_file(path, results):
-    with ResultsLog(path, HEADER, resume=False) as log:
+def write_results_file(path, results, header=HEADER):
+    with ResultsLog(path, header, resume=False) as log:
         for r in results:
             log.append(r)
     return path
@@ -410,6 +410,28 @@ def test_suite_report_puts_the_trial_selector_against_its_rivals(tmp_path):
     assert "- `sinkflow@0.15` vs `epic@0.15` on 4 questions" in md
     assert "- `sinkflow@0.15` vs `cacheblend@0.15`: not run on the same questions" in md
     assert "Fidelity paired against `sinkflow@0.15` on the same questions:" in md
+
+
+def test_suite_report_says_how_each_part_was_run(tmp_path):
+    from dataclasses import replace
+
+    from infoflow_rag.eval.suite import suite_parts, write_suite_report
+
+    write_results_file(tmp_path / "main.jsonl", toy_results())
+    large = replace(
+        HEADER,
+        model_info={**HEADER.model_info, "name": "fake-1.5B"},
+        command="/work/tree/infoflow_rag/cli/__main__.py eval suite --parts large",
+    )
+    write_results_file(tmp_path / "large.jsonl", toy_results(), header=large)
+    md = write_suite_report(tmp_path, suite_parts()).read_text()
+    # The Run section has the first part's commands; a part run otherwise says how, as a reader can rerun it.
+    assert md.count("```sh\ninfoflow-rag eval --methods full,none --limit 4\n```") == 1
+    produced = "Produced by (first run, then each resume), on `fake-1.5B`, started "
+    assert md.count(produced) == 1
+    assert "```sh\npython -m infoflow_rag.cli eval suite --parts large\n```" in md.split(produced)[1]
+    # The toy run's EPIC answered other questions than InfoFlow: the verdict says so instead of failing.
+    assert "- `infoflow@0.15` vs `epic@0.15`: not run on the same questions" in md
 
 
 def test_frontier_plot_is_written(tmp_path):

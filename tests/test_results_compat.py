@@ -2,9 +2,10 @@
 
 The snapshots in ``data/report_snapshots`` were recorded from commit 1c22ca1 (before the options type): each
 holds the ``results.md`` that :func:`write_report` (or :func:`write_suite_report` for a suite directory) wrote,
-and the sha256 of every PNG beside it. The suite snapshots were re-recorded once, when the verdicts and the
-agreement table began pairing questions in row order, as the paired tables do (their intervals moved; nothing
-else). Re-record with ``python tests/test_results_compat.py`` only when the report is meant to change.
+and the sha256 of every PNG beside it. The suite snapshots were re-recorded twice, on purpose: when the verdicts
+and the agreement table began pairing questions in row order, as the paired tables do (intervals moved), and when
+each part run with other commands than the first began saying how it was run. Re-record with
+``python tests/test_results_compat.py`` only when the report is meant to change.
 """
 
 from __future__ import annotations

@@ -28,6 +28,15 @@ def current_command() -> str:
     return shlex.join(sys.argv)
 
 
+def readable_command(command: str) -> str:
+    """``command`` as a reader can run it: ``python -m infoflow_rag.cli`` records the module's own file as argv[0],
+    an absolute path into whichever checkout ran it; it reads as ``python -m infoflow_rag.cli``."""
+    words = shlex.split(command)
+    if words and words[0].endswith(("infoflow_rag/cli/__main__.py", "infoflow_rag/cli.py")):
+        return shlex.join(["python", "-m", "infoflow_rag.cli", *words[1:]])
+    return command
+
+
 @dataclass
 class RunHeader:
     """What must stay fixed for results to be comparable, plus how the run was started."""
@@ -123,7 +132,7 @@ class ResultsRun:
     """Everything a results file holds."""
 
     header: RunHeader
-    commands: list[str]  # the header's command, then one per resume
+    commands: list[str]  # the header's command, then one per resume (as readable_command shows them)
     results: list[QuestionResult]
 
 
@@ -133,7 +142,8 @@ def read_results(path: str | Path) -> ResultsRun:
     if not records or records[0].get("type") != "header":
         raise ValueError(f"{path} is not a results file: its first line is not a header record")
     header = RunHeader(**{k: v for k, v in records[0].items() if k != "type"})
-    commands = [header.command] + [r["command"] for r in records if r["type"] == "resume"]
+    commands = [readable_command(header.command)]
+    commands += [readable_command(r["command"]) for r in records if r["type"] == "resume"]
     results = [QuestionResult.from_record(r) for r in records if r["type"] == "result"]
     return ResultsRun(header, commands, results)
 

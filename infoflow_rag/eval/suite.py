@@ -163,13 +163,24 @@ def write_suite_report(out_dir: str | Path, parts: list[Part], ratio: float = DE
         if not path.exists():
             continue
         run = read_results(path)
+        body = _part_body(part, run, out, ratio)
+        if first is not None and run.commands != first.commands:  # the Run section shows the first part's
+            body.insert(0, _produced_by(run))
         first = first or run
         answered = len({r.id for r in run.results})
         title = part.title if answered >= part.limit else f"{part.title} (partial: {answered} answered so far)"
-        sections.append(Section(title, "\n\n".join(_part_body(part, run, out, ratio))))
+        sections.append(Section(title, "\n\n".join(body)))
     if first is None:
         raise FileNotFoundError(f"no results in {out}: run the suite first")
     return write_results_md(out / "RESULTS.md", first, *sections, title="infoflow-rag evaluation")
+
+
+def _produced_by(run: ResultsRun) -> str:
+    """How a part other than the first was run: its commands, model and start (the Run section has the first's)."""
+    return (
+        f"Produced by (first run, then each resume), on `{run.header.model_info.get('name', '?')}`, started "
+        f"{run.header.started}:\n\n```sh\n" + "\n".join(run.commands) + "\n```"
+    )
 
 
 def _part_body(part: Part, run: ResultsRun, out: Path, ratio: float) -> list[str]:

@@ -24,6 +24,9 @@ def verdict(results: list, method: str = f"infoflow@{DEFAULT_RATIO:g}", target_g
         if other not in by_method:
             continue
         ids = shared_ids(by_method[method], by_method[other])
+        if not ids:
+            lines.append(f"- `{method}` vs `{other}`: not run on the same questions")
+            continue
         ours, theirs = [by_method[method][i] for i in ids], [by_method[other][i] for i in ids]
         diff, wtl = paired_diff(ours, theirs), win_tie_loss(ours, theirs)
         mean_ours, mean_theirs = sum(ours) / len(ids), sum(theirs) / len(ids)
@@ -51,6 +54,8 @@ def verdict(results: list, method: str = f"infoflow@{DEFAULT_RATIO:g}", target_g
         if other not in agree or method not in agree:
             continue
         ids = shared_ids(agree[method], agree[other])
+        if not ids:
+            continue  # no question to pair on
         ours, theirs = [agree[method][i] for i in ids], [agree[other][i] for i in ids]
         diff = paired_diff(ours, theirs)
         lines.append(
