@@ -96,6 +96,33 @@ def test_overrides_are_sugar_for_replace():
         QueryOptions(ratios=0.2)
 
 
+def test_frozen_options_are_frozen_all_through():
+    import copy
+    import json
+    import pickle
+
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+    options = QueryOptions(selector_options={"layers": [1, 2]}, json_schema=schema)
+    refused = "query options are frozen, nested values included: build changed ones with options.replace"
+    for change in (
+        lambda: options.selector_options.__setitem__("layers", [0]),  # past validation: would fail mid-query
+        lambda: options.selector_options["layers"].append(30),
+        lambda: options.compress_options.update(keep=2),
+        lambda: options.json_schema["required"].pop(),
+        lambda: options.json_schema["properties"].clear(),
+    ):
+        with pytest.raises(TypeError, match=refused):
+            change()
+    # Still plain values to every reader: equal to what was given, JSON, copies and pickles alike.
+    assert options.selector_options == {"layers": [1, 2]} and options.json_schema == schema
+    assert json.loads(json.dumps(options.to_dict()))["json_schema"] == schema
+    for twin in (copy.copy(options), copy.deepcopy(options), pickle.loads(pickle.dumps(options))):
+        assert twin == options
+        with pytest.raises(TypeError, match=refused):
+            twin.json_schema["required"].append("b")
+    assert options.replace(selector_options={"layers": [3]}).selector_options == {"layers": [3]}
+
+
 def test_options_round_trip_and_fixed_ratios():
     options = QueryOptions(selector="sinkflow", compress="infokv", keep=256, selector_options={"sink": 4})
     assert QueryOptions.from_dict(options.to_dict()) == options and type(options.keep) is int

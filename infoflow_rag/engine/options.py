@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..errors import InfoFlowError
 from .compression import POLICIES, make_policy, validate_policy
 from .constraint import json_grammar
+from .frozen import frozen
 from .placement import GEOMETRIES
 from .prompt import SCORE_ROWS
 from .selection import DEFAULT_RATIO, SELECTORS, make_selector, validate_selector
@@ -141,13 +142,18 @@ class OptionFields(BaseModel):
 class QueryOptions(OptionFields):
     """The options of one query (frozen; :meth:`replace` returns a validated copy)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)  # defaults frozen too
 
     def __init__(self, **options: Any) -> None:
         try:
             super().__init__(**options)
         except ValidationError as err:
             raise InvalidOptionError(describe(err)) from None
+
+    @field_validator("selector_options", "compress_options", "json_schema", mode="after")
+    @classmethod
+    def _frozen_through(cls, value: Any) -> Any:
+        return frozen(value)  # frozen means frozen: no change in place past the validation
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QueryOptions:
