@@ -19,6 +19,7 @@ Candidates that are not library selectors are defined here; the ``sink{k}+infofl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from infoflow_rag.engine import Engine, query, recompute
+from infoflow_rag.engine import Engine, attention, query, recompute, scoring
 from infoflow_rag.engine.placement import Layout, PlacedContext
 from infoflow_rag.engine.selection import (
     InfoFlowSelector,
@@ -126,17 +127,67 @@ class RepairedSinkFlow(SinkFlowSelector):
         return torch.cat([first, picks]).sort().values
 
 
+@register
+class LastRowsSinkFlow(SinkFlowSelector):
+    """sinkflow scored by the rows nearest the answer: the whole question block after the passages runs (the
+    instruction, the question, the chat template's turn end and the assistant header, as ``score_rows="block"``),
+    and the attention norm is taken over its last ``rows`` rows only. The last row is the one the first answer
+    token is drawn from."""
+
+    name = "study-lastrows-sinkflow"
+
+    def __init__(self, rows: int = 1, sink: int = 8, layers: list[int] | None = None):
+        super().__init__(sink, layers)
+        self.rows = rows
+
+    def select(self, placed: PlacedContext, budget: int, probe: Probe) -> torch.Tensor:
+        first = passage_heads(placed, self.sink)[:budget]  # (≤ budget,)
+        rest = placed.candidate.clone()
+        rest[first] = False
+        picks = top_candidates(probe.last_row_scores(self.layers, self.rows), rest, budget - first.numel())
+        return torch.cat([first, picks]).sort().values
+
+
 _plain_probe = query.probe
+_plain_grouped_attention = attention.grouped_attention
+_score_rows: list[int | None] = [None]  # while a last-rows score runs: how many rows it is taken over
 
 
-def _probe_that_repairs(engine: Engine, placed: PlacedContext, layout: Layout) -> Probe:
-    """The engine's probe, plus ``repair(chosen)``: recompute ``chosen`` (and the fresh tokens) in place."""
+def _grouped_attention_last_rows(query_, key, value, mask, scaling, n_keys=0, heads="mean"):
+    """attention.grouped_attention, with the scores taken over the last ``_score_rows[0]`` query rows only."""
+    rows = _score_rows[0]
+    if not n_keys or rows is None:
+        return _plain_grouped_attention(query_, key, value, mask, scaling, n_keys, heads)
+    out, _ = _plain_grouped_attention(query_, key, value, mask, scaling, 0, heads)
+    last_mask = None if mask is None else mask[:, :, -rows:]  # (B, 1, rows, K)
+    _, scores = _plain_grouped_attention(query_[:, :, -rows:], key, None, last_mask, scaling, n_keys, heads)
+    return out, scores
+
+
+def _last_row_scores(engine: Engine, placed: PlacedContext, layout: Layout, layers: list[int], rows: int):
+    """(N,) InfoFlow's score over the last ``rows`` rows of the fresh block after the passages, which runs whole."""
+    ids, positions = query.fresh_inputs(layout)  # (F,), (F,)
+    _score_rows[0] = rows
+    try:
+        block = dataclasses.replace(placed, query_positions=positions)
+        return scoring.question_attention_scores(engine.model, block, ids, layers)
+    finally:
+        _score_rows[0] = None
+
+
+def _study_probe(engine: Engine, placed: PlacedContext, layout: Layout) -> Probe:
+    """The engine's probe, plus ``repair(chosen)``: recompute ``chosen`` (and the fresh tokens) in place, and
+    ``last_row_scores(layers, rows)``: InfoFlow's score over the fresh block's last rows."""
     probe = _plain_probe(engine, placed, layout)
     probe.repair = lambda chosen: recompute.recompute(engine.model, placed, chosen, *query.fresh_inputs(layout))
+    probe.last_row_scores = lambda layers, rows: _last_row_scores(engine, placed, layout, layers, rows)
     return probe
 
 
-query.probe = _probe_that_repairs  # the one hook the study needs; the library's selectors never call repair
+# The hooks the study needs; the library's selectors never call repair or last_row_scores, and the row filter
+# is off outside a last-rows score.
+query.probe = _study_probe
+attention.grouped_attention = _grouped_attention_last_rows
 
 
 def candidates(ratio: float) -> dict[str, dict]:
@@ -170,6 +221,17 @@ def candidates(ratio: float) -> dict[str, dict]:
                 "selector_options": {"sink": k},
             }
             for k in (4, 8)
+        },
+        # Scored by the rows nearest the answer: the whole question block (the library's score_rows="block"),
+        # then only its last rows.
+        "sinkflow+block": {"selector": "sinkflow", "ratio": ratio, "score_rows": "block"},
+        **{
+            f"sink8+block-last{rows}": {
+                "selector": "study-lastrows-sinkflow",
+                "ratio": ratio,
+                "selector_options": {"rows": rows},
+            }
+            for rows in (8, 1)
         },
         **{
             f"sinkshare{share}+infoflow": {
@@ -208,7 +270,12 @@ def run(engine: Engine, start: int, questions: int, chosen: dict[str, dict], out
                 )
                 prepare_s = time.perf_counter() - started
                 row = {"id": ex.id, "candidate": name, "prepare_s": prepare_s, "answer_tokens": len(answer_ids)}
-                row |= fidelity.answer_fidelity(ref, engine.teacher_force(prep, answer_ids))
+                logits = engine.teacher_force(prep, answer_ids)  # (m+1, vocab)
+                row |= fidelity.answer_fidelity(ref, logits)
+                kl, same_top = fidelity.position_fidelity(ref, logits)  # (m+1,) each: for --tails
+                row["kl_positions"] = [round(float(x), 5) for x in kl]
+                row["top1_positions"] = same_top.int().tolist()
+                row["full_p"] = [round(float(x), 4) for x in ref.log_probs.max(-1).values.exp()]
                 row["gold_nll"] = fidelity.gold_nll(engine.teacher_force(prep, gold), gold)
                 n = prep.placed.token_ids.numel()
                 row["context_tokens"] = prep.placed.n_passage_tokens
@@ -304,6 +371,41 @@ def ladder_summary(rows: list[dict], taus: tuple[float, ...] = (0.3, 0.1, 0.03, 
     return "\n".join(lines)
 
 
+def tails_summary(rows: list[dict], unsure: float = 0.5) -> str:
+    """Markdown: where each candidate's kl_answer mass sits. Each question adds its kl_answer (a mean over its
+    m+1 answer positions) to the total; the columns split that total by position: the question's single worst
+    position, the positions where the candidate ranks another token first than full does (a fork), and those
+    where full itself gives its own token less than ``unsure`` probability (full is unsure)."""
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        if "kl_positions" in r:
+            by.setdefault(r["candidate"], []).append(r)
+    lines = [
+        f"| candidate | n | kl_answer | worst position's share | forks' share | share where full p < {unsure:g} "
+        f"| forks per question | full p at the worst position (median) | top 10 % of questions' share |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, per_q in by.items():
+        total = sum(r["kl_answer"] for r in per_q)
+        worst = forks = unsure_mass = 0.0
+        worst_p, fork_count = [], 0
+        for r in per_q:
+            kl, m = np.array(r["kl_positions"]), len(r["kl_positions"])
+            fork, full_p = np.array(r["top1_positions"]) == 0, np.array(r["full_p"])
+            worst += kl.max() / m
+            worst_p.append(full_p[kl.argmax()])
+            forks += kl[fork].sum() / m
+            unsure_mass += kl[full_p < unsure].sum() / m
+            fork_count += int(fork.sum())
+        top = sorted((r["kl_answer"] for r in per_q), reverse=True)[: max(1, len(per_q) // 10)]
+        lines.append(
+            f"| {name} | {len(per_q)} | {total / len(per_q):.4f} | {worst / total:.0%} | {forks / total:.0%} | "
+            f"{unsure_mass / total:.0%} | {fork_count / len(per_q):.2f} | {np.median(worst_p):.2f} | "
+            f"{sum(top) / total:.0%} |"
+        )
+    return "\n".join(lines)
+
+
 def _read(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -322,8 +424,12 @@ def main() -> None:
     parser.add_argument("--summary-on", metavar="CANDIDATE", help="with --summary: only the questions CANDIDATE ran on")
     parser.add_argument("--baseline", default="infoflow", help="with --summary: the candidate every row is paired with")
     parser.add_argument("--ladder", action="store_true", help="print the adaptive-budget replay of the ladder and stop")
+    parser.add_argument("--tails", action="store_true", help="print where each candidate's kl_answer mass sits; stop")
     args = parser.parse_args()
     out_path = Path(args.out)
+    if args.tails:
+        print(tails_summary(_read(out_path)))
+        return
     if args.ladder:
         print(ladder_summary(_read(out_path)))
         return
