@@ -371,6 +371,42 @@ def ladder_summary(rows: list[dict], taus: tuple[float, ...] = (0.3, 0.1, 0.03, 
     return "\n".join(lines)
 
 
+def tails_split(rows: list[dict], baseline: str, unsure: float = 0.5) -> str:
+    """Markdown: ``baseline`` minus each other candidate, on kl_answer whole and on its two parts (the positions
+    where full gives its own token at least / less than ``unsure``), with the geometric ratio; each with its
+    resolution, |mean| / half-width of the 95 % interval (above 1: the interval excludes 0)."""
+    by: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        if "kl_positions" in r:
+            by.setdefault(r["candidate"], {})[r["id"]] = r
+
+    def parts(r: dict) -> tuple[float, float, float]:
+        kl, sure = np.array(r["kl_positions"]), np.array(r["full_p"]) >= unsure
+        return kl.mean(), kl[sure].sum() / kl.size, kl[~sure].sum() / kl.size
+
+    def cell(estimate) -> str:
+        half = (estimate.high - estimate.low) / 2
+        return f"{estimate.mean:+.3f} [{estimate.low:+.3f}, {estimate.high:+.3f}], {abs(estimate.mean) / half:.2f}"
+
+    base = by.get(baseline, {})
+    lines = [
+        f"| `{baseline}` minus | plain kl_answer | part at full p ≥ {unsure:g} | part at full p < {unsure:g} "
+        "| geometric ratio |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, per_id in by.items():
+        ids = [i for i in base if i in per_id]
+        if name == baseline or not ids:
+            continue
+        ours, theirs = [parts(base[i]) for i in ids], [parts(per_id[i]) for i in ids]
+        split = [cell(paired_diff([a[k] for a in ours], [b[k] for b in theirs])) for k in range(3)]
+        ratio = log_kl_diff([a[0] for a in ours], [b[0] for b in theirs])
+        half = (ratio.high - ratio.low) / 2
+        geometric = f"{10**ratio.mean:.2f} [{10**ratio.low:.2f}, {10**ratio.high:.2f}], {abs(ratio.mean) / half:.2f}"
+        lines.append(f"| {name} | " + " | ".join(split) + f" | {geometric} |")
+    return "\n".join(lines)
+
+
 def tails_summary(rows: list[dict], unsure: float = 0.5) -> str:
     """Markdown: where each candidate's kl_answer mass sits. Each question adds its kl_answer (a mean over its
     m+1 answer positions) to the total; the columns split that total by position: the question's single worst
@@ -422,13 +458,16 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="JSON lines, one per (question, candidate); resumed")
     parser.add_argument("--summary", action="store_true", help="print the table of what is on file and stop")
     parser.add_argument("--summary-on", metavar="CANDIDATE", help="with --summary: only the questions CANDIDATE ran on")
-    parser.add_argument("--baseline", default="infoflow", help="with --summary: the candidate every row is paired with")
+    parser.add_argument(
+        "--baseline", default="infoflow", help="with --summary or --tails: the candidate every row is paired with"
+    )
     parser.add_argument("--ladder", action="store_true", help="print the adaptive-budget replay of the ladder and stop")
     parser.add_argument("--tails", action="store_true", help="print where each candidate's kl_answer mass sits; stop")
     args = parser.parse_args()
     out_path = Path(args.out)
     if args.tails:
-        print(tails_summary(_read(out_path)))
+        rows = _read(out_path)
+        print(tails_summary(rows) + "\n\n" + tails_split(rows, args.baseline))
         return
     if args.ladder:
         print(ladder_summary(_read(out_path)))
