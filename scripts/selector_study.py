@@ -42,7 +42,7 @@ from infoflow_rag.engine.selection import (
 from infoflow_rag.eval import fidelity
 from infoflow_rag.eval.datasets import load_hotpotqa
 from infoflow_rag.eval.runner import DEFAULT_PROMPT
-from infoflow_rag.eval.stats import log_kl_diff, mean_ci, paired_diff
+from infoflow_rag.eval.stats import Estimate, log_kl_diff, mean_ci, paired_diff, shared_ids
 
 LADDER = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
 DEV_END = 1000  # questions from 1000 on are held out; from 5000 on reserved for independent checks
@@ -371,22 +371,28 @@ def ladder_summary(rows: list[dict], taus: tuple[float, ...] = (0.3, 0.1, 0.03, 
     return "\n".join(lines)
 
 
-def tails_split(rows: list[dict], baseline: str, unsure: float = 0.5) -> str:
-    """Markdown: ``baseline`` minus each other candidate, on kl_answer whole and on its two parts (the positions
-    where full gives its own token at least / less than ``unsure``), with the geometric ratio; each with its
-    resolution, |mean| / half-width of the 95 % interval (above 1: the interval excludes 0)."""
+def _with_positions(rows: list[dict]) -> dict[str, dict[str, dict]]:
+    """Candidate -> question id -> row, for the rows that carry per-position fidelity (round 6 on)."""
     by: dict[str, dict[str, dict]] = {}
     for r in rows:
         if "kl_positions" in r:
             by.setdefault(r["candidate"], {})[r["id"]] = r
+    return by
+
+
+def tails_split(rows: list[dict], baseline: str, unsure: float = 0.5) -> str:
+    """Markdown: ``baseline`` minus each other candidate, on kl_answer whole and on its two parts (the positions
+    where full gives its own token at least / less than ``unsure``), with the geometric ratio; each with its
+    resolution, |mean| / half-width of the 95 % interval (above 1: the interval excludes 0)."""
+    by = _with_positions(rows)
 
     def parts(r: dict) -> tuple[float, float, float]:
         kl, sure = np.array(r["kl_positions"]), np.array(r["full_p"]) >= unsure
         return kl.mean(), kl[sure].sum() / kl.size, kl[~sure].sum() / kl.size
 
-    def cell(estimate) -> str:
-        half = (estimate.high - estimate.low) / 2
-        return f"{estimate.mean:+.3f} [{estimate.low:+.3f}, {estimate.high:+.3f}], {abs(estimate.mean) / half:.2f}"
+    def cell(estimate: Estimate, scale=lambda x: x, fmt: str = "+.3f") -> str:
+        low, mean, high = (format(scale(x), fmt) for x in (estimate.low, estimate.mean, estimate.high))
+        return f"{mean} [{low}, {high}], {estimate.resolution:.2f}"
 
     base = by.get(baseline, {})
     lines = [
@@ -395,14 +401,13 @@ def tails_split(rows: list[dict], baseline: str, unsure: float = 0.5) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for name, per_id in by.items():
-        ids = [i for i in base if i in per_id]
+        ids = shared_ids(base, per_id)
         if name == baseline or not ids:
             continue
         ours, theirs = [parts(base[i]) for i in ids], [parts(per_id[i]) for i in ids]
         split = [cell(paired_diff([a[k] for a in ours], [b[k] for b in theirs])) for k in range(3)]
         ratio = log_kl_diff([a[0] for a in ours], [b[0] for b in theirs])
-        half = (ratio.high - ratio.low) / 2
-        geometric = f"{10**ratio.mean:.2f} [{10**ratio.low:.2f}, {10**ratio.high:.2f}], {abs(ratio.mean) / half:.2f}"
+        geometric = cell(ratio, lambda x: 10**x, ".2f")
         lines.append(f"| {name} | " + " | ".join(split) + f" | {geometric} |")
     return "\n".join(lines)
 
@@ -412,16 +417,13 @@ def tails_summary(rows: list[dict], unsure: float = 0.5) -> str:
     m+1 answer positions) to the total; the columns split that total by position: the question's single worst
     position, the positions where the candidate ranks another token first than full does (a fork), and those
     where full itself gives its own token less than ``unsure`` probability (full is unsure)."""
-    by: dict[str, list[dict]] = {}
-    for r in rows:
-        if "kl_positions" in r:
-            by.setdefault(r["candidate"], []).append(r)
     lines = [
         f"| candidate | n | kl_answer | worst position's share | forks' share | share where full p < {unsure:g} "
         f"| forks per question | full p at the worst position (median) | top 10 % of questions' share |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, per_q in by.items():
+    for name, per_id in _with_positions(rows).items():
+        per_q = list(per_id.values())
         total = sum(r["kl_answer"] for r in per_q)
         worst = forks = unsure_mass = 0.0
         worst_p, fork_count = [], 0

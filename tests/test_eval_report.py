@@ -430,6 +430,9 @@ def test_suite_report_says_how_each_part_was_run(tmp_path):
     produced = "Produced by (first run, then each resume), on `fake-1.5B`, started "
     assert md.count(produced) == 1
     assert "```sh\npython -m infoflow_rag.cli eval suite --parts large\n```" in md.split(produced)[1]
+    from infoflow_rag.eval.results import readable_command
+
+    assert readable_command('edited "by hand') == 'edited "by hand'  # not shell syntax: shown, not a crash
     # The toy run's EPIC answered other questions than InfoFlow: the verdict says so instead of failing.
     assert "- `infoflow@0.15` vs `epic@0.15`: not run on the same questions" in md
 

@@ -31,7 +31,10 @@ def current_command() -> str:
 def readable_command(command: str) -> str:
     """``command`` as a reader can run it: ``python -m infoflow_rag.cli`` records the module's own file as argv[0],
     an absolute path into whichever checkout ran it; it reads as ``python -m infoflow_rag.cli``."""
-    words = shlex.split(command)
+    try:
+        words = shlex.split(command)
+    except ValueError:  # not shell syntax (a header written by hand): shown as it is
+        return command
     if words and words[0].endswith(("infoflow_rag/cli/__main__.py", "infoflow_rag/cli.py")):
         return shlex.join(["python", "-m", "infoflow_rag.cli", *words[1:]])
     return command

@@ -17,6 +17,12 @@ class Estimate:
     high: float
     n: int
 
+    @property
+    def resolution(self) -> float | None:
+        """|mean| / half-width of the interval (above 1: the interval excludes 0); None for a zero-width one."""
+        half = (self.high - self.low) / 2
+        return abs(self.mean) / half if half > 0 else None
+
 
 @dataclass(frozen=True)
 class WinTieLoss:

@@ -202,9 +202,8 @@ def resolution_table(
         for name, get in measures.items():
             both = [(get(r), get(b)) for r, b in pairs if get(r) is not None and get(b) is not None]
             diff = log_kl_diff if name == "log kl_answer" else paired_diff
-            d = diff(*zip(*both, strict=True), n_boot, seed) if both else None
-            half = (d.high - d.low) / 2 if d else 0.0
-            cells.append(f"{abs(d.mean) / half:.2f}" if half > 0 else "n/a")
+            resolution = diff(*zip(*both, strict=True), n_boot, seed).resolution if both else None
+            cells.append("n/a" if resolution is None else f"{resolution:.2f}")
         lines.append(f"| {dataset} | {method} | {len(pairs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
