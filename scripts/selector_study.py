@@ -41,6 +41,7 @@ from infoflow_rag.engine.selection import (
 )
 from infoflow_rag.eval import fidelity
 from infoflow_rag.eval.datasets import load_hotpotqa
+from infoflow_rag.eval.kl_mass import AnswerPositions, kl_mass_table
 from infoflow_rag.eval.runner import DEFAULT_PROMPT
 from infoflow_rag.eval.stats import Estimate, log_kl_diff, mean_ci, paired_diff, shared_ids
 
@@ -271,11 +272,8 @@ def run(engine: Engine, start: int, questions: int, chosen: dict[str, dict], out
                 prepare_s = time.perf_counter() - started
                 row = {"id": ex.id, "candidate": name, "prepare_s": prepare_s, "answer_tokens": len(answer_ids)}
                 logits = engine.teacher_force(prep, answer_ids)  # (m+1, vocab)
-                row |= fidelity.answer_fidelity(ref, logits)
-                kl, same_top = fidelity.position_fidelity(ref, logits)  # (m+1,) each: for --tails
-                row["kl_positions"] = [round(float(x), 5) for x in kl]
-                row["top1_positions"] = same_top.int().tolist()
-                row["full_p"] = [round(float(x), 4) for x in ref.log_probs.max(-1).values.exp()]
+                row |= fidelity.answer_fidelity(ref, logits)  # means, and the positions --tails reads
+                row["full_p"] = [round(float(x), 4) for x in ref.log_probs.max(-1).values.exp()]  # full's confidence
                 row["gold_nll"] = fidelity.gold_nll(engine.teacher_force(prep, gold), gold)
                 n = prep.placed.token_ids.numel()
                 row["context_tokens"] = prep.placed.n_passage_tokens
@@ -413,35 +411,15 @@ def tails_split(rows: list[dict], baseline: str, unsure: float = 0.5) -> str:
 
 
 def tails_summary(rows: list[dict], unsure: float = 0.5) -> str:
-    """Markdown: where each candidate's kl_answer mass sits. Each question adds its kl_answer (a mean over its
-    m+1 answer positions) to the total; the columns split that total by position: the question's single worst
-    position, the positions where the candidate ranks another token first than full does (a fork), and those
-    where full itself gives its own token less than ``unsure`` probability (full is unsure)."""
-    lines = [
-        f"| candidate | n | kl_answer | worst position's share | forks' share | share where full p < {unsure:g} "
-        f"| forks per question | full p at the worst position (median) | top 10 % of questions' share |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, per_id in _with_positions(rows).items():
-        per_q = list(per_id.values())
-        total = sum(r["kl_answer"] for r in per_q)
-        worst = forks = unsure_mass = 0.0
-        worst_p, fork_count = [], 0
-        for r in per_q:
-            kl, m = np.array(r["kl_positions"]), len(r["kl_positions"])
-            fork, full_p = np.array(r["top1_positions"]) == 0, np.array(r["full_p"])
-            worst += kl.max() / m
-            worst_p.append(full_p[kl.argmax()])
-            forks += kl[fork].sum() / m
-            unsure_mass += kl[full_p < unsure].sum() / m
-            fork_count += int(fork.sum())
-        top = sorted((r["kl_answer"] for r in per_q), reverse=True)[: max(1, len(per_q) // 10)]
-        lines.append(
-            f"| {name} | {len(per_q)} | {total / len(per_q):.4f} | {worst / total:.0%} | {forks / total:.0%} | "
-            f"{unsure_mass / total:.0%} | {fork_count / len(per_q):.2f} | {np.median(worst_p):.2f} | "
-            f"{sum(top) / total:.0%} |"
-        )
-    return "\n".join(lines)
+    """Markdown: where each candidate's kl_answer mass sits (the library's table, eval.kl_mass)."""
+    by = {
+        name: [
+            AnswerPositions(r["kl_answer"], r["kl_positions"], r["top1_positions"], r["full_p"])
+            for r in per_id.values()
+        ]
+        for name, per_id in _with_positions(rows).items()
+    }
+    return kl_mass_table(by, unsure, label="candidate")
 
 
 def _read(path: Path) -> list[dict]:

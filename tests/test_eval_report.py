@@ -441,3 +441,47 @@ def test_frontier_plot_is_written(tmp_path):
     assert plot_frontier(fidelity_results(), tmp_path / "frontier.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="no results with fidelity"):
         plot_frontier(toy_results(), tmp_path / "none.png")
+
+
+def positions_results():
+    """Two questions with per-position fidelity: full's confidence on its `full` row, epic's KL along them."""
+    rows = []
+    # q -> (full's p per position, epic's KL per position, epic's top1 per position, infoflow@1's KL)
+    per_q = {
+        "q0": ([0.9, 0.4, 0.95], [0.0, 0.6, 0.0], [True, False, True]),
+        "q1": ([0.8, 0.9], [0.1, 0.5], [True, True]),
+    }
+    for qid, (full_p, kl, top1) in per_q.items():
+        full = result("hotpotqa", qid, "full", 1.0, 1.0, 1.0, 1.0)
+        full.kl_answer, full.kl_positions, full.top1_positions = 0.0, [0.0] * len(kl), [True] * len(kl)
+        full.p_positions = full_p
+        epic = result("hotpotqa", qid, "epic@0.15", 1.0, 1.0, 1.0, 0.15)
+        epic.kl_answer, epic.kl_positions, epic.top1_positions = sum(kl) / len(kl), kl, top1
+        exact = result("hotpotqa", qid, "infoflow@1", 1.0, 1.0, 1.0, 1.0)
+        exact.kl_answer, exact.kl_positions, exact.top1_positions = 0.0, [0.0] * len(kl), [True] * len(kl)
+        rows += [full, epic, exact]
+    orphan = result("hotpotqa", "q2", "epic@0.15", 1.0, 1.0, 1.0, 0.15)  # its question has no full row
+    orphan.kl_answer, orphan.kl_positions, orphan.top1_positions = 1.0, [1.0], [False]
+    return rows + [orphan, result("hotpotqa", "q3", "none", 0.0, 0.0, 0.1, 0.0)]  # and one from an old file
+
+
+def test_kl_mass_table_numbers_by_hand():
+    from infoflow_rag.eval.kl_mass import kl_mass_table, positions_by_method
+
+    by_method = positions_by_method(positions_results())
+    assert list(by_method) == ["epic@0.15", "infoflow@1"]  # not full, not the orphan, not the old row
+    assert len(by_method["epic@0.15"]) == 2
+    rows = {row[0]: row for row in table_rows(kl_mass_table(by_method))}
+    # epic's kl_answer: 0.2 on q0, 0.3 on q1 -> total 0.5, mean 0.25. Worst positions: 0.6/3 + 0.5/2 = 0.45 (90 %);
+    # the one fork (q0's middle) carries 0.6/3 = 0.2 (40 %), and so does full's one unsure position (p 0.4).
+    # Full's p at the worst positions: 0.4 and 0.9 -> median 0.65. The top question (q1) holds 0.3 of 0.5.
+    assert rows["epic@0.15"][1:] == ["2", "0.2500", "90%", "40%", "40%", "0.50", "0.65", "60%"]
+    assert rows["infoflow@1"][1:] == ["2", "0"] + ["—"] * 6  # exact: no mass to split
+
+
+def test_kl_mass_section_only_where_positions_were_stored():
+    from infoflow_rag.eval.suite import _fidelity_blocks
+
+    heading = "Where each method's kl_answer sits"
+    assert any(heading in block for block in _fidelity_blocks(positions_results(), None))
+    assert not any(heading in block for block in _fidelity_blocks(fidelity_results(), "infoflow@0.15"))

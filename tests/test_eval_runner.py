@@ -293,6 +293,10 @@ def test_fidelity_measures_against_full_on_every_method(tmp_path):
     # none leans to another token than full at every position; infoflow to the same one, less sharply.
     assert none.top1 == 0.0 and infoflow.top1 == 1.0
     assert none.kl_answer == pytest.approx(_kl([3, 0, 0, 0], [0, 3, 0, 0]))
+    # Per position: full's own confidence in its tokens; none gives them 1 / (e^3 + 3) and never ranks them first.
+    assert full.p_positions == pytest.approx([math.exp(3) / (math.exp(3) + 3)] * 4, abs=1e-4)
+    assert none.p_positions == pytest.approx([1 / (math.exp(3) + 3)] * 4, abs=1e-4)
+    assert none.top1_positions == [False] * 4 and none.kl_positions == pytest.approx([none.kl_answer] * 4, abs=1e-6)
     assert infoflow.kl_first == pytest.approx(_kl([3, 0, 0, 0], [2, 0, 0, 0]))
     assert full.gold_nll == pytest.approx(math.log(math.exp(3) + 3))  # gold "blue" is token 3 here
     # Each method's cache is forced along full's answer and along the gold answer; full's also once to build it.

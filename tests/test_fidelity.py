@@ -61,7 +61,11 @@ def test_fidelity_is_exact_at_full_recompute_and_positive_without_recompute(fami
     prep = e.prepare(QUESTION, PASSAGES, selector="full", max_new_tokens=MAX_NEW)
     answer_ids = e.decode(prep, max_new_tokens=MAX_NEW).answer_ids
     reference = fidelity.reference(answer_ids, e.teacher_force(prep, answer_ids))
-    assert _measures(e, PASSAGES, reference, "full", 1.0) == {"kl_first": 0.0, "kl_answer": 0.0, "top1": 1.0}
+    itself = _measures(e, PASSAGES, reference, "full", 1.0)
+    assert (itself["kl_first"], itself["kl_answer"], itself["top1"]) == (0.0, 0.0, 1.0)
+    m = len(answer_ids) + 1
+    assert itself["kl_positions"] == [0.0] * m and itself["top1_positions"] == [True] * m
+    assert all(0 < p <= 1 for p in itself["p_positions"]) and len(itself["p_positions"]) == m
     exact = {sel: _measures(e, kvs, reference, sel, 1.0) for sel in ("infoflow", "cacheblend", "epic", "random")}
     for selector, m in exact.items():
         assert m["kl_first"] < 1e-9 and m["kl_answer"] < 1e-9, selector
@@ -80,16 +84,22 @@ def test_gold_nll_is_the_mean_negative_log_likelihood_of_the_gold_tokens():
 
 
 def test_position_fidelity_is_what_the_answer_means_are_made_of():
-    full = torch.tensor([[3.0, 0.0, 0.0], [0.0, 2.0, 0.0]])  # answer [0], then what follows it
+    full = torch.tensor([[3.0, 0.0, 0.0], [0.0, 2.0, 0.0]])  # answer [0], then what follows it (token 1)
     method = torch.tensor([[3.0, 0.0, 0.0], [2.0, 0.0, 0.0]])  # same first row; the second ranks token 0 first
     reference = fidelity.reference([0], full)
-    kl, same_top = fidelity.position_fidelity(reference, method)
+    at = fidelity.position_fidelity(reference, method)
     p = full[1].softmax(-1)
-    assert kl[0] == pytest.approx(0.0, abs=1e-12)
-    assert kl[1] == pytest.approx(float((p * (p.log() - method[1].log_softmax(-1))).sum()))
-    assert same_top.tolist() == [True, False]
-    means = fidelity.answer_fidelity(reference, method)
-    assert means["kl_answer"] == pytest.approx(float(kl.mean())) and means["top1"] == 0.5
+    assert at.kl[0] == pytest.approx(0.0, abs=1e-12)
+    assert at.kl[1] == pytest.approx(float((p * (p.log() - method[1].log_softmax(-1))).sum()))
+    assert at.same_top.tolist() == [True, False]
+    # The method's probability of full's token: token 0 in the first row, token 1 in the second.
+    assert at.p_full_token.tolist() == pytest.approx([float(method[0].softmax(-1)[0]), float(method[1].softmax(-1)[1])])
+    stored = fidelity.answer_fidelity(reference, method)
+    assert stored["kl_answer"] == pytest.approx(float(at.kl.mean())) and stored["top1"] == 0.5
+    assert stored["kl_positions"] == pytest.approx(at.kl.tolist(), abs=1e-6)
+    assert stored["top1_positions"] == [True, False]
+    assert stored["p_positions"] == pytest.approx(at.p_full_token.tolist(), abs=1e-4)
+    assert stored["kl_positions"][0] == 0.0 and stored["kl_answer"] == pytest.approx(sum(stored["kl_positions"]) / 2)
 
 
 def test_answer_fidelity_refuses_misaligned_logits():
@@ -120,6 +130,8 @@ def test_runner_records_fidelity_and_rebuilds_the_reference_on_resume(engine, tm
     for i in range(2):
         full, none, exact = (by_key[(f"q{i}", m)] for m in ("full", "none", "infoflow@1"))
         assert full.answer_ids is not None and (full.kl_answer, full.top1) == (0.0, 1.0)
+        assert full.kl_positions == [0.0] * (len(full.answer_ids) + 1)  # stored per position, and read back
+        assert none.kl_answer == pytest.approx(sum(none.kl_positions) / len(none.kl_positions), abs=1e-6)
         assert exact.kl_answer < 1e-9 and exact.kl_first < 1e-9 and exact.top1 == 1.0
         assert none.kl_answer > 1e-6
         assert exact.gold_nll == pytest.approx(full.gold_nll, abs=1e-4)  # the same cache makes gold as likely
@@ -144,3 +156,4 @@ def test_results_from_before_the_fidelity_measures_still_load():
     }  # fmt: skip
     result = QuestionResult.from_record(old)
     assert (result.answer_ids, result.kl_answer, result.top1, result.gold_nll) == (None, None, None, None)
+    assert (result.kl_positions, result.top1_positions, result.p_positions) == (None, None, None)

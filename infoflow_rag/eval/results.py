@@ -91,6 +91,10 @@ class QuestionResult:
     kl_answer: float | None = None
     top1: float | None = None
     gold_nll: float | None = None
+    # Per answer position (see fidelity.answer_fidelity); None in files written before they were stored.
+    kl_positions: list[float] | None = None
+    top1_positions: list[bool] | None = None
+    p_positions: list[float] | None = None
 
     @property
     def pair_key(self) -> tuple[str, str, str]:

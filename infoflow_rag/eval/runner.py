@@ -131,7 +131,7 @@ def _stored_reference(
     return fidelity.reference(full_result.answer_ids, engine.teacher_force(prep, full_result.answer_ids))
 
 
-def _fidelity(engine: Any, prep: Any, ref: fidelity.Reference | None, gold: list[int]) -> dict[str, float]:
+def _fidelity(engine: Any, prep: Any, ref: fidelity.Reference | None, gold: list[int]) -> dict[str, Any]:
     """The fidelity fields of one method's result: none without a full-prefill reference."""
     if ref is None:
         return {}
@@ -156,7 +156,7 @@ def _result(
     output: Any,
     full_result: QuestionResult | None,
     prefill_time: float | None,
-    scores: dict[str, float],
+    scores: dict[str, Any],
 ) -> QuestionResult:
     prediction = clean_prediction(output.answer)
     ttft = float(output.timings.ttft)

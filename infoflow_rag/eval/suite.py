@@ -13,6 +13,7 @@ from pathlib import Path
 from ..engine.placement import GEOMETRIES
 from ..engine.selection import DEFAULT_RATIO
 from .datasets import EvalExample, load_hotpotqa, load_niah, tokenizer_codec
+from .kl_mass import kl_mass_table, positions_by_method
 from .methods import MethodSpec, parse_method
 from .plots import plot_agreement, plot_frontier, plot_niah_heatmap, plot_tradeoff
 from .report import Section, write_results_md
@@ -247,6 +248,9 @@ def _fidelity_blocks(results: list, baseline: str | None) -> list[str]:
             "Which measure tells each method from the baseline (|paired difference| / half-width of its 95 % interval)"
         )
         blocks.append(f"{note}:\n\n{resolution_table(results, baseline)}")
+    if positions := positions_by_method(results):  # runs from before the positions were stored have none
+        note = "Where each method's kl_answer sits along the answer (shares of its total; see eval/kl_mass.py)"
+        blocks.append(f"{note}:\n\n{kl_mass_table(positions)}")
     return blocks
 
 
