@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
+import logging
 
 import faiss
 import pytest
@@ -106,6 +108,21 @@ def test_stock_query_engine_reuses_the_ingested_passages_kv(pipeline, completion
     assert completion.raw["reuse"]["reused_tokens"] == stats["reused_tokens"]
     assert all(f"\n{text}\n" in prompt for text in registered_texts())
     assert "\ntitle: fact 2\n\n  The capital of Australia" in prompt and "internal_id" not in prompt
+
+
+def test_a_span_whose_passages_cannot_be_read_is_logged_not_dropped(pipeline, caplog):
+    """LlamaIndex's dispatcher swallows what a span handler raises; ours says so instead."""
+    from llama_index.llms.infoflow.passages import PassageSpans
+
+    class Synthesizer:  # what a synthesis span carries: the synthesizer (with its LLM) and the nodes
+        _llm = llm(pipeline)
+
+    bound = inspect.signature(lambda nodes: None).bind(nodes=[object()])  # not a NodeWithScore
+    with caplog.at_level(logging.WARNING, logger="llama_index.llms.infoflow.passages"):
+        PassageSpans().new_span("span-1", bound, instance=Synthesizer())
+    assert "could not read the passages of a LlamaIndex Synthesizer span" in caplog.text
+    assert "AttributeError" in caplog.text  # the cause, with its traceback
+    assert Synthesizer._llm.recent_passages.texts() == []
 
 
 def test_full_recompute_gives_the_uncached_answer(pipeline, engine, completions):

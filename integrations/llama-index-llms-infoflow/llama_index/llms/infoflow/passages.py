@@ -11,6 +11,7 @@ no ingestion step.
 from __future__ import annotations
 
 import inspect
+import logging
 import threading
 from typing import Any
 
@@ -24,6 +25,8 @@ from infoflow_rag.pipeline import RecentPassages
 # The template variables LlamaIndex's synthesizers put retrieved text in: text_qa, summary and tree
 # templates take context_str, the refine template context_msg.
 CONTEXT_ARGS = ("context_str", "context_msg")
+
+logger = logging.getLogger(__name__)
 
 _installed = False
 _install_lock = threading.Lock()
@@ -62,7 +65,20 @@ class PassageSpans(BaseSpanHandler[BaseSpan]):
         tags: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        args = bound_args.arguments
+        # LlamaIndex's dispatcher drops whatever a span handler raises, without a word: say it here, or a
+        # query would silently run without its cached passages.
+        try:
+            self._record(bound_args.arguments, instance)
+        except Exception:
+            logger.warning(
+                "InfoFlowLLM could not read the passages of a LlamaIndex %s span; in this query, what the prompt "
+                "quotes and the KV store does not hold yet is computed fresh",
+                type(instance).__name__,
+                exc_info=True,
+            )
+
+    @staticmethod
+    def _record(args: dict[str, Any], instance: Any) -> None:
         # A synthesizer (synthesize / asynthesize) quotes each node as node.get_content(MetadataMode.LLM).
         if "nodes" in args and (recent := _recent(getattr(instance, "_llm", None))) is not None:
             recent.add(n.node.get_content(metadata_mode=MetadataMode.LLM) for n in args["nodes"])
