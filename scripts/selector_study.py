@@ -19,6 +19,7 @@ Candidates that are not library selectors are defined here; the ``sink{k}+infofl
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import time
@@ -44,6 +45,7 @@ from infoflow_rag.eval.datasets import load_hotpotqa
 from infoflow_rag.eval.kl_mass import AnswerPositions, kl_mass_table
 from infoflow_rag.eval.runner import DEFAULT_PROMPT
 from infoflow_rag.eval.stats import Estimate, log_kl_diff, mean_ci, paired_diff, shared_ids
+from infoflow_rag.models import LoadedModel
 
 LADDER = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
 DEV_END = 1000  # questions from 1000 on are held out; from 5000 on reserved for independent checks
@@ -369,6 +371,36 @@ def ladder_summary(rows: list[dict], taus: tuple[float, ...] = (0.3, 0.1, 0.03, 
     return "\n".join(lines)
 
 
+def noise_floor(engine: Engine, start: int, questions: int, out_path: Path) -> None:
+    """Rows of the pseudo-candidate ``full-bf16``: full prefill itself with the weights cast to bfloat16 (how
+    models are usually served on GPUs), against full prefill in float32. Not a selector: the yardstick of what
+    a perturbation nobody would call a different method costs in kl_answer and in the greedy answer
+    (``same_answer``), next to what each selector's stale cache costs."""
+    bf16 = Engine(LoadedModel(copy.deepcopy(engine.model).to(torch.bfloat16), engine.tokenizer, "bf16", None))
+    done = {r["id"] for r in _read(out_path) if r["candidate"] == "full-bf16"}
+    settings = {"selector": "full", "template": DEFAULT_PROMPT, "max_new_tokens": MAX_NEW_TOKENS}
+    with out_path.open("a", encoding="utf-8") as out:
+        for number, ex in enumerate(load_hotpotqa("passage", start=start, limit=questions), start=1):
+            if ex.id in done:
+                continue
+            full = engine.prepare(ex.question, ex.passages, **settings)
+            answer_ids = engine.decode(full, max_new_tokens=MAX_NEW_TOKENS).answer_ids
+            ref = fidelity.reference(answer_ids, engine.teacher_force(full, answer_ids))
+            started = time.perf_counter()
+            low = bf16.prepare(ex.question, ex.passages, **settings)
+            row = {"id": ex.id, "candidate": "full-bf16", "prepare_s": time.perf_counter() - started}
+            row["answer_tokens"] = len(answer_ids)
+            row |= fidelity.answer_fidelity(ref, bf16.teacher_force(low, answer_ids))
+            row["full_p"] = [round(float(x), 4) for x in ref.log_probs.max(-1).values.exp()]
+            gold = engine.answer_token_ids(ex.answers[0])
+            row["gold_nll"] = fidelity.gold_nll(bf16.teacher_force(low, gold), gold)
+            row["same_answer"] = bf16.decode(low, max_new_tokens=MAX_NEW_TOKENS).answer_ids == answer_ids
+            row["prompt_tokens"] = low.layout.length
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+            print(f"{number}/{questions} {ex.id} same_answer={row['same_answer']}", flush=True)
+
+
 def _with_positions(rows: list[dict]) -> dict[str, dict[str, dict]]:
     """Candidate -> question id -> row, for the rows that carry per-position fidelity (round 6 on)."""
     by: dict[str, dict[str, dict]] = {}
@@ -443,6 +475,11 @@ def main() -> None:
     )
     parser.add_argument("--ladder", action="store_true", help="print the adaptive-budget replay of the ladder and stop")
     parser.add_argument("--tails", action="store_true", help="print where each candidate's kl_answer mass sits; stop")
+    parser.add_argument(
+        "--noise-floor",
+        action="store_true",
+        help="run only full-bf16: full prefill with bfloat16 weights (the yardstick)",
+    )
     args = parser.parse_args()
     out_path = Path(args.out)
     if args.tails:
@@ -461,6 +498,9 @@ def main() -> None:
         return
     if args.start + args.questions > DEV_END:
         raise SystemExit(f"questions {args.start}..{args.start + args.questions - 1} leave the development slice 0-999")
+    if args.noise_floor:
+        noise_floor(Engine.load(args.model), args.start, args.questions, out_path)
+        return
     every = candidates(args.ratio)
     names = list(every) if args.candidates == "all" else args.candidates.split(",")
     if unknown := [n for n in names if n not in every]:
