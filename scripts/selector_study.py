@@ -306,7 +306,7 @@ def summary(rows: list[dict], baseline: str = "infoflow") -> str:
     for name, per_id in by.items():
         kl = [r["kl_answer"] for r in per_id.values()]
         est = mean_ci(kl)
-        positions = [r["pick_position"] for r in per_id.values() if r["pick_position"] is not None]
+        positions = [r["pick_position"] for r in per_id.values() if r.get("pick_position") is not None]
         shared = sorted(per_id.keys() & base.keys())
         paired = "—"
         if name != baseline and shared:
