@@ -41,7 +41,7 @@ from infoflow_rag.engine.selection import (
     top_candidates,
 )
 from infoflow_rag.eval import fidelity
-from infoflow_rag.eval.datasets import load_hotpotqa
+from infoflow_rag.eval.datasets import EvalExample, load_hotpotqa
 from infoflow_rag.eval.kl_mass import AnswerPositions, kl_mass_table
 from infoflow_rag.eval.runner import DEFAULT_PROMPT
 from infoflow_rag.eval.stats import Estimate, log_kl_diff, mean_ci, paired_diff, shared_ids
@@ -247,6 +247,21 @@ def candidates(ratio: float) -> dict[str, dict]:
     }
 
 
+FULL_PREFILL = {"selector": "full", "template": DEFAULT_PROMPT, "max_new_tokens": MAX_NEW_TOKENS}
+
+
+def _full_reference(engine: Engine, ex: EvalExample) -> fidelity.Reference:
+    """Full prefill's greedy answer to ``ex`` and its distributions along it: what every candidate is forced along."""
+    full = engine.prepare(ex.question, ex.passages, **FULL_PREFILL)
+    answer_ids = engine.decode(full, max_new_tokens=MAX_NEW_TOKENS).answer_ids
+    return fidelity.reference(answer_ids, engine.teacher_force(full, answer_ids))
+
+
+def _full_confidence(ref: fidelity.Reference) -> list[float]:
+    """(m+1,) full's probability of its own token at each answer position, as the rows store it."""
+    return [round(float(x), 4) for x in ref.log_probs.max(-1).values.exp()]
+
+
 def run(engine: Engine, start: int, questions: int, chosen: dict[str, dict], out_path: Path) -> None:
     done = {(r["id"], r["candidate"]) for r in _read(out_path)}
     examples = load_hotpotqa("passage", start=start, limit=questions)
@@ -259,12 +274,8 @@ def run(engine: Engine, start: int, questions: int, chosen: dict[str, dict], out
             if not todo:
                 continue
             kvs = engine.prefill(ex.passages)
-            full = engine.prepare(
-                ex.question, ex.passages, selector="full", template=DEFAULT_PROMPT, max_new_tokens=MAX_NEW_TOKENS
-            )
-            answer_ids = engine.decode(full, max_new_tokens=MAX_NEW_TOKENS).answer_ids
-            ref = fidelity.reference(answer_ids, engine.teacher_force(full, answer_ids))
-            gold = engine.answer_token_ids(ex.answers[0])
+            ref = _full_reference(engine, ex)
+            answer_ids, gold = ref.answer_ids, engine.answer_token_ids(ex.answers[0])
             rung_below = None  # the previous ladder rung's first-token log-probabilities, this question
             for name in todo:
                 started = time.perf_counter()
@@ -274,8 +285,7 @@ def run(engine: Engine, start: int, questions: int, chosen: dict[str, dict], out
                 prepare_s = time.perf_counter() - started
                 row = {"id": ex.id, "candidate": name, "prepare_s": prepare_s, "answer_tokens": len(answer_ids)}
                 logits = engine.teacher_force(prep, answer_ids)  # (m+1, vocab)
-                row |= fidelity.answer_fidelity(ref, logits)  # means, and the positions --tails reads
-                row["full_p"] = [round(float(x), 4) for x in ref.log_probs.max(-1).values.exp()]  # full's confidence
+                row |= fidelity.answer_fidelity(ref, logits) | {"full_p": _full_confidence(ref)}  # --tails reads both
                 row["gold_nll"] = fidelity.gold_nll(engine.teacher_force(prep, gold), gold)
                 n = prep.placed.token_ids.numel()
                 row["context_tokens"] = prep.placed.n_passage_tokens
@@ -378,20 +388,20 @@ def noise_floor(engine: Engine, start: int, questions: int, out_path: Path) -> N
     (``same_answer``), next to what each selector's stale cache costs."""
     bf16 = Engine(LoadedModel(copy.deepcopy(engine.model).to(torch.bfloat16), engine.tokenizer, "bf16", None))
     done = {r["id"] for r in _read(out_path) if r["candidate"] == "full-bf16"}
-    settings = {"selector": "full", "template": DEFAULT_PROMPT, "max_new_tokens": MAX_NEW_TOKENS}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     with out_path.open("a", encoding="utf-8") as out:
         for number, ex in enumerate(load_hotpotqa("passage", start=start, limit=questions), start=1):
             if ex.id in done:
                 continue
-            full = engine.prepare(ex.question, ex.passages, **settings)
-            answer_ids = engine.decode(full, max_new_tokens=MAX_NEW_TOKENS).answer_ids
-            ref = fidelity.reference(answer_ids, engine.teacher_force(full, answer_ids))
+            ref = _full_reference(engine, ex)
+            answer_ids = ref.answer_ids
             started = time.perf_counter()
-            low = bf16.prepare(ex.question, ex.passages, **settings)
+            low = bf16.prepare(ex.question, ex.passages, **FULL_PREFILL)
             row = {"id": ex.id, "candidate": "full-bf16", "prepare_s": time.perf_counter() - started}
             row["answer_tokens"] = len(answer_ids)
-            row |= fidelity.answer_fidelity(ref, bf16.teacher_force(low, answer_ids))
-            row["full_p"] = [round(float(x), 4) for x in ref.log_probs.max(-1).values.exp()]
+            row |= fidelity.answer_fidelity(ref, bf16.teacher_force(low, answer_ids)) | {
+                "full_p": _full_confidence(ref)
+            }
             gold = engine.answer_token_ids(ex.answers[0])
             row["gold_nll"] = fidelity.gold_nll(bf16.teacher_force(low, gold), gold)
             row["same_answer"] = bf16.decode(low, max_new_tokens=MAX_NEW_TOKENS).answer_ids == answer_ids
@@ -422,7 +432,8 @@ def tails_split(rows: list[dict], baseline: str, unsure: float = 0.5) -> str:
 
     def cell(estimate: Estimate, scale=lambda x: x, fmt: str = "+.3f") -> str:
         low, mean, high = (format(scale(x), fmt) for x in (estimate.low, estimate.mean, estimate.high))
-        return f"{mean} [{low}, {high}], {estimate.resolution:.2f}"
+        resolution = "n/a" if estimate.resolution is None else f"{estimate.resolution:.2f}"
+        return f"{mean} [{low}, {high}], {resolution}"
 
     base = by.get(baseline, {})
     lines = [

@@ -485,3 +485,19 @@ def test_kl_mass_section_only_where_positions_were_stored():
     heading = "Where each method's kl_answer sits"
     assert any(heading in block for block in _fidelity_blocks(positions_results(), None))
     assert not any(heading in block for block in _fidelity_blocks(fidelity_results(), "infoflow@0.15"))
+
+
+def test_kl_mass_reads_full_confidence_from_the_reference_row_only():
+    from infoflow_rag.eval.kl_mass import AnswerPositions, positions_by_method
+
+    rows = positions_results()
+    # Full prefill with a compressed decode cache is a method like any other: its KL is not 0, and its own
+    # probabilities of full's tokens are not full's confidence.
+    compressed = result("hotpotqa", "q0", "full+snapkv:0.5", 1.0, 1.0, 1.0, 1.0)
+    compressed.kl_answer, compressed.kl_positions, compressed.top1_positions = 0.1, [0.0, 0.3, 0.0], [True] * 3
+    compressed.p_positions = [0.1, 0.1, 0.1]
+    by_method = positions_by_method([*rows[:1], compressed, *rows[1:]])
+    assert [q.full_p for q in by_method["full+snapkv:0.5"]] == [[0.9, 0.4, 0.95]]
+    assert [q.full_p for q in by_method["epic@0.15"]] == [[0.9, 0.4, 0.95], [0.8, 0.9]]
+    with pytest.raises(ValueError, match=r"must align, got lengths \{'kl': 2, 'top1': 2, 'full_p': 3\}"):
+        AnswerPositions(0.1, [0.1, 0.1], [True, True], [0.5, 0.5, 0.5])

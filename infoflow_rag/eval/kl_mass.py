@@ -25,17 +25,23 @@ class AnswerPositions:
     top1: Sequence[bool]  # (m+1,) the method ranks full's token first
     full_p: Sequence[float]  # (m+1,) full's probability of its own token
 
+    def __post_init__(self) -> None:
+        lengths = {"kl": len(self.kl), "top1": len(self.top1), "full_p": len(self.full_p)}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(
+                f"answer positions of one question must align, got lengths {lengths}: the rows come from different "
+                "answers (a method's row and another run's full row?); rerun the question"
+            )
+
 
 def positions_by_method(results: Sequence[QuestionResult]) -> dict[str, list[AnswerPositions]]:
-    """Method -> its questions' positions, for the results that stored them and whose question has a `full`
-    row to tell full's confidence (`full` itself is left out: its KL is 0 everywhere)."""
-    full_p = {
-        (r.dataset, r.id): r.p_positions for r in results if r.options.selector == "full" and r.p_positions is not None
-    }
+    """Method -> its questions' positions, for the results that stored them and whose question has the
+    reference `full` row to tell full's confidence (that row itself is left out: its KL is 0 everywhere)."""
+    full_p = {(r.dataset, r.id): r.p_positions for r in results if r.spec.is_reference and r.p_positions is not None}
     by: dict[str, list[AnswerPositions]] = {}
     for r in results:
         p = full_p.get((r.dataset, r.id))
-        if r.options.selector == "full" or r.kl_positions is None or r.top1_positions is None or p is None:
+        if r.spec.is_reference or r.kl_positions is None or r.top1_positions is None or p is None:
             continue
         by.setdefault(r.method, []).append(AnswerPositions(r.kl_answer, r.kl_positions, r.top1_positions, p))
     return by

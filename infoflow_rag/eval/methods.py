@@ -59,6 +59,12 @@ class MethodSpec:
         return f"{base}{ratio}{self._policy_suffix}{keep}"
 
     @property
+    def is_reference(self) -> bool:
+        """Whether this is the plain full prefill a run measures the others against: its TTFT divides theirs,
+        and its answer is the one fidelity is teacher-forced along."""
+        return self.options.selector == "full" and self.options.compress == "none"
+
+    @property
     def uncompressed(self) -> MethodSpec:
         """This method without KV compression: the baseline a compressed method is measured against."""
         return MethodSpec(self.name.removesuffix(self._policy_suffix), self.options.replace(compress="none"))

@@ -54,9 +54,9 @@ def run_eval(
     keys = [m.key for m in methods]
     if duplicates := sorted({k for k in keys if keys.count(k) > 1}):
         raise ValueError(f"methods repeat {duplicates}; give each configuration once")
-    if sum(_is_reference(m) for m in methods) > 1:
+    if sum(m.is_reference for m in methods) > 1:
         raise ValueError(f"at most one uncompressed 'full' method, got {keys}: it is the TTFT reference")
-    ordered = sorted(methods, key=lambda m: not _is_reference(m))
+    ordered = sorted(methods, key=lambda m: not m.is_reference)
     header = RunHeader(
         model_info=dict(engine.model_info),
         prompt=prompt,
@@ -64,7 +64,7 @@ def run_eval(
         command=command if command is not None else current_command(),
     )
     use_prefill = prefill_once and callable(getattr(engine, "prefill", None))
-    full = next((m for m in methods if _is_reference(m)), None)
+    full = next((m for m in methods if m.is_reference), None)
     with ResultsLog(out_path, header, resume) as log:
         done = {r.pair_key: r for r in log.existing}
         pending = sum((ex.dataset, ex.id, m.key) not in done for ex in examples for m in methods)
@@ -111,11 +111,11 @@ def _run_question(
             example.question, passages, method.options, template=prompt, max_new_tokens=max_new_tokens
         )
         output = engine.decode(prep, max_new_tokens=max_new_tokens)
-        if _is_reference(method):
+        if method.is_reference:
             ref = fidelity.reference(output.answer_ids, engine.teacher_force(prep, output.answer_ids))
         scores = _fidelity(engine, prep, ref, gold)
         result = _result(example, method, output, full_result, prefill_time if cached else None, scores)
-        if _is_reference(method):
+        if method.is_reference:
             full_result = result
         yield result
 
@@ -145,11 +145,6 @@ def _needs_signals(options: QueryOptions) -> bool:
     return make_policy(options.compress, **options.compress_options).needs_signals
 
 
-def _is_reference(method: MethodSpec) -> bool:
-    """Whether ``method`` is the full prefill that other methods' TTFT is divided by."""
-    return method.options.selector == "full" and method.options.compress == "none"
-
-
 def _result(
     example: EvalExample,
     method: MethodSpec,
@@ -160,7 +155,7 @@ def _result(
 ) -> QuestionResult:
     prediction = clean_prediction(output.answer)
     ttft = float(output.timings.ttft)
-    reference = ttft if _is_reference(method) else full_result.ttft if full_result else None
+    reference = ttft if method.is_reference else full_result.ttft if full_result else None
     return QuestionResult(
         dataset=example.dataset,
         id=example.id,
