@@ -30,6 +30,7 @@ import torch
 
 from infoflow_rag.engine import Engine, attention, query, recompute, scoring
 from infoflow_rag.engine.placement import Layout, PlacedContext
+from infoflow_rag.engine.query import Prepared
 from infoflow_rag.engine.selection import (
     InfoFlowSelector,
     Probe,
@@ -250,11 +251,12 @@ def candidates(ratio: float) -> dict[str, dict]:
 FULL_PREFILL = {"selector": "full", "template": DEFAULT_PROMPT, "max_new_tokens": MAX_NEW_TOKENS}
 
 
-def _full_reference(engine: Engine, ex: EvalExample) -> fidelity.Reference:
-    """Full prefill's greedy answer to ``ex`` and its distributions along it: what every candidate is forced along."""
+def _full_reference(engine: Engine, ex: EvalExample) -> tuple[fidelity.Reference, Prepared]:
+    """Full prefill's greedy answer to ``ex`` and its distributions along it (what every candidate is forced
+    along), and full's prepared query, whose cache holds the prompt's full-context K/V."""
     full = engine.prepare(ex.question, ex.passages, **FULL_PREFILL)
     answer_ids = engine.decode(full, max_new_tokens=MAX_NEW_TOKENS).answer_ids
-    return fidelity.reference(answer_ids, engine.teacher_force(full, answer_ids))
+    return fidelity.reference(answer_ids, engine.teacher_force(full, answer_ids)), full
 
 
 def _full_confidence(ref: fidelity.Reference) -> list[float]:
@@ -274,7 +276,7 @@ def run(engine: Engine, start: int, questions: int, chosen: dict[str, dict], out
             if not todo:
                 continue
             kvs = engine.prefill(ex.passages)
-            ref = _full_reference(engine, ex)
+            ref, _ = _full_reference(engine, ex)
             answer_ids, gold = ref.answer_ids, engine.answer_token_ids(ex.answers[0])
             rung_below = None  # the previous ladder rung's first-token log-probabilities, this question
             for name in todo:
@@ -393,7 +395,7 @@ def noise_floor(engine: Engine, start: int, questions: int, out_path: Path) -> N
         for number, ex in enumerate(load_hotpotqa("passage", start=start, limit=questions), start=1):
             if ex.id in done:
                 continue
-            ref = _full_reference(engine, ex)
+            ref, _ = _full_reference(engine, ex)
             answer_ids = ref.answer_ids
             started = time.perf_counter()
             low = bf16.prepare(ex.question, ex.passages, **FULL_PREFILL)

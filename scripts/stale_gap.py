@@ -1,0 +1,292 @@
+"""Selector study, round 8: where the stale cache's gap to full prefill lives (development questions only).
+
+Per question: the cached context placed at global positions (stale: every passage but the first was
+prefilled alone) and full prefill's K/V for the same prompt (fresh). Each variant hands the recompute a
+cache and a set of tokens to recompute, and is teacher-forced along full's greedy answer (kl_answer, top1):
+
+  ``none`` / ``sinkflow``       the stale cache, nothing / sinkflow's 15 % recomputed (the library's rows again)
+  ``patch:all``                 every cached entry replaced by full's (sanity: ~0)
+  ``patch:layers A-B``          full's entries on layers A..B only, every token
+  ``patch:passage k``           full's entries for the k-th passage in prompt order (k = 1 right after the exact
+                                first passage; the last one sits next to the question), every layer
+  ``patch:oracle@r``            full's entries for the r share of tokens that deviate most (summed over layers,
+                                each layer's squared K/V error over its mean squared norm): what a perfect
+                                staleness ranking could buy if the picked tokens came back exact
+  ``patch:sinkflow``            full's entries at sinkflow's picks, nothing recomputed: sinkflow's picks made exact
+  ``recompute:oracle``          the oracle's 15 % recomputed on top of the stale rest (what a selector can do)
+  ``recompute:sinkflow-fresh``  sinkflow with InfoFlow's question attention measured on full's cache instead of
+                                the stale one: is the stale scoring pass what misranks?
+
+Patching needs no recompute of the picked tokens, so ``patch:`` rows are bounds, not methods. Each row also
+stores ``residual``, the share of the context's deviation still stale after the recompute, and the none row the
+deviation by layer and by passage. One JSON line per (question, variant), resumed like the selector study.
+
+    .venv/bin/python scripts/stale_gap.py --questions 45 --out docs/stale-gap.jsonl
+    .venv/bin/python scripts/stale_gap.py --out docs/stale-gap.jsonl --summary
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from selector_study import DEV_END, MAX_NEW_TOKENS, _full_confidence, _full_reference, _read  # noqa: E402
+
+from infoflow_rag.engine import Engine, query, recompute  # noqa: E402
+from infoflow_rag.engine.cache import stacked  # noqa: E402
+from infoflow_rag.engine.placement import Layout, PlacedContext  # noqa: E402
+from infoflow_rag.engine.selection import SinkFlowSelector, ratio_budget, top_candidates  # noqa: E402
+from infoflow_rag.eval import fidelity  # noqa: E402
+from infoflow_rag.eval.datasets import EvalExample, load_hotpotqa  # noqa: E402
+from infoflow_rag.eval.runner import DEFAULT_PROMPT  # noqa: E402
+from infoflow_rag.eval.stats import log_kl_diff, mean_ci, paired_diff, shared_ids  # noqa: E402
+from infoflow_rag.kv import PassageKV  # noqa: E402
+
+RATIO = 0.15
+ORACLE_RATIOS = (0.05, 0.15, 0.3)
+COMMON = {"template": DEFAULT_PROMPT, "max_new_tokens": MAX_NEW_TOKENS}
+LAYER_GROUPS = 4  # layer 0 is never stale (its K/V depend on the token alone), so groups cover 1..L-1
+
+
+def layer_groups(num_layers: int) -> list[tuple[int, int]]:
+    """(first, last) of LAYER_GROUPS contiguous groups over layers 1..num_layers-1."""
+    edges = np.linspace(1, num_layers, LAYER_GROUPS + 1).round().astype(int)
+    return [(int(a), int(b) - 1) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def relative_deviation(stale_k, stale_v, fresh_k, fresh_v, positions) -> torch.Tensor:
+    """(L, N) per layer and cached token: squared K error over the layer's mean squared fresh key norm, plus the
+    same for V. keys/values (L, kv_heads, M, d) in prompt order; positions (N,) the cached tokens' entries."""
+    sk, sv, fk, fv = (t[:, :, positions].double() for t in (stale_k, stale_v, fresh_k, fresh_v))
+    k_err, v_err = (sk - fk).pow(2).sum((1, 3)), (sv - fv).pow(2).sum((1, 3))  # (L, N)
+    k_norm, v_norm = fk.pow(2).sum((1, 3)).mean(1, keepdim=True), fv.pow(2).sum((1, 3)).mean(1, keepdim=True)
+    return k_err / k_norm + v_err / v_norm
+
+
+@dataclass
+class Question:
+    """One question's stale (placed) and fresh (full prefill) caches, in prompt order, and full's reference."""
+
+    engine: Engine
+    ref: fidelity.Reference
+    layout: Layout
+    placed: PlacedContext
+    fresh_k: torch.Tensor  # (L, kv_heads, M, d) full prefill's entries
+    fresh_v: torch.Tensor
+    stale_k: torch.Tensor  # (L, kv_heads, M, d) the placed entries (fresh positions: overwritten by every recompute)
+    stale_v: torch.Tensor
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.placed.positions  # (N,) the cached tokens' entries
+
+    def deviation(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None) -> torch.Tensor:
+        """(L, N) relative deviation of ``keys``/``values`` (default: the stale cache) from full's."""
+        keys = self.stale_k if keys is None else keys
+        values = self.stale_v if values is None else values
+        return relative_deviation(keys, values, self.fresh_k, self.fresh_v, self.positions)
+
+    def forced(self, selected: torch.Tensor, patch_tokens=None, patch_layers=slice(None)) -> dict:
+        """Teacher-forced fidelity of the stale cache with full's entries at ``patch_tokens`` (indices into the
+        placed tokens) on ``patch_layers``, after recomputing ``selected`` (indices into the placed tokens)."""
+        keys, values = self.stale_k.clone(), self.stale_v.clone()
+        if patch_tokens is not None:
+            entries = self.positions[patch_tokens]
+            keys[patch_layers, :, entries] = self.fresh_k[patch_layers, :, entries]
+            values[patch_layers, :, entries] = self.fresh_v[patch_layers, :, entries]
+        mixed = dataclasses.replace(self.placed, prompt_keys=keys, prompt_values=values)
+        model = self.engine.model
+        result = recompute.recompute(model, mixed, selected, *query.fresh_inputs(self.layout))
+        logits = recompute.teacher_force(model, result, torch.tensor(self.ref.answer_ids))  # (m+1, vocab)
+        before = float(self.deviation().sum())
+        after = float(self.deviation(keys, values).sum())  # the recompute wrote its picks into keys/values
+        row = fidelity.answer_fidelity(self.ref, logits)
+        return row | {"residual": after / before if before else 0.0, "selected": selected.numel()}
+
+    def fresh_placed(self) -> PlacedContext:
+        """The placed context with full's entries everywhere: what a scoring pass would see on an exact cache."""
+        pos = self.positions
+        return dataclasses.replace(
+            self.placed,
+            keys=self.fresh_k[:, :, pos],
+            values=self.fresh_v[:, :, pos],
+            prompt_keys=self.fresh_k.clone(),
+            prompt_values=self.fresh_v.clone(),
+        )
+
+
+def load_question(engine: Engine, ex: EvalExample) -> tuple[Question, list[PassageKV]]:
+    """Full's reference and K/V, and the stale cache placed for the same prompt; the passages' KV too."""
+    ref, full = _full_reference(engine, ex)
+    kvs = engine.prefill(ex.passages)
+    base = engine.prepare(ex.question, kvs, selector="none", **COMMON)
+    if not torch.equal(base.layout.token_ids(), full.layout.token_ids()):
+        raise RuntimeError(f"{ex.id}: the cached and the full prompt differ")
+    m = base.layout.length
+    fresh_k, fresh_v = (t[:, 0, :, :m] for t in stacked(full.out.cache))  # (L, kv_heads, M, d)
+    stale_k, stale_v = base.placed.prompt_keys.clone(), base.placed.prompt_values.clone()
+    return Question(engine, ref, base.layout, base.placed, fresh_k, fresh_v, stale_k, stale_v), kvs
+
+
+def variants(q: Question, ex: EvalExample, kvs: list[PassageKV]) -> dict[str, tuple[dict, dict]]:
+    """Name -> (``Question.forced`` arguments, extra row fields), in the order they run."""
+    engine, placed = q.engine, q.placed
+    nothing, every = torch.empty(0, dtype=torch.long), torch.arange(placed.token_ids.numel())
+    budget = ratio_budget(placed, RATIO)
+    oracle_score = q.deviation().sum(0)  # (N,)
+    sinkflow = engine.prepare(ex.question, kvs, selector="sinkflow", ratio=RATIO, **COMMON).chosen
+    fresh = q.fresh_placed()
+    sinkflow_fresh = SinkFlowSelector(layers=engine.score_layers).select(
+        fresh, budget, query.probe(engine, fresh, q.layout)
+    )
+    chosen: dict[str, tuple[dict, dict]] = {
+        "none": ({"selected": nothing}, {}),
+        "sinkflow": ({"selected": sinkflow}, {}),
+        "patch:all": ({"selected": nothing, "patch_tokens": every}, {}),
+        "patch:sinkflow": ({"selected": nothing, "patch_tokens": sinkflow}, {}),
+        "recompute:oracle": ({"selected": top_candidates(oracle_score, placed.candidate, budget)}, {}),
+        "recompute:sinkflow-fresh": ({"selected": sinkflow_fresh}, {}),
+    }
+    for first, last in layer_groups(engine.num_layers):
+        layers = slice(first, last + 1)
+        arguments = {"selected": nothing, "patch_tokens": every, "patch_layers": layers}
+        chosen[f"patch:layers {first}-{last}"] = (arguments, {})
+    for r in ORACLE_RATIOS:
+        picks = top_candidates(oracle_score, placed.candidate, ratio_budget(placed, r))
+        chosen[f"patch:oracle@{r:g}"] = ({"selected": nothing, "patch_tokens": picks}, {})
+    gold = set(ex.meta.get("gold_passages", []))
+    stale = [(p, s, e) for p, s, e in placed.spans if bool(placed.candidate[s:e].all())]
+    for k, (passage, s, e) in enumerate(stale, start=1):
+        extra = {"order": k, "of": len(stale), "gold": passage in gold, "tokens": e - s}
+        chosen[f"patch:passage {k}"] = ({"selected": nothing, "patch_tokens": torch.arange(s, e)}, extra)
+    return chosen
+
+
+def run(engine: Engine, start: int, questions: int, out_path: Path) -> None:
+    rows = _read(out_path)
+    done = {(r["id"], r["variant"]) for r in rows}
+    complete = {r["id"]: r["variants"] for r in rows if r["variant"] == "none"}  # how many rows a question has
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with out_path.open("a", encoding="utf-8") as out:
+        for number, ex in enumerate(load_hotpotqa("passage", start=start, limit=questions), start=1):
+            if sum(i == ex.id for i, _ in done) == complete.get(ex.id):
+                continue
+            q, kvs = load_question(engine, ex)
+            todo = variants(q, ex, kvs)
+            for name, (arguments, extra) in todo.items():
+                if (ex.id, name) in done:
+                    continue
+                row = {"id": ex.id, "variant": name} | q.forced(**arguments) | extra
+                if name == "none":
+                    dev = q.deviation()  # (L, N)
+                    total = float(dev.sum())
+                    stale = [(s, e) for _, s, e in q.placed.spans if bool(q.placed.candidate[s:e].all())]
+                    row["full_p"] = _full_confidence(q.ref)
+                    row["dev_by_layer"] = [round(float(x) / total, 6) for x in dev.sum(1)]
+                    row["dev_by_passage"] = [round(float(dev[:, s:e].sum()) / total, 6) for s, e in stale]
+                    row["context_tokens"] = q.placed.n_passage_tokens
+                    row["variants"] = len(todo)
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+            print(f"{number}/{questions} {ex.id}", flush=True)
+
+
+def summary(rows: list[dict], baseline: str = "sinkflow") -> str:
+    """Markdown: every variant with kl_answer and its CI, top1, the residual staleness, and the paired ratio
+    to ``baseline``; then the passage patches by order and by gold/distractor."""
+    by: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by.setdefault(r["variant"], {})[r["id"]] = r
+    base = by.get(baseline, {})
+    lines = [
+        f"| variant | n | kl_answer [95% CI] | median | top1 % | stale left | Δ vs {baseline} [95% CI] "
+        f"| ratio vs {baseline} (geometric) [95% CI] | closer/further |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, per_id in by.items():
+        if name.startswith("patch:passage"):
+            continue
+        kl = [r["kl_answer"] for r in per_id.values()]
+        est = mean_ci(kl)
+        cells = "— | — | —"
+        ids = shared_ids(per_id, base)
+        if name != baseline and ids:
+            ours, theirs = [per_id[i]["kl_answer"] for i in ids], [base[i]["kl_answer"] for i in ids]
+            d, ratio = paired_diff(ours, theirs), log_kl_diff(ours, theirs)
+            closer = sum(a < b for a, b in zip(ours, theirs, strict=True))
+            further = sum(a > b for a, b in zip(ours, theirs, strict=True))
+            cells = (
+                f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}] | "
+                f"{10**ratio.mean:.2f} [{10**ratio.low:.2f}, {10**ratio.high:.2f}] | {closer}/{further}"
+            )
+        lines.append(
+            f"| {name} | {len(kl)} | {est.mean:.4f} [{est.low:.4f}, {est.high:.4f}] | {np.median(kl):.4f} | "
+            f"{100 * np.mean([r['top1'] for r in per_id.values()]):.1f} | "
+            f"{np.mean([r['residual'] for r in per_id.values()]):.3f} | {cells} |"
+        )
+    return "\n".join(lines) + "\n\n" + passage_summary(rows, by.get("none", {}))
+
+
+def passage_summary(rows: list[dict], none: dict[str, dict]) -> str:
+    """Markdown: how much of none's kl_answer one passage's patch removes, by the passage's order (counted from
+    the question: 1 = the passage next to it) and by gold / distractor, with that passage's share of the
+    context's deviation and of its tokens."""
+    groups: dict[str, list[tuple[float, float, float]]] = {}
+    for r in rows:
+        if not r["variant"].startswith("patch:passage") or r["id"] not in none:
+            continue
+        base = none[r["id"]]
+        removed = base["kl_answer"] - r["kl_answer"]
+        share_dev = base["dev_by_passage"][r["order"] - 1]
+        share_tokens = r["tokens"] / base["context_tokens"]
+        from_question = r["of"] - r["order"] + 1
+        for key in (f"{from_question} from the question", "gold" if r["gold"] else "distractor"):
+            groups.setdefault(key, []).append((removed, share_dev, share_tokens))
+    lines = [
+        "| passage | n | kl_answer removed [95% CI] | share of none's mean | deviation share | token share |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    mean_none = np.mean([r["kl_answer"] for r in none.values()]) if none else float("nan")
+
+    def order(key: str) -> tuple[int, str]:
+        head = key.split()[0]
+        return (int(head), key) if head.isdigit() else (99, key)
+
+    for key in sorted(groups, key=order):
+        removed, dev, tokens = (np.array(x) for x in zip(*groups[key], strict=True))
+        est = mean_ci(removed)
+        lines.append(
+            f"| {key} | {removed.size} | {est.mean:+.4f} [{est.low:+.4f}, {est.high:+.4f}] | "
+            f"{est.mean / mean_none:.0%} | {dev.mean():.3f} | {tokens.mean():.3f} |"
+        )
+    layer_share = np.mean([r["dev_by_layer"] for r in none.values()], axis=0) if none else []
+    return "\n".join(lines) + "\n\nDeviation share by layer (none): " + ", ".join(f"{x:.3f}" for x in layer_share)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen2.5-0.5b")
+    parser.add_argument("--start", type=int, default=0)
+    parser.add_argument("--questions", type=int, default=45)
+    parser.add_argument("--out", required=True, help="JSON lines, one per (question, variant); resumed")
+    parser.add_argument("--summary", action="store_true", help="print the tables of what is on file and stop")
+    args = parser.parse_args()
+    out_path = Path(args.out)
+    if args.summary:
+        print(summary(_read(out_path)))
+        return
+    if args.start + args.questions > DEV_END:
+        raise SystemExit(f"questions {args.start}..{args.start + args.questions - 1} leave the development slice 0-999")
+    run(Engine.load(args.model), args.start, args.questions, out_path)
+
+
+if __name__ == "__main__":
+    main()
