@@ -16,6 +16,10 @@ cache and a set of tokens to recompute, and is teacher-forced along full's greed
   ``recompute:oracle``          the oracle's 15 % recomputed on top of the stale rest (what a selector can do)
   ``recompute:sinkflow-fresh``  sinkflow with InfoFlow's question attention measured on full's cache instead of
                                 the stale one: is the stale scoring pass what misranks?
+  ``patch:effect``              full's entries for the 15 % of tokens whose patch lowers the answer's KL most to
+                                first order (the KL's gradient at the stale cache times full minus stale): an
+                                oracle of what matters to this answer, rather than of what is stale
+  ``recompute:effect``          those tokens recomputed on top of the stale rest
 
 Patching needs no recompute of the picked tokens, so ``patch:`` rows are bounds, not methods. Each row also
 stores ``residual``, the share of the context's deviation still stale after the recompute, and the none row the
@@ -36,12 +40,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).parent))
 from selector_study import DEV_END, MAX_NEW_TOKENS, _full_confidence, _full_reference, _read  # noqa: E402
 
 from infoflow_rag.engine import Engine, query, recompute  # noqa: E402
-from infoflow_rag.engine.cache import stacked  # noqa: E402
+from infoflow_rag.engine.cache import SlottedLayer, position_mask, stacked  # noqa: E402
 from infoflow_rag.engine.placement import Layout, PlacedContext  # noqa: E402
 from infoflow_rag.engine.selection import SinkFlowSelector, ratio_budget, top_candidates  # noqa: E402
 from infoflow_rag.eval import fidelity  # noqa: E402
@@ -123,6 +128,35 @@ class Question:
         )
 
 
+def effect_attribution(q: Question) -> torch.Tensor:
+    """(N,) first-order change of the summed answer KL (full || stale) if a token's entries on every layer were
+    replaced by full's: <fresh - stale, d KL / d entry> at the stale cache, nothing recomputed. Negative: the
+    patch brings the answer closer to full. An oracle (it needs full's cache and answer), study only."""
+    model = q.engine.model
+    model.requires_grad_(False)  # gradients for the cache entries only
+    fresh_ids, fresh_pos = query.fresh_inputs(q.layout)
+    answer = torch.tensor(q.ref.answer_ids)
+    m, a = q.layout.length, answer.numel()
+    ids, in_pos = torch.cat([fresh_ids, answer]), torch.cat([fresh_pos, m + torch.arange(a)])
+    with torch.enable_grad():
+        keys, values = q.stale_k.clone().requires_grad_(), q.stale_v.clone().requires_grad_()
+        room = keys.new_zeros(keys.shape[1], a, keys.shape[3])  # (kv_heads, A, d): one layer's answer slots
+        cache = DynamicCache()  # per layer, a tensor of its own: autograd refuses in-place writes to unbind views
+        for k, v in zip(keys, values, strict=True):
+            cache.layers.append(SlottedLayer(torch.cat([k, room], 1)[None], torch.cat([v, room], 1)[None], in_pos))
+        mask = position_mask(in_pos, torch.arange(m + a), model.dtype)  # (1, 1, F + A, M + A)
+        logits = model(input_ids=ids[None], position_ids=in_pos[None], attention_mask=mask, cache=cache).logits[0]
+        log_q = logits[fresh_ids.numel() - 1 :].double().log_softmax(-1)  # (A + 1, vocab): rows as teacher_force
+        p = q.ref.log_probs.exp()
+        kl = (p * (q.ref.log_probs - log_q)).sum()
+        grad_k, grad_v = torch.autograd.grad(kl, [keys, values])
+    pos = q.positions
+    delta = (q.fresh_k - q.stale_k)[:, :, pos] * grad_k[:, :, pos] + (q.fresh_v - q.stale_v)[:, :, pos] * grad_v[
+        :, :, pos
+    ]
+    return delta.sum((0, 1, 3))  # (N,)
+
+
 def load_question(engine: Engine, ex: EvalExample) -> tuple[Question, list[PassageKV]]:
     """Full's reference and K/V, and the stale cache placed for the same prompt; the passages' KV too."""
     ref, full = _full_reference(engine, ex)
@@ -147,6 +181,7 @@ def variants(q: Question, ex: EvalExample, kvs: list[PassageKV]) -> dict[str, tu
     sinkflow_fresh = SinkFlowSelector(layers=engine.score_layers).select(
         fresh, budget, query.probe(engine, fresh, q.layout)
     )
+    effect = top_candidates(-effect_attribution(q), placed.candidate, budget)
     chosen: dict[str, tuple[dict, dict]] = {
         "none": ({"selected": nothing}, {}),
         "sinkflow": ({"selected": sinkflow}, {}),
@@ -154,6 +189,8 @@ def variants(q: Question, ex: EvalExample, kvs: list[PassageKV]) -> dict[str, tu
         "patch:sinkflow": ({"selected": nothing, "patch_tokens": sinkflow}, {}),
         "recompute:oracle": ({"selected": top_candidates(oracle_score, placed.candidate, budget)}, {}),
         "recompute:sinkflow-fresh": ({"selected": sinkflow_fresh}, {}),
+        "patch:effect": ({"selected": nothing, "patch_tokens": effect}, {}),
+        "recompute:effect": ({"selected": effect}, {}),
     }
     for first, last in layer_groups(engine.num_layers):
         layers = slice(first, last + 1)
@@ -177,7 +214,7 @@ def run(engine: Engine, start: int, questions: int, out_path: Path) -> None:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with out_path.open("a", encoding="utf-8") as out:
         for number, ex in enumerate(load_hotpotqa("passage", start=start, limit=questions), start=1):
-            if sum(i == ex.id for i, _ in done) == complete.get(ex.id):
+            if sum(i == ex.id for i, _ in done) >= complete.get(ex.id, 1 << 30):
                 continue
             q, kvs = load_question(engine, ex)
             todo = variants(q, ex, kvs)
