@@ -512,6 +512,8 @@ def main() -> None:
     if args.start + args.questions > DEV_END:
         raise SystemExit(f"questions {args.start}..{args.start + args.questions - 1} leave the development slice 0-999")
     if args.noise_floor:
+        if args.candidates != "all":
+            raise SystemExit("--noise-floor runs only full-bf16 (full prefill in bfloat16); drop --candidates")
         noise_floor(Engine.load(args.model), args.start, args.questions, out_path)
         return
     every = candidates(args.ratio)

@@ -20,6 +20,7 @@ cache and a set of tokens to recompute, and is teacher-forced along full's greed
                                 first order (the KL's gradient at the stale cache times full minus stale): an
                                 oracle of what matters to this answer, rather than of what is stale
   ``recompute:effect``          those tokens recomputed on top of the stale rest
+  ``patch:effect×5``            the effect oracle in 5 rounds of 3 %, each ranked with the earlier rounds patched
 
 Patching needs no recompute of the picked tokens, so ``patch:`` rows are bounds, not methods. Each row also
 stores ``residual``, the share of the context's deviation still stale after the recompute, and the none row the
@@ -58,6 +59,8 @@ from infoflow_rag.kv import PassageKV  # noqa: E402
 RATIO = 0.15
 ORACLE_RATIOS = (0.05, 0.15, 0.3)
 COMMON = {"template": DEFAULT_PROMPT, "max_new_tokens": MAX_NEW_TOKENS}
+EFFECT_STEPS = 5  # rounds of the iterated effect oracle
+LAST_VARIANT = f"patch:effect×{EFFECT_STEPS}"  # runs last: a question with its row on file is complete
 LAYER_GROUPS = 4  # layer 0 is never stale (its K/V depend on the token alone), so groups cover 1..L-1
 
 
@@ -99,14 +102,20 @@ class Question:
         values = self.stale_v if values is None else values
         return relative_deviation(keys, values, self.fresh_k, self.fresh_v, self.positions)
 
-    def forced(self, selected: torch.Tensor, patch_tokens=None, patch_layers=slice(None)) -> dict:
-        """Teacher-forced fidelity of the stale cache with full's entries at ``patch_tokens`` (indices into the
-        placed tokens) on ``patch_layers``, after recomputing ``selected`` (indices into the placed tokens)."""
+    def patched(self, patch_tokens=None, patch_layers=slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of the stale cache with full's entries at ``patch_tokens`` (indices into the placed tokens) on
+        ``patch_layers``. -> keys, values (L, kv_heads, M, d)"""
         keys, values = self.stale_k.clone(), self.stale_v.clone()
         if patch_tokens is not None:
             entries = self.positions[patch_tokens]
             keys[patch_layers, :, entries] = self.fresh_k[patch_layers, :, entries]
             values[patch_layers, :, entries] = self.fresh_v[patch_layers, :, entries]
+        return keys, values
+
+    def forced(self, selected: torch.Tensor, patch_tokens=None, patch_layers=slice(None)) -> dict:
+        """Teacher-forced fidelity of the stale cache with full's entries at ``patch_tokens`` (indices into the
+        placed tokens) on ``patch_layers``, after recomputing ``selected`` (indices into the placed tokens)."""
+        keys, values = self.patched(patch_tokens, patch_layers)
         mixed = dataclasses.replace(self.placed, prompt_keys=keys, prompt_values=values)
         model = self.engine.model
         result = recompute.recompute(model, mixed, selected, *query.fresh_inputs(self.layout))
@@ -128,10 +137,11 @@ class Question:
         )
 
 
-def effect_attribution(q: Question) -> torch.Tensor:
-    """(N,) first-order change of the summed answer KL (full || stale) if a token's entries on every layer were
-    replaced by full's: <fresh - stale, d KL / d entry> at the stale cache, nothing recomputed. Negative: the
-    patch brings the answer closer to full. An oracle (it needs full's cache and answer), study only."""
+def effect_attribution(q: Question, patched: torch.Tensor) -> torch.Tensor:
+    """(N,) first-order change of the summed answer KL (full || cache) if a token's entries on every layer were
+    replaced by full's: <fresh - cached, d KL / d entry>, at the stale cache with full's entries already at
+    ``patched`` (indices into the placed tokens), nothing recomputed. Negative: the patch brings the answer
+    closer to full. An oracle (it needs full's cache and answer), study only."""
     model = q.engine.model
     model.requires_grad_(False)  # gradients for the cache entries only
     fresh_ids, fresh_pos = query.fresh_inputs(q.layout)
@@ -139,7 +149,7 @@ def effect_attribution(q: Question) -> torch.Tensor:
     m, a = q.layout.length, answer.numel()
     ids, in_pos = torch.cat([fresh_ids, answer]), torch.cat([fresh_pos, m + torch.arange(a)])
     with torch.enable_grad():
-        keys, values = q.stale_k.clone().requires_grad_(), q.stale_v.clone().requires_grad_()
+        keys, values = (t.requires_grad_() for t in q.patched(patched))
         room = keys.new_zeros(keys.shape[1], a, keys.shape[3])  # (kv_heads, A, d): one layer's answer slots
         cache = DynamicCache()  # per layer, a tensor of its own: autograd refuses in-place writes to unbind views
         for k, v in zip(keys, values, strict=True):
@@ -151,10 +161,22 @@ def effect_attribution(q: Question) -> torch.Tensor:
         kl = (p * (q.ref.log_probs - log_q)).sum()
         grad_k, grad_v = torch.autograd.grad(kl, [keys, values])
     pos = q.positions
-    delta = (q.fresh_k - q.stale_k)[:, :, pos] * grad_k[:, :, pos] + (q.fresh_v - q.stale_v)[:, :, pos] * grad_v[
-        :, :, pos
-    ]
+    delta_k, delta_v = (q.fresh_k - keys.detach())[:, :, pos], (q.fresh_v - values.detach())[:, :, pos]
+    delta = delta_k * grad_k[:, :, pos] + delta_v * grad_v[:, :, pos]  # (L, kv_heads, N, d)
     return delta.sum((0, 1, 3))  # (N,)
+
+
+def effect_picks(q: Question, budget: int, steps: int) -> torch.Tensor:
+    """(budget,) sorted: the effect oracle's picks in ``steps`` rounds, each round's attribution taken with the
+    earlier rounds' picks already patched (the KL is far from linear in the cache: patching every token changes
+    it by a fraction of what the first-order sum predicts)."""
+    chosen = torch.empty(0, dtype=torch.long)
+    for step in range(1, steps + 1):
+        free = q.placed.candidate.clone()
+        free[chosen] = False
+        take = budget * step // steps - chosen.numel()
+        chosen = torch.cat([chosen, top_candidates(-effect_attribution(q, chosen), free, take)]).sort().values
+    return chosen
 
 
 def load_question(engine: Engine, ex: EvalExample) -> tuple[Question, list[PassageKV]]:
@@ -181,7 +203,6 @@ def variants(q: Question, ex: EvalExample, kvs: list[PassageKV]) -> dict[str, tu
     sinkflow_fresh = SinkFlowSelector(layers=engine.score_layers).select(
         fresh, budget, query.probe(engine, fresh, q.layout)
     )
-    effect = top_candidates(-effect_attribution(q), placed.candidate, budget)
     chosen: dict[str, tuple[dict, dict]] = {
         "none": ({"selected": nothing}, {}),
         "sinkflow": ({"selected": sinkflow}, {}),
@@ -189,8 +210,6 @@ def variants(q: Question, ex: EvalExample, kvs: list[PassageKV]) -> dict[str, tu
         "patch:sinkflow": ({"selected": nothing, "patch_tokens": sinkflow}, {}),
         "recompute:oracle": ({"selected": top_candidates(oracle_score, placed.candidate, budget)}, {}),
         "recompute:sinkflow-fresh": ({"selected": sinkflow_fresh}, {}),
-        "patch:effect": ({"selected": nothing, "patch_tokens": effect}, {}),
-        "recompute:effect": ({"selected": effect}, {}),
     }
     for first, last in layer_groups(engine.num_layers):
         layers = slice(first, last + 1)
@@ -204,17 +223,20 @@ def variants(q: Question, ex: EvalExample, kvs: list[PassageKV]) -> dict[str, tu
     for k, (passage, s, e) in enumerate(stale, start=1):
         extra = {"order": k, "of": len(stale), "gold": passage in gold, "tokens": e - s}
         chosen[f"patch:passage {k}"] = ({"selected": nothing, "patch_tokens": torch.arange(s, e)}, extra)
+    effect = effect_picks(q, budget, steps=1)
+    chosen["patch:effect"] = ({"selected": nothing, "patch_tokens": effect}, {})
+    chosen["recompute:effect"] = ({"selected": effect}, {})
+    chosen[LAST_VARIANT] = ({"selected": nothing, "patch_tokens": effect_picks(q, budget, EFFECT_STEPS)}, {})
     return chosen
 
 
 def run(engine: Engine, start: int, questions: int, out_path: Path) -> None:
     rows = _read(out_path)
     done = {(r["id"], r["variant"]) for r in rows}
-    complete = {r["id"]: r["variants"] for r in rows if r["variant"] == "none"}  # how many rows a question has
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with out_path.open("a", encoding="utf-8") as out:
         for number, ex in enumerate(load_hotpotqa("passage", start=start, limit=questions), start=1):
-            if sum(i == ex.id for i, _ in done) >= complete.get(ex.id, 1 << 30):
+            if (ex.id, LAST_VARIANT) in done:
                 continue
             q, kvs = load_question(engine, ex)
             todo = variants(q, ex, kvs)
@@ -230,7 +252,6 @@ def run(engine: Engine, start: int, questions: int, out_path: Path) -> None:
                     row["dev_by_layer"] = [round(float(x) / total, 6) for x in dev.sum(1)]
                     row["dev_by_passage"] = [round(float(dev[:, s:e].sum()) / total, 6) for s, e in stale]
                     row["context_tokens"] = q.placed.n_passage_tokens
-                    row["variants"] = len(todo)
                 out.write(json.dumps(row) + "\n")
                 out.flush()
             print(f"{number}/{questions} {ex.id}", flush=True)
