@@ -205,7 +205,7 @@ def variants(q: Question, ex: EvalExample, kvs: list[PassageKV]) -> dict[str, tu
     )
     chosen: dict[str, tuple[dict, dict]] = {
         "none": ({"selected": nothing}, {}),
-        "sinkflow": ({"selected": sinkflow}, {}),
+        "sinkflow": ({"selected": sinkflow}, {"picks": sinkflow.tolist()}),
         "patch:all": ({"selected": nothing, "patch_tokens": every}, {}),
         "patch:sinkflow": ({"selected": nothing, "patch_tokens": sinkflow}, {}),
         "recompute:oracle": ({"selected": top_candidates(oracle_score, placed.candidate, budget)}, {}),
@@ -226,7 +226,8 @@ def variants(q: Question, ex: EvalExample, kvs: list[PassageKV]) -> dict[str, tu
     effect = effect_picks(q, budget, steps=1)
     chosen["patch:effect"] = ({"selected": nothing, "patch_tokens": effect}, {})
     chosen["recompute:effect"] = ({"selected": effect}, {})
-    chosen[LAST_VARIANT] = ({"selected": nothing, "patch_tokens": effect_picks(q, budget, EFFECT_STEPS)}, {})
+    iterated = effect_picks(q, budget, EFFECT_STEPS)
+    chosen[LAST_VARIANT] = ({"selected": nothing, "patch_tokens": iterated}, {"picks": iterated.tolist()})
     return chosen
 
 
@@ -247,11 +248,15 @@ def run(engine: Engine, start: int, questions: int, out_path: Path) -> None:
                 if name == "none":
                     dev = q.deviation()  # (L, N)
                     total = float(dev.sum())
-                    stale = [(s, e) for _, s, e in q.placed.spans if bool(q.placed.candidate[s:e].all())]
+                    passages = [(p, s, e) for p, s, e in q.placed.spans if bool(q.placed.candidate[s:e].all())]
+                    stale = [(s, e) for _, s, e in passages]
                     row["full_p"] = _full_confidence(q.ref)
                     row["dev_by_layer"] = [round(float(x) / total, 6) for x in dev.sum(1)]
                     row["dev_by_passage"] = [round(float(dev[:, s:e].sum()) / total, 6) for s, e in stale]
                     row["context_tokens"] = q.placed.n_passage_tokens
+                    row["spans"] = stale  # (start, end) of each stale passage, in the placed tokens' indices
+                    row["gold_spans"] = [p in ex.meta.get("gold_passages", []) for p, _, _ in passages]
+                    row["n_placed"] = q.placed.token_ids.numel()
                 out.write(json.dumps(row) + "\n")
                 out.flush()
             print(f"{number}/{questions} {ex.id}", flush=True)
