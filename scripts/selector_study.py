@@ -302,13 +302,35 @@ def run(engine: Engine, start: int, questions: int, chosen: dict[str, dict], out
             print(f"{number}/{len(examples)} {ex.id}", flush=True)
 
 
+def by_name(rows: list[dict], key: str = "candidate") -> dict[str, dict[str, dict]]:
+    """Rows grouped as name (``row[key]``) -> question id -> row; a later row for the same pair wins."""
+    by: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by.setdefault(r[key], {})[r["id"]] = r
+    return by
+
+
+def kl_cells(kl: list[float]) -> str:
+    """Three table cells for one method's kl_answer values: n, the mean with its 95 % interval, the median."""
+    est = mean_ci(kl)
+    return f"{len(kl)} | {est.mean:.4f} [{est.low:.4f}, {est.high:.4f}] | {np.median(kl):.4f}"
+
+
+def paired_kl_cells(ours: list[float], theirs: list[float]) -> str:
+    """Three table cells for paired kl_answer values: the mean difference, the geometric-mean ratio (each with
+    its 95 % interval) and the closer/further counts."""
+    d, log_ratio = paired_diff(ours, theirs), log_kl_diff(ours, theirs)
+    ratio = f"{10**log_ratio.mean:.2f} [{10**log_ratio.low:.2f}, {10**log_ratio.high:.2f}]"
+    closer = sum(a < b for a, b in zip(ours, theirs, strict=True))
+    further = sum(a > b for a, b in zip(ours, theirs, strict=True))
+    return f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}] | {ratio} | {closer}/{further}"
+
+
 def summary(rows: list[dict], baseline: str = "infoflow") -> str:
     """Markdown: per candidate, means with CIs and medians, and kl_answer paired with ``baseline``: the mean
     difference, the geometric-mean ratio (KL is heavy-tailed: a few questions dominate the mean, while the
     ratio weighs every question alike) and the closer/further counts."""
-    by: dict[str, dict[str, dict]] = {}
-    for r in rows:
-        by.setdefault(r["candidate"], {})[r["id"]] = r
+    by = by_name(rows)
     base = by.get(baseline, {})
     lines = [
         f"| candidate | n | kl_answer [95% CI] | median | top1 % | gold_nll | prepare s (mean) | pick position "
@@ -317,23 +339,15 @@ def summary(rows: list[dict], baseline: str = "infoflow") -> str:
     ]
     for name, per_id in by.items():
         kl = [r["kl_answer"] for r in per_id.values()]
-        est = mean_ci(kl)
         positions = [r["pick_position"] for r in per_id.values() if r.get("pick_position") is not None]
         shared = sorted(per_id.keys() & base.keys())
         paired = "—"
         if name != baseline and shared:
-            ours, theirs = [per_id[i]["kl_answer"] for i in shared], [base[i]["kl_answer"] for i in shared]
-            d = paired_diff(ours, theirs)
-            log_ratio = log_kl_diff(ours, theirs)
-            ratio = f"{10**log_ratio.mean:.2f} [{10**log_ratio.low:.2f}, {10**log_ratio.high:.2f}]"
-            closer = sum(a < b for a, b in zip(ours, theirs, strict=True))
-            further = sum(a > b for a, b in zip(ours, theirs, strict=True))
-            paired = f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}] | {ratio} | {closer}/{further}"
+            paired = paired_kl_cells([per_id[i]["kl_answer"] for i in shared], [base[i]["kl_answer"] for i in shared])
         else:
             paired += " | — | —"
         lines.append(
-            f"| {name} | {len(kl)} | {est.mean:.4f} [{est.low:.4f}, {est.high:.4f}] | {np.median(kl):.4f} | "
-            f"{100 * np.mean([r['top1'] for r in per_id.values()]):.1f} | "
+            f"| {name} | {kl_cells(kl)} | {100 * np.mean([r['top1'] for r in per_id.values()]):.1f} | "
             f"{np.mean([r['gold_nll'] for r in per_id.values()]):.3f} | "
             f"{np.mean([r['prepare_s'] for r in per_id.values()]):.2f} | "
             f"{np.mean(positions) if positions else float('nan'):.2f} | {paired} |"

@@ -44,7 +44,16 @@ import torch
 from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).parent))
-from selector_study import DEV_END, MAX_NEW_TOKENS, _full_confidence, _full_reference, _read  # noqa: E402
+from selector_study import (  # noqa: E402
+    DEV_END,
+    MAX_NEW_TOKENS,
+    _full_confidence,
+    _full_reference,
+    _read,
+    by_name,
+    kl_cells,
+    paired_kl_cells,
+)
 
 from infoflow_rag.engine import Engine, query, recompute  # noqa: E402
 from infoflow_rag.engine.cache import SlottedLayer, position_mask, stacked  # noqa: E402
@@ -53,7 +62,7 @@ from infoflow_rag.engine.selection import SinkFlowSelector, ratio_budget, top_ca
 from infoflow_rag.eval import fidelity  # noqa: E402
 from infoflow_rag.eval.datasets import EvalExample, load_hotpotqa  # noqa: E402
 from infoflow_rag.eval.runner import DEFAULT_PROMPT  # noqa: E402
-from infoflow_rag.eval.stats import log_kl_diff, mean_ci, paired_diff, shared_ids  # noqa: E402
+from infoflow_rag.eval.stats import mean_ci, shared_ids  # noqa: E402
 from infoflow_rag.kv import PassageKV  # noqa: E402
 
 RATIO = 0.15
@@ -265,37 +274,27 @@ def run(engine: Engine, start: int, questions: int, out_path: Path) -> None:
 def summary(rows: list[dict], baseline: str = "sinkflow") -> str:
     """Markdown: every variant with kl_answer and its CI, top1, the residual staleness, and the paired ratio
     to ``baseline``; then the passage patches by order and by gold/distractor."""
-    by: dict[str, dict[str, dict]] = {}
-    for r in rows:
-        by.setdefault(r["variant"], {})[r["id"]] = r
+    by = by_name(rows, key="variant")
     base = by.get(baseline, {})
     lines = [
         f"| variant | n | kl_answer [95% CI] | median | top1 % | stale left | Δ vs {baseline} [95% CI] "
         f"| ratio vs {baseline} (geometric) [95% CI] | closer/further |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, per_id in by.items():
-        if name.startswith("patch:passage"):
-            continue
+    first = [name for name in ("none", baseline) if name in by]  # the yardsticks head the table
+    for name in first + [name for name in by if name not in first and not name.startswith("patch:passage")]:
+        per_id = by[name]
         kl = [r["kl_answer"] for r in per_id.values()]
-        est = mean_ci(kl)
         cells = "— | — | —"
         ids = shared_ids(per_id, base)
         if name != baseline and ids:
-            ours, theirs = [per_id[i]["kl_answer"] for i in ids], [base[i]["kl_answer"] for i in ids]
-            d, ratio = paired_diff(ours, theirs), log_kl_diff(ours, theirs)
-            closer = sum(a < b for a, b in zip(ours, theirs, strict=True))
-            further = sum(a > b for a, b in zip(ours, theirs, strict=True))
-            cells = (
-                f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}] | "
-                f"{10**ratio.mean:.2f} [{10**ratio.low:.2f}, {10**ratio.high:.2f}] | {closer}/{further}"
-            )
+            cells = paired_kl_cells([per_id[i]["kl_answer"] for i in ids], [base[i]["kl_answer"] for i in ids])
         lines.append(
-            f"| {name} | {len(kl)} | {est.mean:.4f} [{est.low:.4f}, {est.high:.4f}] | {np.median(kl):.4f} | "
+            f"| {name} | {kl_cells(kl)} | "
             f"{100 * np.mean([r['top1'] for r in per_id.values()]):.1f} | "
             f"{np.mean([r['residual'] for r in per_id.values()]):.3f} | {cells} |"
         )
-    return "\n".join(lines) + "\n\n" + passage_summary(rows, by.get("none", {}))
+    return "\n\n".join(["\n".join(lines), passage_summary(rows, by.get("none", {})), picks_summary(rows)])
 
 
 def passage_summary(rows: list[dict], none: dict[str, dict]) -> str:
@@ -332,6 +331,48 @@ def passage_summary(rows: list[dict], none: dict[str, dict]) -> str:
         )
     layer_share = np.mean([r["dev_by_layer"] for r in none.values()], axis=0) if none else []
     return "\n".join(lines) + "\n\nDeviation share by layer (none): " + ", ".join(f"{x:.3f}" for x in layer_share)
+
+
+def picks_summary(rows: list[dict], sink: int = 8) -> str:
+    """Markdown: where each stored pick set sits, per question then averaged: the share of picks among the first
+    ``sink`` tokens of a stale passage, in gold passages, in the passage next to the question; the mean position
+    within its passage (0 first token, 1 last) and in the placed context; the share also picked by sinkflow."""
+    none = {r["id"]: r for r in rows if r["variant"] == "none" and "spans" in r}
+    sinkflow = {r["id"]: set(r["picks"]) for r in rows if r["variant"] == "sinkflow" and "picks" in r}
+    stats: dict[str, list[list[float]]] = {}
+    for r in rows:
+        base = none.get(r["id"])
+        if "picks" not in r or base is None or not r["picks"]:
+            continue
+        owner = {}  # placed index -> (passage order, offset, length, gold)
+        for k, ((s, e), gold) in enumerate(zip(base["spans"], base["gold_spans"], strict=True)):
+            owner |= {i: (k, i - s, e - s, gold) for i in range(s, e)}
+        where = [owner[i] for i in r["picks"]]
+        last = len(base["spans"]) - 1
+        gold_tokens = sum(e - s for (s, e), g in zip(base["spans"], base["gold_spans"], strict=True) if g)
+        stats.setdefault(r["variant"], []).append(
+            [
+                np.mean([offset < sink for _, offset, _, _ in where]),
+                np.mean([gold for *_, gold in where]),
+                gold_tokens / base["context_tokens"],
+                np.mean([k == last for k, *_ in where]),
+                np.mean([offset / max(n - 1, 1) for _, offset, n, _ in where]),
+                np.mean(r["picks"]) / base["n_placed"],
+                np.mean([i in sinkflow.get(r["id"], set()) for i in r["picks"]]),
+            ]
+        )
+    lines = [
+        f"| picks | n | in a passage's first {sink} | in gold passages (gold token share) | next to the question "
+        "| position in passage | position in context | also sinkflow's |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, per_question in stats.items():
+        m = np.mean(per_question, axis=0)
+        lines.append(
+            f"| {name} | {len(per_question)} | {m[0]:.0%} | {m[1]:.0%} ({m[2]:.0%}) | {m[3]:.0%} | {m[4]:.2f} "
+            f"| {m[5]:.2f} | {m[6]:.0%} |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
