@@ -152,6 +152,51 @@ class LastRowsSinkFlow(SinkFlowSelector):
         return torch.cat([first, picks]).sort().values
 
 
+def token_features(placed: PlacedContext, probe: Probe, layers: list[int], names: tuple[str, ...]) -> torch.Tensor:
+    """(N, len(names)) per placed token (0 outside recomputable passages): InfoFlow's score, CacheBlend's layer-1
+    deviation, whether it is among its passage's first 8 tokens, its offset and relative offset in the passage,
+    the passage's mean score, and the passage's distance from the question (1: next to it)."""
+    score = probe.scores(layers).double()
+    n = placed.token_ids.numel()
+    columns = {name: torch.zeros(n, dtype=torch.float64) for name in names}
+    spans = recomputable_spans(placed)
+    for k, (start, end) in enumerate(spans):
+        offset = torch.arange(end - start, dtype=torch.float64)
+        parts = {
+            "head8": (offset < 8).double(),
+            "log1p off": offset.log1p(),
+            "reloff": offset / max(end - start - 1, 1),
+            "log passage rel": torch.full_like(offset, float(score[start:end].mean().clamp_min(1e-6).log())),
+            "from_q": torch.full_like(offset, float(len(spans) - k)),
+        }
+        for name, values in parts.items():
+            if name in columns:
+                columns[name][start:end] = values
+    if "log score" in columns:
+        columns["log score"] = score.clamp_min(1e-6).log()
+    if "log dev1" in columns:
+        columns["log dev1"] = kv_deviation(placed, probe, 1).double().clamp_min(1e-9).log()
+    return torch.stack([columns[name] for name in names], dim=1)
+
+
+@register
+class RankerSelector(InfoFlowSelector):
+    """A linear ranker over :func:`token_features`, its weights fitted (outside) to the round-8 effect oracle's
+    picks on development questions."""
+
+    name = "study-ranker"
+
+    def __init__(self, weights: dict[str, float], layers: list[int] | None = None):
+        super().__init__(layers)
+        self.weights = weights
+
+    def select(self, placed: PlacedContext, budget: int, probe: Probe) -> torch.Tensor:
+        names = tuple(self.weights)
+        features = token_features(placed, probe, self.layers, names)  # (N, F)
+        value = features @ torch.tensor([self.weights[n] for n in names], dtype=torch.float64)
+        return top_candidates(value, placed.candidate, budget)
+
+
 _plain_probe = query.probe
 _plain_grouped_attention = attention.grouped_attention
 _score_rows: list[int | None] = [None]  # while a last-rows score runs: how many rows it is taken over
@@ -236,6 +281,23 @@ def candidates(ratio: float) -> dict[str, dict]:
                 "selector_options": {"rows": rows},
             }
             for rows in (8, 1)
+        },
+        # Round 9: a linear ranker fitted (logistic regression, standardised features folded into the weights)
+        # to the round-8 iterated effect oracle's picks on questions 0-44; tried on questions 45 on.
+        "ranker": {
+            "selector": "study-ranker",
+            "ratio": ratio,
+            "selector_options": {
+                "weights": {
+                    "log score": 0.6479,
+                    "log dev1": 0.2645,
+                    "head8": 0.3891,
+                    "log1p off": -0.0938,
+                    "reloff": 0.2928,
+                    "log passage rel": -0.166,
+                    "from_q": -0.1615,
+                }
+            },
         },
         **{
             f"sinkshare{share}+infoflow": {
