@@ -44,6 +44,7 @@ from infoflow_rag.engine.selection import (
 from infoflow_rag.eval import fidelity
 from infoflow_rag.eval.datasets import EvalExample, load_hotpotqa
 from infoflow_rag.eval.kl_mass import AnswerPositions, kl_mass_table
+from infoflow_rag.eval.results import drop_partial_line, read_json_lines
 from infoflow_rag.eval.runner import DEFAULT_PROMPT
 from infoflow_rag.eval.stats import Estimate, log_kl_diff, mean_ci, paired_diff, shared_ids
 from infoflow_rag.models import LoadedModel
@@ -491,11 +492,7 @@ def noise_floor(engine: Engine, start: int, questions: int, out_path: Path) -> N
 
 def _with_positions(rows: list[dict]) -> dict[str, dict[str, dict]]:
     """Candidate -> question id -> row, for the rows that carry per-position fidelity (round 6 on)."""
-    by: dict[str, dict[str, dict]] = {}
-    for r in rows:
-        if "kl_positions" in r:
-            by.setdefault(r["candidate"], {})[r["id"]] = r
-    return by
+    return by_name([r for r in rows if "kl_positions" in r])
 
 
 def tails_split(rows: list[dict], baseline: str, unsure: float = 0.5) -> str:
@@ -544,9 +541,11 @@ def tails_summary(rows: list[dict], unsure: float = 0.5) -> str:
 
 
 def _read(path: Path) -> list[dict]:
+    """The rows on file (none for a new file); a row cut off by a kill is dropped, so the run can append after it."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    drop_partial_line(path)
+    return read_json_lines(path)
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 from dataclasses import dataclass
@@ -105,6 +106,16 @@ class Question:
     def positions(self) -> torch.Tensor:
         return self.placed.positions  # (N,) the cached tokens' entries
 
+    @property
+    def stale_passages(self) -> list[tuple[int, int, int]]:
+        """(passage index, start, end) into the placed tokens of every passage that may be recomputed."""
+        return [(p, s, e) for p, s, e in self.placed.spans if bool(self.placed.candidate[s:e].all())]
+
+    @functools.cached_property
+    def stale_total(self) -> float:
+        """The stale cache's summed relative deviation from full's: what ``residual`` is a share of."""
+        return float(self.deviation().sum())
+
     def deviation(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None) -> torch.Tensor:
         """(L, N) relative deviation of ``keys``/``values`` (default: the stale cache) from full's."""
         keys = self.stale_k if keys is None else keys
@@ -129,10 +140,10 @@ class Question:
         model = self.engine.model
         result = recompute.recompute(model, mixed, selected, *query.fresh_inputs(self.layout))
         logits = recompute.teacher_force(model, result, torch.tensor(self.ref.answer_ids))  # (m+1, vocab)
-        before = float(self.deviation().sum())
         after = float(self.deviation(keys, values).sum())  # the recompute wrote its picks into keys/values
         row = fidelity.answer_fidelity(self.ref, logits)
-        return row | {"residual": after / before if before else 0.0, "selected": selected.numel()}
+        residual = after / self.stale_total if self.stale_total else 0.0
+        return row | {"residual": residual, "selected": selected.numel()}
 
     def fresh_placed(self) -> PlacedContext:
         """The placed context with full's entries everywhere: what a scoring pass would see on an exact cache."""
@@ -228,7 +239,7 @@ def variants(q: Question, ex: EvalExample, kvs: list[PassageKV]) -> dict[str, tu
         picks = top_candidates(oracle_score, placed.candidate, ratio_budget(placed, r))
         chosen[f"patch:oracle@{r:g}"] = ({"selected": nothing, "patch_tokens": picks}, {})
     gold = set(ex.meta.get("gold_passages", []))
-    stale = [(p, s, e) for p, s, e in placed.spans if bool(placed.candidate[s:e].all())]
+    stale = q.stale_passages
     for k, (passage, s, e) in enumerate(stale, start=1):
         extra = {"order": k, "of": len(stale), "gold": passage in gold, "tokens": e - s}
         chosen[f"patch:passage {k}"] = ({"selected": nothing, "patch_tokens": torch.arange(s, e)}, extra)
@@ -255,16 +266,14 @@ def run(engine: Engine, start: int, questions: int, out_path: Path) -> None:
                     continue
                 row = {"id": ex.id, "variant": name} | q.forced(**arguments) | extra
                 if name == "none":
-                    dev = q.deviation()  # (L, N)
-                    total = float(dev.sum())
-                    passages = [(p, s, e) for p, s, e in q.placed.spans if bool(q.placed.candidate[s:e].all())]
-                    stale = [(s, e) for _, s, e in passages]
+                    dev, total = q.deviation(), q.stale_total  # (L, N), its sum
+                    stale = [(s, e) for _, s, e in q.stale_passages]
                     row["full_p"] = _full_confidence(q.ref)
                     row["dev_by_layer"] = [round(float(x) / total, 6) for x in dev.sum(1)]
                     row["dev_by_passage"] = [round(float(dev[:, s:e].sum()) / total, 6) for s, e in stale]
                     row["context_tokens"] = q.placed.n_passage_tokens
                     row["spans"] = stale  # (start, end) of each stale passage, in the placed tokens' indices
-                    row["gold_spans"] = [p in ex.meta.get("gold_passages", []) for p, _, _ in passages]
+                    row["gold_spans"] = [p in ex.meta.get("gold_passages", []) for p, _, _ in q.stale_passages]
                     row["n_placed"] = q.placed.token_ids.numel()
                 out.write(json.dumps(row) + "\n")
                 out.flush()
@@ -337,8 +346,9 @@ def picks_summary(rows: list[dict], sink: int = 8) -> str:
     """Markdown: where each stored pick set sits, per question then averaged: the share of picks among the first
     ``sink`` tokens of a stale passage, in gold passages, in the passage next to the question; the mean position
     within its passage (0 first token, 1 last) and in the placed context; the share also picked by sinkflow."""
-    none = {r["id"]: r for r in rows if r["variant"] == "none" and "spans" in r}
-    sinkflow = {r["id"]: set(r["picks"]) for r in rows if r["variant"] == "sinkflow" and "picks" in r}
+    by = by_name(rows, key="variant")
+    none = {i: r for i, r in by.get("none", {}).items() if "spans" in r}
+    sinkflow = {i: set(r["picks"]) for i, r in by.get("sinkflow", {}).items() if "picks" in r}
     stats: dict[str, list[list[float]]] = {}
     for r in rows:
         base = none.get(r["id"])

@@ -145,7 +145,7 @@ class ResultsRun:
 
 def read_results(path: str | Path) -> ResultsRun:
     """Parse a results file; a truncated last line (a run killed mid-write) is ignored."""
-    records = _read_records(Path(path)).records
+    records = read_json_lines(path)
     if not records or records[0].get("type") != "header":
         raise ValueError(f"{path} is not a results file: its first line is not a header record")
     header = RunHeader(**{k: v for k, v in records[0].items() if k != "type"})
@@ -175,7 +175,7 @@ class ResultsLog(Closing):
                     f"({'; '.join(problems)}). Write to a new output path instead."
                 )
             self.existing = run.results
-            self._drop_partial_line()
+            drop_partial_line(self.path)
             self._file: TextIO = self.path.open("a", encoding="utf-8")
             self._write({"type": "resume", "command": header.command, "started": header.started})
         else:
@@ -193,17 +193,23 @@ class ResultsLog(Closing):
         self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._file.flush()  # each record must survive a kill right after it is reported done
 
-    def _drop_partial_line(self) -> None:
-        # Appending after a half-written line would glue the next record onto it.
-        complete_bytes = _read_records(self.path).complete_bytes
-        with self.path.open("r+b") as f:
-            f.truncate(complete_bytes)
-
 
 @dataclass
 class _Records:
     records: list[dict[str, Any]]
     complete_bytes: int  # file length up to the end of the last complete line
+
+
+def read_json_lines(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file; a truncated last line (a writer killed mid-write) is ignored."""
+    return _read_records(Path(path)).records
+
+
+def drop_partial_line(path: str | Path) -> None:
+    """Cut a truncated last line off ``path`` before appending: the next record would be glued onto it."""
+    complete_bytes = _read_records(Path(path)).complete_bytes
+    with Path(path).open("r+b") as f:
+        f.truncate(complete_bytes)
 
 
 def _read_records(path: Path) -> _Records:
