@@ -157,29 +157,38 @@ class Question:
         )
 
 
+def cache_forward(model, keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor):
+    """(len(ids), vocab) logits of ``ids`` at ``positions`` over the cache ``keys``/``values`` (L, kv_heads, M, d),
+    entry j at position j; inputs at positions from M on get slots of their own. Differentiable in keys/values,
+    which are never written to."""
+    m = keys.shape[2]
+    room = keys.new_zeros(keys.shape[1], int(positions.max()) + 1 - m, keys.shape[3])  # (kv_heads, beyond M, d)
+    cache = DynamicCache()  # per layer, a tensor of its own: autograd refuses in-place writes to unbind views
+    for k, v in zip(keys, values, strict=True):
+        cache.layers.append(SlottedLayer(torch.cat([k, room], 1)[None], torch.cat([v, room], 1)[None], positions))
+    mask = position_mask(positions, torch.arange(m + room.shape[1]), model.dtype)  # (1, 1, Q, M + beyond)
+    return model(input_ids=ids[None], position_ids=positions[None], attention_mask=mask, cache=cache).logits[0]
+
+
+def answer_kl(q: Question, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Summed KL(full || cache) along full's answer, teacher-forced over the cache ``keys``/``values`` (L, kv_heads,
+    M, d) with nothing recomputed: the fresh tokens and the answer in one forward. Differentiable in keys/values."""
+    fresh_ids, fresh_pos = query.fresh_inputs(q.layout)
+    answer = torch.tensor(q.ref.answer_ids)
+    ids, in_pos = torch.cat([fresh_ids, answer]), torch.cat([fresh_pos, q.layout.length + torch.arange(answer.numel())])
+    logits = cache_forward(q.engine.model, keys, values, ids, in_pos)
+    log_q = logits[fresh_ids.numel() - 1 :].double().log_softmax(-1)  # (A + 1, vocab): rows as teacher_force
+    return (q.ref.log_probs.exp() * (q.ref.log_probs - log_q)).sum()
+
+
 def effect_attribution(q: Question, patched: torch.Tensor) -> torch.Tensor:
     """(N,) first-order change of the summed answer KL (full || cache) if a token's entries on every layer were
     replaced by full's: <fresh - cached, d KL / d entry>, at the stale cache with full's entries already at
     ``patched`` (indices into the placed tokens), nothing recomputed. Negative: the patch brings the answer
     closer to full. An oracle (it needs full's cache and answer), study only."""
-    model = q.engine.model
-    model.requires_grad_(False)  # gradients for the cache entries only
-    fresh_ids, fresh_pos = query.fresh_inputs(q.layout)
-    answer = torch.tensor(q.ref.answer_ids)
-    m, a = q.layout.length, answer.numel()
-    ids, in_pos = torch.cat([fresh_ids, answer]), torch.cat([fresh_pos, m + torch.arange(a)])
     with torch.enable_grad():
         keys, values = (t.requires_grad_() for t in q.patched(patched))
-        room = keys.new_zeros(keys.shape[1], a, keys.shape[3])  # (kv_heads, A, d): one layer's answer slots
-        cache = DynamicCache()  # per layer, a tensor of its own: autograd refuses in-place writes to unbind views
-        for k, v in zip(keys, values, strict=True):
-            cache.layers.append(SlottedLayer(torch.cat([k, room], 1)[None], torch.cat([v, room], 1)[None], in_pos))
-        mask = position_mask(in_pos, torch.arange(m + a), model.dtype)  # (1, 1, F + A, M + A)
-        logits = model(input_ids=ids[None], position_ids=in_pos[None], attention_mask=mask, cache=cache).logits[0]
-        log_q = logits[fresh_ids.numel() - 1 :].double().log_softmax(-1)  # (A + 1, vocab): rows as teacher_force
-        p = q.ref.log_probs.exp()
-        kl = (p * (q.ref.log_probs - log_q)).sum()
-        grad_k, grad_v = torch.autograd.grad(kl, [keys, values])
+        grad_k, grad_v = torch.autograd.grad(answer_kl(q, keys, values), [keys, values])
     pos = q.positions
     delta_k, delta_v = (q.fresh_k - keys.detach())[:, :, pos], (q.fresh_v - values.detach())[:, :, pos]
     delta = delta_k * grad_k[:, :, pos] + delta_v * grad_v[:, :, pos]  # (L, kv_heads, N, d)
