@@ -13,9 +13,15 @@ E_{y~q}[g_y g_y^T], g_y = d log q(y) / d cache. Per cached token and layer this 
 
 and the InfoFlow score, sinkflow's picks and the oracle's labels, then reports each signal's AUC against the
 oracle's picks and its top-budget overlap with them (as oracle_ranker.py does for the round-9 features).
+``--kl`` runs the library's selectors and the sensitivity rankings (layers 1 on, times InfoFlow's score, with and
+without sinkflow's head tokens) at 15 % on fresh development questions, teacher-forced as stale_gap.py does;
+``--cost`` times the one pass a selector would add against sinkflow's scoring and recompute.
 
     .venv/bin/python scripts/self_sensitivity.py --features /tmp/self-sensitivity   # one backward set per question
     .venv/bin/python scripts/self_sensitivity.py --features /tmp/self-sensitivity --report
+    .venv/bin/python scripts/self_sensitivity.py --kl docs/selector-study-sensitivity.jsonl --start 75 --questions 40
+    .venv/bin/python scripts/self_sensitivity.py --kl docs/selector-study-sensitivity.jsonl --summary
+    .venv/bin/python scripts/self_sensitivity.py --cost 8
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from oracle_ranker import STALE_GAP, auc  # noqa: E402
 from selector_study import DEV_END, _read  # noqa: E402
-from stale_gap import COMMON, RATIO, cache_forward, load_question, summary  # noqa: E402
+from stale_gap import COMMON, RATIO, cache_forward, load_question, variant_table  # noqa: E402
 
 from infoflow_rag.engine import Engine, query  # noqa: E402
 from infoflow_rag.engine.placement import Layout, PlacedContext  # noqa: E402
@@ -223,7 +229,7 @@ def main() -> None:
         cost(args.cost)
     elif args.kl:
         if args.summary:
-            print(summary(_read(Path(args.kl))))
+            print(variant_table(_read(Path(args.kl))))
         elif args.start + args.questions > DEV_END:
             raise SystemExit(f"questions {args.start}..{args.start + args.questions - 1} leave the dev slice 0-999")
         else:

@@ -290,8 +290,15 @@ def run(engine: Engine, start: int, questions: int, out_path: Path) -> None:
 
 
 def summary(rows: list[dict], baseline: str = "sinkflow") -> str:
+    """Markdown: :func:`variant_table`, then the passage patches and where the picks sit."""
+    by = by_name(rows, key="variant")
+    tables = [variant_table(rows, baseline), passage_summary(rows, by.get("none", {})), picks_summary(rows)]
+    return "\n\n".join(tables)
+
+
+def variant_table(rows: list[dict], baseline: str = "sinkflow") -> str:
     """Markdown: every variant with kl_answer and its CI, top1, the residual staleness, and the paired ratio
-    to ``baseline``; then the passage patches by order and by gold/distractor."""
+    to ``baseline``."""
     by = by_name(rows, key="variant")
     base = by.get(baseline, {})
     lines = [
@@ -312,7 +319,7 @@ def summary(rows: list[dict], baseline: str = "sinkflow") -> str:
             f"{100 * np.mean([r['top1'] for r in per_id.values()]):.1f} | "
             f"{np.mean([r['residual'] for r in per_id.values()]):.3f} | {cells} |"
         )
-    return "\n\n".join(["\n".join(lines), passage_summary(rows, by.get("none", {})), picks_summary(rows)])
+    return "\n".join(lines)
 
 
 def passage_summary(rows: list[dict], none: dict[str, dict]) -> str:
