@@ -2,29 +2,43 @@
 cache with full prefill's, the gradients the effect oracle and the self-sensitivity signals rest on (checked
 against finite differences), and the small helpers the tables are built from."""
 
+import importlib
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from conftest import PASSAGES, QUESTION
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
-import oracle_ranker  # noqa: E402
-import self_sensitivity  # noqa: E402
-import stale_gap  # noqa: E402
-
-from infoflow_rag.engine import Engine, query  # noqa: E402
-from infoflow_rag.engine.selection import passage_heads  # noqa: E402
-from infoflow_rag.eval.datasets import EvalExample  # noqa: E402
+from infoflow_rag.engine import Engine, query
+from infoflow_rag.engine.selection import SELECTORS, passage_heads
+from infoflow_rag.eval.datasets import EvalExample
 
 NOTHING = torch.empty(0, dtype=torch.long)
+SCRIPTS = str(Path(__file__).parent.parent / "scripts")
 
 
 @pytest.fixture(scope="module")
-def question(engine: Engine) -> stale_gap.Question:
-    q, _ = stale_gap.load_question(engine, EvalExample("t0", QUESTION, ["Canberra"], PASSAGES))
+def study():
+    """The study scripts as modules. They register their study selectors in the library's registry on import:
+    imported here rather than at collection, and the registry is put back afterwards, so no other test sees them."""
+    registered = dict(SELECTORS)
+    sys.path.insert(0, SCRIPTS)
+    try:
+        yield SimpleNamespace(
+            **{name: importlib.import_module(name) for name in ("stale_gap", "self_sensitivity", "oracle_ranker")}
+        )
+    finally:
+        sys.path.remove(SCRIPTS)
+        SELECTORS.clear()
+        SELECTORS.update(registered)
+
+
+@pytest.fixture(scope="module")
+def question(engine: Engine, study):
+    q, _ = study.stale_gap.load_question(engine, EvalExample("t0", QUESTION, ["Canberra"], PASSAGES))
     return q
 
 
@@ -37,14 +51,14 @@ def test_the_stale_cache_deviates_and_patching_every_entry_restores_full_prefill
 
 
 @torch.no_grad()
-def test_answer_kl_is_the_teacher_forced_kl_summed_over_the_answer(question):
+def test_answer_kl_is_the_teacher_forced_kl_summed_over_the_answer(question, study):
     positions = len(question.ref.answer_ids) + 1
-    stale = float(stale_gap.answer_kl(question, question.stale_k, question.stale_v))
+    stale = float(study.stale_gap.answer_kl(question, question.stale_k, question.stale_v))
     assert stale / positions == pytest.approx(question.forced(NOTHING)["kl_answer"], rel=1e-4, abs=1e-7)
-    assert float(stale_gap.answer_kl(question, question.fresh_k, question.fresh_v)) < 1e-6 * positions
+    assert float(study.stale_gap.answer_kl(question, question.fresh_k, question.fresh_v)) < 1e-6 * positions
 
 
-def _perturbed(q: stale_gap.Question, token: int, step: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _perturbed(q, token: int, step: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The stale cache moved ``step`` of the way to full's entries at one placed token, on every layer."""
     keys, values = q.stale_k.clone(), q.stale_v.clone()
     entry = q.positions[token]
@@ -53,28 +67,28 @@ def _perturbed(q: stale_gap.Question, token: int, step: float) -> tuple[torch.Te
     return keys, values
 
 
-def test_effect_attribution_is_the_directional_derivative_of_the_answer_kl(question):
-    attribution = stale_gap.effect_attribution(question, NOTHING)  # (N,)
+def test_effect_attribution_is_the_directional_derivative_of_the_answer_kl(question, study):
+    attribution = study.stale_gap.effect_attribution(question, NOTHING)  # (N,)
     token = int(attribution.abs().argmax())
     eps = 1e-2
     with torch.no_grad():
-        up, down = (float(stale_gap.answer_kl(question, *_perturbed(question, token, s))) for s in (eps, -eps))
+        up, down = (float(study.stale_gap.answer_kl(question, *_perturbed(question, token, s))) for s in (eps, -eps))
     assert (up - down) / (2 * eps) == pytest.approx(float(attribution[token]), rel=0.05)
 
 
-def test_sensitivity_is_the_squared_gradient_norm_of_the_first_token(engine, question):
+def test_sensitivity_is_the_squared_gradient_norm_of_the_first_token(engine, question, study):
     placed, layout = question.placed, question.layout
-    signals = self_sensitivity.sensitivity(engine, placed, layout)
+    signals = study.self_sensitivity.sensitivity(engine, placed, layout)
     fresh_ids, fresh_pos = query.fresh_inputs(layout)
     keys, values = placed.prompt_keys.clone(), placed.prompt_values.clone()
     with torch.no_grad():
-        greedy = int(stale_gap.cache_forward(engine.model, keys, values, fresh_ids, fresh_pos)[-1].argmax())
+        greedy = int(study.stale_gap.cache_forward(engine.model, keys, values, fresh_ids, fresh_pos)[-1].argmax())
     layer, token = 1, int(signals["top1"][1].argmax())
     entry, eps = placed.positions[token], 1e-2
 
     @torch.no_grad()
     def log_q() -> float:
-        logits = stale_gap.cache_forward(engine.model, keys, values, fresh_ids, fresh_pos)[-1].double()
+        logits = study.stale_gap.cache_forward(engine.model, keys, values, fresh_ids, fresh_pos)[-1].double()
         return float(logits.log_softmax(-1)[greedy])
 
     squared = 0.0
@@ -91,35 +105,35 @@ def test_sensitivity_is_the_squared_gradient_norm_of_the_first_token(engine, que
     assert squared == pytest.approx(float(signals["top1"][layer, token]), rel=0.05)
 
 
-def test_picks_take_the_passage_heads_first_and_keep_the_budget(question):
+def test_picks_take_the_passage_heads_first_and_keep_the_budget(question, study):
     placed = question.placed
     values = torch.arange(placed.token_ids.numel(), dtype=torch.float64)  # later tokens rank higher
     heads = passage_heads(placed, 2)
     budget = heads.numel() + 5
-    chosen = self_sensitivity.picks(placed, values, budget, sink=2)
+    chosen = study.self_sensitivity.picks(placed, values, budget, sink=2)
     assert chosen.numel() == budget and torch.equal(chosen, chosen.sort().values)
     assert set(heads.tolist()) <= set(chosen.tolist()) and bool(placed.candidate[chosen].all())
-    plain = self_sensitivity.picks(placed, values, 5)
+    plain = study.self_sensitivity.picks(placed, values, 5)
     assert plain.tolist() == placed.candidate.nonzero()[-5:, 0].tolist()
 
 
-def test_auc_orders_positives_above_negatives():
+def test_auc_orders_positives_above_negatives(study):
     labels = np.array([0, 0, 1, 0, 1, 1])
-    assert oracle_ranker.auc(np.arange(6.0), labels) == pytest.approx(8 / 9)
-    assert oracle_ranker.auc(labels.astype(float) + np.arange(6) * 1e-3, labels) == 1.0
-    assert oracle_ranker.auc(-labels.astype(float), labels) == 0.0
+    assert study.oracle_ranker.auc(np.arange(6.0), labels) == pytest.approx(8 / 9)
+    assert study.oracle_ranker.auc(labels.astype(float) + np.arange(6) * 1e-3, labels) == 1.0
+    assert study.oracle_ranker.auc(-labels.astype(float), labels) == 0.0
     rng = np.random.default_rng(0)
-    assert oracle_ranker.auc(rng.random(4000), rng.integers(0, 2, 4000)) == pytest.approx(0.5, abs=0.03)
+    assert study.oracle_ranker.auc(rng.random(4000), rng.integers(0, 2, 4000)) == pytest.approx(0.5, abs=0.03)
 
 
-def test_layer_groups_tile_every_layer_after_the_first():
+def test_layer_groups_tile_every_layer_after_the_first(study):
     for layers in (24, 30):
-        groups = stale_gap.layer_groups(layers)
-        assert len(groups) == stale_gap.LAYER_GROUPS and groups[0][0] == 1 and groups[-1][1] == layers - 1
+        groups = study.stale_gap.layer_groups(layers)
+        assert len(groups) == study.stale_gap.LAYER_GROUPS and groups[0][0] == 1 and groups[-1][1] == layers - 1
         assert all(a[1] + 1 == b[0] for a, b in zip(groups, groups[1:], strict=False))
 
 
-def test_the_one_backward_margin_pass_equals_the_collected_margin_signal(engine, question):
-    collected = self_sensitivity.sensitivity(engine, question.placed, question.layout)["margin"][1:].sum(0).sqrt()
-    one_pass = self_sensitivity.margin_sensitivity(engine, question.placed, question.layout)
+def test_the_one_backward_margin_pass_equals_the_collected_margin_signal(engine, question, study):
+    collected = study.self_sensitivity.sensitivity(engine, question.placed, question.layout)["margin"][1:].sum(0).sqrt()
+    one_pass = study.self_sensitivity.margin_sensitivity(engine, question.placed, question.layout)
     torch.testing.assert_close(one_pass.double(), collected, rtol=1e-5, atol=1e-9)
