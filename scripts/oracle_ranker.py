@@ -29,8 +29,9 @@ TRAIN = 30  # questions 0-29 fit, 30-44 test
 
 def collect(out: Path) -> None:
     """One record per stale passage token of dev questions 0-44: features, oracle label, sinkflow membership."""
+    from selector_study import token_features
+
     from infoflow_rag.engine import Engine, query
-    from infoflow_rag.engine.selection import kv_deviation
     from infoflow_rag.eval.datasets import load_hotpotqa
     from infoflow_rag.eval.runner import DEFAULT_PROMPT
 
@@ -43,29 +44,18 @@ def collect(out: Path) -> None:
         kvs = engine.prefill(ex.passages)
         prep = engine.prepare(ex.question, kvs, selector="none", template=DEFAULT_PROMPT, max_new_tokens=32)
         probe = query.probe(engine, prep.placed, prep.layout)
-        score, dev = probe.scores(engine.score_layers).float(), kv_deviation(prep.placed, probe, 1).float()
+        features = token_features(prep.placed, probe, engine.score_layers, RANKER)  # (N, len(RANKER))
         stale = [(p, s, e) for p, s, e in prep.placed.spans if bool(prep.placed.candidate[s:e].all())]
-        for k, (passage, start, end) in enumerate(stale):
-            relevance = float(score[start:end].mean())
+        for passage, start, end in stale:
+            signals = kvs[passage].signals
             for i in range(start, end):
-                offset = i - start
-                signals = kvs[passage].signals
                 records.append(
                     {
                         "q": number,
                         "label": int(i in oracle[ex.id]),
                         "sink": int(i in sinkflow[ex.id]),
-                        "features": [
-                            float(np.log(float(score[i]) + 1e-6)),
-                            float(np.log(float(dev[i]) + 1e-9)),
-                            float(offset < 8),
-                            float(np.log1p(offset)),
-                            offset / max(end - start - 1, 1),
-                            float(np.log(relevance + 1e-6)),
-                            len(stale) - k,
-                            float(signals["entropy"][offset]),
-                            float(signals["evolution"][offset]),
-                        ],
+                        "features": features[i].tolist()
+                        + [float(signals["entropy"][i - start]), float(signals["evolution"][i - start])],
                     }
                 )
         print(number, flush=True)

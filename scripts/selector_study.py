@@ -156,7 +156,8 @@ class LastRowsSinkFlow(SinkFlowSelector):
 def token_features(placed: PlacedContext, probe: Probe, layers: list[int], names: tuple[str, ...]) -> torch.Tensor:
     """(N, len(names)) per placed token (0 outside recomputable passages): InfoFlow's score, CacheBlend's layer-1
     deviation, whether it is among its passage's first 8 tokens, its offset and relative offset in the passage,
-    the passage's mean score, and the passage's distance from the question (1: next to it)."""
+    the passage's mean score, and the passage's distance from the question (1: next to it). The logs are taken
+    of x + a small floor (a zero score stays finite): oracle_ranker.py fits the ranker on these very columns."""
     score = probe.scores(layers).double()
     n = placed.token_ids.numel()
     columns = {name: torch.zeros(n, dtype=torch.float64) for name in names}
@@ -167,16 +168,16 @@ def token_features(placed: PlacedContext, probe: Probe, layers: list[int], names
             "head8": (offset < 8).double(),
             "log1p off": offset.log1p(),
             "reloff": offset / max(end - start - 1, 1),
-            "log passage rel": torch.full_like(offset, float(score[start:end].mean().clamp_min(1e-6).log())),
+            "log passage rel": torch.full_like(offset, float((score[start:end].mean() + 1e-6).log())),
             "from_q": torch.full_like(offset, float(len(spans) - k)),
         }
         for name, values in parts.items():
             if name in columns:
                 columns[name][start:end] = values
     if "log score" in columns:
-        columns["log score"] = score.clamp_min(1e-6).log()
+        columns["log score"] = (score + 1e-6).log()
     if "log dev1" in columns:
-        columns["log dev1"] = kv_deviation(placed, probe, 1).double().clamp_min(1e-9).log()
+        columns["log dev1"] = (kv_deviation(placed, probe, 1).double() + 1e-9).log()
     return torch.stack([columns[name] for name in names], dim=1)
 
 
