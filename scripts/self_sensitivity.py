@@ -42,7 +42,7 @@ from stale_gap import COMMON, RATIO, cache_forward, load_question, variant_table
 
 from infoflow_rag.engine import Engine, query  # noqa: E402
 from infoflow_rag.engine.placement import Layout, PlacedContext  # noqa: E402
-from infoflow_rag.engine.selection import passage_heads, ratio_budget, top_candidates  # noqa: E402
+from infoflow_rag.engine.selection import Probe, SinkFlowSelector, ratio_budget  # noqa: E402
 from infoflow_rag.eval.datasets import load_hotpotqa  # noqa: E402
 from infoflow_rag.eval.runner import DEFAULT_PROMPT  # noqa: E402
 
@@ -134,15 +134,18 @@ def collect(out: Path) -> None:
         label, sink = np.zeros(n, bool), np.zeros(n, bool)
         label[oracle[ex.id]], sink[sinkflow[ex.id]] = True, True
         arrays = {name: signals[name].float().numpy() for name in SIGNALS}
-        np.savez(
-            path,
-            **arrays,
-            q_top=signals["q_top"].numpy(),
-            score=probe.scores(engine.score_layers).float().numpy(),
-            candidate=prep.placed.candidate.numpy(),
-            label=label,
-            sink=sink,
-        )
+        part = out / f"{number:03d}.npz.part"  # renamed when whole: a kill leaves no truncated .npz to resume past
+        with part.open("wb") as file:
+            np.savez(
+                file,
+                **arrays,
+                q_top=signals["q_top"].numpy(),
+                score=probe.scores(engine.score_layers).float().numpy(),
+                candidate=prep.placed.candidate.numpy(),
+                label=label,
+                sink=sink,
+            )
+        part.replace(path)
         print(number, flush=True)
 
 
@@ -150,6 +153,8 @@ def report(features: Path) -> None:
     """Each signal's AUC against the oracle's picks over the candidate tokens, and the mean share of the oracle's
     picks among each question's top-(oracle budget) tokens by the signal."""
     files = sorted(features.glob("*.npz"))
+    if not files:
+        raise SystemExit(f"no features in {features}: collect them first (--features {features}, without --report)")
     per_question = [dict(np.load(f)) for f in files]
     ranked: dict[str, list[np.ndarray]] = {}
     labels = []
@@ -180,14 +185,15 @@ def report(features: Path) -> None:
 
 LIBRARY = ("infoflow", "sinkflow", "cacheblend", "epic")
 SINK = 8  # sinkflow's default
+RANKED = ("fisher", "margin")  # the signals the kl run ranks by
+LAST_VARIANT = f"sink{SINK}+{RANKED[-1]}×score"  # written last: a question with its row on file is complete
 
 
 def picks(placed: PlacedContext, values: torch.Tensor, budget: int, sink: int = 0) -> torch.Tensor:
-    """(budget,) sorted: the first ``sink`` tokens of every stale passage (as sinkflow), the rest by ``values``."""
-    first = passage_heads(placed, sink)[:budget]
-    rest = placed.candidate.clone()
-    rest[first] = False
-    return torch.cat([first, top_candidates(values, rest, budget - first.numel())]).sort().values
+    """(budget,) sorted: the library's sinkflow (the first ``sink`` tokens of every stale passage, then the top
+    of a ranking), ranking by ``values`` instead of InfoFlow's score."""
+    ranking = Probe(question_scores=lambda layers, heads: values, layer_kv=None)  # only the ranking is read
+    return SinkFlowSelector(sink=sink, layers=[0]).select(placed, budget, ranking)
 
 
 def kl_run(start: int, questions: int, out_path: Path) -> None:
@@ -196,14 +202,14 @@ def kl_run(start: int, questions: int, out_path: Path) -> None:
     done = {(r["id"], r["variant"]) for r in _read(out_path)}
     with out_path.open("a", encoding="utf-8") as out:
         for number, ex in enumerate(load_hotpotqa("passage", start=start, limit=questions), start=1):
-            if (ex.id, "sink8+margin×score") in done:  # the last variant: the question is complete
+            if (ex.id, LAST_VARIANT) in done:
                 continue
             q, kvs = load_question(engine, ex)
             budget = ratio_budget(q.placed, RATIO)
             chosen = {m: engine.prepare(ex.question, kvs, selector=m, ratio=RATIO, **COMMON).chosen for m in LIBRARY}
             signals = sensitivity(engine, q.placed, q.layout)
             score = query.probe(engine, q.placed, q.layout).scores(engine.score_layers).double()
-            for name in ("fisher", "margin"):
+            for name in RANKED:
                 ranked = signals[name][1:].sum(0).sqrt() * score  # (N,); layer 0 is never stale: left out
                 chosen[f"{name}×score"] = picks(q.placed, ranked, budget)
                 chosen[f"sink{SINK}+{name}×score"] = picks(q.placed, ranked, budget, SINK)
@@ -225,7 +231,9 @@ def main() -> None:
     parser.add_argument("--start", type=int, default=45)
     parser.add_argument("--questions", type=int, default=30)
     args = parser.parse_args()
-    if args.cost:
+    if args.cost is not None:
+        if not 1 <= args.cost <= DEV_END:
+            raise SystemExit(f"--cost {args.cost}: time 1 to {DEV_END} development questions (0 on)")
         cost(args.cost)
     elif args.kl:
         if args.summary:
