@@ -99,8 +99,9 @@ def test_bench_ttft_prints_each_context_when_it_is_done(model_dir, capsys):
     assert main([*bench, "--repeats", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert sum(line.startswith("| context |") for line in lines) == 1  # one table, continued per context
-    contexts = [int(line.split("|")[1]) for line in lines[2:]]
+    contexts = [int(line.split("|")[1]) for line in lines[2:-1]]
     assert len(contexts) == 6 and contexts[0] == contexts[2] < contexts[3] == contexts[5]  # prefill + 2 methods
+    assert lines[-1].startswith("machine: ") and "during the" in lines[-1]  # how busy the machine was, last
 
     assert main([*bench, "--repeats", "1", "--json"]) == 0
     captured = capsys.readouterr()
@@ -108,6 +109,7 @@ def test_bench_ttft_prints_each_context_when_it_is_done(model_dir, capsys):
     assert progress == ["context 800: done (1/2)", "context 2000: done (2/2)"]
     report = json.loads(captured.out)
     assert len(report["rows"]) == 6 and report["complete"] is True
+    assert report["machine"]["cpus"] >= 1 and report["machine"]["wall_s"] > 0
 
 
 def test_bench_ttft_json_keeps_the_finished_contexts_of_a_run_cut_short(model_dir, capsys, monkeypatch):
@@ -126,7 +128,18 @@ def test_bench_ttft_json_keeps_the_finished_contexts_of_a_run_cut_short(model_di
         main([*bench, "--json"])
     report = json.loads(capsys.readouterr().out)
     assert report["complete"] is False and len(report["rows"]) == 2  # context 800: prefill + none
+    assert report["machine"]["wall_s"] > 0  # the watch closed with the run cut short
     assert {row["context_tokens"] for row in report["rows"]} == {report["rows"][0]["context_tokens"]}
+
+
+def test_bench_prefill_says_how_busy_the_machine_was_in_both_forms(model_dir, capsys):
+    bench = ["bench", "prefill", "--model", model_dir, "--tokens", "800", "--repeats", "1"]
+    assert main(bench) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "without signals" in lines[-2] and lines[-1].startswith("machine: ")
+    assert main([*bench, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["runs"] == 1 and report["machine"]["torch_threads"] >= 1
 
 
 def test_bench_ttft_refuses_a_context_too_small_for_one_passage(model_dir, capsys):

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..machine import MachineWatch
 from .options import load_engine
 
 
@@ -15,10 +16,12 @@ def cmd_bench_store(args: argparse.Namespace) -> int:
 
     from ..bench import bench_store
 
-    with tempfile.TemporaryDirectory(dir=args.dir) as directory:
-        rows = bench_store(load_engine(args.model), directory, n_passages=args.passages)
+    engine = load_engine(args.model)
+    with tempfile.TemporaryDirectory(dir=args.dir) as directory, MachineWatch() as watch:
+        rows = bench_store(engine, directory, n_passages=args.passages)
     if args.json:
-        print(json.dumps({"model": args.model, "rows": [r.to_dict() for r in rows]}, indent=2))
+        report = {"model": args.model, "machine": watch.report.to_dict(), "rows": [r.to_dict() for r in rows]}
+        print(json.dumps(report, indent=2))
         return 0
     print("| storage dtype | bytes/token | warm load GB/s | ms/passage | max first-token logit diff | same answer |")
     print("|---|---:|---:|---:|---:|---|")
@@ -27,6 +30,7 @@ def cmd_bench_store(args: argparse.Namespace) -> int:
             f"| {r.dtype} | {r.bytes_per_token:.0f} | {r.load_gb_s:.2f} | {r.load_ms_per_passage:.2f} | "
             f"{r.max_logit_diff:.2e} | {'yes' if r.same_answer else 'no'} |"
         )
+    print(watch.report.line())
     return 0
 
 
@@ -35,15 +39,18 @@ def cmd_bench_prefill(args: argparse.Namespace) -> int:
 
     if args.tokens < 64:
         raise ValueError(f"--tokens must be >= 64, got {args.tokens}")
-    row = bench_prefill(load_engine(args.model), n_tokens=args.tokens, repeats=args.repeats)
+    engine = load_engine(args.model)
+    with MachineWatch() as watch:
+        row = bench_prefill(engine, n_tokens=args.tokens, repeats=args.repeats)
     if args.json:
-        print(json.dumps({"model": args.model, **row.to_dict()}, indent=2))
+        print(json.dumps({"model": args.model, **row.to_dict(), "machine": watch.report.to_dict()}, indent=2))
         return 0
     print(
         f"{row.passages} passages, {row.tokens} tokens: prefill {row.plain_s:.2f} s without signals, "
         f"{row.signals_s:.2f} s recording entropy + layer evolution (+{100 * row.overhead:.0f} %), "
         f"median of {row.runs}"
     )
+    print(watch.report.line())
     return 0
 
 
@@ -54,20 +61,26 @@ def cmd_bench_ttft(args: argparse.Namespace) -> int:
     methods = tuple(args.methods.split(","))
     engine = load_engine(args.model)
     rows, finished = [], 0
+    watch = MachineWatch()
     # One context at a time, each printed when done: a long run shows its figures as it goes, and a run cut
-    # short (an error, Ctrl-C) still prints the JSON of the contexts it finished, marked incomplete.
+    # short (an error, Ctrl-C) still prints the JSON of the contexts it finished, marked incomplete. How busy
+    # the machine was comes last, in both forms: the figures are only as good as the machine was quiet.
     try:
-        for n_tokens in contexts:
-            done = bench_ttft(engine, [n_tokens], ratio=args.ratio, methods=methods, repeats=args.repeats)
-            rows, finished = rows + done, finished + 1
-            if args.json:
-                print(f"context {n_tokens}: done ({finished}/{len(contexts)})", file=sys.stderr, flush=True)
-            else:
-                print(format_table(done, header=finished == 1), flush=True)
+        with watch:
+            for n_tokens in contexts:
+                done = bench_ttft(engine, [n_tokens], ratio=args.ratio, methods=methods, repeats=args.repeats)
+                rows, finished = rows + done, finished + 1
+                if args.json:
+                    print(f"context {n_tokens}: done ({finished}/{len(contexts)})", file=sys.stderr, flush=True)
+                else:
+                    print(format_table(done, header=finished == 1), flush=True)
     finally:
         if args.json:
             report = {"model": args.model, "ratio": args.ratio, "complete": finished == len(contexts)}
+            report["machine"] = watch.report.to_dict()
             print(json.dumps({**report, "rows": [r.to_dict() for r in rows]}, indent=2), flush=True)
+        else:
+            print(watch.report.line(), flush=True)
     return 0
 
 
