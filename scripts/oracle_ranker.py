@@ -32,6 +32,7 @@ def collect(out: Path) -> None:
     from selector_study import token_features
 
     from infoflow_rag.engine import Engine, query
+    from infoflow_rag.engine.selection import recomputable_passages
     from infoflow_rag.eval.datasets import load_hotpotqa
     from infoflow_rag.eval.runner import DEFAULT_PROMPT
 
@@ -45,7 +46,7 @@ def collect(out: Path) -> None:
         prep = engine.prepare(ex.question, kvs, selector="none", template=DEFAULT_PROMPT, max_new_tokens=32)
         probe = query.probe(engine, prep.placed, prep.layout)
         features = token_features(prep.placed, probe, engine.score_layers, RANKER)  # (N, len(RANKER))
-        stale = [(p, s, e) for p, s, e in prep.placed.spans if bool(prep.placed.candidate[s:e].all())]
+        stale = recomputable_passages(prep.placed)
         for passage, start, end in stale:
             signals = kvs[passage].signals
             for i in range(start, end):

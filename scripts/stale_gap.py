@@ -59,7 +59,12 @@ from selector_study import (  # noqa: E402
 from infoflow_rag.engine import Engine, query, recompute  # noqa: E402
 from infoflow_rag.engine.cache import SlottedLayer, position_mask, stacked  # noqa: E402
 from infoflow_rag.engine.placement import Layout, PlacedContext  # noqa: E402
-from infoflow_rag.engine.selection import SinkFlowSelector, ratio_budget, top_candidates  # noqa: E402
+from infoflow_rag.engine.selection import (  # noqa: E402
+    SinkFlowSelector,
+    ratio_budget,
+    recomputable_passages,
+    top_candidates,
+)
 from infoflow_rag.eval import fidelity  # noqa: E402
 from infoflow_rag.eval.datasets import EvalExample, load_hotpotqa  # noqa: E402
 from infoflow_rag.eval.runner import DEFAULT_PROMPT  # noqa: E402
@@ -109,7 +114,7 @@ class Question:
     @property
     def stale_passages(self) -> list[tuple[int, int, int]]:
         """(passage index, start, end) into the placed tokens of every passage that may be recomputed."""
-        return [(p, s, e) for p, s, e in self.placed.spans if bool(self.placed.candidate[s:e].all())]
+        return recomputable_passages(self.placed)
 
     @functools.cached_property
     def stale_total(self) -> float:

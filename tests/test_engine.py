@@ -11,7 +11,7 @@ from infoflow_rag.engine import Engine
 from infoflow_rag.engine.attention import grouped_attention
 from infoflow_rag.engine.check import rotation_error
 from infoflow_rag.engine.prompt import DEFAULT_QUESTION_TEMPLATE
-from infoflow_rag.engine.selection import DEFAULT_RATIO, SELECTORS
+from infoflow_rag.engine.selection import DEFAULT_RATIO, SELECTORS, recomputable_passages, recomputable_spans
 from infoflow_rag.errors import UnsupportedModelError
 
 
@@ -122,6 +122,14 @@ def test_selectors_spend_exactly_their_budget(engine, name, ratio):
     assert torch.equal(prep.chosen, prep.chosen.unique())  # sorted, no repeats
     first_start, first_end = prep.placed.spans[0][1:]
     assert not ((prep.chosen >= first_start) & (prep.chosen < first_end)).any(), "first passage is exact"
+
+
+def test_recomputable_passages_leave_out_the_exact_first_one_and_keep_passage_indices(engine):
+    placed = engine.prepare(QUESTION, engine.prefill(PASSAGES), selector="none").placed
+    passages = recomputable_passages(placed)
+    assert [p for p, _, _ in passages] == list(range(1, len(PASSAGES)))  # passage 0 sits at its own positions
+    assert passages == [span for span in placed.spans if span[0] != 0]
+    assert recomputable_spans(placed) == [(s, e) for _, s, e in passages]
 
 
 def test_none_and_full_budgets(engine):

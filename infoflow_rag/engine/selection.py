@@ -98,9 +98,15 @@ class InfoFlowSelector(Selector):
         return top_candidates(probe.scores(self.layers, self.heads), placed.candidate, budget)
 
 
+def recomputable_passages(placed: PlacedContext) -> list[tuple[int, int, int]]:
+    """(passage index, start, end) into the placed tokens of every passage that may be recomputed (exact
+    passages, such as the first one when it is cached at its own positions, are not)."""
+    return [(p, start, end) for p, start, end in placed.spans if bool(placed.candidate[start:end].all())]
+
+
 def recomputable_spans(placed: PlacedContext) -> list[tuple[int, int]]:
-    """(start, end) into the placed tokens of every passage that may be recomputed (exact passages are not)."""
-    return [(start, end) for _, start, end in placed.spans if bool(placed.candidate[start:end].all())]
+    """(start, end) of every passage that may be recomputed."""
+    return [(start, end) for _, start, end in recomputable_passages(placed)]
 
 
 def passage_heads(placed: PlacedContext, k: int | Callable[[int], int]) -> torch.Tensor:
