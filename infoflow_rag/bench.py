@@ -45,6 +45,7 @@ class BenchRow:
     score_gflop_s: float  # achieved FLOP rate of the scoring pass (nan when there is none)
     recompute_gflop_s: float  # achieved FLOP rate of the recompute (for full prefill: of the whole prefill)
     mean_position: float  # of the recomputed context tokens in the prompt: 0 = its start, 1 = its end
+    times_s: list[float]  # every timed run, in run order: how much the median hides (JSON only)
 
     @property
     def of_ceiling(self) -> float:
@@ -149,6 +150,7 @@ def bench_ttft(
                 nan,
                 _rate(full_flops, [reference]),
                 nan,
+                ttft["prefill"],
             )
         )
         for method in methods:
@@ -166,6 +168,7 @@ def bench_ttft(
                     _rate(cost.scoring_flops, score_s[method]) if cost.scoring_flops else nan,
                     _rate(cost.recompute_flops, recompute_s[method]),
                     cost.mean_relative_position,
+                    ttft[method],
                 )
             )
     return rows

@@ -110,6 +110,7 @@ def test_bench_ttft_prints_each_context_when_it_is_done(model_dir, capsys):
     report = json.loads(captured.out)
     assert len(report["rows"]) == 6 and report["complete"] is True
     assert report["machine"]["cpus"] >= 1 and report["machine"]["wall_s"] > 0
+    assert all(len(row["times_s"]) == 1 and row["times_s"][0] > 0 for row in report["rows"])  # --repeats 1
 
 
 def test_bench_ttft_json_keeps_the_finished_contexts_of_a_run_cut_short(model_dir, capsys, monkeypatch):

@@ -83,6 +83,7 @@ def test_bench_reports_each_methods_ceiling_and_flop_rates(engine):
     assert rows["cacheblend"].score_gflop_s > 0 and rows["infoflow"].score_gflop_s > 0
     assert all(0 <= rows[m].mean_position <= 1 for m in ("infoflow", "cacheblend", "epic"))
     assert all(r.of_ceiling == r.speedup / r.ceiling for r in rows.values())
+    assert all(len(r.times_s) == 1 and r.ttft_s == r.times_s[0] for r in rows.values())  # the median of its runs
     table = format_table(list(rows.values()))
     assert "| ceiling | of ceiling |" in table and "| – |" in table
 
