@@ -112,7 +112,7 @@ def bench_ttft(
         question, texts = build_context(engine, n_tokens)
         kvs = engine.prefill(texts)  # offline work: never part of TTFT
         ids = engine.prompt_ids(question, texts)
-        options = {m: _options(m, ratio) for m in methods}
+        options = {m: bench_options(m, ratio) for m in methods}
         costs = {m: method_cost(engine, engine.prepare(question, kvs, **options[m])) for m in methods}
         ttft: dict[str, list[float]] = {m: [] for m in ("prefill", *methods)}
         share: dict[str, list[float]] = {m: [] for m in methods}
@@ -174,10 +174,12 @@ def bench_ttft(
     return rows
 
 
-def _options(method: str, ratio: float) -> dict:
+def bench_options(method: str, ratio: float) -> dict:
     """A bench method name (a selector, ``+reorder`` for the reordered variant) as query options."""
-    selector, _, flag = method.partition("+")
-    return {"selector": selector, "ratio": ratio, "reorder": flag == "reorder"}
+    selector, plus, flag = method.partition("+")
+    if plus and flag != "reorder":
+        raise ValueError(f"bench method {method!r}: the only variant is +reorder, e.g. infoflow+reorder")
+    return {"selector": selector, "ratio": ratio, "reorder": bool(plus)}
 
 
 def _rate(flops: float, seconds: list[float]) -> float:

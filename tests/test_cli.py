@@ -143,6 +143,31 @@ def test_bench_prefill_says_how_busy_the_machine_was_in_both_forms(model_dir, ca
     assert report["runs"] == 1 and report["machine"]["torch_threads"] >= 1
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--methods", "infoflow,bogus"], "unknown selector 'bogus'"),
+        (["--methods", "infoflow+tail"], "the only variant is +reorder"),
+        (["--ratio", "1.5"], "ratio must be in (0, 1], got 1.5"),
+        (["--repeats", "0"], "--repeats: expected an integer >= 1, got '0'"),
+    ],
+)
+def test_bench_ttft_names_a_bad_flag_before_loading_the_model(flags, message, capsys, monkeypatch):
+    import infoflow_rag.cli.evaluation
+
+    def no_model(name):
+        raise AssertionError("the model loaded before the flags were checked")
+
+    monkeypatch.setattr(infoflow_rag.cli.evaluation, "load_engine", no_model)
+    try:
+        code = main(["bench", "ttft", "--context", "800", *flags])
+    except SystemExit as exit_:  # argparse's own errors exit; ours return
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "machine:" not in err
+
+
 def test_bench_ttft_refuses_a_context_too_small_for_one_passage(model_dir, capsys):
     assert main(["bench", "ttft", "--model", model_dir, "--context", "64", "--methods", "none", "--repeats", "1"]) == 2
     assert "no passage fits in 64 tokens" in capsys.readouterr().err

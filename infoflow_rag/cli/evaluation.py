@@ -55,10 +55,13 @@ def cmd_bench_prefill(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_ttft(args: argparse.Namespace) -> int:
-    from ..bench import bench_ttft, format_table
+    from ..bench import bench_options, bench_ttft, format_table
+    from ..engine.options import QueryOptions
 
     contexts = _token_counts(args.context, "--context", minimum=64)
     methods = tuple(args.methods.split(","))
+    for method in methods:  # a typo or a bad ratio fails before the model loads
+        QueryOptions(**bench_options(method, args.ratio))
     engine = load_engine(args.model)
     rows, finished = [], 0
     watch = MachineWatch()
@@ -79,7 +82,7 @@ def cmd_bench_ttft(args: argparse.Namespace) -> int:
             report = {"model": args.model, "ratio": args.ratio, "complete": finished == len(contexts)}
             report["machine"] = watch.report.to_dict()
             print(json.dumps({**report, "rows": [r.to_dict() for r in rows]}, indent=2), flush=True)
-        else:
+        elif finished:  # after an error before any figure, the machine line would only bury the message
             print(watch.report.line(), flush=True)
     return 0
 
