@@ -254,10 +254,19 @@ def test_5_top_k_is_bounded_by_the_index_size(indexed):
     assert len(indexed.retrieve(QUESTION, top_k=2_000_000_000)) == len(PASSAGES)
 
 
-@pytest.mark.parametrize("flag", ["--batch-size", "--top-k"])
+COUNT_FLAGS = [
+    (["ingest", "src", "--index", "i"], "--batch-size"),
+    (["ask", "q", "--index", "i"], "--top-k"),
+    (["eval", "run"], "--limit"),
+    (["bench", "ttft"], "--repeats"),
+    (["bench", "prefill"], "--repeats"),
+    (["bench", "store"], "--passages"),
+]
+
+
+@pytest.mark.parametrize(("command", "flag"), COUNT_FLAGS)
 @pytest.mark.parametrize("value", ["0", "-1", "many"])
-def test_5_counts_below_one_are_refused_by_the_cli(flag, value, capsys):
-    command = ["ingest", "src", "--index", "i"] if flag == "--batch-size" else ["ask", "q", "--index", "i"]
+def test_5_counts_below_one_are_refused_by_the_cli(command, flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([*command, flag, value])
     assert exit_info.value.code == 2 and "expected an integer >= 1" in capsys.readouterr().err

@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--chunk-tokens", type=int, default=128, help="passage size in tokens of the hotpotqa-fixed and niah sets"
     )
     p.add_argument("--start", type=int, default=0, help="first question (hotpotqa, squad)")
-    p.add_argument("--limit", type=int, default=20, help="number of questions (hotpotqa, squad)")
+    p.add_argument("--limit", type=positive_int, default=20, help="number of questions (hotpotqa, squad)")
     p.add_argument("--lengths", default="1000,2000,4000", help="niah: haystack sizes in tokens")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="niah: needle depths (0 = start, 1 = end)")
     p.add_argument(
