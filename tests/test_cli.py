@@ -170,3 +170,14 @@ def test_bench_ttft_names_a_bad_flag_before_loading_the_model(flags, message, ca
 def test_bench_ttft_refuses_a_context_too_small_for_one_passage(model_dir, capsys):
     assert main(["bench", "ttft", "--model", model_dir, "--context", "64", "--methods", "none", "--repeats", "1"]) == 2
     assert "no passage fits in 64 tokens" in capsys.readouterr().err
+
+
+def test_a_json_flag_that_does_not_parse_says_what_is_wrong_and_where(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["ask", "q", "--index", "i", "--json-schema", "{bad"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "--json-schema: not valid JSON (Expecting property name enclosed in double quotes at character 1)" in err
+    assert build_parser().parse_args(
+        ["ask", "q", "--index", "i", "--json-schema", '{"type": "object"}']
+    ).json_schema == {"type": "object"}

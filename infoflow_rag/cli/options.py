@@ -24,9 +24,21 @@ def add_option_flags(parser: argparse.ArgumentParser, what: str = "") -> None:
         if field.annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif any(dict in (kind, get_origin(kind)) for kind in (field.annotation, *get_args(field.annotation))):
-            parser.add_argument(flag, type=json.loads, default=None, metavar="JSON", help=help_text)
+            parser.add_argument(flag, type=json_text, default=None, metavar="JSON", help=help_text)
         else:  # numbers and names reach QueryOptions as written: it parses and checks them
             parser.add_argument(flag, default=None, metavar=_metavar(field.annotation), help=help_text)
+
+
+def json_text(text: str) -> Any:
+    """A flag's JSON value; what is wrong with it, and where, if it does not parse (argparse alone says only
+    'invalid loads value')."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(
+            f"not valid JSON ({err.msg} at character {err.pos}): {text!r}; quote it for the shell, e.g. "
+            """'{"type": "object"}'"""
+        ) from None
 
 
 def query_options(args: argparse.Namespace) -> QueryOptions:
