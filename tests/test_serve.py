@@ -202,6 +202,15 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, bod
     assert chat(client).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "words"),
+    [("selector", "magic", "unknown selector 'magic'"), ("ratio", 5, "ratio must be in (0, 1], got 5.0")],
+)
+def test_a_bad_query_option_is_named_in_the_errors_param(client, option, value, words):
+    error = chat(client, **{option: value}).json()["error"]
+    assert (error["param"], error["code"]) == (option, "invalid_value") and words in error["message"]
+
+
 def test_ignores_unknown_fields_and_accepts_neutral_values_of_unsupported_ones(client):
     response = chat(client, user="u1", seed=3, top_p=0.9, logprobs=False, tool_choice="none", some_future_field=1)
     assert response.status_code == 200

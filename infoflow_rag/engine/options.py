@@ -27,7 +27,12 @@ from .selection import DEFAULT_RATIO, SELECTORS, make_selector, validate_selecto
 
 
 class InvalidOptionError(InfoFlowError, ValueError):
-    """A query option has a value no stage accepts; the message names the value and what to send instead."""
+    """A query option has a value no stage accepts; the message names the value and what to send instead, and
+    ``option`` names the option at fault where one is (the server's ``param``)."""
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
 
 
 def validate_ratio(ratio: float) -> float:
@@ -148,7 +153,7 @@ class QueryOptions(OptionFields):
         try:
             super().__init__(**options)
         except ValidationError as err:
-            raise InvalidOptionError(describe(err)) from None
+            raise InvalidOptionError(describe(err), option=first_option(err)) from None
 
     @field_validator("selector_options", "compress_options", "json_schema", mode="after")
     @classmethod
@@ -195,6 +200,11 @@ def fixed_ratio(selector: str) -> float | None:
 def split_overrides(options: QueryOptions | None, overrides: dict[str, Any]) -> tuple[QueryOptions, dict[str, Any]]:
     """``options`` (default: the defaults) with the option-named ``overrides`` applied, and the other overrides."""
     return (options or DEFAULT_OPTIONS).split(overrides)
+
+
+def first_option(err: ValidationError) -> str | None:
+    """The option the first field error is about (None when only a check across options failed)."""
+    return next((str(e["loc"][0]) for e in err.errors() if e.get("loc")), None)
 
 
 def describe(err: ValidationError) -> str:

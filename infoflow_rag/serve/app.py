@@ -169,7 +169,7 @@ def _query_options(body: CommonRequest, settings: ServerSettings) -> QueryOption
     try:
         return settings.options.replace(**body.option_overrides())
     except InvalidOptionError as err:
-        raise APIError(400, str(err), code="invalid_value") from None
+        raise APIError(400, str(err), param=err.option, code="invalid_value") from None
 
 
 def _generation(body: CommonRequest, settings: ServerSettings, context_window: int) -> dict:
