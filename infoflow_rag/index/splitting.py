@@ -145,7 +145,7 @@ def _not_utf8(where: str, error: UnicodeDecodeError, strict: bool) -> None:
     problem = f"{where} is not UTF-8 (byte 0x{error.object[error.start]:02x} at offset {error.start})"
     if strict:
         raise ValueError(f"{problem}; convert it to UTF-8 or drop --strict-utf8 to skip it")
-    logger.warning("skipping %s; convert it to UTF-8 to ingest it", problem)
+    logger.warning("skipped: %s; convert it to UTF-8 to ingest it", problem)
 
 
 def _read_text(path: Path, doc_id: str, strict_utf8: bool) -> Document | None:
