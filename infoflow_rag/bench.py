@@ -36,23 +36,29 @@ BENCH_METHODS = ("full", "infoflow", "infoflow+reorder", "cacheblend", "epic", "
 class BenchRow:
     context_tokens: int
     method: str
-    ttft_s: float  # median
+    times_s: list[float]  # every timed TTFT, in run order (the table shows their median)
     speedup: float  # median full-prefill TTFT / median method TTFT
     score_share: float  # median share of TTFT spent scoring (InfoFlow attention / CacheBlend check layer)
     recompute_fraction: float
-    runs: int
     ceiling: float  # the speedup this method's FLOPs allow (full prefill FLOPs / scoring + recompute FLOPs)
     score_gflop_s: float  # achieved FLOP rate of the scoring pass (nan when there is none)
     recompute_gflop_s: float  # achieved FLOP rate of the recompute (for full prefill: of the whole prefill)
     mean_position: float  # of the recomputed context tokens in the prompt: 0 = its start, 1 = its end
-    times_s: list[float]  # every timed run, in run order: how much the median hides (JSON only)
+
+    @property
+    def ttft_s(self) -> float:
+        return statistics.median(self.times_s)
+
+    @property
+    def runs(self) -> int:
+        return len(self.times_s)
 
     @property
     def of_ceiling(self) -> float:
         return self.speedup / self.ceiling
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "of_ceiling": self.of_ceiling}
+        return {**asdict(self), "ttft_s": self.ttft_s, "runs": self.runs, "of_ceiling": self.of_ceiling}
 
 
 def method_cost(engine: Engine, prep: Prepared) -> Cost:
@@ -107,6 +113,7 @@ def bench_ttft(
     methods: tuple[str, ...] = BENCH_METHODS,
     repeats: int = 3,
 ) -> list[BenchRow]:
+    _check_repeats(repeats)
     rows = []
     for n_tokens in contexts:
         question, texts = build_context(engine, n_tokens)
@@ -141,34 +148,30 @@ def bench_ttft(
             BenchRow(
                 context,
                 "full prefill",
-                reference,
-                1.0,
-                0.0,
-                1.0,
-                repeats,
-                1.0,
-                nan,
-                _rate(full_flops, [reference]),
-                nan,
-                ttft["prefill"],
+                times_s=ttft["prefill"],
+                speedup=1.0,
+                score_share=0.0,
+                recompute_fraction=1.0,
+                ceiling=1.0,
+                score_gflop_s=nan,
+                recompute_gflop_s=_rate(full_flops, [reference]),
+                mean_position=nan,
             )
         )
         for method in methods:
-            median, cost = statistics.median(ttft[method]), costs[method]
+            cost = costs[method]
             rows.append(
                 BenchRow(
                     context,
                     method,
-                    median,
-                    reference / median,
-                    statistics.median(share[method]),
-                    fraction[method],
-                    repeats,
-                    cost.ceiling,
-                    _rate(cost.scoring_flops, score_s[method]) if cost.scoring_flops else nan,
-                    _rate(cost.recompute_flops, recompute_s[method]),
-                    cost.mean_relative_position,
-                    ttft[method],
+                    times_s=ttft[method],
+                    speedup=reference / statistics.median(ttft[method]),
+                    score_share=statistics.median(share[method]),
+                    recompute_fraction=fraction[method],
+                    ceiling=cost.ceiling,
+                    score_gflop_s=_rate(cost.scoring_flops, score_s[method]) if cost.scoring_flops else nan,
+                    recompute_gflop_s=_rate(cost.recompute_flops, recompute_s[method]),
+                    mean_position=cost.mean_relative_position,
                 )
             )
     return rows
@@ -180,6 +183,11 @@ def bench_options(method: str, ratio: float) -> dict:
     if plus and flag != "reorder":
         raise ValueError(f"bench method {method!r}: the only variant is +reorder, e.g. infoflow+reorder")
     return {"selector": selector, "ratio": ratio, "reorder": bool(plus)}
+
+
+def _check_repeats(repeats: int) -> None:
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1 (the timed runs a median is taken of), got {repeats}")
 
 
 def _rate(flops: float, seconds: list[float]) -> float:
@@ -228,6 +236,7 @@ class PrefillRow:
 
 def bench_prefill(engine: Engine, n_tokens: int = 4096, repeats: int = 3) -> PrefillRow:
     """Passage prefill with and without InfoKV's signals, interleaved on the same passages; medians."""
+    _check_repeats(repeats)
     _, texts = build_context(engine, n_tokens)
     times: dict[bool, list[float]] = {False: [], True: []}
     recording = engine.record_signals
@@ -263,6 +272,8 @@ def bench_store(engine: Engine, directory: str, n_passages: int = 40, repeats: i
     from pathlib import Path
 
     from .store import CacheKey, DiskKVStore
+
+    _check_repeats(repeats)
 
     question, texts = build_context(engine, 10**9)
     texts = texts[:n_passages]

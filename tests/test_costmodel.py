@@ -101,3 +101,15 @@ def test_method_cost_counts_the_tokens_the_recompute_runs(engine):
         fresh = sorted(set(range(n_prompt)) - set(placed.positions.tolist()))
         inputs = torch.tensor(sorted(placed.positions[prep.chosen].tolist() + fresh))
         assert method_cost(engine, prep).recompute_flops == recompute_flops(shape, inputs), selector
+
+
+def test_every_bench_refuses_fewer_than_one_timed_run(engine, tmp_path):
+    from infoflow_rag.bench import bench_prefill, bench_store, bench_ttft
+
+    for run in (
+        lambda: bench_ttft(engine, [1500], repeats=0),
+        lambda: bench_prefill(engine, repeats=0),
+        lambda: bench_store(engine, str(tmp_path), repeats=0),
+    ):
+        with pytest.raises(ValueError, match="repeats must be >= 1 .*got 0"):
+            run()

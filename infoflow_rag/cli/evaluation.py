@@ -79,9 +79,14 @@ def cmd_bench_ttft(args: argparse.Namespace) -> int:
                     print(format_table(done, header=finished == 1), flush=True)
     finally:
         if args.json:
-            report = {"model": args.model, "ratio": args.ratio, "complete": finished == len(contexts)}
-            report["machine"] = watch.report.to_dict()
-            print(json.dumps({**report, "rows": [r.to_dict() for r in rows]}, indent=2), flush=True)
+            report = {
+                "model": args.model,
+                "ratio": args.ratio,
+                "complete": finished == len(contexts),
+                "machine": watch.report.to_dict(),
+                "rows": [r.to_dict() for r in rows],
+            }
+            print(json.dumps(report, indent=2), flush=True)
         elif finished:  # after an error before any figure, the machine line would only bury the message
             print(watch.report.line(), flush=True)
     return 0
