@@ -8,7 +8,8 @@ from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from infoflow_rag.engine import Engine
-from infoflow_rag.engine.attention import grouped_attention
+from infoflow_rag.engine.attention import grouped_attention, merge_attention
+from infoflow_rag.engine.cache import position_mask
 from infoflow_rag.engine.check import rotation_error
 from infoflow_rag.engine.prompt import DEFAULT_QUESTION_TEMPLATE
 from infoflow_rag.engine.selection import DEFAULT_RATIO, SELECTORS, recomputable_passages, recomputable_spans
@@ -58,7 +59,6 @@ def test_full_selector_is_the_reference_prefill_on_the_causal_kernel(engine, mon
 def test_full_prefill_reference_runs_the_causal_kernel(engine, monkeypatch):
     # The reference for every speedup must be the fastest plain prefill: SDPA's own causal path (no float mask,
     # grouped K/V heads read in place), and it must agree with the explicitly masked forward.
-    from infoflow_rag.engine.cache import position_mask
     from infoflow_rag.engine.prefill import full_prefill
 
     ids = engine.prompt_ids(QUESTION, PASSAGES)
@@ -317,21 +317,52 @@ def test_registry_lists_every_selector():
 
 @pytest.mark.parametrize("selector", ["random", "infoflow", "sinkflow", "epic"])
 def test_chunked_recompute_attention_equals_one_full_mask_call(engine, monkeypatch, selector):
-    """Query chunks that see only their visible key prefix give what one SDPA call with the whole mask gives."""
+    """Query chunks (keys before the chunk merged with the chunk's masked span) give what one SDPA call with the
+    whole mask gives."""
     import contextlib
 
-    from infoflow_rag.engine import recompute
+    from infoflow_rag.engine import attention, recompute
 
     long_passages = [p * 6 for p in PASSAGES]  # enough queries for several chunks
     prep = engine.prepare(QUESTION, engine.prefill(long_passages), selector=selector, ratio=0.4)
     fresh = prep.layout.segments[-1]
     start = prep.layout.length - len(fresh)
     args = (engine.model, prep.placed, prep.chosen, fresh.token_ids, start + torch.arange(len(fresh)))
-    assert prep.chosen.numel() > 2 * 64  # more than two chunks of the minimum size
+    monkeypatch.setattr(attention, "FOLDED_ROWS", 64)  # tiny model: 2 query heads per K/V head, 32 queries a chunk
+    assert prep.chosen.numel() > 3 * 32  # several chunks, each after the first with keys before it
     chunked = recompute.recompute(*args).logits
     monkeypatch.setattr(recompute, "sparse_queries", lambda plan: contextlib.nullcontext())
     whole = recompute.recompute(*args).logits
     assert (chunked - whole).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (6, 2), (14, 2)])
+def test_chunked_attention_equals_masked_sdpa_for_grouped_heads(monkeypatch, heads, kv_heads):
+    from infoflow_rag.engine import attention
+
+    torch.manual_seed(0)
+    positions = torch.tensor([0, 1, 5, 6, 7, 20, 21, 40, 41, 42, 43, 60])  # sorted picks, then a fresh tail
+    keys = 64
+    query = torch.randn(1, heads, positions.numel(), 8)
+    key, value = torch.randn(2, 1, kv_heads, keys, 8).unbind(0)
+    mask = position_mask(positions, torch.arange(keys), torch.float32)  # (1, 1, Q, keys)
+    monkeypatch.setattr(attention, "FOLDED_ROWS", 3 * heads // kv_heads)  # chunks of 3 queries: 4 chunks
+    out, _ = attention.chunked_attention(query, key, value, mask, attention.SparseQueries(positions), 0.3)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(query, key, value, mask, scale=0.3, enable_gqa=True)
+    assert out.shape == (1, positions.numel(), heads, 8)
+    assert (out - sdpa.transpose(1, 2)).abs().max() <= 1e-6
+
+
+def test_merged_attention_over_two_key_sets_is_attention_over_their_union():
+    torch.manual_seed(1)
+    q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 10, 4), torch.randn(1, 2, 10, 4)
+
+    def part(keys: slice):
+        logits = q @ k[:, :, keys].transpose(-1, -2)  # (1, 2, 3, n)
+        return logits.softmax(-1) @ v[:, :, keys], logits.logsumexp(-1)
+
+    merged = merge_attention(*part(slice(0, 7)), *part(slice(7, 10)))
+    assert (merged - part(slice(0, 10))[0]).abs().max() <= 1e-6
 
 
 def test_question_scores_in_prompt_slots_equal_scores_over_a_copied_cache(engine):

@@ -22,6 +22,11 @@ QUERY_CHUNK = 256  # question rows per probability block: bounds memory at (head
 # How a layer's heads combine into one score per key: the published mean of the attention probabilities,
 # or the largest per-head attention norm (a key one head reads strongly is not averaged away by the rest).
 HEAD_REDUCTIONS = ("mean", "max")
+# Query rows (heads folded in) per flash call in the sparse recompute: 2-4 calls at 15 % of 4K-8K were faster
+# than 8 (fewer, longer row blocks) and than one (whose masked span is the whole context).
+FOLDED_ROWS = 1024
+# torch's CPU flash kernel, called directly because SDPA does not return the log-sum-exp that merging needs.
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
 class StopForward(Exception):
@@ -41,11 +46,11 @@ class Capture:
 
 @dataclass
 class SparseQueries:
-    """Recompute queries sorted by position over a cache in prompt order (key j at position j): a query chunk
-    ending at position P sees only keys [0, P], so the masked blocks after it are never computed."""
+    """Recompute queries sorted by position over a cache in prompt order (key j at position j), under the mask
+    pos_k <= pos_q: a query chunk from position F to P sees every key before F and, of [F, P], only its own
+    prefix; keys after P are never computed."""
 
     input_positions: torch.Tensor  # (Q,) ascending: the queries' positions
-    chunks: int = 8
 
 
 _active: ContextVar[Capture | None] = ContextVar("infoflow_capture", default=None)
@@ -72,22 +77,41 @@ def sparse_queries(plan: SparseQueries) -> contextlib.AbstractContextManager[Spa
 
 
 def chunked_attention(query, key, value, mask, plan: SparseQueries, scaling: float | None = None):
-    """SDPA per query chunk over the visible key prefix (views, nothing copied); same result as one call with
-    the full mask.
+    """Attention of sorted sparse queries, per query chunk in two flash calls merged by their log-sum-exp: the
+    keys before the chunk's first position, which every query in it sees (no mask), and the chunk's own span
+    under the mask. Same result as one SDPA call with the whole mask, to float rounding.
 
-    query: (B, heads, Q, d); key/value: (B, kv_heads, M, d) in prompt order; mask: (B, 1, Q, M).
+    Each call folds a K/V head's group of query heads into rows, so the kernel reads every K/V block once per
+    group instead of once per head and works on long row blocks; at 15 % of a 4K-8K context this made the
+    recompute's attention 1.1-1.5x faster than masked SDPA per chunk (SmolLM2 and Qwen2.5 head shapes).
+
+    query: (B, heads, Q, d); key/value: (B, kv_heads, M, d) in prompt order; mask: additive (B, 1, Q, M).
     Returns (B, Q, heads, d) like transformers' attention functions.
     """
-    q_len = plan.input_positions.numel()
-    step = max(64, -(-q_len // plan.chunks))
+    b, n_heads, q_len, d = query.shape
+    kv_heads = key.shape[1]
+    group = n_heads // kv_heads
+    step = -(-FOLDED_ROWS // group)  # queries per chunk
     outputs = []
     for a in range(0, q_len, step):
-        b = min(a + step, q_len)
-        end = int(plan.input_positions[b - 1]) + 1  # keys after the chunk's last query are masked for all of it
-        outputs.append(
-            masked_sdpa(query[:, :, a:b], key[:, :, :end], value[:, :, :end], mask[:, :, a:b, :end], scaling)
-        )
+        z = min(a + step, q_len)
+        first, end = int(plan.input_positions[a]), int(plan.input_positions[z - 1]) + 1
+        rows = query[:, :, a:z].reshape(b, kv_heads, group * (z - a), d)  # query heads g*group.. read K/V head g
+        span_mask = mask[:, :, a:z, first:end].repeat(1, 1, group, 1)  # (B, 1, group * n, end - first)
+        out, lse = _flash(rows, key[:, :, first:end], value[:, :, first:end], attn_mask=span_mask, scale=scaling)
+        if first > 0:
+            before, lse_before = _flash(rows, key[:, :, :first], value[:, :, :first], scale=scaling)
+            out = merge_attention(before, lse_before, out, lse)
+        outputs.append(out.reshape(b, n_heads, z - a, d).transpose(1, 2))
     return torch.cat(outputs, dim=1), None
+
+
+def merge_attention(out_a, lse_a, out_b, lse_b) -> torch.Tensor:
+    """Attention over two disjoint key sets -> attention over their union, from each part's output (..., q, d)
+    and log-sum-exp (..., q): each part weighs by its share of the union's softmax mass."""
+    top = torch.maximum(lse_a, lse_b)
+    w_a, w_b = (lse_a - top).exp_().unsqueeze(-1), (lse_b - top).exp_().unsqueeze(-1)
+    return ((out_a * w_a + out_b * w_b) / (w_a + w_b)).to(out_a.dtype)
 
 
 def masked_sdpa(query, key, value, mask, scaling: float | None) -> torch.Tensor:
