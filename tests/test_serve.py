@@ -204,7 +204,12 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, bod
 
 @pytest.mark.parametrize(
     ("option", "value", "words"),
-    [("selector", "magic", "unknown selector 'magic'"), ("ratio", 5, "ratio must be in (0, 1], got 5.0")],
+    [
+        ("selector", "magic", "unknown selector 'magic'"),
+        ("ratio", 5, "ratio must be in (0, 1], got 5.0"),
+        ("selector_options", {"x": 1}, "x"),
+        ("keep", 0.5, "keep=0.5 needs a compression policy"),
+    ],
 )
 def test_a_bad_query_option_is_named_in_the_errors_param(client, option, value, words):
     error = chat(client, **{option: value}).json()["error"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from ..errors import InfoFlowError
 from .compression import POLICIES, make_policy, validate_policy
@@ -129,15 +129,30 @@ class OptionFields(BaseModel):
             json_grammar(value)  # compiled now so that a bad schema fails where it is given, not mid-query
         return value
 
-    @model_validator(mode="after")
-    def _consistent(self) -> OptionFields:
-        make_selector(self.selector, **self.selector_options)  # a bad selector option fails now, not mid-query
-        make_policy(self.compress, **self.compress_options)
-        if self.compress == "none" and (self.keep != 1.0 or isinstance(self.keep, int)):  # an int keep is a count
+    # The rules that read two options sit on the later field, which sees the earlier one in ``info.data`` (absent
+    # if it failed itself), so an error names the option to change (the server's error ``param``).
+    @field_validator("selector_options", mode="after")
+    @classmethod
+    def _options_of_the_selector(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "selector" in info.data:
+            make_selector(info.data["selector"], **value)  # a bad selector option fails now, not mid-query
+        return value
+
+    @field_validator("keep", mode="after")
+    @classmethod
+    def _keep_needs_a_policy(cls, value: float | int, info: ValidationInfo) -> float | int:
+        if info.data.get("compress") == "none" and (value != 1.0 or isinstance(value, int)):  # an int is a count
             raise ValueError(
-                f"keep={self.keep!r} needs a compression policy: set compress (e.g. 'snapkv'), or leave keep at 1.0"
+                f"keep={value!r} needs a compression policy: set compress (e.g. 'snapkv'), or leave keep at 1.0"
             )
-        return self
+        return value
+
+    @field_validator("compress_options", mode="after")
+    @classmethod
+    def _options_of_the_policy(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "compress" in info.data:
+            make_policy(info.data["compress"], **value)
+        return value
 
     def query_options(self) -> QueryOptions:
         """These fields as a :class:`QueryOptions` (how an adapter hands its fields to the pipeline)."""
@@ -203,7 +218,7 @@ def split_overrides(options: QueryOptions | None, overrides: dict[str, Any]) -> 
 
 
 def first_option(err: ValidationError) -> str | None:
-    """The option the first field error is about (None when only a check across options failed)."""
+    """The option the first field error is about (None if no error names one)."""
     return next((str(e["loc"][0]) for e in err.errors() if e.get("loc")), None)
 
 
