@@ -9,7 +9,7 @@ import re
 from importlib.metadata import version
 
 import pytest
-from conftest import QUESTION, write_corpus
+from conftest import PASSAGES, QUESTION, write_corpus
 
 from infoflow_rag.cli import build_parser, main
 
@@ -68,6 +68,19 @@ def test_an_empty_source_is_an_error_that_says_what_was_looked_for(tmp_path, cap
     err = capsys.readouterr().err
     assert err.startswith(f"infoflow-rag: error: no documents in {source}: {looked}") and "nothing was indexed" in err
     assert not index.exists()  # refused before the model loads or the index is created
+
+
+def test_ingest_summary_counts_in_the_singular_and_the_plural(tmp_path, model_dir, capsys, monkeypatch):
+    monkeypatch.setenv("INFOFLOW_RAG_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "docs"
+    corpus.mkdir()
+    (corpus / "one.txt").write_text(PASSAGES[0])
+    index = str(tmp_path / "index")
+    assert main(["ingest", str(corpus), "--index", index, "--model", model_dir]) == 0
+    assert capsys.readouterr().out.startswith("1 passage from 1 document: 1 new, 1 prefilled (")
+    (corpus / "two.txt").write_text(PASSAGES[1])
+    assert main(["ingest", str(corpus), "--index", index, "--model", model_dir]) == 0
+    assert capsys.readouterr().out.startswith("2 passages from 2 documents: 1 new, 1 prefilled (")
 
 
 def test_ask_says_where_the_kv_came_from_and_json_leaves_out_token_ids(tmp_path, model_dir, capsys, monkeypatch):

@@ -60,7 +60,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         print(json.dumps(summary.to_dict(), indent=2))
     else:
         print(
-            f"{summary.passages} passages from {summary.documents} documents: {summary.new_passages} new, "
+            f"{counted(summary.passages, 'passage')} from {counted(summary.documents, 'document')}: "
+            f"{summary.new_passages} new, "
             f"{summary.kv_computed} prefilled ({summary.tokens} tokens, {summary.kv_bytes / 2**20:.1f} MiB KV) "
             f"in {summary.seconds:.1f} s = {summary.passages_per_s:.1f} passages/s, "
             f"{summary.tokens_per_s:.0f} tokens/s"
@@ -76,7 +77,7 @@ def cmd_index_repair(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"index": args.index, "passages": n}))
     else:
-        print(f"{args.index}: rebuilt the vectors of {n} passages from their records")
+        print(f"{args.index}: rebuilt the vectors of {counted(n, 'passage')} from their records")
     return 0
 
 
@@ -127,7 +128,7 @@ def reuse_line(answer) -> str:
     reuse, result = answer.reuse, answer.result
     recomputed = sum(len(offsets) for offsets in result.selected.values())
     return (
-        f"reuse: {reuse.passages_hit} passages from the store ({reuse.stored_tokens} tokens), "
+        f"reuse: {counted(reuse.passages_hit, 'passage')} from the store ({reuse.stored_tokens} tokens), "
         f"{reuse.passages_computed} computed now ({reuse.prefilled_tokens} tokens prefilled and stored); "
         f"{recomputed} tokens recomputed"
     )
@@ -174,3 +175,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         color=sys.stdout.isatty() and not args.no_color,
     )
     return 0
+
+
+def counted(n: int, noun: str) -> str:
+    """'1 passage', '3 passages'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
