@@ -112,6 +112,9 @@ def chat_template(engine: Engine, turns: list[tuple[str, str]]) -> str:
 
 
 TICK_S = 0.02
+# Answer length for calls timed against the ticker: long enough (~0.5 s on the tiny model) that a free loop ticks
+# many times; at 48 tokens a call took ~0.1 s, which is too short to tell a free loop from a blocked one.
+TICKED_ANSWER_TOKENS = 256
 
 
 async def ticks_while(call) -> tuple[int, float]:

@@ -6,7 +6,16 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from conftest import PASSAGES, QUESTION, chat_template, loop_ran_free, overlap, record_prompts, ticks_while
+from conftest import (
+    PASSAGES,
+    QUESTION,
+    TICKED_ANSWER_TOKENS,
+    chat_template,
+    loop_ran_free,
+    overlap,
+    record_prompts,
+    ticks_while,
+)
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.embeddings import DeterministicFakeEmbedding
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
@@ -270,7 +279,7 @@ class Events(BaseCallbackHandler):
 
 
 def test_async_calls_run_off_the_event_loop_with_one_event_each(pipeline):
-    llm = ChatInfoFlow(pipeline=pipeline, max_tokens=48)
+    llm = ChatInfoFlow(pipeline=pipeline, max_tokens=TICKED_ANSWER_TOKENS)
     events = Events()
     config = {"callbacks": [events]}
     question = "Context:\n" + "\n\n".join(PASSAGES) + "\n\nTell me everything."

@@ -8,7 +8,16 @@ import logging
 
 import faiss
 import pytest
-from conftest import PASSAGES, QUESTION, chat_template, loop_ran_free, overlap, record_prompts, ticks_while
+from conftest import (
+    PASSAGES,
+    QUESTION,
+    TICKED_ANSWER_TOKENS,
+    chat_template,
+    loop_ran_free,
+    overlap,
+    record_prompts,
+    ticks_while,
+)
 from llama_index.core import Document, StorageContext, VectorStoreIndex
 from llama_index.core.base.llms.types import ChatMessage, CompletionResponse
 from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
@@ -241,7 +250,9 @@ def test_async_runs_off_the_event_loop_with_one_event_and_true_token_counts(pipe
     ingested_index(pipeline)
     prompt = "Facts:\n" + "\n\n".join(registered_texts()) + "\n\nTell me everything."
     counter = TokenCountingHandler(tokenizer=str.split)
-    model = InfoFlowLLM(pipeline=pipeline, max_new_tokens=48, callback_manager=CallbackManager([counter]))
+    model = InfoFlowLLM(
+        pipeline=pipeline, max_new_tokens=TICKED_ANSWER_TOKENS, callback_manager=CallbackManager([counter])
+    )
     messages = [ChatMessage(role="user", content=prompt)]
     events = EndEvents(counts={})
     get_dispatcher().add_event_handler(events)
@@ -269,7 +280,7 @@ def test_async_runs_off_the_event_loop_with_one_event_and_true_token_counts(pipe
 
 def test_aquery_of_a_stock_query_engine_leaves_the_event_loop_running(pipeline):
     index = ingested_index(pipeline)
-    query_engine = index.as_query_engine(llm=InfoFlowLLM(pipeline=pipeline, max_new_tokens=48))
+    query_engine = index.as_query_engine(llm=InfoFlowLLM(pipeline=pipeline, max_new_tokens=TICKED_ANSWER_TOKENS))
     ticks, elapsed = asyncio.run(ticks_while(query_engine.aquery(QUESTION)))
     assert loop_ran_free(ticks, elapsed)  # the issue: 0 ticks in a 2.2 s aquery
 
