@@ -353,6 +353,17 @@ def test_chunked_attention_equals_masked_sdpa_for_grouped_heads(monkeypatch, hea
     assert (out - sdpa.transpose(1, 2)).abs().max() <= 1e-6
 
 
+def test_query_chunks_tile_the_queries_within_the_row_and_span_limits(monkeypatch):
+    from infoflow_rag.engine import attention
+
+    monkeypatch.setattr(attention, "FOLDED_ROWS", 8)
+    monkeypatch.setattr(attention, "CHUNK_SPAN", 100)
+    positions = torch.tensor([0, 5, 50, 99, 100, 101, 102, 103, 104, 105, 400, 1000])
+    chunks = attention.SparseQueries(positions).chunks(group=2)  # at most 4 queries (8 rows) a chunk
+    assert chunks == [(0, 4), (4, 8), (8, 10), (10, 11), (11, 12)]  # 99 - 0 < 100; 4 queries; span; span; end
+    assert attention.SparseQueries(positions).chunks(group=16) == [(a, a + 1) for a in range(12)]  # 1 a chunk
+
+
 def test_merged_attention_over_two_key_sets_is_attention_over_their_union():
     torch.manual_seed(1)
     q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 10, 4), torch.randn(1, 2, 10, 4)
