@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .allocator import allocator_state
+
 PROC_STAT = Path("/proc/stat")
 CPU_INFO = Path("/proc/cpuinfo")
 
@@ -67,13 +69,15 @@ class MachineReport:
     wall_s: float
     others_share: float | None  # CPU time of every other process / (wall time x CPUs); None: not measurable
     steal_share: float | None  # CPU time stolen by the hypervisor / (wall time x CPUs)
+    allocator: str  # how malloc was set: it moves a forward's time by ~15 % (infoflow_rag/allocator.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def line(self) -> str:
         head = (
-            f"machine: {self.cpu}, {self.cpus} CPUs, torch {self.torch_version} on {self.torch_threads} threads; "
+            f"machine: {self.cpu}, {self.cpus} CPUs, torch {self.torch_version} on {self.torch_threads} threads, "
+            f"malloc: {self.allocator}; "
             f"during the {self.wall_s:.0f} s run "
         )
         if self.others_share is None or self.steal_share is None:
@@ -109,4 +113,6 @@ class MachineWatch:
         if self._times is not None and after is not None and wall > 0:
             shares = others_and_steal(self._times, after, own, wall)
         cpus = after.cpus if after is not None else os.cpu_count() or 1
-        self.report = MachineReport(cpu_model(), cpus, torch.__version__, torch.get_num_threads(), wall, *shares)
+        self.report = MachineReport(
+            cpu_model(), cpus, torch.__version__, torch.get_num_threads(), wall, *shares, allocator_state()
+        )

@@ -11,6 +11,7 @@ from importlib.metadata import version
 import pytest
 from conftest import PASSAGES, QUESTION, write_corpus
 
+from infoflow_rag.allocator import allocator_state
 from infoflow_rag.cli import build_parser, main
 
 
@@ -115,6 +116,7 @@ def test_bench_ttft_prints_each_context_when_it_is_done(model_dir, capsys):
     contexts = [int(line.split("|")[1]) for line in lines[2:-1]]
     assert len(contexts) == 6 and contexts[0] == contexts[2] < contexts[3] == contexts[5]  # prefill + 2 methods
     assert lines[-1].startswith("machine: ") and "during the" in lines[-1]  # how busy the machine was, last
+    assert f"malloc: {allocator_state()};" in lines[-1] and allocator_state() != "glibc defaults"  # set by the CLI
 
     assert main([*bench, "--repeats", "1", "--json"]) == 0
     captured = capsys.readouterr()
@@ -123,6 +125,7 @@ def test_bench_ttft_prints_each_context_when_it_is_done(model_dir, capsys):
     report = json.loads(captured.out)
     assert len(report["rows"]) == 6 and report["complete"] is True
     assert report["machine"]["cpus"] >= 1 and report["machine"]["wall_s"] > 0
+    assert report["machine"]["allocator"] == allocator_state()
     assert all(len(row["times_s"]) == 1 and row["times_s"][0] > 0 for row in report["rows"])  # --repeats 1
 
 
