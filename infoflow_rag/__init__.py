@@ -1,5 +1,6 @@
 """infoflow-rag: passage KV reuse with InfoFlow selective recompute for fast retrieval-augmented generation."""
 
+from .allocator import keep_freed_memory
 from .engine import AnswerStream, Engine, InvalidOptionError, QueryOptions
 from .engine.options import OptionFields
 from .engine.result import AnswerResult, StageTimings
@@ -20,5 +21,6 @@ __all__ = [
     "QueryOptions",
     "StageTimings",
     "UnsupportedModelError",
+    "keep_freed_memory",
     "load_model",
 ]
