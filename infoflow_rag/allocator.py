@@ -1,11 +1,11 @@
 """Keep freed memory in the process: glibc malloc set so large tensors reuse pages instead of faulting in new ones.
 
-By default glibc serves every allocation above a threshold (128 KiB, raised dynamically up to 32 MiB) with its own
-``mmap`` and returns it to the kernel on free, and trims the heap's top once 128 KiB of it is free. A forward pass
-allocates and frees activations of many MiB per layer, so each one comes back as fresh pages, zeroed by the kernel
-one page fault at a time. With mmap off and no trimming, freed blocks stay in the heap and the next layer reuses
-them. Measured in one process, settings alternated between interleaved runs (SmolLM2-135M, 4K context, medians of 4):
-full prefill 11.3 -> 9.5 s, InfoFlow at 15 % 2.44 -> 2.27 s, no recompute 0.33 -> 0.27 s (README, "Measured").
+By default glibc gives large freed blocks back to the kernel: a block above its mmap threshold (128 KiB at start,
+raised up to 32 MiB as such blocks are freed) is a mapping of its own, unmapped on free, and the heap's top is
+trimmed once more than twice that threshold of it is free. A forward allocates and frees activations of many MiB
+per layer, so they keep coming back as fresh pages, zeroed by the kernel one page fault at a time. With mmap off and
+no trimming, freed blocks stay in the heap and the next layer reuses them: 14-17 % off a full prefill, 7-8 % off
+InfoFlow's TTFT (measured in the README, "The allocator").
 
 The cost: the process keeps its peak heap until it exits (memory freed after a request is reused by the next one,
 not returned to the system). The ``infoflow-rag`` command turns this on at start; a program that embeds the
