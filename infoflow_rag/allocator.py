@@ -16,7 +16,6 @@ variables, theirs win and nothing is changed.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 # mallopt parameters, from glibc's malloc.h
@@ -52,11 +51,10 @@ def allocator_state() -> str:
 
 
 def _glibc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
+    if os.name != "posix":
         return None
-    libc = ctypes.CDLL(name)
-    if not hasattr(libc, "gnu_get_libc_version"):  # musl and the BSDs have no mallopt of this kind
+    libc = ctypes.CDLL(None)  # the symbols this process already has: its C library's among them
+    if not hasattr(libc, "gnu_get_libc_version"):  # musl, macOS and the BSDs: no glibc mallopt
         return None
     libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return libc
