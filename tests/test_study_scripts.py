@@ -28,7 +28,10 @@ def study():
     sys.path.insert(0, SCRIPTS)
     try:
         yield SimpleNamespace(
-            **{name: importlib.import_module(name) for name in ("stale_gap", "self_sensitivity", "oracle_ranker")}
+            **{
+                name: importlib.import_module(name)
+                for name in ("stale_gap", "self_sensitivity", "oracle_ranker", "sink_attention")
+            }
         )
     finally:
         sys.path.remove(SCRIPTS)
@@ -137,3 +140,25 @@ def test_the_one_backward_margin_pass_equals_the_collected_margin_signal(engine,
     collected = study.self_sensitivity.sensitivity(engine, question.placed, question.layout)["margin"][1:].sum(0).sqrt()
     one_pass = study.self_sensitivity.margin_sensitivity(engine, question.placed, question.layout)
     torch.testing.assert_close(one_pass.double(), collected, rtol=1e-5, atol=1e-9)
+
+
+def test_head_shares_sum_the_first_k_tokens_of_every_span_and_stop_at_its_end(study):
+    scores = torch.tensor([5.0, 1, 2, 3, 4, 1, 1, 6, 7, 1])  # total 31
+    shares = study.sink_attention.head_shares(scores, [(2, 5), (7, 9)], heads=(1, 2, 8))
+    assert shares == pytest.approx({1: (2 + 6) / 31, 2: (2 + 3 + 6 + 7) / 31, 8: (2 + 3 + 4 + 6 + 7) / 31})
+
+
+def test_sink_measure_compares_the_stale_cache_with_full_prefills_on_every_layer_group(question, study):
+    row = study.sink_attention.measure(question)
+    spans = [(s, e) for _, s, e in question.stale_passages]
+    shortest = min(e - s for s, e in spans)
+    k = max(h for h in study.sink_attention.HEADS if h <= shortest)  # a flat share is then k tokens per passage
+    assert row["flat"][k] == pytest.approx(k * len(spans) / question.placed.token_ids.numel())
+    groups = study.sink_attention.layer_groups(question.engine)
+    thirds = sorted(sum(list(groups.values())[1:], []))
+    assert set(groups) <= set(row) and thirds == list(range(question.engine.num_layers))
+    for name in groups:
+        stale, full = row[name]["stale"], row[name]["full"]
+        assert all(0 < stale[h] <= 1 and 0 < full[h] <= 1 for h in stale)
+    # the cache is stale, so the shares move on at least one group of layers
+    assert any(row[name]["stale"] != pytest.approx(row[name]["full"], rel=1e-3) for name in groups)
