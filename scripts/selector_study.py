@@ -549,6 +549,25 @@ def _read(path: Path) -> list[dict]:
     return read_json_lines(path)
 
 
+def per_question_main(doc: str, run, summary, rows: str) -> None:
+    """The command line of a study that writes one resumable JSON line per ``rows`` (e.g. "question") on
+    development questions: ``run(engine, start, questions, out_path)``, or ``--summary``: ``summary(rows)``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--model", default="qwen2.5-0.5b")
+    parser.add_argument("--start", type=int, default=0)
+    parser.add_argument("--questions", type=int, default=45)
+    parser.add_argument("--out", required=True, help=f"JSON lines, one per {rows}; resumed")
+    parser.add_argument("--summary", action="store_true", help="print the tables of what is on file and stop")
+    args = parser.parse_args()
+    out_path = Path(args.out)
+    if args.summary:
+        print(summary(_read(out_path)))
+        return
+    if args.start + args.questions > DEV_END:
+        raise SystemExit(f"questions {args.start}..{args.start + args.questions - 1} leave the development slice 0-999")
+    run(Engine.load(args.model), args.start, args.questions, out_path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen2.5-0.5b")

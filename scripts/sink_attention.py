@@ -13,7 +13,6 @@ of tokens they are (what a flat attention would give them).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from selector_study import DEV_END, _read  # noqa: E402
+from selector_study import _read, per_question_main  # noqa: E402
 from stale_gap import Question, load_question  # noqa: E402
 
 from infoflow_rag.engine import Engine  # noqa: E402
@@ -100,20 +99,7 @@ def summary(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="qwen2.5-0.5b")
-    parser.add_argument("--start", type=int, default=0)
-    parser.add_argument("--questions", type=int, default=45)
-    parser.add_argument("--out", required=True, help="JSON lines, one per question; resumed")
-    parser.add_argument("--summary", action="store_true", help="print the table of what is on file and stop")
-    args = parser.parse_args()
-    out_path = Path(args.out)
-    if args.summary:
-        print(summary(_read(out_path)))
-        return
-    if args.start + args.questions > DEV_END:
-        raise SystemExit(f"questions {args.start}..{args.start + args.questions - 1} leave the development slice 0-999")
-    run(Engine.load(args.model), args.start, args.questions, out_path)
+    per_question_main(__doc__, run, summary, rows="question")
 
 
 if __name__ == "__main__":

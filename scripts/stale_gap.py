@@ -32,7 +32,6 @@ deviation by layer and by passage. One JSON line per (question, variant), resume
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -46,7 +45,6 @@ from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).parent))
 from selector_study import (  # noqa: E402
-    DEV_END,
     MAX_NEW_TOKENS,
     _full_confidence,
     _full_reference,
@@ -54,6 +52,7 @@ from selector_study import (  # noqa: E402
     by_name,
     kl_cells,
     paired_kl_cells,
+    per_question_main,
 )
 
 from infoflow_rag.engine import Engine, query, recompute  # noqa: E402
@@ -407,20 +406,7 @@ def picks_summary(rows: list[dict], sink: int = 8) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="qwen2.5-0.5b")
-    parser.add_argument("--start", type=int, default=0)
-    parser.add_argument("--questions", type=int, default=45)
-    parser.add_argument("--out", required=True, help="JSON lines, one per (question, variant); resumed")
-    parser.add_argument("--summary", action="store_true", help="print the tables of what is on file and stop")
-    args = parser.parse_args()
-    out_path = Path(args.out)
-    if args.summary:
-        print(summary(_read(out_path)))
-        return
-    if args.start + args.questions > DEV_END:
-        raise SystemExit(f"questions {args.start}..{args.start + args.questions - 1} leave the development slice 0-999")
-    run(Engine.load(args.model), args.start, args.questions, out_path)
+    per_question_main(__doc__, run, summary, rows="(question, variant)")
 
 
 if __name__ == "__main__":
