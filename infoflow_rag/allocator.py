@@ -4,8 +4,8 @@ By default glibc gives large freed blocks back to the kernel: a block above its 
 raised up to 32 MiB as such blocks are freed) is a mapping of its own, unmapped on free, and the heap's top is
 trimmed once more than twice that threshold of it is free. A forward allocates and frees activations of many MiB
 per layer, so they keep coming back as fresh pages, zeroed by the kernel one page fault at a time. With mmap off and
-no trimming, freed blocks stay in the heap and the next layer reuses them: 14-17 % off a full prefill, 7-8 % off
-InfoFlow's TTFT (measured in the README, "The allocator").
+no trimming, freed blocks stay in the heap and the next layer reuses them (what that buys is measured in the
+README, "The allocator").
 
 The cost: the process keeps its peak heap until it exits (memory freed after a request is reused by the next one,
 not returned to the system). The ``infoflow-rag`` command turns this on at start; a program that embeds the

@@ -69,7 +69,7 @@ class MachineReport:
     wall_s: float
     others_share: float | None  # CPU time of every other process / (wall time x CPUs); None: not measurable
     steal_share: float | None  # CPU time stolen by the hypervisor / (wall time x CPUs)
-    allocator: str  # how malloc was set: it moves a forward's time by ~15 % (infoflow_rag/allocator.py)
+    allocator: str  # how malloc was set: it changes a forward's time (infoflow_rag/allocator.py)
 
     def to_dict(self) -> dict:
         return asdict(self)

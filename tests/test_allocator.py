@@ -2,6 +2,7 @@
 
 import ctypes
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,8 +37,13 @@ print(json.dumps({{"state": allocator.allocator_state(), "mmapped": held.hblkhd,
 MIB = 1 << 20
 
 
+@pytest.fixture(autouse=True)
+def restored_state(monkeypatch):
+    monkeypatch.setattr(allocator, "_state", allocator._state)  # the CLI test reads it: leave it as found
+
+
 def probe(mode: str) -> dict:
-    env = {k: v for k, v in __import__("os").environ.items() if k not in allocator.USER_SETTINGS}
+    env = {k: v for k, v in os.environ.items() if k not in allocator.USER_SETTINGS}
     out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout)
 
@@ -53,11 +59,6 @@ def test_kept_memory_serves_a_large_block_from_the_heap_and_keeps_it_after_free(
     assert default["mmapped"] >= 64 * MIB and default["heap_after_free"] < 64 * MIB  # its own mmap, unmapped on free
     assert kept["state"] == "glibc, freed memory kept (mmap off, no trim)"
     assert kept["mmapped"] < MIB and kept["heap_after_free"] >= 64 * MIB  # from the heap, and still there
-
-
-@pytest.fixture(autouse=True)
-def restored_state(monkeypatch):
-    monkeypatch.setattr(allocator, "_state", allocator._state)  # the CLI test reads it: leave it as found
 
 
 def test_the_users_own_malloc_variables_win(monkeypatch):
