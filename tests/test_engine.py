@@ -353,6 +353,25 @@ def test_chunked_attention_equals_masked_sdpa_for_grouped_heads(monkeypatch, hea
     assert (out - sdpa.transpose(1, 2)).abs().max() <= 1e-6
 
 
+def test_chunked_attention_reuses_its_span_masks_only_for_the_same_mask(monkeypatch):
+    from infoflow_rag.engine import attention
+
+    torch.manual_seed(0)
+    positions = torch.tensor([2, 3, 9, 10, 11, 30])
+    query, key, value = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 8)
+    monkeypatch.setattr(attention, "FOLDED_ROWS", 4)  # 2 queries a chunk
+    plan = attention.SparseQueries(positions)
+    causal = position_mask(positions, torch.arange(32), torch.float32)  # (1, 1, 6, 32)
+    attention.chunked_attention(query, key, value, causal, plan, 0.3)
+    first = plan.span_masks(causal, group=2)
+    assert all(a is b for a, b in zip(first, plan.span_masks(causal, group=2), strict=True))  # built once
+    other = causal.clone()
+    other[:, :, 3, 9] = torch.finfo(torch.float32).min  # the 4th query no longer sees key 9
+    out, _ = attention.chunked_attention(query, key, value, other, plan, 0.3)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(query, key, value, other, scale=0.3, enable_gqa=True)
+    assert (out - sdpa.transpose(1, 2)).abs().max() <= 1e-6  # a new mask is sliced again, not the cached one
+
+
 def test_query_chunks_tile_the_queries_within_the_row_and_span_limits(monkeypatch):
     from infoflow_rag.engine import attention
 

@@ -55,6 +55,7 @@ class SparseQueries:
 
     input_positions: torch.Tensor  # (Q,) ascending: the queries' positions
     _chunks: dict[int, list[tuple[int, int]]] = field(default_factory=dict, repr=False)  # by query heads per K/V
+    _span_masks: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = field(default_factory=dict, repr=False)
 
     def chunks(self, group: int) -> list[tuple[int, int]]:
         """Query index ranges [a, z), one per chunk, for ``group`` query heads per K/V head; computed once per
@@ -68,6 +69,19 @@ class SparseQueries:
                     a = z
             self._chunks[group] = bounds
         return self._chunks[group]
+
+    def span_masks(self, mask: torch.Tensor, group: int) -> list[torch.Tensor]:
+        """Each chunk's part of ``mask`` (B, 1, Q, M) over its own span, rows repeated for ``group`` folded query
+        heads: (B, 1, group * n, span) per chunk. Built on a forward's first layer and reused by the others,
+        which get the same mask, instead of a repeat per chunk and layer."""
+        cached = self._span_masks.get(group)
+        if cached is None or cached[0] is not mask:
+            masks = []
+            for a, z in self.chunks(group):
+                first, end = int(self.input_positions[a]), int(self.input_positions[z - 1]) + 1
+                masks.append(mask[:, :, a:z, first:end].repeat(1, 1, group, 1))
+            cached = self._span_masks[group] = (mask, masks)
+        return cached[1]
 
 
 _active: ContextVar[Capture | None] = ContextVar("infoflow_capture", default=None)
@@ -109,10 +123,9 @@ def chunked_attention(query, key, value, mask, plan: SparseQueries, scaling: flo
     kv_heads = key.shape[1]
     group = n_heads // kv_heads
     outputs = []
-    for a, z in plan.chunks(group):
+    for (a, z), span_mask in zip(plan.chunks(group), plan.span_masks(mask, group), strict=True):
         first, end = int(plan.input_positions[a]), int(plan.input_positions[z - 1]) + 1
         rows = query[:, :, a:z].reshape(b, kv_heads, group * (z - a), d)  # query heads g*group.. read K/V head g
-        span_mask = mask[:, :, a:z, first:end].repeat(1, 1, group, 1)  # (B, 1, group * n, end - first)
         out, lse = _flash(rows, key[:, :, first:end], value[:, :, first:end], attn_mask=span_mask, scale=scaling)
         if first > 0:
             before, lse_before = _flash(rows, key[:, :, :first], value[:, :, :first], scale=scaling)
@@ -169,8 +182,9 @@ def grouped_attention(
     for start in range(0, q_len, QUERY_CHUNK):
         stop = min(start + QUERY_CHUNK, q_len)
         rows = stop - start
-        q = query[:, :, start:stop].reshape(b, kv_heads, group * rows, d)
-        logits = (q @ key.transpose(-1, -2)).mul_(scaling).view(b, kv_heads, group, rows, n_k)
+        # Scaled before the product: the question's rows are far fewer than the (rows, K) logits.
+        q = query[:, :, start:stop].reshape(b, kv_heads, group * rows, d) * scaling
+        logits = (q @ key.transpose(-1, -2)).view(b, kv_heads, group, rows, n_k)
         if mask is not None:
             logits += mask[:, :, None, start:stop]  # (B, 1, 1, rows, K) over every head of a group
         probs = logits.softmax(dim=-1)  # (B, kv_heads, group, rows, K)
