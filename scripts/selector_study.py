@@ -146,11 +146,19 @@ class LastRowsSinkFlow(SinkFlowSelector):
         self.rows = rows
 
     def select(self, placed: PlacedContext, budget: int, probe: Probe) -> torch.Tensor:
-        first = passage_heads(placed, self.sink)[:budget]  # (≤ budget,)
-        rest = placed.candidate.clone()
-        rest[first] = False
-        picks = top_candidates(probe.last_row_scores(self.layers, self.rows), rest, budget - first.numel())
-        return torch.cat([first, picks]).sort().values
+        last_rows = Probe(question_scores=lambda layers, _: probe.last_row_scores(layers, self.rows), layer_kv=None)
+        return super().select(placed, budget, last_rows)
+
+
+@register
+class ValueWeightedSinkFlow(SinkFlowSelector):
+    """sinkflow (``sink=0``: InfoFlow) with each head's attention weighted by the key's value norm (round 12)."""
+
+    name = "study-value-sinkflow"
+
+    def select(self, placed: PlacedContext, budget: int, probe: Probe) -> torch.Tensor:
+        weighted = Probe(question_scores=lambda layers, _: probe.value_scores(layers), layer_kv=None)
+        return super().select(placed, budget, weighted)
 
 
 def token_features(placed: PlacedContext, probe: Probe, layers: list[int], names: tuple[str, ...]) -> torch.Tensor:
@@ -202,10 +210,15 @@ class RankerSelector(InfoFlowSelector):
 _plain_probe = query.probe
 _plain_grouped_attention = attention.grouped_attention
 _score_rows: list[int | None] = [None]  # while a last-rows score runs: how many rows it is taken over
+_value_norms: list[torch.Tensor] = []  # while a value-weighted score runs: (kv_heads, N) per scoring layer, in order
 
 
-def _grouped_attention_last_rows(query_, key, value, mask, scaling, n_keys=0, heads="mean"):
-    """attention.grouped_attention, with the scores taken over the last ``_score_rows[0]`` query rows only."""
+def _study_grouped_attention(query_, key, value, mask, scaling, n_keys=0, heads="mean"):
+    """attention.grouped_attention, with the scores taken over the last ``_score_rows[0]`` query rows only, or
+    each head's attention weighted by the key's value norm (``_value_norms``, one entry per scoring layer)."""
+    if n_keys and _value_norms:
+        out, _ = _plain_grouped_attention(query_, key, value, mask, scaling, 0, heads)
+        return out, _value_weighted_scores(query_, key, mask, scaling, _value_norms.pop(0))
     rows = _score_rows[0]
     if not n_keys or rows is None:
         return _plain_grouped_attention(query_, key, value, mask, scaling, n_keys, heads)
@@ -226,19 +239,54 @@ def _last_row_scores(engine: Engine, placed: PlacedContext, layout: Layout, laye
         _score_rows[0] = None
 
 
+def _value_weighted_scores(query_, key, mask, scaling: float, value_norm: torch.Tensor) -> torch.Tensor:
+    """|| mean_heads softmax(QK^T * scaling + mask)[:, k] * ||v_k|| ||_2 over query rows, for the first N keys
+    (value_norm: (kv_heads, N), each key's value norm under its K/V head). -> (N,)
+
+    A key's attention weight says how much of it a query reads; the weight times the value's norm, how much it
+    adds to the query's output (Kobayashi et al., 2020): a sink-like key, read a lot but with a small value,
+    adds little.
+    """
+    b, n_heads, q_len, d = query_.shape
+    kv_heads, n_k = key.shape[1], key.shape[2]
+    group = n_heads // kv_heads
+    logits = (query_.reshape(b, kv_heads, group * q_len, d) @ key.transpose(-1, -2)).mul_(scaling)
+    logits = logits.view(b, kv_heads, group, q_len, n_k)
+    if mask is not None:
+        logits += mask[:, :, None]  # (B, 1, 1, q, K) over every head of a group
+    n = value_norm.shape[-1]
+    weighted = logits.softmax(dim=-1)[0, ..., :n] * value_norm[:, None, None, :]  # (kv_heads, group, q, N)
+    return weighted.reshape(n_heads, q_len, n).mean(dim=0).pow(2).sum(dim=0).sqrt()
+
+
+def _value_scores(engine: Engine, placed: PlacedContext, layout: Layout, layers: list[int]) -> torch.Tensor:
+    """(N,) InfoFlow's score with each head's attention weighted by the key's value norm (the placed values the
+    scoring pass reads)."""
+    _value_norms[:] = [placed.values[layer].norm(dim=-1) for layer in sorted(layers)]  # (kv_heads, N) each
+    try:
+        scores = scoring.question_attention_scores(engine.model, placed, layout.query_ids, layers)
+        if _value_norms:
+            raise RuntimeError(f"{len(_value_norms)} scoring layers did not run the value-weighted score")
+        return scores
+    finally:
+        _value_norms.clear()
+
+
 def _study_probe(engine: Engine, placed: PlacedContext, layout: Layout) -> Probe:
-    """The engine's probe, plus ``repair(chosen)``: recompute ``chosen`` (and the fresh tokens) in place, and
-    ``last_row_scores(layers, rows)``: InfoFlow's score over the fresh block's last rows."""
+    """The engine's probe, plus ``repair(chosen)``: recompute ``chosen`` (and the fresh tokens) in place,
+    ``last_row_scores(layers, rows)``: InfoFlow's score over the fresh block's last rows, and
+    ``value_scores(layers)``: InfoFlow's score with each head's attention weighted by the value norm."""
     probe = _plain_probe(engine, placed, layout)
     probe.repair = lambda chosen: recompute.recompute(engine.model, placed, chosen, *query.fresh_inputs(layout))
     probe.last_row_scores = lambda layers, rows: _last_row_scores(engine, placed, layout, layers, rows)
+    probe.value_scores = lambda layers: _value_scores(engine, placed, layout, layers)
     return probe
 
 
 # The hooks the study needs; the library's selectors never call repair or last_row_scores, and the row filter
 # is off outside a last-rows score.
 query.probe = _study_probe
-attention.grouped_attention = _grouped_attention_last_rows
+attention.grouped_attention = _study_grouped_attention
 
 
 def candidates(ratio: float) -> dict[str, dict]:
@@ -300,6 +348,11 @@ def candidates(ratio: float) -> dict[str, dict]:
                     "from_q": -0.1615,
                 }
             },
+        },
+        # Round 12: InfoFlow's score with each head's attention weighted by the key's value norm.
+        **{
+            name: {"selector": "study-value-sinkflow", "ratio": ratio, "selector_options": {"sink": k}}
+            for name, k in (("vinfoflow", 0), ("sink8+vinfoflow", 8))
         },
         **{
             f"sinkshare{share}+infoflow": {

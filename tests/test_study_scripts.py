@@ -30,7 +30,7 @@ def study():
         yield SimpleNamespace(
             **{
                 name: importlib.import_module(name)
-                for name in ("stale_gap", "self_sensitivity", "oracle_ranker", "sink_attention")
+                for name in ("selector_study", "stale_gap", "self_sensitivity", "oracle_ranker", "sink_attention")
             }
         )
     finally:
@@ -118,6 +118,32 @@ def test_picks_take_the_passage_heads_first_and_keep_the_budget(question, study)
     assert set(heads.tolist()) <= set(chosen.tolist()) and bool(placed.candidate[chosen].all())
     plain = study.self_sensitivity.picks(placed, values, 5)
     assert plain.tolist() == placed.candidate.nonzero()[-5:, 0].tolist()
+
+
+def test_value_weighted_score_is_infoflows_with_unit_values_and_scales_with_a_keys_value_norm(study):
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 6, 5, 8), torch.randn(1, 2, 12, 8)  # 3 query heads per K/V head, 9 scored keys
+    mask = torch.zeros(1, 1, 5, 12)
+    mask[:, :, :2, 10:] = float("-inf")  # the first rows do not see the last keys
+    _, plain = study.selector_study._plain_grouped_attention(q, k, None, mask, 0.35, 9)
+    ones = torch.ones(2, 9)
+    assert torch.allclose(study.selector_study._value_weighted_scores(q, k, mask, 0.35, ones), plain, atol=1e-6)
+    norms = ones.clone()
+    norms[:, 3] = 2.5  # key 3's value is 2.5 times as long under both K/V heads
+    weighted = study.selector_study._value_weighted_scores(q, k, mask, 0.35, norms)
+    assert float(weighted[3]) == pytest.approx(2.5 * float(plain[3]), rel=1e-5)
+    others = torch.arange(9) != 3
+    assert torch.allclose(weighted[others], plain[others], atol=1e-6)
+
+
+def test_value_weighted_sinkflow_takes_the_passage_heads_then_the_value_weighted_ranking(engine, question, study):
+    placed, layers = question.placed, engine.score_layers
+    probe = study.selector_study._study_probe(engine, placed, question.layout)
+    budget = passage_heads(placed, 2).numel() + 5
+    chosen = study.selector_study.ValueWeightedSinkFlow(sink=2, layers=layers).select(placed, budget, probe)
+    assert chosen.numel() == budget and bool(placed.candidate[chosen].all())
+    assert torch.equal(chosen, study.self_sensitivity.picks(placed, probe.value_scores(layers), budget, sink=2))
+    assert not torch.equal(probe.value_scores(layers), probe.scores(layers))  # the weighting changes the ranking input
 
 
 def test_auc_orders_positives_above_negatives(study):
