@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -126,10 +127,42 @@ class RepairedSinkFlow(SinkFlowSelector):
         if budget == first.numel():
             return first.sort().values
         probe.repair(first)  # writes the sinks' (and the fresh tokens') full-context K/V into the placed buffers
-        rest = placed.candidate.clone()
-        rest[first] = False
-        picks = top_candidates(probe.scores(self.layers, self.heads), rest, budget - first.numel())
-        return torch.cat([first, picks]).sort().values
+        return _first_then_ranked(placed, budget, first, probe.scores(self.layers, self.heads))
+
+
+def _first_then_ranked(placed: PlacedContext, budget: int, first: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """``first`` (≤ budget indices), then the top of ``scores`` (N,) among the other candidates. -> (budget,)"""
+    rest = placed.candidate.clone()
+    rest[first] = False
+    return torch.cat([first, top_candidates(scores, rest, budget - first.numel())]).sort().values
+
+
+TITLE_CAP = 16  # a passage whose first 16 tokens hold no colon has no title here: its first 8 tokens stand in
+
+
+@register
+class TitleSinkFlow(InfoFlowSelector):
+    """sinkflow with the head tokens chosen by content (round 13): each passage opens with "{title}: ", so
+    ``part="title"`` repairs the title and its colon, ``part="after"`` the ``k`` tokens right after the colon (early
+    in the passage, but not the title); the rest of the budget by InfoFlow's score."""
+
+    name = "study-title-sinkflow"
+
+    def __init__(self, part: str = "title", k: int = 8, layers: list[int] | None = None):
+        super().__init__(layers)
+        self.part, self.k = part, k
+
+    def select(self, placed: PlacedContext, budget: int, probe: Probe) -> torch.Tensor:
+        colon = probe.colon_ids()  # (c,) token ids whose text holds a colon
+        heads = []
+        for start, end in recomputable_spans(placed):
+            opening = placed.token_ids[start : min(end, start + TITLE_CAP)]
+            hits = torch.isin(opening, colon).nonzero()
+            title_end = start + int(hits[0, 0]) + 1 if hits.numel() else start + min(8, end - start)
+            part = (start, title_end) if self.part == "title" else (title_end, min(end, title_end + self.k))
+            heads.extend(range(*part))
+        first = torch.tensor(heads, dtype=torch.long)[:budget]
+        return _first_then_ranked(placed, budget, first, probe.scores(self.layers))
 
 
 @register
@@ -280,7 +313,15 @@ def _study_probe(engine: Engine, placed: PlacedContext, layout: Layout) -> Probe
     probe.repair = lambda chosen: recompute.recompute(engine.model, placed, chosen, *query.fresh_inputs(layout))
     probe.last_row_scores = lambda layers, rows: _last_row_scores(engine, placed, layout, layers, rows)
     probe.value_scores = lambda layers: _value_scores(engine, placed, layout, layers)
+    probe.colon_ids = lambda: _colon_ids(engine)
     return probe
+
+
+@functools.cache
+def _colon_ids(engine: Engine) -> torch.Tensor:
+    """(c,) ids of the vocabulary's tokens whose text holds a colon."""
+    vocabulary = engine.tokenizer.convert_ids_to_tokens(list(range(len(engine.tokenizer))))
+    return torch.tensor([i for i, token in enumerate(vocabulary) if token and ":" in token], dtype=torch.long)
 
 
 # The hooks the study needs; the library's selectors never call repair or last_row_scores, and the row filter
@@ -349,6 +390,9 @@ def candidates(ratio: float) -> dict[str, dict]:
                 }
             },
         },
+        # Round 13: the head tokens by content: the title (through its colon), or 8 tokens right after it.
+        "title+infoflow": {"selector": "study-title-sinkflow", "ratio": ratio, "selector_options": {"part": "title"}},
+        "after8+infoflow": {"selector": "study-title-sinkflow", "ratio": ratio, "selector_options": {"part": "after"}},
         # Round 12: InfoFlow's score with each head's attention weighted by the key's value norm.
         **{
             name: {"selector": "study-value-sinkflow", "ratio": ratio, "selector_options": {"sink": k}}

@@ -13,7 +13,7 @@ import torch
 from conftest import PASSAGES, QUESTION
 
 from infoflow_rag.engine import Engine, query
-from infoflow_rag.engine.selection import SELECTORS, passage_heads
+from infoflow_rag.engine.selection import SELECTORS, Probe, passage_heads, recomputable_spans
 from infoflow_rag.eval.datasets import EvalExample
 
 NOTHING = torch.empty(0, dtype=torch.long)
@@ -144,6 +144,26 @@ def test_value_weighted_sinkflow_takes_the_passage_heads_then_the_value_weighted
     assert chosen.numel() == budget and bool(placed.candidate[chosen].all())
     assert torch.equal(chosen, study.self_sensitivity.picks(placed, probe.value_scores(layers), budget, sink=2))
     assert not torch.equal(probe.value_scores(layers), probe.scores(layers))  # the weighting changes the ranking input
+
+
+@pytest.mark.parametrize("part", ["title", "after"])
+def test_title_heads_are_each_passages_title_through_its_colon_or_the_tokens_right_after_it(engine, study, part):
+    titles = ["Rhine", "Marie Curie", "Canberra", "Basalt"]
+    kvs = engine.prefill([f"{title}: {text}" for title, text in zip(titles, PASSAGES, strict=True)])
+    placed = engine.prepare(QUESTION, kvs, selector="none").placed
+    expected = []
+    for (start, end), title in zip(recomputable_spans(placed), titles[1:], strict=True):  # the first is exact
+        texts = [engine.tokenizer.decode([t]) for t in placed.token_ids[start:end].tolist()]
+        colon = start + next(i for i, text in enumerate(texts) if ":" in text)
+        assert engine.tokenizer.decode(placed.token_ids[start : colon + 1]).strip() == f"{title}:"
+        expected += range(start, colon + 1) if part == "title" else range(colon + 1, colon + 3)
+    values = torch.arange(placed.token_ids.numel(), dtype=torch.float64)  # the last token ranks first
+    ranking = Probe(question_scores=lambda layers, heads: values, layer_kv=None)
+    ranking.colon_ids = lambda: study.selector_study._colon_ids(engine)
+    selector = study.selector_study.TitleSinkFlow(part=part, k=2, layers=[0])
+    chosen = selector.select(placed, len(expected) + 1, ranking)
+    last = int(placed.candidate.nonzero()[-1, 0])
+    assert chosen.tolist() == sorted([*expected, last])
 
 
 def test_auc_orders_positives_above_negatives(study):
