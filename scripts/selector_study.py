@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import json
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -558,6 +559,19 @@ def ladder_summary(rows: list[dict], taus: tuple[float, ...] = (0.3, 0.1, 0.03, 
     return "\n".join(lines)
 
 
+def append_rows(out_path: Path, start: int, questions: int, rows_for: Callable[[EvalExample], Iterable[dict]]) -> None:
+    """For each HotpotQA development question START..START+N-1, append the rows ``rows_for(question)`` yields to
+    ``out_path``, a JSON line each, flushed as it is written, so a run cut short loses at most the row in hand;
+    ``rows_for`` yields nothing for what is on file already, which makes a rerun resume."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with out_path.open("a", encoding="utf-8") as out:
+        for number, ex in enumerate(load_hotpotqa("passage", start=start, limit=questions), start=1):
+            for row in rows_for(ex):
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+            print(f"{number}/{questions} {ex.id}", flush=True)
+
+
 def noise_floor(engine: Engine, start: int, questions: int, out_path: Path) -> None:
     """Rows of the pseudo-candidate ``full-bf16``: full prefill itself with the weights cast to bfloat16 (how
     models are usually served on GPUs), against full prefill in float32. Not a selector: the yardstick of what
@@ -565,27 +579,24 @@ def noise_floor(engine: Engine, start: int, questions: int, out_path: Path) -> N
     (``same_answer``), next to what each selector's stale cache costs."""
     bf16 = Engine(LoadedModel(copy.deepcopy(engine.model).to(torch.bfloat16), engine.tokenizer, "bf16", None))
     done = {r["id"] for r in _read(out_path) if r["candidate"] == "full-bf16"}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with out_path.open("a", encoding="utf-8") as out:
-        for number, ex in enumerate(load_hotpotqa("passage", start=start, limit=questions), start=1):
-            if ex.id in done:
-                continue
-            ref, _ = _full_reference(engine, ex)
-            answer_ids = ref.answer_ids
-            started = time.perf_counter()
-            low = bf16.prepare(ex.question, ex.passages, **FULL_PREFILL)
-            row = {"id": ex.id, "candidate": "full-bf16", "prepare_s": time.perf_counter() - started}
-            row["answer_tokens"] = len(answer_ids)
-            row |= fidelity.answer_fidelity(ref, bf16.teacher_force(low, answer_ids)) | {
-                "full_p": _full_confidence(ref)
-            }
-            gold = engine.answer_token_ids(ex.answers[0])
-            row["gold_nll"] = fidelity.gold_nll(bf16.teacher_force(low, gold), gold)
-            row["same_answer"] = bf16.decode(low, max_new_tokens=MAX_NEW_TOKENS).answer_ids == answer_ids
-            row["prompt_tokens"] = low.layout.length
-            out.write(json.dumps(row) + "\n")
-            out.flush()
-            print(f"{number}/{questions} {ex.id} same_answer={row['same_answer']}", flush=True)
+
+    def rows_for(ex: EvalExample) -> Iterator[dict]:
+        if ex.id in done:
+            return
+        ref, _ = _full_reference(engine, ex)
+        answer_ids = ref.answer_ids
+        started = time.perf_counter()
+        low = bf16.prepare(ex.question, ex.passages, **FULL_PREFILL)
+        row = {"id": ex.id, "candidate": "full-bf16", "prepare_s": time.perf_counter() - started}
+        row["answer_tokens"] = len(answer_ids)
+        row |= fidelity.answer_fidelity(ref, bf16.teacher_force(low, answer_ids)) | {"full_p": _full_confidence(ref)}
+        gold = engine.answer_token_ids(ex.answers[0])
+        row["gold_nll"] = fidelity.gold_nll(bf16.teacher_force(low, gold), gold)
+        row["same_answer"] = bf16.decode(low, max_new_tokens=MAX_NEW_TOKENS).answer_ids == answer_ids
+        row["prompt_tokens"] = low.layout.length
+        yield row
+
+    append_rows(out_path, start, questions, rows_for)
 
 
 def _with_positions(rows: list[dict]) -> dict[str, dict[str, dict]]:

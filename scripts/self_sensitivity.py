@@ -30,6 +30,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +38,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from oracle_ranker import STALE_GAP, auc  # noqa: E402
-from selector_study import DEV_END, _read  # noqa: E402
+from selector_study import DEV_END, _read, append_rows  # noqa: E402
 from stale_gap import COMMON, RATIO, cache_forward, load_question, variant_table  # noqa: E402
 
 from infoflow_rag.engine import Engine, query  # noqa: E402
 from infoflow_rag.engine.placement import Layout, PlacedContext  # noqa: E402
 from infoflow_rag.engine.selection import Probe, SinkFlowSelector, ratio_budget  # noqa: E402
-from infoflow_rag.eval.datasets import load_hotpotqa  # noqa: E402
+from infoflow_rag.eval.datasets import EvalExample, load_hotpotqa  # noqa: E402
 from infoflow_rag.eval.runner import DEFAULT_PROMPT  # noqa: E402
 
 TOP = 4  # q's tokens the Fisher diagonal is summed over
@@ -200,25 +201,24 @@ def kl_run(start: int, questions: int, out_path: Path) -> None:
     """kl_answer of the library's selectors and of sensitivity-ranked picks at 15 %, teacher-forced as round 8."""
     engine = Engine.load("qwen2.5-0.5b")
     done = {(r["id"], r["variant"]) for r in _read(out_path)}
-    with out_path.open("a", encoding="utf-8") as out:
-        for number, ex in enumerate(load_hotpotqa("passage", start=start, limit=questions), start=1):
-            if (ex.id, LAST_VARIANT) in done:
-                continue
-            q, kvs = load_question(engine, ex)
-            budget = ratio_budget(q.placed, RATIO)
-            chosen = {m: engine.prepare(ex.question, kvs, selector=m, ratio=RATIO, **COMMON).chosen for m in LIBRARY}
-            signals = sensitivity(engine, q.placed, q.layout)
-            score = query.probe(engine, q.placed, q.layout).scores(engine.score_layers).double()
-            for name in RANKED:
-                ranked = signals[name][1:].sum(0).sqrt() * score  # (N,); layer 0 is never stale: left out
-                chosen[f"{name}×score"] = picks(q.placed, ranked, budget)
-                chosen[f"sink{SINK}+{name}×score"] = picks(q.placed, ranked, budget, SINK)
-            for name, selected in chosen.items():
-                if (ex.id, name) not in done:
-                    row = {"id": ex.id, "variant": name} | q.forced(selected) | {"picks": selected.tolist()}
-                    out.write(json.dumps(row) + "\n")
-                    out.flush()
-            print(f"{number}/{questions} {ex.id}", flush=True)
+
+    def rows_for(ex: EvalExample) -> Iterator[dict]:
+        if (ex.id, LAST_VARIANT) in done:
+            return
+        q, kvs = load_question(engine, ex)
+        budget = ratio_budget(q.placed, RATIO)
+        chosen = {m: engine.prepare(ex.question, kvs, selector=m, ratio=RATIO, **COMMON).chosen for m in LIBRARY}
+        signals = sensitivity(engine, q.placed, q.layout)
+        score = query.probe(engine, q.placed, q.layout).scores(engine.score_layers).double()
+        for name in RANKED:
+            ranked = signals[name][1:].sum(0).sqrt() * score  # (N,); layer 0 is never stale: left out
+            chosen[f"{name}×score"] = picks(q.placed, ranked, budget)
+            chosen[f"sink{SINK}+{name}×score"] = picks(q.placed, ranked, budget, SINK)
+        for name, selected in chosen.items():
+            if (ex.id, name) not in done:
+                yield {"id": ex.id, "variant": name} | q.forced(selected) | {"picks": selected.tolist()}
+
+    append_rows(out_path, start, questions, rows_for)
 
 
 def main() -> None:

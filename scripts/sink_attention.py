@@ -13,21 +13,21 @@ of tokens they are (what a flat attention would give them).
 
 from __future__ import annotations
 
-import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from selector_study import _read, per_question_main  # noqa: E402
+from selector_study import _read, append_rows, per_question_main  # noqa: E402
 from stale_gap import Question, load_question  # noqa: E402
 
 from infoflow_rag.engine import Engine  # noqa: E402
 from infoflow_rag.engine.placement import PlacedContext  # noqa: E402
 from infoflow_rag.engine.scoring import question_attention_scores  # noqa: E402
-from infoflow_rag.eval.datasets import load_hotpotqa  # noqa: E402
+from infoflow_rag.eval.datasets import EvalExample  # noqa: E402
 from infoflow_rag.eval.stats import mean_ci  # noqa: E402
 
 HEADS = (1, 2, 4, 8)  # first k tokens of each stale passage
@@ -66,15 +66,12 @@ def measure(q: Question) -> dict:
 
 def run(engine: Engine, start: int, questions: int, out_path: Path) -> None:
     done = {r["id"] for r in _read(out_path)}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with out_path.open("a", encoding="utf-8") as out:
-        for number, ex in enumerate(load_hotpotqa("passage", start=start, limit=questions), start=1):
-            if ex.id in done:
-                continue
-            q, _ = load_question(engine, ex)
-            out.write(json.dumps({"id": ex.id} | measure(q)) + "\n")
-            out.flush()
-            print(f"{number}/{questions} {ex.id}", flush=True)
+
+    def rows_for(ex: EvalExample) -> Iterator[dict]:
+        if ex.id not in done:
+            yield {"id": ex.id} | measure(load_question(engine, ex)[0])
+
+    append_rows(out_path, start, questions, rows_for)
 
 
 def summary(rows: list[dict]) -> str:

@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +49,7 @@ from selector_study import (  # noqa: E402
     _full_confidence,
     _full_reference,
     _read,
+    append_rows,
     by_name,
     kl_cells,
     paired_kl_cells,
@@ -65,7 +66,7 @@ from infoflow_rag.engine.selection import (  # noqa: E402
     top_candidates,
 )
 from infoflow_rag.eval import fidelity  # noqa: E402
-from infoflow_rag.eval.datasets import EvalExample, load_hotpotqa  # noqa: E402
+from infoflow_rag.eval.datasets import EvalExample  # noqa: E402
 from infoflow_rag.eval.runner import DEFAULT_PROMPT  # noqa: E402
 from infoflow_rag.eval.stats import mean_ci, shared_ids  # noqa: E402
 from infoflow_rag.kv import PassageKV  # noqa: E402
@@ -265,32 +266,29 @@ def variants(q: Question, ex: EvalExample, kvs: list[PassageKV]) -> dict[str, tu
 
 
 def run(engine: Engine, start: int, questions: int, out_path: Path) -> None:
-    rows = _read(out_path)
-    done = {(r["id"], r["variant"]) for r in rows}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with out_path.open("a", encoding="utf-8") as out:
-        for number, ex in enumerate(load_hotpotqa("passage", start=start, limit=questions), start=1):
-            if (ex.id, LAST_VARIANT) in done:
+    done = {(r["id"], r["variant"]) for r in _read(out_path)}
+
+    def rows_for(ex: EvalExample) -> Iterator[dict]:
+        if (ex.id, LAST_VARIANT) in done:
+            return
+        q, kvs = load_question(engine, ex)
+        for name, (arguments, extra) in variants(q, ex, kvs).items():
+            if (ex.id, name) in done:
                 continue
-            q, kvs = load_question(engine, ex)
-            todo = variants(q, ex, kvs)
-            for name, (arguments, extra) in todo.items():
-                if (ex.id, name) in done:
-                    continue
-                row = {"id": ex.id, "variant": name} | q.forced(**arguments) | extra
-                if name == "none":
-                    dev, total = q.deviation(), q.stale_total  # (L, N), its sum
-                    stale = [(s, e) for _, s, e in q.stale_passages]
-                    row["full_p"] = _full_confidence(q.ref)
-                    row["dev_by_layer"] = [round(float(x) / total, 6) for x in dev.sum(1)]
-                    row["dev_by_passage"] = [round(float(dev[:, s:e].sum()) / total, 6) for s, e in stale]
-                    row["context_tokens"] = q.placed.n_passage_tokens
-                    row["spans"] = stale  # (start, end) of each stale passage, in the placed tokens' indices
-                    row["gold_spans"] = [p in ex.meta.get("gold_passages", []) for p, _, _ in q.stale_passages]
-                    row["n_placed"] = q.placed.token_ids.numel()
-                out.write(json.dumps(row) + "\n")
-                out.flush()
-            print(f"{number}/{questions} {ex.id}", flush=True)
+            row = {"id": ex.id, "variant": name} | q.forced(**arguments) | extra
+            if name == "none":
+                dev, total = q.deviation(), q.stale_total  # (L, N), its sum
+                stale = [(s, e) for _, s, e in q.stale_passages]
+                row["full_p"] = _full_confidence(q.ref)
+                row["dev_by_layer"] = [round(float(x) / total, 6) for x in dev.sum(1)]
+                row["dev_by_passage"] = [round(float(dev[:, s:e].sum()) / total, 6) for s, e in stale]
+                row["context_tokens"] = q.placed.n_passage_tokens
+                row["spans"] = stale  # (start, end) of each stale passage, in the placed tokens' indices
+                row["gold_spans"] = [p in ex.meta.get("gold_passages", []) for p, _, _ in q.stale_passages]
+                row["n_placed"] = q.placed.token_ids.numel()
+            yield row
+
+    append_rows(out_path, start, questions, rows_for)
 
 
 def summary(rows: list[dict], baseline: str = "sinkflow") -> str:

@@ -3,6 +3,7 @@ cache with full prefill's, the gradients the effect oracle and the self-sensitiv
 against finite differences), and the small helpers the tables are built from."""
 
 import importlib
+import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -164,6 +165,25 @@ def test_title_heads_are_each_passages_title_through_its_colon_or_the_tokens_rig
     chosen = selector.select(placed, len(expected) + 1, ranking)
     last = int(placed.candidate.nonzero()[-1, 0])
     assert chosen.tolist() == sorted([*expected, last])
+
+
+def test_append_rows_writes_each_questions_rows_and_a_rerun_adds_only_what_is_missing(study, tmp_path):
+    out = tmp_path / "rows" / "study.jsonl"  # the folder does not exist yet
+
+    def run() -> None:  # as the study scripts do: skip the questions on file
+        done = {row["id"] for row in study.selector_study._read(out)}
+
+        def rows_for(ex):
+            return [] if ex.id in done else [{"id": ex.id, "part": part} for part in (1, 2)]
+
+        study.selector_study.append_rows(out, 0, 3, rows_for)
+
+    run()
+    first = out.read_text().splitlines()
+    assert len(first) == 6 and len({json.loads(line)["id"] for line in first}) == 3
+    out.write_text("\n".join(first[:2]) + "\n")  # as if cut short after the first question
+    run()
+    assert out.read_text().splitlines() == first
 
 
 def test_auc_orders_positives_above_negatives(study):
