@@ -151,6 +151,8 @@ class TitleSinkFlow(InfoFlowSelector):
 
     def __init__(self, part: str = "title", k: int = 8, layers: list[int] | None = None):
         super().__init__(layers)
+        if part not in ("title", "after"):
+            raise ValueError(f"study-title-sinkflow part must be 'title' or 'after', got {part!r}")
         self.part, self.k = part, k
 
     def select(self, placed: PlacedContext, budget: int, probe: Probe) -> torch.Tensor:
@@ -281,15 +283,9 @@ def _value_weighted_scores(query_, key, mask, scaling: float, value_norm: torch.
     adds to the query's output (Kobayashi et al., 2020): a sink-like key, read a lot but with a small value,
     adds little.
     """
-    b, n_heads, q_len, d = query_.shape
-    kv_heads, n_k = key.shape[1], key.shape[2]
-    group = n_heads // kv_heads
-    logits = (query_.reshape(b, kv_heads, group * q_len, d) @ key.transpose(-1, -2)).mul_(scaling)
-    logits = logits.view(b, kv_heads, group, q_len, n_k)
-    if mask is not None:
-        logits += mask[:, :, None]  # (B, 1, 1, q, K) over every head of a group
-    n = value_norm.shape[-1]
-    weighted = logits.softmax(dim=-1)[0, ..., :n] * value_norm[:, None, None, :]  # (kv_heads, group, q, N)
+    n_heads, q_len, n = query_.shape[1], query_.shape[2], value_norm.shape[-1]
+    probs = attention.attention_probabilities(query_, key, mask, scaling)  # (1, kv_heads, group, q, K)
+    weighted = probs[0, ..., :n] * value_norm[:, None, None, :]  # (kv_heads, group, q, N)
     return weighted.reshape(n_heads, q_len, n).mean(dim=0).pow(2).sum(dim=0).sqrt()
 
 

@@ -167,6 +167,11 @@ def test_title_heads_are_each_passages_title_through_its_colon_or_the_tokens_rig
     assert chosen.tolist() == sorted([*expected, last])
 
 
+def test_title_heads_name_the_bad_part(study):
+    with pytest.raises(ValueError, match="'title' or 'after', got 'titel'"):
+        study.selector_study.TitleSinkFlow(part="titel")
+
+
 def test_append_rows_writes_each_questions_rows_and_a_rerun_adds_only_what_is_missing(study, tmp_path):
     out = tmp_path / "rows" / "study.jsonl"  # the folder does not exist yet
 

@@ -152,6 +152,25 @@ def masked_sdpa(query, key, value, mask, scaling: float | None) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
+def attention_probabilities(
+    query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """softmax(QK^T * scaling + mask) of query rows over grouped K/V heads read in place.
+
+    query: (B, heads, q, d); key: (B, kv_heads, K, d); mask: additive (B, 1, q, K) or None.
+    Returns (B, kv_heads, group, q, K): query head g*group + j is [:, g, j].
+    """
+    b, n_heads, q_len, d = query.shape
+    kv_heads, n_k = key.shape[1], key.shape[2]
+    group = n_heads // kv_heads  # query heads g*group .. g*group+group-1 read K/V head g (transformers' repeat_kv)
+    # Scaled before the product: the question's rows are far fewer than the (rows, K) logits.
+    q = query.reshape(b, kv_heads, group * q_len, d) * scaling
+    logits = (q @ key.transpose(-1, -2)).view(b, kv_heads, group, q_len, n_k)
+    if mask is not None:
+        logits += mask[:, :, None]  # (B, 1, 1, q, K) over every head of a group
+    return logits.softmax(dim=-1)
+
+
 def grouped_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -182,12 +201,8 @@ def grouped_attention(
     for start in range(0, q_len, QUERY_CHUNK):
         stop = min(start + QUERY_CHUNK, q_len)
         rows = stop - start
-        # Scaled before the product: the question's rows are far fewer than the (rows, K) logits.
-        q = query[:, :, start:stop].reshape(b, kv_heads, group * rows, d) * scaling
-        logits = (q @ key.transpose(-1, -2)).view(b, kv_heads, group, rows, n_k)
-        if mask is not None:
-            logits += mask[:, :, None, start:stop]  # (B, 1, 1, rows, K) over every head of a group
-        probs = logits.softmax(dim=-1)  # (B, kv_heads, group, rows, K)
+        rows_mask = None if mask is None else mask[:, :, start:stop]
+        probs = attention_probabilities(query[:, :, start:stop], key, rows_mask, scaling)  # (B, kv, group, rows, K)
         if out is not None:
             out[:, :, :, start:stop] = (probs.view(b, kv_heads, group * rows, n_k) @ value).view(
                 b, kv_heads, group, rows, d
