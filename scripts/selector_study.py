@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from infoflow_rag.engine import Engine, attention, query, recompute, scoring
-from infoflow_rag.engine.placement import Layout, PlacedContext
+from infoflow_rag.engine.placement import Layout, PlacedContext, rotate_keys
 from infoflow_rag.engine.query import Prepared
 from infoflow_rag.engine.selection import (
     InfoFlowSelector,
@@ -54,6 +54,7 @@ from infoflow_rag.models import LoadedModel
 LADDER = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
 DEV_END = 1000  # questions from 1000 on are held out; from 5000 on reserved for independent checks
 MAX_NEW_TOKENS = 32
+CALIBRATION_FIT = "runs/stale-calibration-qwen2.5-0.5b.pt"  # scripts/stale_calibration.py --fit-out, questions 0-31
 
 
 @register
@@ -197,6 +198,52 @@ class ValueWeightedSinkFlow(SinkFlowSelector):
         return super().select(placed, budget, weighted)
 
 
+@functools.cache
+def _load_fit(path: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{"k"|"v": (a (L, kv_heads), b (L, kv_heads, d))} as scripts/stale_calibration.py saved it."""
+    return torch.load(path)
+
+
+def calibrate_stale(placed: PlacedContext, fit: dict, inv_freq: torch.Tensor, parts: str = "kv") -> None:
+    """In place: every stale (recomputable) token's K/V mapped by a fitted affine map per layer and K/V head,
+    y = a * x + b, keys in the pre-RoPE frame: k' = a * k + R(p) b. Exact tokens (prefix, first passage) and fresh
+    slots are not touched. Round 14."""
+    if not placed.cached_first:
+        raise ValueError("calibrate_stale needs the global geometry (the placed keys are views of the prompt's)")
+    entries = placed.positions[placed.candidate]  # (S,) stale tokens' prompt positions
+    (a_k, b_k), (a_v, b_v) = fit["k"], fit["v"]
+    n_layers, kv_heads, d = b_k.shape
+    offset_k = rotate_keys(b_k[:, :, None, :].expand(n_layers, kv_heads, entries.numel(), d), entries, inv_freq)
+    keys, values = placed.prompt_keys, placed.prompt_values  # (L, kv_heads, M, d)
+    if "k" in parts:
+        keys[:, :, entries] = a_k[:, :, None, None] * keys[:, :, entries] + offset_k
+    if "v" in parts:
+        values[:, :, entries] = a_v[:, :, None, None] * values[:, :, entries] + b_v[:, :, None, :]
+
+
+@register
+class CalibratedSelector(InfoFlowSelector):
+    """Round 14: the stale cache first moved by the fitted affine map (:func:`calibrate_stale`), then ``inner``'s
+    picks on it ("none": nothing recomputed). The map costs a pass over the stale K/V, no model layer."""
+
+    name = "study-calibrated"
+    INNER = {"none": None, "sinkflow": SinkFlowSelector, "infoflow": InfoFlowSelector}
+
+    def __init__(self, fit: str, inner: str = "sinkflow", parts: str = "kv", layers: list[int] | None = None):
+        super().__init__(layers)
+        self.parts = parts
+        if inner not in self.INNER:
+            raise ValueError(f"study-calibrated inner must be one of {', '.join(self.INNER)}, got {inner!r}")
+        self.fit, self.inner = fit, inner
+
+    def select(self, placed: PlacedContext, budget: int, probe: Probe) -> torch.Tensor:
+        calibrate_stale(placed, _load_fit(self.fit), probe.inv_freq, self.parts)
+        inner = self.INNER[self.inner]
+        if inner is None:
+            return torch.empty(0, dtype=torch.long)
+        return inner(layers=self.layers).select(placed, budget, probe)
+
+
 def token_features(placed: PlacedContext, probe: Probe, layers: list[int], names: tuple[str, ...]) -> torch.Tensor:
     """(N, len(names)) per placed token (0 outside recomputable passages): InfoFlow's score, CacheBlend's layer-1
     deviation, whether it is among its passage's first 8 tokens, its offset and relative offset in the passage,
@@ -311,6 +358,7 @@ def _study_probe(engine: Engine, placed: PlacedContext, layout: Layout) -> Probe
     probe.last_row_scores = lambda layers, rows: _last_row_scores(engine, placed, layout, layers, rows)
     probe.value_scores = lambda layers: _value_scores(engine, placed, layout, layers)
     probe.colon_ids = lambda: _colon_ids(engine)
+    probe.inv_freq = engine.inv_freq
     return probe
 
 
@@ -394,6 +442,23 @@ def candidates(ratio: float) -> dict[str, dict]:
         **{
             name: {"selector": "study-value-sinkflow", "ratio": ratio, "selector_options": {"sink": k}}
             for name, k in (("vinfoflow", 0), ("sink8+vinfoflow", 8))
+        },
+        # Round 14: the stale cache moved by an affine map fitted on other development questions, then each rule.
+        **{
+            f"calibrated+{inner}": {
+                "selector": "study-calibrated",
+                "ratio": ratio,
+                "selector_options": {"fit": CALIBRATION_FIT, "inner": inner},
+            }
+            for inner in ("none", "sinkflow", "infoflow")
+        },
+        **{
+            f"calibrated-{parts}+none": {
+                "selector": "study-calibrated",
+                "ratio": ratio,
+                "selector_options": {"fit": CALIBRATION_FIT, "inner": "none", "parts": parts},
+            }
+            for parts in ("k", "v")
         },
         **{
             f"sinkshare{share}+infoflow": {

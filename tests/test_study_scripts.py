@@ -14,6 +14,7 @@ import torch
 from conftest import PASSAGES, QUESTION
 
 from infoflow_rag.engine import Engine, query
+from infoflow_rag.engine.placement import rotate_keys
 from infoflow_rag.engine.selection import SELECTORS, Probe, passage_heads, recomputable_spans
 from infoflow_rag.eval.datasets import EvalExample
 
@@ -31,7 +32,14 @@ def study():
         yield SimpleNamespace(
             **{
                 name: importlib.import_module(name)
-                for name in ("selector_study", "stale_gap", "self_sensitivity", "oracle_ranker", "sink_attention")
+                for name in (
+                    "selector_study",
+                    "stale_gap",
+                    "self_sensitivity",
+                    "oracle_ranker",
+                    "sink_attention",
+                    "stale_calibration",
+                )
             }
         )
     finally:
@@ -233,3 +241,56 @@ def test_sink_measure_compares_the_stale_cache_with_full_prefills_on_every_layer
         assert all(0 < stale[h] <= 1 and 0 < full[h] <= 1 for h in stale)
     # the cache is stale, so the shares move on at least one group of layers
     assert any(row[name]["stale"] != pytest.approx(row[name]["full"], rel=1e-3) for name in groups)
+
+
+def test_the_affine_fit_recovers_a_known_map_and_measures_what_it_removes(study):
+    cal = study.stale_calibration
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 500, 8, dtype=torch.float64)  # (L, kv_heads, S, d)
+    a, b = torch.tensor([[0.9, 1.1]] * 3, dtype=torch.float64), torch.randn(3, 2, 8, dtype=torch.float64)
+    noise = 0.01 * torch.randn_like(x)
+    y = a[:, :, None, None] * x + b[:, :, None, :] + noise
+    stats = {
+        "Sxy": (x * y).sum((2, 3)),
+        "Sxx": (x * x).sum((2, 3)),
+        "Syy": (y * y).sum((2, 3)),
+        "sx": x.sum(2),
+        "sy": y.sum(2),
+        "n": x.shape[2],
+    }
+    fitted_a, fitted_b = cal.fit(stats)
+    assert torch.allclose(fitted_a, a, atol=1e-3) and torch.allclose(fitted_b, b, atol=2e-3)
+    left = float(noise.pow(2).sum() / (y - x).pow(2).sum())
+    assert cal.explained(stats, fitted_a, fitted_b) == pytest.approx(1 - left, abs=1e-4)
+    assert cal.explained(stats, torch.ones_like(a), torch.zeros_like(b)) == pytest.approx(0, abs=1e-12)
+
+
+def test_question_stats_cover_every_stale_token_once_and_sum_the_stale_caches_deviation(engine, question, study):
+    cal = study.stale_calibration
+    stats = cal.question_stats(engine, QUESTION, PASSAGES)
+    stale = question.positions[question.placed.candidate]
+    for part, s_, f_ in (("k", question.stale_k, question.fresh_k), ("v", question.stale_v, question.fresh_v)):
+        s = cal.pooled([stats], [(part, b) for b in range(len(cal.BUCKETS))])
+        assert s["n"] == stale.numel()
+        # RoPE is a rotation: the deviation summed in the pre-RoPE frame is the cache's own
+        direct = (f_[:, :, stale].double() - s_[:, :, stale].double()).pow(2).sum()
+        assert float((s["Syy"] - 2 * s["Sxy"] + s["Sxx"]).sum()) == pytest.approx(float(direct), rel=1e-6)
+        assert float(direct) > 0
+
+
+def test_calibrate_stale_moves_only_the_stale_tokens_by_the_map(engine, study):
+    placed = engine.prepare(QUESTION, engine.prefill(PASSAGES), selector="none").placed
+    keys, values = placed.prompt_keys.clone(), placed.prompt_values.clone()  # (L, kv_heads, M, d)
+    layers, kv_heads, _, d = keys.shape
+    torch.manual_seed(1)
+    b_k, b_v = torch.randn(layers, kv_heads, d), torch.randn(layers, kv_heads, d)
+    fit = {"k": (torch.full((layers, kv_heads), 0.5), b_k), "v": (torch.full((layers, kv_heads), 2.0), b_v)}
+    study.selector_study.calibrate_stale(placed, fit, engine.inv_freq)
+    stale, exact = placed.positions[placed.candidate], placed.positions[~placed.candidate]
+    assert stale.numel() and exact.numel()
+    assert torch.equal(placed.prompt_keys[:, :, exact], keys[:, :, exact])
+    assert torch.equal(placed.prompt_values[:, :, exact], values[:, :, exact])
+    unrotated = rotate_keys(placed.prompt_keys[:, :, stale] - 0.5 * keys[:, :, stale], -stale, engine.inv_freq)
+    assert torch.allclose(unrotated, b_k[:, :, None, :].expand_as(unrotated), atol=1e-5)  # R(p) b at position p
+    assert torch.allclose(placed.prompt_values[:, :, stale], 2.0 * values[:, :, stale] + b_v[:, :, None, :], atol=1e-6)
+    assert torch.equal(placed.keys, placed.prompt_keys[:, :, : placed.positions.numel()])  # the scoring views see it
