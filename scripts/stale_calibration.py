@@ -49,15 +49,21 @@ def question_stats(engine: Engine, question: str, passages: list[str]) -> dict[t
             x, y = stale[:, :, entries].double(), fresh[:, :, entries].double()  # (L, kv_heads, S, d)
             if part == "k":  # RoPE undone: R(-p) k, so that an offset b means R(p) b at every position p
                 x, y = (rotate_keys(t, -entries, engine.inv_freq.double()) for t in (x, y))
-            stats[part, bucket] = {
-                "Sxy": (x * y).sum((2, 3)),
-                "Sxx": (x * x).sum((2, 3)),
-                "Syy": (y * y).sum((2, 3)),
-                "sx": x.sum(2),
-                "sy": y.sum(2),
-                "n": x.shape[2],
-            }
+            stats[part, bucket] = sufficient_stats(x, y)
     return stats
+
+
+def sufficient_stats(x: torch.Tensor, y: torch.Tensor) -> dict:
+    """What the fit and its residual need of x, y (L, kv_heads, S, d): <x, y>, <x, x>, <y, y> summed over tokens
+    (L, kv_heads), x and y summed (L, kv_heads, d), and the token count."""
+    return {
+        "Sxy": (x * y).sum((2, 3)),
+        "Sxx": (x * x).sum((2, 3)),
+        "Syy": (y * y).sum((2, 3)),
+        "sx": x.sum(2),
+        "sy": y.sum(2),
+        "n": x.shape[2],
+    }
 
 
 def pooled(per_question: list[dict], keys: list[tuple[str, int]]) -> dict:

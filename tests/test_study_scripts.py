@@ -250,14 +250,7 @@ def test_the_affine_fit_recovers_a_known_map_and_measures_what_it_removes(study)
     a, b = torch.tensor([[0.9, 1.1]] * 3, dtype=torch.float64), torch.randn(3, 2, 8, dtype=torch.float64)
     noise = 0.01 * torch.randn_like(x)
     y = a[:, :, None, None] * x + b[:, :, None, :] + noise
-    stats = {
-        "Sxy": (x * y).sum((2, 3)),
-        "Sxx": (x * x).sum((2, 3)),
-        "Syy": (y * y).sum((2, 3)),
-        "sx": x.sum(2),
-        "sy": y.sum(2),
-        "n": x.shape[2],
-    }
+    stats = cal.sufficient_stats(x, y)
     fitted_a, fitted_b = cal.fit(stats)
     assert torch.allclose(fitted_a, a, atol=1e-3) and torch.allclose(fitted_b, b, atol=2e-3)
     left = float(noise.pow(2).sum() / (y - x).pow(2).sum())
