@@ -201,6 +201,8 @@ class ValueWeightedSinkFlow(SinkFlowSelector):
 @functools.cache
 def _load_fit(path: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{"k"|"v": (a (L, kv_heads), b (L, kv_heads, d))} as scripts/stale_calibration.py saved it."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no fitted map at {path}: run scripts/stale_calibration.py --fit-out {path} first")
     return torch.load(path)
 
 
@@ -231,10 +233,11 @@ class CalibratedSelector(InfoFlowSelector):
 
     def __init__(self, fit: str, inner: str = "sinkflow", parts: str = "kv", layers: list[int] | None = None):
         super().__init__(layers)
-        self.parts = parts
         if inner not in self.INNER:
             raise ValueError(f"study-calibrated inner must be one of {', '.join(self.INNER)}, got {inner!r}")
-        self.fit, self.inner = fit, inner
+        if parts not in ("kv", "k", "v"):
+            raise ValueError(f"study-calibrated parts must be 'kv', 'k' or 'v', got {parts!r}")
+        self.fit, self.inner, self.parts = fit, inner, parts
 
     def select(self, placed: PlacedContext, budget: int, probe: Probe) -> torch.Tensor:
         calibrate_stale(placed, _load_fit(self.fit), probe.inv_freq, self.parts)

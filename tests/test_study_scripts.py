@@ -287,3 +287,13 @@ def test_calibrate_stale_moves_only_the_stale_tokens_by_the_map(engine, study):
     assert torch.allclose(unrotated, b_k[:, :, None, :].expand_as(unrotated), atol=1e-5)  # R(p) b at position p
     assert torch.allclose(placed.prompt_values[:, :, stale], 2.0 * values[:, :, stale] + b_v[:, :, None, :], atol=1e-6)
     assert torch.equal(placed.keys, placed.prompt_keys[:, :, : placed.positions.numel()])  # the scoring views see it
+
+
+def test_calibrated_selector_names_a_bad_option_and_a_missing_map(study, tmp_path):
+    with pytest.raises(ValueError, match="got 'q'"):
+        study.selector_study.CalibratedSelector(fit="x", parts="q")
+    with pytest.raises(ValueError, match="got 'epic'"):
+        study.selector_study.CalibratedSelector(fit="x", inner="epic")
+    missing = str(tmp_path / "map.pt")
+    with pytest.raises(FileNotFoundError, match="stale_calibration.py --fit-out"):
+        study.selector_study._load_fit(missing)
