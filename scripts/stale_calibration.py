@@ -4,7 +4,8 @@ Per development question, the stale cache (passages prefilled alone, placed) and
 prompt; per layer, K/V head and passage-offset bucket, the sufficient statistics of an affine map full ~ a * stale
 + b (keys in the pre-RoPE frame, so one offset serves every position). The map is fitted on the first half of the
 questions and its share of the squared deviation is measured on the second half; ``--fit-out`` saves the map
-fitted on all of them, which ``selector_study.py``'s ``calibrated+*`` candidates apply to the stale tokens.
+fitted on all of them, which ``selector_study.py``'s ``calibrated+*`` candidates apply to the stale tokens. Each
+question's statistics are kept beside it (``FIT_OUT.stats``) as they come, so a cut run resumes where it stopped.
 
     .venv/bin/python scripts/stale_calibration.py --start 0 --questions 32 --fit-out runs/stale-calibration.pt
 """
@@ -12,6 +13,7 @@ fitted on all of them, which ``selector_study.py``'s ``calibrated+*`` candidates
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from pathlib import Path
 
@@ -19,26 +21,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from selector_study import DEV_END  # noqa: E402
-from stale_gap import COMMON  # noqa: E402
+from stale_gap import COMMON, stale_beside_full  # noqa: E402
 
 from infoflow_rag.engine import Engine  # noqa: E402
-from infoflow_rag.engine.cache import stacked  # noqa: E402
 from infoflow_rag.engine.placement import rotate_keys  # noqa: E402
 from infoflow_rag.engine.selection import recomputable_spans  # noqa: E402
-from infoflow_rag.eval.datasets import load_hotpotqa  # noqa: E402
+from infoflow_rag.eval.datasets import EvalExample, load_hotpotqa  # noqa: E402
+from infoflow_rag.files import atomic_write  # noqa: E402
 
 BUCKETS = ((0, 1), (1, 2), (2, 4), (4, 8), (8, 16), (16, None))  # token offset within its passage: [lo, hi)
-FIELDS = ("Sxy", "Sxx", "Syy", "sx", "sy", "n")
 
 
 def question_stats(engine: Engine, question: str, passages: list[str]) -> dict[tuple[str, int], dict]:
     """(K or V, bucket) -> sums over the stale tokens of <x, y>, <x, x>, <y, y> (L, kv_heads), x and y (L, kv_heads,
     d), and the count; x stale, y full prefill's."""
     full = engine.prepare(question, passages, selector="full", **COMMON)
-    base = engine.prepare(question, engine.prefill(passages), selector="none", **COMMON)
-    if not torch.equal(base.layout.token_ids(), full.layout.token_ids()):
-        raise RuntimeError("the cached and the full prompt differ")
-    full_k, full_v = (t[:, 0, :, : base.layout.length] for t in stacked(full.out.cache))  # (L, kv_heads, M, d)
+    base, full_k, full_v = stale_beside_full(engine, question, engine.prefill(passages), full)  # (L, kv_heads, M, d)
     offset = torch.full((base.placed.token_ids.numel(),), -1)
     for start, end in recomputable_spans(base.placed):
         offset[start:end] = torch.arange(end - start)
@@ -67,7 +65,9 @@ def sufficient_stats(x: torch.Tensor, y: torch.Tensor) -> dict:
 
 
 def pooled(per_question: list[dict], keys: list[tuple[str, int]]) -> dict:
-    return {f: sum(q[k][f] for q in per_question for k in keys) for f in FIELDS}
+    """The statistics of ``keys`` ((K or V, bucket) pairs) summed over the questions."""
+    fields = per_question[0][keys[0]]
+    return {f: sum(q[k][f] for q in per_question for k in keys) for f in fields}
 
 
 def fit(s: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,6 +111,26 @@ def report(per_question: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def collect(engine: Engine, examples: list[EvalExample], stats_path: Path) -> list[dict]:
+    """Each example's :func:`question_stats`, in order. Saved to ``stats_path`` (by question id) after every
+    question, and read back from it, so a cut run resumes where it stopped."""
+    done = torch.load(stats_path) if stats_path.exists() else {}
+    for number, ex in enumerate(examples, start=1):
+        if ex.id not in done:
+            done[ex.id] = question_stats(engine, ex.question, ex.passages)
+            save_atomically(done, stats_path)
+        print(f"{number}/{len(examples)} {ex.id}", flush=True)
+    return [done[ex.id] for ex in examples]
+
+
+def save_atomically(obj, path: Path) -> None:
+    """torch.save, written with the library's atomic_write: a crash mid-write leaves the previous file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, buffer.getbuffer())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen2.5-0.5b")
@@ -121,15 +141,12 @@ def main() -> None:
     if args.start + args.questions > DEV_END:
         parser.error(f"development questions only: start + questions must be <= {DEV_END}")
     engine = Engine.load(args.model, check=False)
-    per_question = []
-    for number, ex in enumerate(load_hotpotqa("passage", start=args.start, limit=args.questions), start=1):
-        per_question.append(question_stats(engine, ex.question, ex.passages))
-        print(f"{number}/{args.questions} {ex.id}", flush=True)
+    examples = load_hotpotqa("passage", start=args.start, limit=args.questions)
+    per_question = collect(engine, examples, args.fit_out.with_name(args.fit_out.name + ".stats"))
     print(report(per_question))
     every = list(range(len(BUCKETS)))
     fitted = {part: tuple(t.float() for t in fit(pooled(per_question, [(part, b) for b in every]))) for part in "kv"}
-    args.fit_out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(fitted, args.fit_out)
+    save_atomically(fitted, args.fit_out)
     print(f"saved the map fitted on {len(per_question)} questions to {args.fit_out}")
 
 

@@ -59,6 +59,7 @@ from selector_study import (  # noqa: E402
 from infoflow_rag.engine import Engine, query, recompute  # noqa: E402
 from infoflow_rag.engine.cache import SlottedLayer, position_mask, stacked  # noqa: E402
 from infoflow_rag.engine.placement import Layout, PlacedContext  # noqa: E402
+from infoflow_rag.engine.query import Prepared  # noqa: E402
 from infoflow_rag.engine.selection import (  # noqa: E402
     SinkFlowSelector,
     ratio_budget,
@@ -213,15 +214,23 @@ def effect_picks(q: Question, budget: int, steps: int) -> torch.Tensor:
     return chosen
 
 
+def stale_beside_full(
+    engine: Engine, question: str, kvs: list[PassageKV], full: Prepared
+) -> tuple[Prepared, torch.Tensor, torch.Tensor]:
+    """The stale cache placed for ``full``'s prompt (nothing recomputed), and full prefill's K/V for it.
+    -> the stale query, full's keys and values (L, kv_heads, M, d) in prompt order"""
+    base = engine.prepare(question, kvs, selector="none", **COMMON)
+    if not torch.equal(base.layout.token_ids(), full.layout.token_ids()):
+        raise RuntimeError(f"the cached and the full prompt differ for the question {question[:60]!r}")
+    fresh_k, fresh_v = (t[:, 0, :, : base.layout.length] for t in stacked(full.out.cache))  # decoding's entries cut
+    return base, fresh_k, fresh_v
+
+
 def load_question(engine: Engine, ex: EvalExample) -> tuple[Question, list[PassageKV]]:
     """Full's reference and K/V, and the stale cache placed for the same prompt; the passages' KV too."""
     ref, full = _full_reference(engine, ex)
     kvs = engine.prefill(ex.passages)
-    base = engine.prepare(ex.question, kvs, selector="none", **COMMON)
-    if not torch.equal(base.layout.token_ids(), full.layout.token_ids()):
-        raise RuntimeError(f"{ex.id}: the cached and the full prompt differ")
-    m = base.layout.length
-    fresh_k, fresh_v = (t[:, 0, :, :m] for t in stacked(full.out.cache))  # (L, kv_heads, M, d)
+    base, fresh_k, fresh_v = stale_beside_full(engine, ex.question, kvs, full)
     stale_k, stale_v = base.placed.prompt_keys.clone(), base.placed.prompt_values.clone()
     return Question(engine, ref, base.layout, base.placed, fresh_k, fresh_v, stale_k, stale_v), kvs
 

@@ -271,6 +271,20 @@ def test_question_stats_cover_every_stale_token_once_and_sum_the_stale_caches_de
         assert float(direct) > 0
 
 
+def test_collect_keeps_each_questions_stats_and_a_rerun_computes_only_the_missing(engine, study, tmp_path, monkeypatch):
+    cal = study.stale_calibration
+    examples = [EvalExample(f"t{i}", QUESTION, ["Canberra"], PASSAGES) for i in range(2)]
+    path = tmp_path / "map.pt.stats"
+    first = cal.collect(engine, examples[:1], path)
+    assert path.exists() and list(torch.load(path)) == ["t0"]
+    asked = []
+    real = cal.question_stats
+    monkeypatch.setattr(cal, "question_stats", lambda *args: asked.append(args[1]) or real(*args))
+    both = cal.collect(engine, examples, path)
+    assert asked == [QUESTION] and list(torch.load(path)) == ["t0", "t1"]  # t0 came from the file
+    assert torch.equal(both[0][("k", 0)]["Sxy"], first[0][("k", 0)]["Sxy"])
+
+
 def test_calibrate_stale_moves_only_the_stale_tokens_by_the_map(engine, study):
     placed = engine.prepare(QUESTION, engine.prefill(PASSAGES), selector="none").placed
     keys, values = placed.prompt_keys.clone(), placed.prompt_values.clone()  # (L, kv_heads, M, d)
