@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from infoflow_rag.engine import Engine, attention, query, recompute, scoring
+from infoflow_rag.engine import Engine, attention, prefill, query, recompute, scoring
 from infoflow_rag.engine.placement import Layout, PlacedContext, rotate_keys
 from infoflow_rag.engine.query import Prepared
 from infoflow_rag.engine.selection import (
@@ -49,12 +49,32 @@ from infoflow_rag.eval.kl_mass import AnswerPositions, kl_mass_table
 from infoflow_rag.eval.results import drop_partial_line, read_json_lines
 from infoflow_rag.eval.runner import DEFAULT_PROMPT
 from infoflow_rag.eval.stats import Estimate, log_kl_diff, mean_ci, paired_diff, shared_ids
+from infoflow_rag.kv import PassageKV
 from infoflow_rag.models import LoadedModel
 
 LADDER = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
 DEV_END = 1000  # questions from 1000 on are held out; from 5000 on reserved for independent checks
 MAX_NEW_TOKENS = 32
 CALIBRATION_FIT = "runs/stale-calibration-qwen2.5-0.5b.pt"  # scripts/stale_calibration.py --fit-out, questions 0-31
+# Round 15: four neutral encyclopedia paragraphs, written for the study (not from HotpotQA), that the `filler+`
+# candidates prefill every stale passage behind, after the prompt head: in a prompt a passage follows others.
+FILLER = "\n\n".join(
+    (
+        "Geography of the Alps: The Alps are the highest and most extensive mountain range system that lies entirely "
+        "in Europe, stretching approximately 1,200 kilometres across eight Alpine countries. The mountains were formed "
+        "over tens of millions of years as the African and Eurasian tectonic plates collided.",
+        "History of printing: Printing is a process for mass reproducing text and images using a master form or "
+        "template. The earliest non-paper products involving printing include cylinder seals and objects such as the "
+        "Cyrus Cylinder. Johannes Gutenberg introduced movable-type printing to Europe around 1440, and the printing "
+        "press spread to over two hundred cities within decades.",
+        "Photosynthesis: Photosynthesis is a process used by plants and other organisms to convert light energy into "
+        "chemical energy that, through cellular respiration, can later be released to fuel the organism's activities. "
+        "Most plants, algae and cyanobacteria perform photosynthesis; such organisms are called photoautotrophs.",
+        "Jazz: Jazz is a music genre that originated in the African-American communities of New Orleans, Louisiana, in "
+        "the late 19th and early 20th centuries, with its roots in blues and ragtime. Since the 1920s Jazz Age, it has "
+        "been recognized as a major form of musical expression in traditional and popular music.",
+    )
+)
 
 
 @register
@@ -463,6 +483,15 @@ def candidates(ratio: float) -> dict[str, dict]:
             }
             for parts in ("k", "v")
         },
+        # Round 15: the rule over stale passages prefilled behind the prompt head + FILLER (a store-time change).
+        **{
+            f"filler+{name}": {**options, "prefill": "filler"}
+            for name, options in (
+                ("none", {"selector": "none"}),
+                ("sinkflow", {"selector": "sinkflow", "ratio": ratio}),
+                ("epic", {"selector": "epic", "ratio": ratio}),
+            )
+        },
         **{
             f"sinkshare{share}+infoflow": {
                 "selector": "study-sinkshare",
@@ -475,6 +504,23 @@ def candidates(ratio: float) -> dict[str, dict]:
 
 
 FULL_PREFILL = {"selector": "full", "template": DEFAULT_PROMPT, "max_new_tokens": MAX_NEW_TOKENS}
+
+
+def prefill_behind(engine: Engine, passages: list[str], filler: str) -> list[PassageKV]:
+    """The passages' KVs with every passage but the first prefilled behind the prompt head + ``filler``.
+
+    Keys are moved back to the plain local positions (RoPE is a rotation, so the move is exact), so the library
+    places them like any stored passage. The first passage keeps its plain cache: right behind the head it is
+    exact in the prompt, and a store would keep that cache for it.
+    """
+    plain = engine.prefill(passages[:1])
+    filler_ids = engine.passage_ids(filler)
+    behind = prefill.prefill_prefix(engine.model, engine.prefix.token_ids.tolist() + filler_ids)
+    kvs = prefill.prefill_passages(engine.model, behind, [engine.passage_ids(t) for t in passages[1:]])
+    for kv in kvs:
+        kv.keys = rotate_keys(kv.keys, torch.full((len(kv),), -len(filler_ids)), engine.inv_freq)
+        kv.offset = len(engine.prefix)
+    return plain + kvs
 
 
 def _full_reference(engine: Engine, ex: EvalExample) -> tuple[fidelity.Reference, Prepared]:
@@ -501,14 +547,18 @@ def run(engine: Engine, start: int, questions: int, chosen: dict[str, dict], out
                 todo = [name for name in chosen if name.startswith("ladder-") or name in todo]  # later rows win
             if not todo:
                 continue
-            kvs = engine.prefill(ex.passages)
+            stale = {"plain": engine.prefill(ex.passages)}
+            if any(chosen[name].get("prefill") == "filler" for name in todo):
+                stale["filler"] = prefill_behind(engine, ex.passages, FILLER)
             ref, _ = _full_reference(engine, ex)
             answer_ids, gold = ref.answer_ids, engine.answer_token_ids(ex.answers[0])
             rung_below = None  # the previous ladder rung's first-token log-probabilities, this question
             for name in todo:
+                options = dict(chosen[name])
+                kvs = stale[options.pop("prefill", "plain")]
                 started = time.perf_counter()
                 prep = engine.prepare(
-                    ex.question, kvs, template=DEFAULT_PROMPT, max_new_tokens=MAX_NEW_TOKENS, **chosen[name]
+                    ex.question, kvs, template=DEFAULT_PROMPT, max_new_tokens=MAX_NEW_TOKENS, **options
                 )
                 prepare_s = time.perf_counter() - started
                 row = {"id": ex.id, "candidate": name, "prepare_s": prepare_s, "answer_tokens": len(answer_ids)}
