@@ -86,6 +86,7 @@ class Conversations:
                     system_prompt=system,
                     score_layers=base.score_layers,
                     record_signals=base.record_signals,
+                    lead_in=base.lead_in,
                 )
                 # Same store, index and passage matcher; only the prompt head (and so the store keys) differ.
                 pipeline = copy.copy(self.pipeline)

@@ -66,7 +66,7 @@ def fitting_passages(engine: Engine, texts: list[str], window: int) -> list[str]
     def tokenize(text: str) -> list[int]:
         return encode(engine.tokenizer, text)
 
-    limit = engine.max_positions - len(engine.prefix) - len(tokenize(engine.format.separator))
+    limit = engine.max_positions - len(engine.passage_context) - len(tokenize(engine.format.separator))
     out = []
     for text in texts:
         if not text.strip():

@@ -18,7 +18,7 @@ class PassageKV:
     token_ids: torch.Tensor  # (n,) int64: the passage tokens, fixed prefix excluded
     keys: torch.Tensor  # (layers, kv_heads, n, head_dim), post-RoPE at local positions
     values: torch.Tensor  # (layers, kv_heads, n, head_dim)
-    offset: int  # local position of the first passage token (= length of the fixed prefix)
+    offset: int  # local position of the first passage token (= length of the fixed prefix, and lead-in if any)
     # Optional per-token signals computed at prefill (e.g. "entropy", "evolution"), each (n,) float32.
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
 

@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from infoflow_rag.engine import Engine, attention, prefill, query, recompute, scoring
+from infoflow_rag.engine import Engine, attention, query, recompute, scoring
+from infoflow_rag.engine.lead_in import NEUTRAL_LEAD_IN
 from infoflow_rag.engine.placement import Layout, PlacedContext, rotate_keys
 from infoflow_rag.engine.query import Prepared
 from infoflow_rag.engine.selection import (
@@ -56,25 +57,6 @@ LADDER = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
 DEV_END = 1000  # questions from 1000 on are held out; from 5000 on reserved for independent checks
 MAX_NEW_TOKENS = 32
 CALIBRATION_FIT = "runs/stale-calibration-qwen2.5-0.5b.pt"  # scripts/stale_calibration.py --fit-out, questions 0-31
-# Round 15: four neutral encyclopedia paragraphs, written for the study (not from HotpotQA), that the `filler+`
-# candidates prefill every stale passage behind, after the prompt head: in a prompt a passage follows others.
-FILLER = "\n\n".join(
-    (
-        "Geography of the Alps: The Alps are the highest and most extensive mountain range system that lies entirely "
-        "in Europe, stretching approximately 1,200 kilometres across eight Alpine countries. The mountains were formed "
-        "over tens of millions of years as the African and Eurasian tectonic plates collided.",
-        "History of printing: Printing is a process for mass reproducing text and images using a master form or "
-        "template. The earliest non-paper products involving printing include cylinder seals and objects such as the "
-        "Cyrus Cylinder. Johannes Gutenberg introduced movable-type printing to Europe around 1440, and the printing "
-        "press spread to over two hundred cities within decades.",
-        "Photosynthesis: Photosynthesis is a process used by plants and other organisms to convert light energy into "
-        "chemical energy that, through cellular respiration, can later be released to fuel the organism's activities. "
-        "Most plants, algae and cyanobacteria perform photosynthesis; such organisms are called photoautotrophs.",
-        "Jazz: Jazz is a music genre that originated in the African-American communities of New Orleans, Louisiana, in "
-        "the late 19th and early 20th centuries, with its roots in blues and ragtime. Since the 1920s Jazz Age, it has "
-        "been recognized as a major form of musical expression in traditional and popular music.",
-    )
-)
 
 
 @register
@@ -483,9 +465,12 @@ def candidates(ratio: float) -> dict[str, dict]:
             }
             for parts in ("k", "v")
         },
-        # Round 15: the rule over stale passages prefilled behind the prompt head + FILLER (a store-time change).
+        # Round 15: the rule over passages prefilled behind the prompt head + the neutral lead-in (a store-time
+        # change): `filler+` keeps the first passage's plain, exact cache, `leadin+` is the library's lead-in engine
+        # (every passage behind the lead-in, the first one stale too).
         **{
-            f"filler+{name}": {**options, "prefill": "filler"}
+            f"{cache}+{name}": {**options, "prefill": cache}
+            for cache in ("filler", "leadin")
             for name, options in (
                 ("none", {"selector": "none"}),
                 ("sinkflow", {"selector": "sinkflow", "ratio": ratio}),
@@ -506,21 +491,21 @@ def candidates(ratio: float) -> dict[str, dict]:
 FULL_PREFILL = {"selector": "full", "template": DEFAULT_PROMPT, "max_new_tokens": MAX_NEW_TOKENS}
 
 
-def prefill_behind(engine: Engine, passages: list[str], filler: str) -> list[PassageKV]:
-    """The passages' KVs with every passage but the first prefilled behind the prompt head + ``filler``.
+def lead_in_engine(engine: Engine) -> Engine:
+    """``engine``'s model and prompt, prefilling passages behind the neutral lead-in (no second gate: same model)."""
+    return Engine(engine.loaded, score_layers=engine.score_layers, lead_in=NEUTRAL_LEAD_IN)
 
-    Keys are moved back to the plain local positions (RoPE is a rotation, so the move is exact), so the library
-    places them like any stored passage. The first passage keeps its plain cache: right behind the head it is
-    exact in the prompt, and a store would keep that cache for it.
-    """
-    plain = engine.prefill(passages[:1])
-    filler_ids = engine.passage_ids(filler)
-    behind = prefill.prefill_prefix(engine.model, engine.prefix.token_ids.tolist() + filler_ids)
-    kvs = prefill.prefill_passages(engine.model, behind, [engine.passage_ids(t) for t in passages[1:]])
-    for kv in kvs:
-        kv.keys = rotate_keys(kv.keys, torch.full((len(kv),), -len(filler_ids)), engine.inv_freq)
+
+def first_exact(engine: Engine, lead: Engine, passages: list[str]) -> list[PassageKV]:
+    """The ``filler+`` cache: the first passage's plain cache (exact right behind the head), the others prefilled
+    behind ``lead``'s lead-in with their keys moved back to ``engine``'s local positions, so that ``engine`` places
+    them like any stored passage (RoPE is a rotation: the move is exact)."""
+    shift = len(lead.passage_context) - len(engine.prefix)
+    behind = lead.prefill(passages[1:])
+    for kv in behind:
+        kv.keys = rotate_keys(kv.keys, torch.full((len(kv),), -shift), engine.inv_freq)
         kv.offset = len(engine.prefix)
-    return plain + kvs
+    return engine.prefill(passages[:1]) + behind
 
 
 def _full_reference(engine: Engine, ex: EvalExample) -> tuple[fidelity.Reference, Prepared]:
@@ -538,6 +523,7 @@ def _full_confidence(ref: fidelity.Reference) -> list[float]:
 
 def run(engine: Engine, start: int, questions: int, chosen: dict[str, dict], out_path: Path) -> None:
     done = {(r["id"], r["candidate"]) for r in _read(out_path)}
+    lead = lead_in_engine(engine) if any("prefill" in options for options in chosen.values()) else None
     examples = load_hotpotqa("passage", start=start, limit=questions)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with out_path.open("a", encoding="utf-8") as out:
@@ -547,24 +533,28 @@ def run(engine: Engine, start: int, questions: int, chosen: dict[str, dict], out
                 todo = [name for name in chosen if name.startswith("ladder-") or name in todo]  # later rows win
             if not todo:
                 continue
-            stale = {"plain": engine.prefill(ex.passages)}
-            if any(chosen[name].get("prefill") == "filler" for name in todo):
-                stale["filler"] = prefill_behind(engine, ex.passages, FILLER)
+            # Which engine prepares each cache, and the cache: the lead-in engine refuses a plain passage.
+            stale = {"plain": (engine, engine.prefill(ex.passages))}
+            caches = {chosen[name].get("prefill") for name in todo}
+            if "filler" in caches:
+                stale["filler"] = (engine, first_exact(engine, lead, ex.passages))
+            if "leadin" in caches:
+                stale["leadin"] = (lead, lead.prefill(ex.passages))
             ref, _ = _full_reference(engine, ex)
             answer_ids, gold = ref.answer_ids, engine.answer_token_ids(ex.answers[0])
             rung_below = None  # the previous ladder rung's first-token log-probabilities, this question
             for name in todo:
                 options = dict(chosen[name])
-                kvs = stale[options.pop("prefill", "plain")]
+                preparer, kvs = stale[options.pop("prefill", "plain")]
                 started = time.perf_counter()
-                prep = engine.prepare(
+                prep = preparer.prepare(
                     ex.question, kvs, template=DEFAULT_PROMPT, max_new_tokens=MAX_NEW_TOKENS, **options
                 )
                 prepare_s = time.perf_counter() - started
                 row = {"id": ex.id, "candidate": name, "prepare_s": prepare_s, "answer_tokens": len(answer_ids)}
-                logits = engine.teacher_force(prep, answer_ids)  # (m+1, vocab)
+                logits = preparer.teacher_force(prep, answer_ids)  # (m+1, vocab)
                 row |= fidelity.answer_fidelity(ref, logits) | {"full_p": _full_confidence(ref)}  # --tails reads both
-                row["gold_nll"] = fidelity.gold_nll(engine.teacher_force(prep, gold), gold)
+                row["gold_nll"] = fidelity.gold_nll(preparer.teacher_force(prep, gold), gold)
                 n = prep.placed.token_ids.numel()
                 row["context_tokens"] = prep.placed.n_passage_tokens
                 row["pick_position"] = float(prep.chosen.float().mean() / n) if prep.chosen.numel() else None

@@ -13,8 +13,7 @@ import pytest
 import torch
 from conftest import PASSAGES, QUESTION
 
-from infoflow_rag.engine import Engine, prefill, query
-from infoflow_rag.engine.cache import stacked
+from infoflow_rag.engine import Engine, query
 from infoflow_rag.engine.placement import rotate_keys
 from infoflow_rag.engine.selection import SELECTORS, Probe, passage_heads, recomputable_spans
 from infoflow_rag.eval.datasets import EvalExample
@@ -314,18 +313,18 @@ def test_calibrated_selector_names_a_bad_option_and_a_missing_map(study, tmp_pat
         study.selector_study._load_fit(missing)
 
 
-def test_prefill_behind_a_filler_keeps_the_first_passage_and_places_the_rest_as_if_behind_it(engine, study):
-    filler = "A neutral paragraph: nothing here is about the question."
-    kvs = study.selector_study.prefill_behind(engine, PASSAGES, filler)
+def test_the_filler_cache_keeps_the_first_passage_and_places_the_rest_as_if_behind_the_lead_in(engine, study):
+    lead = study.selector_study.lead_in_engine(engine)
+    kvs = study.selector_study.first_exact(engine, lead, PASSAGES)
     plain = engine.prefill(PASSAGES)
     assert torch.equal(kvs[0].keys, plain[0].keys) and torch.equal(kvs[0].values, plain[0].values)
-    head, filler_ids = engine.prefix.token_ids.tolist(), engine.passage_ids(filler)
-    for kv, text in zip(kvs[1:], PASSAGES[1:], strict=True):
-        assert kv.offset == len(head) and engine.kv_problem(kv, engine.passage_ids(text)) is None
-        # One plain forward of head + filler + passage: the passage's K/V there, keys moved to the local positions.
-        start = len(head) + len(filler_ids)
-        keys, values = stacked(prefill.full_prefill(engine.model, head + filler_ids + kv.token_ids.tolist()).cache)
-        local = rotate_keys(keys[:, 0, :, start:], torch.full((len(kv),), -len(filler_ids)), engine.inv_freq)
-        assert torch.allclose(kv.keys, local, atol=1e-5)
-        assert torch.allclose(kv.values, values[:, 0, :, start:], atol=1e-5)
-        assert not torch.allclose(kv.values, plain[PASSAGES.index(text)].values, atol=1e-3)  # the filler is seen
+    shift = len(lead.passage_context) - len(engine.prefix)
+    for kv, behind in zip(kvs[1:], lead.prefill(PASSAGES[1:]), strict=True):
+        assert kv.offset == len(engine.prefix) and engine.kv_problem(kv, kv.token_ids.tolist()) is None
+        assert torch.allclose(kv.keys, rotate_keys(behind.keys, torch.full((len(kv),), -shift), engine.inv_freq))
+        assert torch.equal(kv.values, behind.values)
+    # Placed by the plain engine, the moved keys are where the lead-in engine places its own: the same prompt keys.
+    ours = engine.prepare(QUESTION, kvs, selector="none").placed
+    theirs = lead.prepare(QUESTION, lead.prefill(PASSAGES), selector="none").placed
+    first_end = ours.spans[0][2]
+    assert torch.allclose(ours.keys[:, :, first_end:], theirs.keys[:, :, first_end:], atol=1e-5)

@@ -4,6 +4,7 @@ One module per stage, in the order a query runs them:
 
     prompt       the chat-template prefix, passage and question encodings
     prefill      passages alone behind the prefix (their KV and, with signals, InfoKV's per-token signals)
+    lead_in      the neutral text an engine may prefill every passage behind, after the prefix (closer stale caches)
     placement    each cached passage at its global offset: RoPE re-rotation of its keys
     scoring      the model passes selectors read (question attention, fresh K/V at one layer)
     selection    which cached tokens to recompute: the selector registry (infoflow, cacheblend, epic, ...)
@@ -19,7 +20,8 @@ One module per stage, in the order a query runs them:
 
 from .decoding import AnswerStream
 from .facade import Engine
+from .lead_in import NEUTRAL_LEAD_IN
 from .options import InvalidOptionError, QueryOptions
 from .query import Prepared
 
-__all__ = ["AnswerStream", "Engine", "InvalidOptionError", "Prepared", "QueryOptions"]
+__all__ = ["NEUTRAL_LEAD_IN", "AnswerStream", "Engine", "InvalidOptionError", "Prepared", "QueryOptions"]

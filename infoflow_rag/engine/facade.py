@@ -47,10 +47,17 @@ class Engine:
         system_prompt: str | None = None,
         score_layers: list[int] | None = None,
         record_signals: bool = True,
+        lead_in: str | None = None,
     ):
         """``record_signals``: record InfoKV's per-token signals at prefill (costs extra prefill time, see
         ``infoflow-rag bench prefill``); without them ``compress="infokv"`` needs its entropy/evolution weights at 0.
+        ``lead_in``: text every passage is prefilled behind, after the prompt head (e.g.
+        :data:`~infoflow_rag.engine.lead_in.NEUTRAL_LEAD_IN`); None prefills each passage right behind the head.
+        It is never part of the prompt: it only changes the passages' stale caches (closer to full prefill's on
+        our study), and then no passage's cache is exact, the first one's included.
         """
+        if lead_in is not None and not lead_in.strip():
+            raise ValueError("lead_in is empty; pass None for no lead-in, or a text such as NEUTRAL_LEAD_IN")
         loaded = load_model(model) if isinstance(model, str) else model
         check_supported(loaded.model.config)
         self.loaded = loaded
@@ -64,7 +71,15 @@ class Engine:
         # variables, so threads may share this engine; the hooks go in now, before any thread runs a forward.
         install_hooks(self.model)
         self.format = PromptFormat.for_tokenizer(self.tokenizer, system_prompt)
-        self.prefix = prefill.prefill_prefix(self.model, encode(self.tokenizer, self.format.head))
+        head_ids = encode(self.tokenizer, self.format.head)
+        self.prefix = prefill.prefill_prefix(self.model, head_ids)
+        self.lead_in = lead_in
+        # What every passage is prefilled behind: the prefix, then the lead-in laid out as a passage.
+        self.passage_context = (
+            self.prefix
+            if lead_in is None
+            else prefill.prefill_prefix(self.model, head_ids + encode_passage(self.tokenizer, self.format, lead_in))
+        )
         self.inv_freq = self.model.model.rotary_emb.inv_freq.detach().float()  # (head_dim/2,)
         self.num_layers = self.model.config.num_hidden_layers
         self.score_layers = score_layers or default_score_layers(self.num_layers)
@@ -111,6 +126,8 @@ class Engine:
                 "separator": self.format.separator,
                 # KV stored without signals must not be served to an engine that records them
                 "signals": list(SIGNALS) if self.record_signals else [],
+                # only with a lead-in, so that stores written without one keep their keys
+                **({"lead_in": self.passage_context.token_ids.tolist()} if self.lead_in is not None else {}),
             },
             sort_keys=True,
             default=str,
@@ -130,18 +147,25 @@ class Engine:
             "max_positions": self.max_positions,
             "prompt_head": self.format.head,
             "prompt_tail": self.format.tail,
+            # only with a lead-in, so that results written without one still resume
+            **({"lead_in": self.lead_in} if self.lead_in is not None else {}),
         }
 
     # --- passages -------------------------------------------------------------------------------------
 
     def passage_ids(self, text: str) -> list[int]:
         ids = encode_passage(self.tokenizer, self.format, text)
-        if len(ids) + len(self.prefix) > self.max_positions:
+        if len(ids) + len(self.passage_context) > self.max_positions:
             raise ValueError(
                 f"passage of {len(ids)} tokens does not fit the {self.max_positions}-token context window "
-                f"behind the {len(self.prefix)}-token prefix; split it into smaller passages"
+                f"behind the {len(self.passage_context)}-token {self._passage_context_name}; split it into smaller "
+                "passages"
             )
         return ids
+
+    @property
+    def _passage_context_name(self) -> str:
+        return "prefix" if self.lead_in is None else "prefix and lead-in"
 
     def answer_token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` written as an answer, e.g. a gold answer to :meth:`teacher_force`."""
@@ -159,14 +183,18 @@ class Engine:
         expected = (*self.prefix.keys.shape[:2], len(token_ids), self.prefix.keys.shape[3])
         if tuple(kv.keys.shape) != expected:
             return f"keys of shape {tuple(kv.keys.shape)}, this engine's are {expected}"
-        if kv.offset != len(self.prefix):
-            return f"prefilled behind a {kv.offset}-token prefix, this engine's is {len(self.prefix)}"
+        if kv.offset != len(self.passage_context):
+            return (
+                f"prefilled behind a {kv.offset}-token prefix, this engine's "
+                f"{self._passage_context_name} is {len(self.passage_context)}"
+            )
         if stored and self.record_signals and (missing := set(SIGNALS) - set(kv.signals)):
             return f"signals {sorted(missing)} are missing"
         return None
 
     def prefill(self, passages: Sequence[str], progress: bool = False, signals: bool | None = None) -> list[PassageKV]:
-        """Prefill passages alone behind the prefix, batching similar lengths; returns KVs in input order.
+        """Prefill passages alone behind the prefix (and the lead-in, if any), batching similar lengths; returns
+        KVs in input order.
 
         ``signals``: record InfoKV's per-token signals (default: the engine's ``record_signals``). Their entropy
         runs the vocabulary head on every passage token, which on a large-vocabulary model costs more than the
@@ -185,7 +213,7 @@ class Engine:
             batch = order[start:end]
             for i, kv in zip(
                 batch,
-                prefill.prefill_passages(self.model, self.prefix, [ids[i] for i in batch], signals),
+                prefill.prefill_passages(self.model, self.passage_context, [ids[i] for i in batch], signals),
                 strict=True,
             ):
                 out[i] = kv
@@ -319,9 +347,14 @@ class Engine:
         """Passages into their slots (or back to back), fresh slot text between, the question block last."""
         remaining = iter(passages)
         ordered = [next(remaining) if ids is None else Segment(ids) for ids in prompt.slots] or list(remaining)
-        # Only a passage right behind the prefix saw exactly its real left context at prefill.
+        # Only a passage right behind the prefix, prefilled right behind it, saw exactly its real left context.
         segments = [
-            Segment(seg.token_ids, seg.kv, exact=i == 0 and seg.kv is not None, passage=seg.passage)
+            Segment(
+                seg.token_ids,
+                seg.kv,
+                exact=i == 0 and seg.kv is not None and seg.kv.offset == len(self.prefix),
+                passage=seg.passage,
+            )
             for i, seg in enumerate(ordered)
         ]
         tail, rows = prompt.tail, prompt.query

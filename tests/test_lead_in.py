@@ -1,0 +1,81 @@
+"""Passages prefilled behind a lead-in: the cache it makes, exactness at full recompute, and what it refuses."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import PASSAGES, QUESTION
+
+from infoflow_rag.chat import Conversations, Turn
+from infoflow_rag.engine import Engine, prefill
+from infoflow_rag.engine.cache import stacked
+from infoflow_rag.engine.lead_in import NEUTRAL_LEAD_IN
+from infoflow_rag.engine.selection import recomputable_passages
+
+LEAD_IN = "A neutral paragraph: nothing here is about the question."
+
+
+def behind(engine: Engine, lead_in: str = LEAD_IN) -> Engine:
+    """``engine``'s model and prompt with a lead-in (the model passed the gate already)."""
+    return Engine(engine.loaded, score_layers=engine.score_layers, lead_in=lead_in)
+
+
+def test_a_passage_is_prefilled_behind_the_head_and_the_lead_in(engine):
+    lead = behind(engine)
+    head, lead_ids = engine.prefix.token_ids.tolist(), engine.passage_ids(LEAD_IN)
+    plain = engine.prefill(PASSAGES)
+    for kv, alone in zip(lead.prefill(PASSAGES), plain, strict=True):
+        assert kv.offset == len(head) + len(lead_ids)
+        # One plain forward of head + lead-in + passage: the passage's K/V there, at the same positions.
+        keys, values = stacked(prefill.full_prefill(engine.model, head + lead_ids + kv.token_ids.tolist()).cache)
+        assert torch.allclose(kv.keys, keys[:, 0, :, kv.offset :], atol=1e-5)
+        assert torch.allclose(kv.values, values[:, 0, :, kv.offset :], atol=1e-5)
+        assert not torch.allclose(kv.values, alone.values, atol=1e-3)  # the lead-in is seen
+
+
+def test_full_recompute_behind_a_lead_in_reproduces_full_prefill(family_engine):
+    lead = behind(family_engine)
+    kvs = lead.prefill(PASSAGES)
+    _, reference = lead.full_prefill_answer(QUESTION, PASSAGES, max_new_tokens=1)
+    assert torch.equal(reference, family_engine.full_prefill_answer(QUESTION, PASSAGES, max_new_tokens=1)[1])
+    for selector in ("infoflow", "sinkflow", "epic"):
+        prep = lead.prepare(QUESTION, kvs, selector=selector, ratio=1.0)
+        assert (prep.out.logits - reference).abs().max() <= 1e-4, selector
+
+
+def test_no_passage_is_exact_behind_a_lead_in(engine):
+    lead = behind(engine)
+    placed = lead.prepare(QUESTION, lead.prefill(PASSAGES), selector="none").placed
+    assert [p for p, _, _ in recomputable_passages(placed)] == list(range(len(PASSAGES)))  # the first one too
+    prep = lead.prepare(QUESTION, lead.prefill(PASSAGES), selector="epic", ratio=0.5)
+    first_start, first_end = prep.placed.spans[0][1:]
+    assert ((prep.chosen >= first_start) & (prep.chosen < first_end)).any()  # its head is repaired like the others
+
+
+def test_a_cache_from_the_other_context_is_refused_with_what_it_was_prefilled_behind(engine):
+    lead = behind(engine)
+    with pytest.raises(ValueError, match="this engine's prefix and lead-in is"):
+        lead.answer(QUESTION, engine.prefill(PASSAGES[:1]))
+    with pytest.raises(ValueError, match="this engine's prefix is"):
+        engine.answer(QUESTION, lead.prefill(PASSAGES[:1]))
+
+
+def test_a_lead_in_changes_the_store_key_and_the_run_header_and_no_lead_in_changes_neither(engine):
+    again = Engine(engine.loaded, score_layers=engine.score_layers)
+    assert again.fingerprint == engine.fingerprint and "lead_in" not in engine.model_info
+    one, other = behind(engine), behind(engine, NEUTRAL_LEAD_IN)
+    assert len({engine.fingerprint, one.fingerprint, other.fingerprint}) == 3
+    assert other.model_info["lead_in"] == NEUTRAL_LEAD_IN
+
+
+@pytest.mark.parametrize("lead_in", ["", "  \n"])
+def test_an_empty_lead_in_is_refused(engine, lead_in):
+    with pytest.raises(ValueError, match="lead_in is empty; pass None"):
+        behind(engine, lead_in)
+
+
+def test_the_engine_a_system_prompt_gets_keeps_the_lead_in(engine):
+    conversations = Conversations(SimpleNamespace(engine=behind(engine)))
+    turns = [Turn(role="system", content="Answer in one word."), Turn(role="user", content=QUESTION)]
+    pipeline = conversations._pipeline_for(turns)
+    assert pipeline.engine.format.head != engine.format.head and pipeline.engine.lead_in == LEAD_IN
