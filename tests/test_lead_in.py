@@ -11,6 +11,7 @@ from infoflow_rag.engine import Engine, prefill
 from infoflow_rag.engine.cache import stacked
 from infoflow_rag.engine.lead_in import NEUTRAL_LEAD_IN
 from infoflow_rag.engine.selection import recomputable_passages
+from infoflow_rag.ingest import fitting_passages
 
 LEAD_IN = "A neutral paragraph: nothing here is about the question."
 
@@ -79,3 +80,11 @@ def test_the_engine_a_system_prompt_gets_keeps_the_lead_in(engine):
     turns = [Turn(role="system", content="Answer in one word."), Turn(role="user", content=QUESTION)]
     pipeline = conversations._pipeline_for(turns)
     assert pipeline.engine.format.head != engine.format.head and pipeline.engine.lead_in == LEAD_IN
+
+
+def test_a_long_document_is_cut_into_windows_that_fit_behind_the_lead_in(engine):
+    lead = behind(engine)
+    long_text = " ".join(f"w{i}" for i in range(1500))  # 7,390 byte tokens: over the 4,096 positions
+    windows = fitting_passages(lead, [long_text], window=lead.max_positions)
+    assert len(windows) > 1
+    assert all(len(lead.passage_ids(w)) + len(lead.passage_context) <= lead.max_positions for w in windows)
