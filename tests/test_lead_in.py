@@ -64,6 +64,7 @@ def test_a_cache_from_the_other_context_is_refused_with_what_it_was_prefilled_be
 def test_a_lead_in_changes_the_store_key_and_the_run_header_and_no_lead_in_changes_neither(engine):
     again = Engine(engine.loaded, score_layers=engine.score_layers)
     assert again.fingerprint == engine.fingerprint and "lead_in" not in engine.model_info
+    assert "lead_in" not in engine.identity  # the key a store written before lead-ins existed holds
     one, other = behind(engine), behind(engine, NEUTRAL_LEAD_IN)
     assert len({engine.fingerprint, one.fingerprint, other.fingerprint}) == 3
     assert other.model_info["lead_in"] == NEUTRAL_LEAD_IN
@@ -88,3 +89,8 @@ def test_a_long_document_is_cut_into_windows_that_fit_behind_the_lead_in(engine)
     windows = fitting_passages(lead, [long_text], window=lead.max_positions)
     assert len(windows) > 1
     assert all(len(lead.passage_ids(w)) + len(lead.passage_context) <= lead.max_positions for w in windows)
+
+
+def test_a_lead_in_that_is_not_a_text_is_refused_by_its_value(engine):
+    with pytest.raises(ValueError, match=r"lead_in must be a text or None, got \['text'\]"):
+        behind(engine, ["text"])

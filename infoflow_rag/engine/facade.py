@@ -22,6 +22,7 @@ from .check import check_supported, run_check
 from .compression import PromptMap, compress_cache
 from .constraint import JsonConstraint, Vocabulary, grammar_vocabulary, json_grammar
 from .decoding import AnswerStream, GenerationConfig, generate_tokens, text_deltas
+from .lead_in import check_lead_in, passage_context
 from .options import QueryOptions, split_overrides
 from .placement import Layout, Segment
 from .prompt import DEFAULT_QUESTION_TEMPLATE, PromptFormat, encode, encode_answer, encode_passage, encode_question
@@ -56,8 +57,7 @@ class Engine:
         It is never part of the prompt: it only changes the passages' stale caches (closer to full prefill's on
         our study), and then no passage's cache is exact, the first one's included.
         """
-        if lead_in is not None and not lead_in.strip():
-            raise ValueError("lead_in is empty; pass None for no lead-in, or a text such as NEUTRAL_LEAD_IN")
+        check_lead_in(lead_in)
         loaded = load_model(model) if isinstance(model, str) else model
         check_supported(loaded.model.config)
         self.loaded = loaded
@@ -71,15 +71,9 @@ class Engine:
         # variables, so threads may share this engine; the hooks go in now, before any thread runs a forward.
         install_hooks(self.model)
         self.format = PromptFormat.for_tokenizer(self.tokenizer, system_prompt)
-        head_ids = encode(self.tokenizer, self.format.head)
-        self.prefix = prefill.prefill_prefix(self.model, head_ids)
+        self.prefix = prefill.prefill_prefix(self.model, encode(self.tokenizer, self.format.head))
         self.lead_in = lead_in
-        # What every passage is prefilled behind: the prefix, then the lead-in laid out as a passage.
-        self.passage_context = (
-            self.prefix
-            if lead_in is None
-            else prefill.prefill_prefix(self.model, head_ids + encode_passage(self.tokenizer, self.format, lead_in))
-        )
+        self.passage_context = passage_context(self.model, self.tokenizer, self.format, self.prefix, lead_in)
         self.inv_freq = self.model.model.rotary_emb.inv_freq.detach().float()  # (head_dim/2,)
         self.num_layers = self.model.config.num_hidden_layers
         self.score_layers = score_layers or default_score_layers(self.num_layers)
@@ -108,31 +102,29 @@ class Engine:
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """Everything a passage KV depends on: weights identity, config, dtype, prefix and separator tokens.
+        """The hash of :attr:`identity`, computed once: none of it changes over the engine's life."""
+        return hashlib.sha256(json.dumps(self.identity, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
-        Computed once: none of it changes over the engine's life."""
+    @property
+    def identity(self) -> dict:
+        """Everything a passage KV depends on: weights identity, config, dtype, prefix and separator tokens."""
         config = {
             k: v
             for k, v in self.model.config.to_dict().items()
             if not k.startswith("_") and k not in ("transformers_version",)
         }
-        blob = json.dumps(
-            {
-                "model": self.loaded.name,
-                "sha256": self.weights_sha256,
-                "config": config,
-                "dtype": str(self.model.dtype),
-                "prefix": self.prefix.token_ids.tolist(),
-                "separator": self.format.separator,
-                # KV stored without signals must not be served to an engine that records them
-                "signals": list(SIGNALS) if self.record_signals else [],
-                # only with a lead-in, so that stores written without one keep their keys
-                **({"lead_in": self.passage_context.token_ids.tolist()} if self.lead_in is not None else {}),
-            },
-            sort_keys=True,
-            default=str,
-        )
-        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+        return {
+            "model": self.loaded.name,
+            "sha256": self.weights_sha256,
+            "config": config,
+            "dtype": str(self.model.dtype),
+            "prefix": self.prefix.token_ids.tolist(),
+            "separator": self.format.separator,
+            # KV stored without signals must not be served to an engine that records them
+            "signals": list(SIGNALS) if self.record_signals else [],
+            # only with a lead-in, so that stores written without one keep their keys
+            **({"lead_in": self.passage_context.token_ids.tolist()} if self.lead_in is not None else {}),
+        }
 
     @property
     def model_info(self) -> dict:
