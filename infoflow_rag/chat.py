@@ -80,14 +80,7 @@ class Conversations:
                 if len(self._by_system) >= self.capacity:
                     self._by_system.popitem(last=False)
                 base = self.pipeline.engine
-                # Not Engine.load: the same loaded model already passed the correctness gate.
-                engine = Engine(
-                    base.loaded,
-                    system_prompt=system,
-                    score_layers=base.score_layers,
-                    record_signals=base.record_signals,
-                    lead_in=base.lead_in,
-                )
+                engine = base.replace(system_prompt=system)
                 # Same store, index and passage matcher; only the prompt head (and so the store keys) differ.
                 pipeline = copy.copy(self.pipeline)
                 pipeline.engine = engine

@@ -491,11 +491,6 @@ def candidates(ratio: float) -> dict[str, dict]:
 FULL_PREFILL = {"selector": "full", "template": DEFAULT_PROMPT, "max_new_tokens": MAX_NEW_TOKENS}
 
 
-def lead_in_engine(engine: Engine) -> Engine:
-    """``engine``'s model and prompt, prefilling passages behind the neutral lead-in (no second gate: same model)."""
-    return Engine(engine.loaded, score_layers=engine.score_layers, lead_in=NEUTRAL_LEAD_IN)
-
-
 def first_exact(engine: Engine, lead: Engine, passages: list[str]) -> list[PassageKV]:
     """The ``filler+`` cache: the first passage's plain cache (exact right behind the head), the others prefilled
     behind ``lead``'s lead-in with their keys moved back to ``engine``'s local positions, so that ``engine`` places
@@ -523,7 +518,7 @@ def _full_confidence(ref: fidelity.Reference) -> list[float]:
 
 def run(engine: Engine, start: int, questions: int, chosen: dict[str, dict], out_path: Path) -> None:
     done = {(r["id"], r["candidate"]) for r in _read(out_path)}
-    lead = lead_in_engine(engine) if any("prefill" in options for options in chosen.values()) else None
+    lead = engine.replace(lead_in=NEUTRAL_LEAD_IN) if any("prefill" in options for options in chosen.values()) else None
     examples = load_hotpotqa("passage", start=start, limit=questions)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with out_path.open("a", encoding="utf-8") as out:

@@ -240,8 +240,8 @@ def test_suite_parts_keep_their_order_and_add_compress_niah_and_large():
     assert suite_parts()[0] == suite_parts(compress_n=5)[0]  # the other parts do not depend on it
     main, niah, large = (suite_parts()[i] for i in (0, 4, 5))
     # the trial selector at the smaller budget too
-    assert main.methods[-1] == niah.methods[-1] == large.methods[-1] == "sinkflow@0.1"
-    assert parts[0].methods[-1] == "random@0.1"  # at ratio 0.1 there is no smaller run to add
+    assert main.methods[-1] == niah.methods[-1] == large.methods[-1] == "sinkflow+leadin@0.1"
+    assert parts[0].methods.count("sinkflow+leadin@0.1") == 1  # at ratio 0.1 there is no smaller run to add
 
 
 def test_compress_part_runs_alone_and_keeps_other_sections(tmp_path):

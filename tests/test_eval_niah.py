@@ -41,7 +41,15 @@ def test_eval_run_niah_rejects_a_bad_grid_before_loading_the_model(flag, value, 
 
 def test_niah_suite_part_is_the_whole_grid_cut_with_the_model_tokens():
     part = next(p for p in suite_parts(ratio=0.1) if p.name == "niah")
-    assert part.methods == ("full", "none", "infoflow@0.1", "sinkflow@0.1", "cacheblend@0.1", "epic@0.1")
+    assert part.methods == (
+        "full",
+        "none",
+        "infoflow@0.1",
+        "sinkflow@0.1",
+        "cacheblend@0.1",
+        "epic@0.1",
+        "sinkflow+leadin@0.1",
+    )
 
     class Engine:  # all the part needs of an engine is its tokenizer
         tokenizer = byte_tokenizer()

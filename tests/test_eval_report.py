@@ -36,6 +36,7 @@ def result(dataset, qid, method, f1, em, ttft, recompute, ttft_ratio=None, meta=
         method=spec.key,
         name=spec.name,
         options=spec.options,
+        lead_in=spec.lead_in,
         prediction="x",
         raw_answer="x",
         f1=f1,
@@ -392,11 +393,13 @@ def test_verdicts_state_the_interval_of_the_paired_table(verdict_of):
 
 
 def test_suite_report_puts_the_trial_selector_against_its_rivals(tmp_path):
-    from infoflow_rag.eval.suite import suite_parts, write_suite_report
+    from infoflow_rag.eval.suite import TRIAL, suite_parts, write_suite_report
+
+    trial = f"{TRIAL}@0.15"
 
     rows = []
     for r in fidelity_results():  # epic@0.3's numbers play the selector on trial
-        renamed = result(r.dataset, r.id, "sinkflow@0.15", r.f1, r.em, r.ttft, 0.15) if r.method == "epic@0.3" else r
+        renamed = result(r.dataset, r.id, trial, r.f1, r.em, r.ttft, 0.15) if r.method == "epic@0.3" else r
         renamed.kl_answer, renamed.kl_first, renamed.top1, renamed.gold_nll = (
             r.kl_answer,
             r.kl_first,
@@ -406,10 +409,10 @@ def test_suite_report_puts_the_trial_selector_against_its_rivals(tmp_path):
         rows.append(renamed)
     write_results_file(tmp_path / "main.jsonl", rows)
     md = write_suite_report(tmp_path, suite_parts()).read_text()
-    assert "The selector on trial, `sinkflow@0.15`, computed from the fidelity tables below:" in md
-    assert "- `sinkflow@0.15` vs `epic@0.15` on 4 questions" in md
-    assert "- `sinkflow@0.15` vs `cacheblend@0.15`: not run on the same questions" in md
-    assert "Fidelity paired against `sinkflow@0.15` on the same questions:" in md
+    assert f"The selector on trial, `{trial}`, computed from the fidelity tables below:" in md
+    assert f"- `{trial}` vs `epic@0.15` on 4 questions" in md
+    assert f"- `{trial}` vs `cacheblend@0.15`: not run on the same questions" in md
+    assert f"Fidelity paired against `{trial}` on the same questions:" in md
 
 
 def test_suite_report_says_how_each_part_was_run(tmp_path):

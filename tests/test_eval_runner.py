@@ -235,6 +235,20 @@ def test_run_eval_rejects_bad_configuration(tmp_path, methods, prompt, match):
             spec("infoflow{7-7}+reorder[tail/tail]", "infoflow", 0.15, True, "tail/tail", layers=(7,)),
         ),
         ("infoflow+block@0.1", spec("infoflow+block", "infoflow", 0.1, score_rows="block")),
+        ("sinkflow+leadin@0.1", spec("sinkflow+leadin", "sinkflow", 0.1, lead_in=True)),
+        ("none+leadin", spec("none+leadin", "none", 0.0, lead_in=True)),
+        (
+            "infoflow+block+leadin@0.1+snapkv:0.5",
+            spec(
+                "infoflow+block+leadin+snapkv",
+                "infoflow",
+                0.1,
+                compress="snapkv",
+                keep=0.5,
+                score_rows="block",
+                lead_in=True,
+            ),
+        ),
         (
             "infoflow+reorder+block@0.1+snapkv:0.5",
             spec(
@@ -270,6 +284,11 @@ def test_method_keys():
         ("infoflow{23-20}", "must read {A-B}"),
         ("infoflow{last}", "must read {A-B}"),
         ("epic{1-2}@0.1", "bad options for selector 'epic'.*'layers'"),
+        ("full+leadin", "full prefill reads no cached passage; drop '\\+leadin'"),
+        (
+            "infoflow+leadin+reorder",
+            r"'\+reorder' belongs right after the selector, in the order \+reorder\+block\+leadin",
+        ),
     ],
 )
 def test_parse_method_rejects(text, match):

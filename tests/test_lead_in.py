@@ -7,22 +7,22 @@ import torch
 from conftest import PASSAGES, QUESTION
 
 from infoflow_rag.chat import Conversations, Turn
-from infoflow_rag.engine import Engine, prefill
+from infoflow_rag.engine import prefill
 from infoflow_rag.engine.cache import stacked
 from infoflow_rag.engine.lead_in import NEUTRAL_LEAD_IN
 from infoflow_rag.engine.selection import recomputable_passages
+from infoflow_rag.eval import fidelity
+from infoflow_rag.eval.datasets import EvalExample
+from infoflow_rag.eval.methods import parse_method
+from infoflow_rag.eval.results import read_results
+from infoflow_rag.eval.runner import DEFAULT_PROMPT, run_eval
 from infoflow_rag.ingest import fitting_passages
 
 LEAD_IN = "A neutral paragraph: nothing here is about the question."
 
 
-def behind(engine: Engine, lead_in: str = LEAD_IN) -> Engine:
-    """``engine``'s model and prompt with a lead-in (the model passed the gate already)."""
-    return Engine(engine.loaded, score_layers=engine.score_layers, lead_in=lead_in)
-
-
 def test_a_passage_is_prefilled_behind_the_head_and_the_lead_in(engine):
-    lead = behind(engine)
+    lead = engine.replace(lead_in=LEAD_IN)
     head, lead_ids = engine.prefix.token_ids.tolist(), engine.passage_ids(LEAD_IN)
     plain = engine.prefill(PASSAGES)
     for kv, alone in zip(lead.prefill(PASSAGES), plain, strict=True):
@@ -35,7 +35,7 @@ def test_a_passage_is_prefilled_behind_the_head_and_the_lead_in(engine):
 
 
 def test_full_recompute_behind_a_lead_in_reproduces_full_prefill(family_engine):
-    lead = behind(family_engine)
+    lead = family_engine.replace(lead_in=LEAD_IN)
     kvs = lead.prefill(PASSAGES)
     _, reference = lead.full_prefill_answer(QUESTION, PASSAGES, max_new_tokens=1)
     assert torch.equal(reference, family_engine.full_prefill_answer(QUESTION, PASSAGES, max_new_tokens=1)[1])
@@ -45,7 +45,7 @@ def test_full_recompute_behind_a_lead_in_reproduces_full_prefill(family_engine):
 
 
 def test_no_passage_is_exact_behind_a_lead_in(engine):
-    lead = behind(engine)
+    lead = engine.replace(lead_in=LEAD_IN)
     placed = lead.prepare(QUESTION, lead.prefill(PASSAGES), selector="none").placed
     assert [p for p, _, _ in recomputable_passages(placed)] == list(range(len(PASSAGES)))  # the first one too
     prep = lead.prepare(QUESTION, lead.prefill(PASSAGES), selector="epic", ratio=0.5)
@@ -54,7 +54,7 @@ def test_no_passage_is_exact_behind_a_lead_in(engine):
 
 
 def test_a_cache_from_the_other_context_is_refused_with_what_it_was_prefilled_behind(engine):
-    lead = behind(engine)
+    lead = engine.replace(lead_in=LEAD_IN)
     with pytest.raises(ValueError, match="this engine's prefix and lead-in is"):
         lead.answer(QUESTION, engine.prefill(PASSAGES[:1]))
     with pytest.raises(ValueError, match="this engine's prefix is"):
@@ -62,10 +62,10 @@ def test_a_cache_from_the_other_context_is_refused_with_what_it_was_prefilled_be
 
 
 def test_a_lead_in_changes_the_store_key_and_the_run_header_and_no_lead_in_changes_neither(engine):
-    again = Engine(engine.loaded, score_layers=engine.score_layers)
+    again = engine.replace()
     assert again.fingerprint == engine.fingerprint and "lead_in" not in engine.model_info
     assert "lead_in" not in engine.identity  # the key a store written before lead-ins existed holds
-    one, other = behind(engine), behind(engine, NEUTRAL_LEAD_IN)
+    one, other = engine.replace(lead_in=LEAD_IN), engine.replace(lead_in=NEUTRAL_LEAD_IN)
     assert len({engine.fingerprint, one.fingerprint, other.fingerprint}) == 3
     assert other.model_info["lead_in"] == NEUTRAL_LEAD_IN
 
@@ -73,18 +73,18 @@ def test_a_lead_in_changes_the_store_key_and_the_run_header_and_no_lead_in_chang
 @pytest.mark.parametrize("lead_in", ["", "  \n"])
 def test_an_empty_lead_in_is_refused(engine, lead_in):
     with pytest.raises(ValueError, match="lead_in is empty; pass None"):
-        behind(engine, lead_in)
+        engine.replace(lead_in=lead_in)
 
 
 def test_the_engine_a_system_prompt_gets_keeps_the_lead_in(engine):
-    conversations = Conversations(SimpleNamespace(engine=behind(engine)))
+    conversations = Conversations(SimpleNamespace(engine=engine.replace(lead_in=LEAD_IN)))
     turns = [Turn(role="system", content="Answer in one word."), Turn(role="user", content=QUESTION)]
     pipeline = conversations._pipeline_for(turns)
     assert pipeline.engine.format.head != engine.format.head and pipeline.engine.lead_in == LEAD_IN
 
 
 def test_a_long_document_is_cut_into_windows_that_fit_behind_the_lead_in(engine):
-    lead = behind(engine)
+    lead = engine.replace(lead_in=LEAD_IN)
     long_text = " ".join(f"w{i}" for i in range(1500))  # 7,390 byte tokens: over the 4,096 positions
     windows = fitting_passages(lead, [long_text], window=lead.max_positions)
     assert len(windows) > 1
@@ -93,4 +93,34 @@ def test_a_long_document_is_cut_into_windows_that_fit_behind_the_lead_in(engine)
 
 def test_a_lead_in_that_is_not_a_text_is_refused_by_its_value(engine):
     with pytest.raises(ValueError, match=r"lead_in must be a text or None, got \['text'\]"):
-        behind(engine, ["text"])
+        engine.replace(lead_in=["text"])
+
+
+def test_replace_changes_only_the_settings_it_is_given(engine):
+    lead = engine.replace(lead_in=LEAD_IN)
+    assert lead.loaded is engine.loaded and lead.settings == {**engine.settings, "lead_in": LEAD_IN}
+    assert lead.replace(lead_in=None).fingerprint == engine.fingerprint
+    with pytest.raises(TypeError, match=r"unknown engine settings \['lead'\]; settings are: system_prompt"):
+        engine.replace(lead="text")
+
+
+def test_the_eval_runner_answers_leadin_methods_over_lead_in_caches(engine, tmp_path):
+    example = EvalExample("q0", QUESTION, ["Paris"], PASSAGES, {}, "toy")
+    methods = [parse_method(m) for m in ("full", "none", "none+leadin", "sinkflow+leadin@1")]
+    path = tmp_path / "r.jsonl"
+    results = {r.method: r for r in run_eval(engine, [example], methods, path, progress=False, command="eval")}
+    full, none, lead_none, lead_full = (results[m.key] for m in methods)
+    # Recomputing everything over lead-in caches is full prefill; recomputing nothing reads those caches.
+    assert lead_full.answer_ids == full.answer_ids and lead_full.kl_answer == pytest.approx(0.0, abs=1e-6)
+    lead = engine.replace(lead_in=NEUTRAL_LEAD_IN)
+    prep = lead.prepare(QUESTION, lead.prefill(PASSAGES), selector="none", template=DEFAULT_PROMPT, max_new_tokens=32)
+    reference = fidelity.reference(
+        full.answer_ids,
+        engine.teacher_force(
+            engine.prepare(QUESTION, PASSAGES, selector="full", template=DEFAULT_PROMPT), full.answer_ids
+        ),
+    )
+    expected = fidelity.answer_fidelity(reference, lead.teacher_force(prep, full.answer_ids))["kl_answer"]
+    assert lead_none.kl_answer == pytest.approx(expected, rel=1e-4) and lead_none.kl_answer != none.kl_answer
+    assert [r.lead_in for r in (full, none, lead_none, lead_full)] == [False, False, True, True]
+    assert [r.spec for r in read_results(path).results] == methods  # the flag survives the file

@@ -314,7 +314,7 @@ def test_calibrated_selector_names_a_bad_option_and_a_missing_map(study, tmp_pat
 
 
 def test_the_filler_cache_keeps_the_first_passage_and_places_the_rest_as_if_behind_the_lead_in(engine, study):
-    lead = study.selector_study.lead_in_engine(engine)
+    lead = engine.replace(lead_in=study.selector_study.NEUTRAL_LEAD_IN)
     kvs = study.selector_study.first_exact(engine, lead, PASSAGES)
     plain = engine.prefill(PASSAGES)
     assert torch.equal(kvs[0].keys, plain[0].keys) and torch.equal(kvs[0].values, plain[0].values)

@@ -5,8 +5,6 @@ running the stages (see the package docstring) with one :class:`QueryOptions`.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +20,7 @@ from .check import check_supported, run_check
 from .compression import PromptMap, compress_cache
 from .constraint import JsonConstraint, Vocabulary, grammar_vocabulary, json_grammar
 from .decoding import AnswerStream, GenerationConfig, generate_tokens, text_deltas
+from .identity import identity_hash, kv_identity, results_model_info
 from .lead_in import check_lead_in, passage_context
 from .options import QueryOptions, split_overrides
 from .placement import Layout, Segment
@@ -58,6 +57,13 @@ class Engine:
         our study), and then no passage's cache is exact, the first one's included.
         """
         check_lead_in(lead_in)
+        # As given (score_layers None: the model's default), so that replace() keeps "default" a default.
+        self.settings = {
+            "system_prompt": system_prompt,
+            "score_layers": score_layers,
+            "record_signals": record_signals,
+            "lead_in": lead_in,
+        }
         loaded = load_model(model) if isinstance(model, str) else model
         check_supported(loaded.model.config)
         self.loaded = loaded
@@ -98,50 +104,31 @@ class Engine:
                 f"scoring layers {bad} out of range for a {self.num_layers}-layer model; use 0..{self.num_layers - 1}"
             )
 
+    def replace(self, **changes: Any) -> Engine:
+        """An engine on the same loaded model with some constructor settings changed, the others kept.
+
+        Not through :meth:`load`: the model already passed the correctness gate.
+        """
+        if unknown := sorted(set(changes) - set(self.settings)):
+            raise TypeError(f"unknown engine settings {unknown}; settings are: {', '.join(self.settings)}")
+        return type(self)(self.loaded, **{**self.settings, **changes})
+
     # --- identity -------------------------------------------------------------------------------------
 
     @functools.cached_property
     def fingerprint(self) -> str:
         """The hash of :attr:`identity`, computed once: none of it changes over the engine's life."""
-        return hashlib.sha256(json.dumps(self.identity, sort_keys=True, default=str).encode()).hexdigest()[:32]
+        return identity_hash(self.identity)
 
     @property
     def identity(self) -> dict:
-        """Everything a passage KV depends on: weights identity, config, dtype, prefix and separator tokens."""
-        config = {
-            k: v
-            for k, v in self.model.config.to_dict().items()
-            if not k.startswith("_") and k not in ("transformers_version",)
-        }
-        return {
-            "model": self.loaded.name,
-            "sha256": self.weights_sha256,
-            "config": config,
-            "dtype": str(self.model.dtype),
-            "prefix": self.prefix.token_ids.tolist(),
-            "separator": self.format.separator,
-            # KV stored without signals must not be served to an engine that records them
-            "signals": list(SIGNALS) if self.record_signals else [],
-            # only with a lead-in, so that stores written without one keep their keys
-            **({"lead_in": self.passage_context.token_ids.tolist()} if self.lead_in is not None else {}),
-        }
+        """Everything a passage KV depends on (:func:`~infoflow_rag.engine.identity.kv_identity`)."""
+        return kv_identity(self)
 
     @property
     def model_info(self) -> dict:
-        cfg = self.model.config
-        return {
-            "name": self.loaded.name,
-            "sha256": self.loaded.sha256,
-            "model_type": cfg.model_type,
-            "layers": self.num_layers,
-            "dtype": str(self.model.dtype).removeprefix("torch."),
-            "score_layers": self.score_layers,
-            "max_positions": self.max_positions,
-            "prompt_head": self.format.head,
-            "prompt_tail": self.format.tail,
-            # only with a lead-in, so that results written without one still resume
-            **({"lead_in": self.lead_in} if self.lead_in is not None else {}),
-        }
+        """What a results file records of this engine (:func:`~infoflow_rag.engine.identity.results_model_info`)."""
+        return results_model_info(self)
 
     # --- passages -------------------------------------------------------------------------------------
 

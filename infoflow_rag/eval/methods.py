@@ -1,13 +1,16 @@
 """What is compared: a context-reuse method, its recompute ratio, an optional KV compression, and its name.
 
-Method strings read ``SELECTOR[{LAYERS}][+reorder][+block][[GEOMETRY]][;OPTION=VALUE...][@RATIO][+POLICY:KEEP]``,
+Method strings read
+``SELECTOR[{LAYERS}][+reorder][+block][+leadin][[GEOMETRY]][;OPTION=VALUE...][@RATIO][+POLICY:KEEP]``,
 for example
 ``full``, ``none``, ``infoflow@0.15``, ``infoflow+reorder@0.15``, ``infoflow[tail/tail]@0.1``,
 ``infoflow{20-23}@0.15``, ``infoflow+block@0.15``, ``cacheblend@0.15``, ``infoflow@0.15+infokv:0.5``,
 ``none+snapkv:256``.
 ``{LAYERS}`` (InfoFlow only) is the inclusive range of scoring layers, ``{A-B}`` or ``{A}``; without it the
 engine's default layers score. ``+block`` (InfoFlow only) scores with the whole question block instead of the
-raw question (the engine's ``score_rows="block"``).
+raw question (the engine's ``score_rows="block"``). ``+leadin`` answers over passages prefilled behind the neutral
+lead-in (an engine setting, :data:`~infoflow_rag.engine.lead_in.NEUTRAL_LEAD_IN`, not a query option: the runner
+prefills them on an engine of the same model with that lead-in); ``full`` reads no cache and refuses it.
 ``full`` (prefill everything) and ``none`` (reuse every cached passage, recompute nothing) take no ratio;
 the others default to ``@0.15``. The geometry (which attention rows score the context tokens) is omitted
 when it is ``global``. ``+POLICY:KEEP`` compresses the KV cache before decoding with a policy of
@@ -16,7 +19,8 @@ written with a decimal point and in (0, 1] (``0.5``, ``1.0``), or a whole number
 ``;OPTION=VALUE`` sets any other field of :class:`QueryOptions` (VALUE in JSON, e.g. ``sinkflow;selector_options=
 {"sink":4}@0.15``), so a new option can be evaluated without touching this grammar; keys spell the options
 that differ from their defaults this way.
-A method is a name plus :class:`QueryOptions`: the grammar only spells options, the options type validates them.
+A method is a name plus :class:`QueryOptions` (and whether its passages are prefilled behind the lead-in): the
+grammar only spells options, the options type validates them.
 """
 
 from __future__ import annotations
@@ -31,10 +35,11 @@ from infoflow_rag.engine.options import fixed_ratio as _fixed
 
 # Options the grammar spells with its own syntax; any other field of QueryOptions is written ``;name=value``.
 _SPELLED = ("selector", "ratio", "reorder", "geometry", "score_rows", "compress", "keep")
+_FLAGS = ("+reorder", "+block", "+leadin")  # in the order the grammar reads them
 _LAYERS = re.compile(r"(?P<first>\d+)(?:-(?P<last>\d+))?")
 
 _METHOD = re.compile(
-    r"(?P<selector>[a-z]+)(?:\{(?P<layers>[^}]*)\})?(?P<reorder>\+reorder)?(?P<block>\+block)?(?:\[(?P<geometry>[^\]]+)\])?"
+    r"(?P<selector>[a-z]+)(?:\{(?P<layers>[^}]*)\})?(?P<reorder>\+reorder)?(?P<block>\+block)?(?P<leadin>\+leadin)?(?:\[(?P<geometry>[^\]]+)\])?"
     r"(?P<extra>(?:;[a-z_]+=[^;@+]*)*)(?:@(?P<ratio>[^+]+))?"
     r"(?:\+(?P<policy>[a-z0-9_]+)(?::(?P<keep>[^+]*))?)?"
 )
@@ -43,10 +48,16 @@ _METHOD = re.compile(
 @dataclass(frozen=True)
 class MethodSpec:
     """One evaluated configuration: ``name`` labels its curve and table rows (it may be free text), ``options``
-    say how every question is answered."""
+    say how every question is answered, ``lead_in`` whether its passages are prefilled behind the neutral
+    lead-in."""
 
     name: str
     options: QueryOptions
+    lead_in: bool = False
+
+    def __post_init__(self) -> None:
+        if self.lead_in and self.options.selector == "full":
+            raise ValueError(f"method {self.name!r}: full prefill reads no cached passage; drop '+leadin'")
 
     @property
     def key(self) -> str:
@@ -67,7 +78,8 @@ class MethodSpec:
     @property
     def uncompressed(self) -> MethodSpec:
         """This method without KV compression: the baseline a compressed method is measured against."""
-        return MethodSpec(self.name.removesuffix(self._policy_suffix), self.options.replace(compress="none"))
+        name = self.name.removesuffix(self._policy_suffix)
+        return MethodSpec(name, self.options.replace(compress="none"), self.lead_in)
 
     @property
     def _policy_suffix(self) -> str:
@@ -94,14 +106,14 @@ def parse_method(text: str) -> MethodSpec:
     compress, keep = _parse_compression(text, match["policy"], match["keep"])
     reorder, geometry = match["reorder"] is not None, match["geometry"] or "global"
     layers = () if match["layers"] is None else _parse_layers(text, match["layers"])
-    rows = "block" if match["block"] else "question"
+    rows, lead_in = "block" if match["block"] else "question", match["leadin"] is not None
     try:
         options = method_options(selector, ratio, reorder, geometry, compress, keep, layers, rows)
         if match["extra"]:
             options = _with_extras(options, match["extra"])
     except ValueError as err:
         raise ValueError(f"method {text!r}: {err}") from None
-    return MethodSpec(method_name(options), options)
+    return MethodSpec(method_name(options, lead_in), options, lead_in)
 
 
 def method_options(
@@ -127,11 +139,13 @@ def method_options(
     )
 
 
-def method_name(options: QueryOptions) -> str:
-    """The name a method string gives ``options``: everything but the ratio and the keep."""
+def method_name(options: QueryOptions, lead_in: bool = False) -> str:
+    """The name a method string gives ``options`` (over lead-in caches with ``lead_in``): everything but the ratio
+    and the keep."""
     layers = options.selector_options.get("layers")
     name = options.selector + (f"{{{layers[0]}-{layers[-1]}}}" if layers else "")
     name += ("+reorder" if options.reorder else "") + ("+block" if options.score_rows == "block" else "")
+    name += "+leadin" if lead_in else ""
     name += ("" if options.geometry == "global" else f"[{options.geometry}]") + _extras(options)
     return name + ("" if options.compress == "none" else f"+{options.compress}")
 
@@ -175,6 +189,10 @@ def _parse_layers(text: str, layers: str) -> tuple[int, ...]:
 def _parse_compression(text: str, policy: str | None, keep_text: str | None) -> tuple[str, float | int]:
     if policy is None:
         return "none", 1.0
+    if f"+{policy}" in _FLAGS:
+        raise ValueError(
+            f"method {text!r}: '+{policy}' belongs right after the selector, in the order {''.join(_FLAGS)}"
+        )
     if policy == "none":
         raise ValueError(f"method {text!r}: no compression is the default; leave out '+none'")
     if keep_text is None:

@@ -95,6 +95,7 @@ class QuestionResult:
     kl_positions: list[float] | None = None
     top1_positions: list[bool] | None = None
     p_positions: list[float] | None = None
+    lead_in: bool = False  # passages prefilled behind the neutral lead-in (MethodSpec.lead_in)
 
     @property
     def pair_key(self) -> tuple[str, str, str]:
@@ -102,7 +103,7 @@ class QuestionResult:
 
     @property
     def spec(self) -> MethodSpec:
-        return MethodSpec(self.name, self.options)
+        return MethodSpec(self.name, self.options, self.lead_in)
 
     def to_record(self) -> dict[str, Any]:
         """The JSON line of this result (``"type": "result"`` included)."""

@@ -10,6 +10,7 @@ from typing import Any
 from tqdm import tqdm
 
 from infoflow_rag.engine.compression import make_policy
+from infoflow_rag.engine.lead_in import NEUTRAL_LEAD_IN
 from infoflow_rag.engine.options import QueryOptions
 from infoflow_rag.eval import fidelity
 from infoflow_rag.eval.datasets import EvalExample
@@ -44,7 +45,10 @@ def run_eval(
     back, ``full`` (uncompressed) first so the others get a TTFT ratio. With ``prefill_once`` and an engine that has
     ``prefill(passages)``, the passages are prefilled once per question and the cached methods receive
     those caches instead of strings; that prefill time is recorded as ``prefill_time``, outside TTFT.
-    Pairs already in ``out_path`` are skipped (see :class:`ResultsLog` for when resuming is refused).
+    Methods spelled ``+leadin`` answer over passages prefilled behind the neutral lead-in, on an engine of the same
+    model with that lead-in (``engine.replace``); the others over ``engine``'s own caches; each kind of cache is
+    prefilled once per question. Pairs already in ``out_path`` are skipped (see :class:`ResultsLog` for when resuming
+    is refused).
     ``command`` (recorded in the file) defaults to this process's command line.
     """
     if prompt.count("{question}") != 1:
@@ -65,6 +69,7 @@ def run_eval(
     )
     use_prefill = prefill_once and callable(getattr(engine, "prefill", None))
     full = next((m for m in methods if m.is_reference), None)
+    engines = _engines(engine, methods)
     with ResultsLog(out_path, header, resume) as log:
         done = {r.pair_key: r for r in log.existing}
         pending = sum((ex.dataset, ex.id, m.key) not in done for ex in examples for m in methods)
@@ -74,15 +79,25 @@ def run_eval(
                 if not todo:
                     continue
                 full_result = done.get((example.dataset, example.id, full.key)) if full else None
-                for result in _run_question(engine, example, todo, full_result, use_prefill, prompt, max_new_tokens):
+                for result in _run_question(engines, example, todo, full_result, use_prefill, prompt, max_new_tokens):
                     log.append(result)
                     done[result.pair_key] = result
                     bar.update()
     return [done[(ex.dataset, ex.id, m.key)] for ex in examples for m in methods]
 
 
+def _engines(engine: Any, methods: Sequence[MethodSpec]) -> dict[bool, Any]:
+    """The engine each kind of method runs on, by ``MethodSpec.lead_in``: ``engine`` itself for the plain methods,
+    a sibling prefilling behind the neutral lead-in for the ``+leadin`` ones (``engine`` when it already does)."""
+    engines = {False: engine}
+    if any(m.lead_in for m in methods):
+        has_it = getattr(engine, "lead_in", None) == NEUTRAL_LEAD_IN
+        engines[True] = engine if has_it else engine.replace(lead_in=NEUTRAL_LEAD_IN)
+    return engines
+
+
 def _run_question(
-    engine: Any,
+    engines: dict[bool, Any],
     example: EvalExample,
     todo: list[MethodSpec],
     full_result: QuestionResult | None,
@@ -96,25 +111,31 @@ def _run_question(
     the gold answer) for the fidelity measures of :mod:`fidelity`; on a resumed question full's reference is
     rebuilt from its stored answer tokens without decoding again.
     """
-    caches, prefill_time = None, None
-    if use_prefill and any(m.options.selector != "full" for m in todo):
+    engine = engines[False]
+    caches: dict[bool, list] = {}  # by lead_in: the question's passages prefilled once per kind of cache
+    prefill_time: dict[bool, float] = {}
+    for lead_in in sorted({m.lead_in for m in todo if m.options.selector != "full"}) if use_prefill else ():
         started = time.perf_counter()
         # Signals only when a policy reads them: recording them runs the vocabulary head on every passage token.
-        caches = engine.prefill(example.passages, signals=any(_needs_signals(m.options) for m in todo))
-        prefill_time = time.perf_counter() - started
+        signals = any(_needs_signals(m.options) for m in todo if m.lead_in == lead_in)
+        caches[lead_in] = engines[lead_in].prefill(example.passages, signals=signals)
+        prefill_time[lead_in] = time.perf_counter() - started
     gold = engine.answer_token_ids(example.answers[0]) if example.answers else []
     ref = _stored_reference(engine, example, full_result, prompt, max_new_tokens)
     for method in todo:
-        cached = caches is not None and method.options.selector != "full"
-        passages = caches if cached else example.passages
-        prep = engine.prepare(
+        runs_on = engines[method.lead_in]
+        cached = method.lead_in in caches and method.options.selector != "full"
+        passages = caches[method.lead_in] if cached else example.passages
+        prep = runs_on.prepare(
             example.question, passages, method.options, template=prompt, max_new_tokens=max_new_tokens
         )
-        output = engine.decode(prep, max_new_tokens=max_new_tokens)
+        output = runs_on.decode(prep, max_new_tokens=max_new_tokens)
         if method.is_reference:
             ref = fidelity.reference(output.answer_ids, engine.teacher_force(prep, output.answer_ids))
-        scores = _fidelity(engine, prep, ref, gold)
-        result = _result(example, method, output, full_result, prefill_time if cached else None, scores)
+        scores = _fidelity(runs_on, prep, ref, gold)
+        result = _result(
+            example, method, output, full_result, prefill_time.get(method.lead_in) if cached else None, scores
+        )
         if method.is_reference:
             full_result = result
         yield result
@@ -177,6 +198,7 @@ def _result(
         kv_tokens=_reported_size(output, "kv_tokens"),
         kv_bytes=_reported_size(output, "kv_bytes"),
         answer_ids=list(output.answer_ids),
+        lead_in=method.lead_in,
         **scores,
     )
 

@@ -32,21 +32,23 @@ from .tables import (
 from .verdicts import entropy_verdict, trial_verdict, verdict
 
 HELD_OUT_START = 1000
-MAIN_METHODS = ("full", "none", "infoflow", "sinkflow", "cacheblend", "epic", "random")
-TRIAL = "sinkflow"  # the selector on trial: paired against each rival at the same ratio in the report
+MAIN_METHODS = ("full", "none", "infoflow", "sinkflow", "cacheblend", "epic", "random", "sinkflow+leadin")
+# The selector on trial (sinkflow over passages prefilled behind the neutral lead-in, study round 15): paired against
+# each rival at the same ratio in the report.
+TRIAL = "sinkflow+leadin"
 TRIAL_RIVALS = ("infoflow", "cacheblend", "epic")
 # The selector on trial also runs at this smaller budget in the main, needle and large parts: does it match the others
 # for less?
 SMALL_RATIO = 0.1
 SWEEP_RATIOS = (0.05, 0.1, 0.15, 0.25, 0.5)
-SWEEP_SELECTORS = ("infoflow", "sinkflow", "cacheblend", "epic")
+SWEEP_SELECTORS = ("infoflow", "sinkflow", "cacheblend", "epic", "sinkflow+leadin")
 COMPRESSIONS = ("snapkv:0.25", "snapkv:0.5", "infokv:0.25", "infokv:0.5")
 NIAH_LENGTHS = (1000, 2000, 4000)
 NIAH_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 NIAH_PASSAGE_TOKENS = 256
-NIAH_METHODS = ("full", "none", "infoflow", "sinkflow", "cacheblend", "epic")
+NIAH_METHODS = ("full", "none", "infoflow", "sinkflow", "cacheblend", "epic", "sinkflow+leadin")
 LARGE_MODEL = "qwen2.5-1.5b"  # the model with headroom: its part runs only on it
-LARGE_METHODS = ("full", "none", "infoflow", "sinkflow", "cacheblend", "epic")
+LARGE_METHODS = ("full", "none", "infoflow", "sinkflow", "cacheblend", "epic", "sinkflow+leadin")
 
 
 @dataclass(frozen=True)
