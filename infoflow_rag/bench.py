@@ -7,6 +7,7 @@ achieved, so "close to the limit" is a number.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -24,9 +25,11 @@ from .costmodel import (
     recompute_flops,
 )
 from .engine import Engine
+from .engine.lead_in import NEUTRAL_LEAD_IN
 from .engine.prefill import full_prefill
 from .engine.query import Prepared, selector_for
 from .engine.selection import DEFAULT_RATIO, CacheBlendSelector, InfoFlowSelector
+from .eval.methods import MethodSpec, fixed_ratio, parse_method
 from .store import STORAGE_DTYPES
 
 BENCH_METHODS = ("full", "infoflow", "infoflow+reorder", "cacheblend", "epic", "random", "none")
@@ -117,10 +120,16 @@ def bench_ttft(
     rows = []
     for n_tokens in contexts:
         question, texts = build_context(engine, n_tokens)
-        kvs = engine.prefill(texts)  # offline work: never part of TTFT
         ids = engine.prompt_ids(question, texts)
-        options = {m: bench_options(m, ratio) for m in methods}
-        costs = {m: method_cost(engine, engine.prepare(question, kvs, **options[m])) for m in methods}
+        specs = {m: bench_method(m, ratio) for m in methods}
+        # A +leadin method reads passages prefilled behind the neutral lead-in, on an engine that prefills them so.
+        engines = {lead_in: engine.replace(lead_in=NEUTRAL_LEAD_IN) if lead_in else engine for lead_in in (False, True)}
+        # Offline work, never part of TTFT; each kind of cache only if a method reads it.
+        kvs = {k: e.prefill(texts) for k, e in engines.items() if any(s.lead_in == k for s in specs.values())}
+        costs = {
+            m: method_cost(engine, engines[s.lead_in].prepare(question, kvs[s.lead_in], s.options))
+            for m, s in specs.items()
+        }
         ttft: dict[str, list[float]] = {m: [] for m in ("prefill", *methods)}
         share: dict[str, list[float]] = {m: [] for m in methods}
         score_s: dict[str, list[float]] = {m: [] for m in methods}
@@ -133,7 +142,8 @@ def bench_ttft(
             if repeat:
                 ttft["prefill"].append(elapsed)
             for method in methods:
-                r = engine.answer(question, kvs, max_new_tokens=1, **options[method])
+                spec = specs[method]
+                r = engines[spec.lead_in].answer(question, kvs[spec.lead_in], spec.options, max_new_tokens=1)
                 if repeat:
                     ttft[method].append(r.timings.ttft)
                     share[method].append((r.timings.score + r.timings.reorder) / r.timings.ttft)
@@ -141,7 +151,7 @@ def bench_ttft(
                     recompute_s[method].append(r.timings.recompute)
                     fraction[method] = r.recompute_fraction
         reference = statistics.median(ttft["prefill"])
-        context = sum(len(kv) for kv in kvs)
+        context = sum(len(kv) for kv in next(iter(kvs.values())))
         full_flops = full_prefill_flops(ModelShape.of(engine.model.config), len(ids))
         nan = float("nan")
         rows.append(
@@ -177,12 +187,13 @@ def bench_ttft(
     return rows
 
 
-def bench_options(method: str, ratio: float) -> dict:
-    """A bench method name (a selector, ``+reorder`` for the reordered variant) as query options."""
-    selector, plus, flag = method.partition("+")
-    if plus and flag != "reorder":
-        raise ValueError(f"bench method {method!r}: the only variant is +reorder, e.g. infoflow+reorder")
-    return {"selector": selector, "ratio": ratio, "reorder": bool(plus)}
+def bench_method(method: str, ratio: float) -> MethodSpec:
+    """A bench method in the eval grammar (:mod:`infoflow_rag.eval.methods`: ``infoflow+reorder``,
+    ``sinkflow+leadin``, ...), recomputing ``ratio`` unless it says its own ``@RATIO``."""
+    spec = parse_method(method)
+    if "@" in method or fixed_ratio(spec.options.selector):
+        return spec
+    return dataclasses.replace(spec, options=spec.options.replace(ratio=ratio))
 
 
 def _check_repeats(repeats: int) -> None:

@@ -55,6 +55,7 @@ def highlight_terminal(spans: list[tuple[str, bool]], color: bool) -> str:
 def run_demo(
     out_dir: str | Path = "runs/demo",
     model: str = "smollm2-135m",
+    engine_settings: dict | None = None,
     n_items: int = 20,
     n_questions: int = 3,
     top_k: int = 4,
@@ -62,7 +63,7 @@ def run_demo(
 ) -> Path:
     out = Path(out_dir)
     items = write_corpus(out / "corpus.jsonl", n_items)
-    pipeline = Pipeline.open(out / "index", model=model, create=True)
+    pipeline = Pipeline.open(out / "index", model=model, create=True, engine_settings=engine_settings)
     with pipeline:
         summary = ingest(pipeline, out / "corpus.jsonl", split="paragraph")
         print(

@@ -149,12 +149,16 @@ class Pipeline(Closing):
         store: str | KVStore | None = None,
         create: bool = False,
         kv_dtype: str = "float32",
+        engine_settings: dict[str, Any] | None = None,
         **index_options,
     ) -> Pipeline:
         """Open (or create) the index directory; the KV store defaults to ``<index_dir>/kv`` on disk.
 
         ``kv_dtype`` is how new KV is written (float32, float16, bfloat16, int8); reads accept any.
+        ``engine_settings`` go to :class:`Engine` when ``model`` is a name (e.g. ``{"lead_in": NEUTRAL_LEAD_IN}``).
         """
+        if isinstance(model, Engine) and engine_settings:
+            raise ValueError(f"engine_settings {engine_settings} apply to a model name; this engine is built already")
         index_dir = Path(index_dir)
         # Records without index.json are a damaged index, not a missing one: open says how to repair it.
         has_index = (index_dir / META_FILE).exists() or (index_dir / RECORDS_FILE).exists()
@@ -164,7 +168,7 @@ class Pipeline(Closing):
             )
         index = PassageIndex.open(index_dir) if has_index else PassageIndex.create(index_dir, **index_options)
         index.embedder.encode(["warm-up"])  # load the embedder now: a query's retrieval time is then a search
-        engine = model if isinstance(model, Engine) else Engine.load(model)
+        engine = model if isinstance(model, Engine) else Engine.load(model, **(engine_settings or {}))
         if store is None:
             store = open_store(f"disk:{index_dir / KV_DIR}", dtype=kv_dtype)
         elif isinstance(store, str):

@@ -108,6 +108,25 @@ def test_ask_says_where_the_kv_came_from_and_json_leaves_out_token_ids(tmp_path,
     assert {"selected", "passage_tokens", "answer_ids"} <= set(result)
 
 
+def test_lead_in_flag_prefills_behind_the_lead_in_and_keys_the_store_apart(tmp_path, model_dir, capsys, monkeypatch):
+    monkeypatch.setenv("INFOFLOW_RAG_CACHE", str(tmp_path / "cache"))
+    corpus, index = write_corpus(tmp_path), str(tmp_path / "index")
+    assert main(["ingest", str(corpus), "--index", index, "--model", model_dir, "--lead-in", "neutral"]) == 0
+    capsys.readouterr()
+    ask = ["ask", QUESTION, "--index", index, "--model", model_dir, "--top-k", "2", "--max-new-tokens", "3"]
+
+    def reuse(*flags: str) -> str:
+        assert main([*ask, *flags]) == 0
+        return next(line for line in capsys.readouterr().out.splitlines() if line.startswith("reuse:"))
+
+    assert reuse("--lead-in", "neutral").startswith("reuse: 2 passages from the store")
+    # Without the flag the engine prefills right behind the head: the lead-in caches are not its own.
+    plain = reuse()
+    assert plain.startswith("reuse: 0 passages from the store") and "2 computed now" in plain
+    assert reuse("--lead-in", "none").startswith("reuse: 2 passages from the store")  # both kinds are kept
+    assert reuse("--lead-in", "neutral").startswith("reuse: 2 passages from the store")
+
+
 def test_bench_ttft_prints_each_context_when_it_is_done(model_dir, capsys):
     bench = ["bench", "ttft", "--model", model_dir, "--context", "800,2000", "--methods", "infoflow,none"]
     assert main([*bench, "--repeats", "1"]) == 0
@@ -163,7 +182,8 @@ def test_bench_prefill_says_how_busy_the_machine_was_in_both_forms(model_dir, ca
     ("flags", "message"),
     [
         (["--methods", "infoflow,bogus"], "unknown selector 'bogus'"),
-        (["--methods", "infoflow+tail"], "the only variant is +reorder"),
+        (["--methods", "infoflow+tail"], "unknown compression policy 'tail'; known policies: infokv"),
+        (["--methods", "full+leadin"], "full prefill reads no cached passage"),
         (["--ratio", "1.5"], "ratio must be in (0, 1], got 1.5"),
     ],
 )

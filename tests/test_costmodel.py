@@ -88,6 +88,28 @@ def test_bench_reports_each_methods_ceiling_and_flop_rates(engine):
     assert "| ceiling | of ceiling |" in table and "| – |" in table
 
 
+def test_bench_methods_read_the_eval_grammar_and_a_leadin_method_its_own_cache(engine, monkeypatch):
+    from infoflow_rag.bench import bench_method, bench_ttft
+    from infoflow_rag.engine.lead_in import NEUTRAL_LEAD_IN
+
+    assert bench_method("sinkflow+leadin", 0.2).lead_in and bench_method("sinkflow+leadin", 0.2).options.ratio == 0.2
+    assert bench_method("epic@0.1", 0.2).options.ratio == 0.1  # its own ratio wins over --ratio
+    prefilled_behind = []
+    prefill = type(engine).prefill
+
+    def recording(self, texts, *args, **kwargs):
+        prefilled_behind.append(self.lead_in)
+        return prefill(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(type(engine), "prefill", recording)
+    rows = {
+        r.method: r for r in bench_ttft(engine, [600], ratio=0.2, methods=("sinkflow", "sinkflow+leadin"), repeats=1)
+    }
+    assert prefilled_behind == [None, NEUTRAL_LEAD_IN]  # one cache of each kind, each prefilled once
+    assert rows["sinkflow+leadin"].recompute_fraction == pytest.approx(0.2, abs=0.02)
+    assert bench_ttft(engine, [600], methods=("infoflow",), repeats=1) and prefilled_behind[2:] == [None]
+
+
 def test_method_cost_counts_the_tokens_the_recompute_runs(engine):
     # The recompute runs the chosen cached tokens and the fresh prompt tokens, wherever they sit in the prompt.
     from infoflow_rag.bench import build_context, method_cost

@@ -124,3 +124,11 @@ def test_the_eval_runner_answers_leadin_methods_over_lead_in_caches(engine, tmp_
     assert lead_none.kl_answer == pytest.approx(expected, rel=1e-4) and lead_none.kl_answer != none.kl_answer
     assert [r.lead_in for r in (full, none, lead_none, lead_full)] == [False, False, True, True]
     assert [r.spec for r in read_results(path).results] == methods  # the flag survives the file
+
+
+def test_engine_settings_for_an_engine_already_built_are_refused(engine, tmp_path):
+    from infoflow_rag.pipeline import Pipeline
+
+    with pytest.raises(ValueError, match="apply to a model name; this engine is built already"):
+        Pipeline.open(tmp_path / "index", model=engine, engine_settings={"lead_in": LEAD_IN}, create=True)
+    assert not (tmp_path / "index").exists()

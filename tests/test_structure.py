@@ -128,7 +128,7 @@ def test_every_refusal_is_an_infoflow_error():
 def test_cli_reports_an_infoflow_error_in_one_line(monkeypatch, capsys):
     from infoflow_rag.cli import options
 
-    def refuse(name):
+    def refuse(name, **settings):
         raise UnsupportedModelError(
             f"model {name!r} uses dynamic-NTK RoPE\nwhich cannot be re-rotated; use another model"
         )

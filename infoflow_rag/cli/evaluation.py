@@ -16,7 +16,7 @@ def cmd_bench_store(args: argparse.Namespace) -> int:
 
     from ..bench import bench_store
 
-    engine = load_engine(args.model)
+    engine = load_engine(args)
     with tempfile.TemporaryDirectory(dir=args.dir) as directory, MachineWatch() as watch:
         rows = bench_store(engine, directory, n_passages=args.passages)
     if args.json:
@@ -39,7 +39,7 @@ def cmd_bench_prefill(args: argparse.Namespace) -> int:
 
     if args.tokens < 64:
         raise ValueError(f"--tokens must be >= 64, got {args.tokens}")
-    engine = load_engine(args.model)
+    engine = load_engine(args)
     with MachineWatch() as watch:
         row = bench_prefill(engine, n_tokens=args.tokens, repeats=args.repeats)
     if args.json:
@@ -55,14 +55,13 @@ def cmd_bench_prefill(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_ttft(args: argparse.Namespace) -> int:
-    from ..bench import bench_options, bench_ttft, format_table
-    from ..engine.options import QueryOptions
+    from ..bench import bench_method, bench_ttft, format_table
 
     contexts = _token_counts(args.context, "--context", minimum=64)
     methods = tuple(args.methods.split(","))
     for method in methods:  # a typo or a bad ratio fails before the model loads
-        QueryOptions(**bench_options(method, args.ratio))
-    engine = load_engine(args.model)
+        bench_method(method, args.ratio)
+    engine = load_engine(args)
     rows, finished = [], 0
     watch = MachineWatch()
     # One context at a time, each printed when done: a long run shows its figures as it goes, and a run cut
@@ -118,7 +117,7 @@ def cmd_eval_run(args: argparse.Namespace) -> int:
     methods = [parse_method(m) for m in args.methods.split(",")]
     if args.dataset == "niah":  # parsed before the model loads, so a typo fails at once
         lengths, depths = _token_counts(args.lengths, "--lengths"), _depths(args.depths)
-    engine = load_engine(args.model)
+    engine = load_engine(args)
     if args.dataset == "hotpotqa":
         examples = load_hotpotqa("passage", start=args.start, limit=args.limit)
     elif args.dataset == "hotpotqa-fixed":  # windows cut with the model's own tokenizer
@@ -167,7 +166,7 @@ def cmd_eval_suite(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown suite parts {unknown}; choose from {', '.join(by_name)}")
     parts = [by_name[n] for n in args.parts.split(",")]  # run in the order given
     # The report keeps the sections of parts already on file, so running one part alone drops none.
-    path = run_suite(load_engine(args.model), args.out, parts, start=args.start, ratio=args.ratio, report_parts=every)
+    path = run_suite(load_engine(args), args.out, parts, start=args.start, ratio=args.ratio, report_parts=every)
     print(f"wrote {path}")
     return 0
 

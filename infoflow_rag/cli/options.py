@@ -7,12 +7,20 @@ import json
 from typing import Any, get_args, get_origin
 
 from ..engine import Engine, QueryOptions
+from ..engine.lead_in import NEUTRAL_LEAD_IN
 from ..engine.options import DEFAULT_OPTIONS
 
+LEAD_INS = {"none": None, "neutral": NEUTRAL_LEAD_IN}  # what --lead-in names
 
-def load_engine(name: str) -> Engine:
-    """The engine of ``--model``, loaded and checked by the correctness gate."""
-    return Engine.load(name)
+
+def load_engine(args: argparse.Namespace) -> Engine:
+    """The engine of ``--model`` with the settings of its flags, loaded and checked by the correctness gate."""
+    return Engine.load(args.model, **engine_settings(args))
+
+
+def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`Engine` settings the flags of ``--model`` give (``--lead-in``)."""
+    return {"lead_in": LEAD_INS[args.lead_in]}
 
 
 def add_option_flags(parser: argparse.ArgumentParser, what: str = "") -> None:

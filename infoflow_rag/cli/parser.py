@@ -17,7 +17,7 @@ from .evaluation import (
     cmd_eval_run,
     cmd_eval_suite,
 )
-from .options import add_option_flags
+from .options import LEAD_INS, add_option_flags
 from .serving import cmd_ask, cmd_check, cmd_demo, cmd_index_repair, cmd_ingest, cmd_serve, positive_int
 
 DESCRIPTION = "infoflow-rag: passage KV reuse with InfoFlow selective recompute for fast RAG."
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         default="full,infoflow,infoflow+reorder,cacheblend,epic,random,none",
-        help="comma-separated methods: selectors, +reorder for density order",
+        help="comma-separated methods in the eval grammar (infoflow+reorder, sinkflow+leadin, ...); --ratio unless @",
     )
     p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per method (median reported)")
     _json(p)
@@ -240,6 +240,13 @@ def _suite_sizes(p: argparse.ArgumentParser) -> None:
 
 def _model(p: argparse.ArgumentParser, default: str = DEFAULT_MODEL) -> None:
     p.add_argument("--model", default=default, help=f"registered name ({MODELS}), HF dir or .gguf file")
+    p.add_argument(
+        "--lead-in",
+        choices=list(LEAD_INS),
+        default="none",
+        help="prefill every passage behind this lead-in: 'neutral' makes the stale caches closer to full prefill's "
+        "(docs/selector-study.md, round 15) and gives the KV store other keys (default: none)",
+    )
 
 
 def _json(p: argparse.ArgumentParser) -> None:

@@ -7,13 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-from .options import load_engine, query_options
+from .options import engine_settings, load_engine, query_options
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     from ..engine.check import run_check
 
-    report = run_check(load_engine(args.model), thorough=True)
+    report = run_check(load_engine(args), thorough=True)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -41,6 +41,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     with Pipeline.open(
         args.index,
         model=args.model,
+        engine_settings=engine_settings(args),
         store=args.store,
         create=True,
         kv_dtype=args.kv_dtype,
@@ -96,7 +97,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from ..pipeline import Pipeline
 
     options = query_options(args)  # before the model loads
-    with Pipeline.open(args.index, model=args.model, store=args.store) as pipeline:
+    with Pipeline.open(args.index, args.model, args.store, engine_settings=engine_settings(args)) as pipeline:
         if args.json:
             answer = pipeline.ask(args.question, args.top_k, options, max_new_tokens=args.max_new_tokens)
             print(json.dumps(answer.to_dict() if args.token_ids else without_token_ids(answer.to_dict()), indent=2))
@@ -149,7 +150,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..serve import ServerSettings, serve
 
     options = query_options(args)  # before the model loads
-    with Pipeline.open(args.index, model=args.model, store=args.store) as pipeline:
+    with Pipeline.open(args.index, args.model, args.store, engine_settings=engine_settings(args)) as pipeline:
         settings = ServerSettings(
             model_name=args.served_model_name or pipeline.model_name,
             options=options,
@@ -170,6 +171,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run_demo(
         args.out,
         model=args.model,
+        engine_settings=engine_settings(args),
         n_items=args.items,
         n_questions=args.questions,
         color=sys.stdout.isatty() and not args.no_color,

@@ -30,6 +30,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from infoflow_rag.engine.compression import POLICIES
 from infoflow_rag.engine.options import DEFAULT_RATIO, QueryOptions, validate_keep
 from infoflow_rag.engine.options import fixed_ratio as _fixed
 
@@ -193,6 +194,14 @@ def _parse_compression(text: str, policy: str | None, keep_text: str | None) -> 
         raise ValueError(
             f"method {text!r}: '+{policy}' belongs right after the selector, in the order {''.join(_FLAGS)}"
         )
+    if f"+{policy}" in _FLAGS:
+        raise ValueError(
+            f"method {text!r}: '+{policy}' belongs right after the selector, in the order {''.join(_FLAGS)}"
+        )
+    try:
+        POLICIES.validate(policy)
+    except ValueError as err:
+        raise ValueError(f"method {text!r}: {err}") from None
     if policy == "none":
         raise ValueError(f"method {text!r}: no compression is the default; leave out '+none'")
     if keep_text is None:
