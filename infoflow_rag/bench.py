@@ -25,11 +25,10 @@ from .costmodel import (
     recompute_flops,
 )
 from .engine import Engine
-from .engine.lead_in import NEUTRAL_LEAD_IN
 from .engine.prefill import full_prefill
 from .engine.query import Prepared, selector_for
 from .engine.selection import DEFAULT_RATIO, CacheBlendSelector, InfoFlowSelector
-from .eval.methods import MethodSpec, fixed_ratio, parse_method
+from .eval.methods import MethodSpec, engines_for, fixed_ratio, parse_method
 from .store import STORAGE_DTYPES
 
 BENCH_METHODS = ("full", "infoflow", "infoflow+reorder", "cacheblend", "epic", "random", "none")
@@ -122,9 +121,8 @@ def bench_ttft(
         question, texts = build_context(engine, n_tokens)
         ids = engine.prompt_ids(question, texts)
         specs = {m: bench_method(m, ratio) for m in methods}
-        # A +leadin method reads passages prefilled behind the neutral lead-in, on an engine that prefills them so.
-        engines = {lead_in: engine.replace(lead_in=NEUTRAL_LEAD_IN) if lead_in else engine for lead_in in (False, True)}
-        # Offline work, never part of TTFT; each kind of cache only if a method reads it.
+        engines = engines_for(engine, specs.values())
+        # Offline work, never part of TTFT: each kind of cache a method reads.
         kvs = {k: e.prefill(texts) for k, e in engines.items() if any(s.lead_in == k for s in specs.values())}
         costs = {
             m: method_cost(engine, engines[s.lead_in].prepare(question, kvs[s.lead_in], s.options))

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from infoflow_rag.engine.compression import POLICIES
+from infoflow_rag.engine.lead_in import NEUTRAL_LEAD_IN
 from infoflow_rag.engine.options import DEFAULT_RATIO, QueryOptions, validate_keep
 from infoflow_rag.engine.options import fixed_ratio as _fixed
 
@@ -85,6 +87,16 @@ class MethodSpec:
     @property
     def _policy_suffix(self) -> str:
         return "" if self.options.compress == "none" else f"+{self.options.compress}"
+
+
+def engines_for(engine: Any, methods: Iterable[MethodSpec]) -> dict[bool, Any]:
+    """The engine each kind of method runs on, by ``MethodSpec.lead_in``: ``engine`` itself for the plain methods, a
+    sibling of the same model prefilling behind the neutral lead-in for ``+leadin`` ones (``engine`` if it does)."""
+    engines = {False: engine}
+    if any(m.lead_in for m in methods):
+        has_it = getattr(engine, "lead_in", None) == NEUTRAL_LEAD_IN
+        engines[True] = engine if has_it else engine.replace(lead_in=NEUTRAL_LEAD_IN)
+    return engines
 
 
 def fixed_ratio(selector: str) -> bool:

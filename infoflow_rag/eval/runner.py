@@ -10,11 +10,10 @@ from typing import Any
 from tqdm import tqdm
 
 from infoflow_rag.engine.compression import make_policy
-from infoflow_rag.engine.lead_in import NEUTRAL_LEAD_IN
 from infoflow_rag.engine.options import QueryOptions
 from infoflow_rag.eval import fidelity
 from infoflow_rag.eval.datasets import EvalExample
-from infoflow_rag.eval.methods import MethodSpec
+from infoflow_rag.eval.methods import MethodSpec, engines_for
 from infoflow_rag.eval.metrics import best_em, best_f1, clean_prediction
 from infoflow_rag.eval.results import QuestionResult, ResultsLog, RunHeader, current_command
 
@@ -69,7 +68,7 @@ def run_eval(
     )
     use_prefill = prefill_once and callable(getattr(engine, "prefill", None))
     full = next((m for m in methods if m.is_reference), None)
-    engines = _engines(engine, methods)
+    engines = engines_for(engine, methods)
     with ResultsLog(out_path, header, resume) as log:
         done = {r.pair_key: r for r in log.existing}
         pending = sum((ex.dataset, ex.id, m.key) not in done for ex in examples for m in methods)
@@ -84,16 +83,6 @@ def run_eval(
                     done[result.pair_key] = result
                     bar.update()
     return [done[(ex.dataset, ex.id, m.key)] for ex in examples for m in methods]
-
-
-def _engines(engine: Any, methods: Sequence[MethodSpec]) -> dict[bool, Any]:
-    """The engine each kind of method runs on, by ``MethodSpec.lead_in``: ``engine`` itself for the plain methods,
-    a sibling prefilling behind the neutral lead-in for the ``+leadin`` ones (``engine`` when it already does)."""
-    engines = {False: engine}
-    if any(m.lead_in for m in methods):
-        has_it = getattr(engine, "lead_in", None) == NEUTRAL_LEAD_IN
-        engines[True] = engine if has_it else engine.replace(lead_in=NEUTRAL_LEAD_IN)
-    return engines
 
 
 def _run_question(
