@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from test_index import BagOfWordsEmbedder
 
 from infoflow_rag.engine import Engine, QueryOptions
+from infoflow_rag.engine.lead_in import NEUTRAL_LEAD_IN
 from infoflow_rag.engine.prompt import encode
 from infoflow_rag.index.passage_index import PassageIndex
 from infoflow_rag.pipeline import Pipeline
@@ -112,6 +113,19 @@ def test_chain_with_full_recompute_matches_full_prefill(pipeline, engine):
     out = chain.invoke({"question": QUESTION})
     texts = [doc.page_content for doc in out["documents"]]
     assert out["answer"] == engine.full_prefill_answer(QUESTION, texts, max_new_tokens=MAX_TOKENS)[0]
+
+
+def test_chain_over_a_lead_in_pipeline_reuses_its_caches_and_at_full_recompute_is_full_prefill(engine, tmp_path):
+    index = PassageIndex.create(tmp_path / "index", embedder=BagOfWordsEmbedder())
+    index.add_passages(PASSAGES, sources=[f"doc{i}.txt" for i in range(len(PASSAGES))])
+    pipeline = Pipeline(engine.replace(lead_in=NEUTRAL_LEAD_IN), open_store("memory"), index)
+    llm = chat(pipeline, selector="sinkflow", ratio=1.0)
+    chain = create_infoflow_rag_chain(InfoFlowRetriever(index=index, k=3), llm)
+    first, again = chain.invoke({"question": QUESTION}), chain.invoke({"question": QUESTION})
+    texts = [doc.page_content for doc in again["documents"]]
+    assert first["stats"]["passages_computed"] == 3 and again["stats"]["passages_hit"] == 3
+    # Every token of the lead-in caches recomputed: the uncached answer, through the adapter.
+    assert again["answer"] == engine.full_prefill_answer(QUESTION, texts, max_new_tokens=MAX_TOKENS)[0]
 
 
 def test_chain_streams_documents_then_answer_deltas_then_stats(pipeline):

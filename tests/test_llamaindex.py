@@ -40,6 +40,7 @@ from pydantic import ValidationError
 from test_index import BagOfWordsEmbedder
 
 from infoflow_rag.engine import Engine
+from infoflow_rag.engine.lead_in import NEUTRAL_LEAD_IN
 from infoflow_rag.engine.prompt import encode
 from infoflow_rag.index.passage_index import PassageIndex
 from infoflow_rag.pipeline import Pipeline
@@ -145,6 +146,21 @@ def test_full_recompute_gives_the_uncached_answer(pipeline, engine, completions)
     assert cached_prompt == uncached_prompt
     assert cached.raw[STATS_KEY]["passages_hit"] == 2
     assert uncached.raw[STATS_KEY]["reused_share"] == 0
+    assert answers[0] == answers[1] != ""
+
+
+def test_a_lead_in_pipeline_serves_the_stock_query_engine_and_at_full_recompute_gives_the_uncached_answer(
+    engine, completions
+):
+    lead_pipeline = Pipeline(engine.replace(lead_in=NEUTRAL_LEAD_IN), open_store("memory"))
+    uncached_pipeline = Pipeline(engine, open_store("memory"))
+    index = ingested_index(lead_pipeline)  # the ingestion hook prefills behind the lead-in
+    answers = [
+        index.as_query_engine(llm=llm(lead_pipeline, selector="sinkflow", ratio=1.0)).query(QUESTION).response,
+        index.as_query_engine(llm=llm(uncached_pipeline, selector="full")).query(QUESTION).response,
+    ]
+    (lead_prompt, lead), (uncached_prompt, _) = completions
+    assert lead_prompt == uncached_prompt and lead.raw[STATS_KEY]["passages_hit"] == 2
     assert answers[0] == answers[1] != ""
 
 
