@@ -392,10 +392,12 @@ def test_verdicts_state_the_interval_of_the_paired_table(verdict_of):
     assert table["sinkflow@0.15"][3] == interval
 
 
-def test_suite_report_puts_the_trial_selector_against_its_rivals(tmp_path):
-    from infoflow_rag.eval.suite import TRIAL, suite_parts, write_suite_report
+@pytest.mark.parametrize("trial", ["sinkflow+leadin@0.15", "sinkflow@0.15"])
+def test_suite_report_puts_the_newest_trial_selector_of_its_run_against_its_rivals(tmp_path, trial):
+    """A run from before the newest trial keeps its own trial in its report."""
+    from infoflow_rag.eval.suite import TRIALS, suite_parts, write_suite_report
 
-    trial = f"{TRIAL}@0.15"
+    assert [f"{t}@0.15" for t in TRIALS] == ["sinkflow+leadin@0.15", "sinkflow@0.15"]
 
     rows = []
     for r in fidelity_results():  # epic@0.3's numbers play the selector on trial
