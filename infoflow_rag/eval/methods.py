@@ -4,8 +4,8 @@ Method strings read
 ``SELECTOR[{LAYERS}][+reorder][+block][+leadin][[GEOMETRY]][;OPTION=VALUE...][@RATIO][+POLICY:KEEP]``,
 for example
 ``full``, ``none``, ``infoflow@0.15``, ``infoflow+reorder@0.15``, ``infoflow[tail/tail]@0.1``,
-``infoflow{20-23}@0.15``, ``infoflow+block@0.15``, ``cacheblend@0.15``, ``infoflow@0.15+infokv:0.5``,
-``none+snapkv:256``.
+``infoflow{20-23}@0.15``, ``infoflow+block@0.15``, ``cacheblend@0.15``, ``sinkflow+leadin@0.15``,
+``infoflow@0.15+infokv:0.5``, ``none+snapkv:256``.
 ``{LAYERS}`` (InfoFlow only) is the inclusive range of scoring layers, ``{A-B}`` or ``{A}``; without it the
 engine's default layers score. ``+block`` (InfoFlow only) scores with the whole question block instead of the
 raw question (the engine's ``score_rows="block"``). ``+leadin`` answers over passages prefilled behind the neutral
