@@ -127,6 +127,14 @@ def test_lead_in_flag_prefills_behind_the_lead_in_and_keys_the_store_apart(tmp_p
     assert reuse("--lead-in", "neutral").startswith("reuse: 2 passages from the store")
 
 
+@pytest.mark.parametrize("command", [["bench", "ttft"], ["eval", "run"], ["eval", "suite"]])
+def test_commands_comparing_methods_take_the_kind_of_cache_from_each_method_not_a_flag(command, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*command, "--lead-in", "neutral"])
+    assert "unrecognized arguments: --lead-in neutral" in capsys.readouterr().err
+    assert build_parser().parse_args(["ask", "q", "--index", "i", "--lead-in", "neutral"]).lead_in == "neutral"
+
+
 def test_bench_ttft_prints_each_context_when_it_is_done(model_dir, capsys):
     bench = ["bench", "ttft", "--model", model_dir, "--context", "800,2000", "--methods", "infoflow,none"]
     assert main([*bench, "--repeats", "1"]) == 0

@@ -13,7 +13,7 @@ from infoflow_rag.engine.lead_in import NEUTRAL_LEAD_IN
 from infoflow_rag.engine.selection import recomputable_passages
 from infoflow_rag.eval import fidelity
 from infoflow_rag.eval.datasets import EvalExample
-from infoflow_rag.eval.methods import parse_method
+from infoflow_rag.eval.methods import engines_for, parse_method
 from infoflow_rag.eval.results import read_results
 from infoflow_rag.eval.runner import DEFAULT_PROMPT, run_eval
 from infoflow_rag.ingest import fitting_passages
@@ -132,3 +132,34 @@ def test_engine_settings_for_an_engine_already_built_are_refused(engine, tmp_pat
     with pytest.raises(ValueError, match="apply to a model name; this engine is built already"):
         Pipeline.open(tmp_path / "index", model=engine, engine_settings={"lead_in": LEAD_IN}, create=True)
     assert not (tmp_path / "index").exists()
+
+
+def test_the_grammar_alone_decides_which_cache_a_method_reads(engine, tmp_path):
+    example = EvalExample("q0", QUESTION, ["Paris"], PASSAGES, {}, "toy")
+    methods = [parse_method(m) for m in ("full", "none", "none+leadin")]
+    lead = engine.replace(lead_in=NEUTRAL_LEAD_IN)
+    runs = {
+        name: run_eval(e, [example], methods, tmp_path / f"{name}.jsonl", progress=False, command="eval")
+        for name, e in (("plain", engine), ("lead", lead))
+    }
+    # An engine with a lead-in runs 'none' over plain caches all the same, and writes the same header.
+    assert [r.kl_answer for r in runs["lead"]] == pytest.approx([r.kl_answer for r in runs["plain"]], rel=1e-5)
+    infos = [read_results(tmp_path / f"{name}.jsonl").header.model_info for name in runs]
+    assert infos[0] == infos[1] and infos[0]["leadin_methods_lead_in"] == NEUTRAL_LEAD_IN
+    assert "lead_in" not in infos[0]  # the plain engine's own info
+
+
+def test_a_run_is_not_resumed_under_another_lead_in(engine, tmp_path, monkeypatch):
+    example = EvalExample("q0", QUESTION, ["Paris"], PASSAGES, {}, "toy")
+    path = tmp_path / "r.jsonl"
+    run_eval(engine, [example], [parse_method("none+leadin")], path, progress=False, command="eval")
+    monkeypatch.setattr("infoflow_rag.eval.methods.NEUTRAL_LEAD_IN", LEAD_IN)  # the constant changed since
+    with pytest.raises(ValueError, match="cannot resume .*leadin_methods_lead_in"):
+        run_eval(engine, [example], [parse_method("none+leadin")], path, progress=False, command="eval")
+
+
+def test_an_engine_that_cannot_change_its_lead_in_is_refused_by_name():
+    with pytest.raises(TypeError, match="SimpleNamespace has no replace.*over lead-in caches"):
+        engines_for(SimpleNamespace(), [parse_method("none"), parse_method("none+leadin")])
+    plain = SimpleNamespace()
+    assert engines_for(plain, [parse_method("none")]) == {False: plain}

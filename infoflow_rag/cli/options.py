@@ -19,8 +19,8 @@ def load_engine(args: argparse.Namespace) -> Engine:
 
 
 def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The :class:`Engine` settings the flags of ``--model`` give (``--lead-in``)."""
-    return {"lead_in": LEAD_INS[args.lead_in]}
+    """The :class:`Engine` settings the flags of ``--model`` give (``--lead-in``, where the command has it)."""
+    return {"lead_in": LEAD_INS[args.lead_in]} if "lead_in" in args else {}
 
 
 def add_option_flags(parser: argparse.ArgumentParser, what: str = "") -> None:

@@ -90,12 +90,24 @@ class MethodSpec:
 
 
 def engines_for(engine: Any, methods: Iterable[MethodSpec]) -> dict[bool, Any]:
-    """The engine each kind of method runs on, by ``MethodSpec.lead_in``: ``engine`` itself for the plain methods, a
-    sibling of the same model prefilling behind the neutral lead-in for ``+leadin`` ones (``engine`` if it does)."""
-    engines = {False: engine}
-    if any(m.lead_in for m in methods):
-        has_it = getattr(engine, "lead_in", None) == NEUTRAL_LEAD_IN
-        engines[True] = engine if has_it else engine.replace(lead_in=NEUTRAL_LEAD_IN)
+    """The engine each kind of method runs on, by ``MethodSpec.lead_in``: the grammar alone decides which cache a
+    method reads, whatever ``engine``'s own lead-in. Plain methods run on ``engine`` or, if it prefills behind a
+    lead-in, on its plain sibling; ``+leadin`` ones on ``engine`` if it prefills behind the neutral lead-in, else on
+    such a sibling of the same model (``engine.replace``)."""
+    wanted = {False} | {m.lead_in for m in methods}
+    own = getattr(engine, "lead_in", None)
+    engines = {}
+    for lead_in in sorted(wanted):
+        text = NEUTRAL_LEAD_IN if lead_in else None
+        if own == text:
+            engines[lead_in] = engine
+        elif callable(getattr(engine, "replace", None)):
+            engines[lead_in] = engine.replace(lead_in=text)
+        else:
+            raise TypeError(
+                f"{type(engine).__name__} has no replace(lead_in=...), so it cannot run methods over "
+                f"{'lead-in' if lead_in else 'plain'} caches; drop those methods or pass an Engine"
+            )
     return engines
 
 

@@ -60,15 +60,15 @@ def run_eval(
     if sum(m.is_reference for m in methods) > 1:
         raise ValueError(f"at most one uncompressed 'full' method, got {keys}: it is the TTFT reference")
     ordered = sorted(methods, key=lambda m: not m.is_reference)
+    engines = engines_for(engine, methods)
     header = RunHeader(
-        model_info=dict(engine.model_info),
+        model_info=_model_info(engines),
         prompt=prompt,
         max_new_tokens=max_new_tokens,
         command=command if command is not None else current_command(),
     )
     use_prefill = prefill_once and callable(getattr(engine, "prefill", None))
     full = next((m for m in methods if m.is_reference), None)
-    engines = engines_for(engine, methods)
     with ResultsLog(out_path, header, resume) as log:
         done = {r.pair_key: r for r in log.existing}
         pending = sum((ex.dataset, ex.id, m.key) not in done for ex in examples for m in methods)
@@ -83,6 +83,15 @@ def run_eval(
                     done[result.pair_key] = result
                     bar.update()
     return [done[(ex.dataset, ex.id, m.key)] for ex in examples for m in methods]
+
+
+def _model_info(engines: dict[bool, Any]) -> dict[str, Any]:
+    """The plain engine's model info, plus the lead-in text of the ``+leadin`` methods if any run: a resumed file
+    must not mix rows prefilled behind one lead-in with rows prefilled behind another."""
+    info = dict(engines[False].model_info)
+    if True in engines:
+        info["leadin_methods_lead_in"] = engines[True].lead_in
+    return info
 
 
 def _run_question(
