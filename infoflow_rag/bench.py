@@ -31,7 +31,8 @@ from .engine.selection import DEFAULT_RATIO, CacheBlendSelector, InfoFlowSelecto
 from .eval.methods import MethodSpec, engines_for, fixed_ratio, parse_method
 from .store import STORAGE_DTYPES
 
-BENCH_METHODS = ("full", "infoflow", "infoflow+reorder", "cacheblend", "epic", "random", "none")
+# The default (sinkflow over lead-in caches) beside the published methods, each over the cache it was published on.
+BENCH_METHODS = ("full", "sinkflow+leadin", "infoflow", "infoflow+reorder", "cacheblend", "epic", "random", "none")
 
 
 @dataclass

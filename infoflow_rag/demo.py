@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .corpus import hotpotqa, paragraph_text
-from .engine.selection import DEFAULT_RATIO
 from .ingest import ingest
 from .pipeline import Pipeline, PipelineAnswer
 
@@ -20,7 +19,7 @@ BOLD_YELLOW, DIM, RESET = "\033[1;33m", "\033[2m", "\033[0m"
 class DemoQuestion:
     question: str
     gold: str
-    cached: PipelineAnswer  # InfoFlow over the stored KV
+    cached: PipelineAnswer  # the default selector and ratio over the stored KV
     full: PipelineAnswer  # plain full prefill of the same passages
 
 
@@ -73,7 +72,7 @@ def run_demo(
         asked = []
         for item in items[:n_questions]:
             q = item["question"]
-            cached = pipeline.ask(q, top_k=top_k, selector="infoflow", ratio=DEFAULT_RATIO, max_new_tokens=24)
+            cached = pipeline.ask(q, top_k=top_k, max_new_tokens=24)
             full = pipeline.ask(q, top_k=top_k, selector="full", max_new_tokens=24)
             asked.append(DemoQuestion(q, item["answer"], cached, full))
             print_question(pipeline, asked[-1], color)
@@ -86,12 +85,12 @@ def print_question(pipeline: Pipeline, d: DemoQuestion, color: bool) -> None:
     r, f = d.cached.result, d.full.result
     print(f"Q: {d.question}\n   gold: {d.gold}")
     print(
-        f"   infoflow (15 %): {d.cached.answer!r}   TTFT {r.timings.ttft:.2f} s "
+        f"   {method_label(r)}: {d.cached.answer!r}   TTFT {r.timings.ttft:.2f} s "
         f"(KV load {r.timings.load_kv * 1000:.0f} ms, score {r.timings.score * 1000:.0f} ms, "
         f"recompute {r.timings.recompute:.2f} s)"
     )
     print(
-        f"   full prefill:    {d.full.answer!r}   TTFT {f.timings.ttft:.2f} s  "
+        f"   {'full prefill':<{len(method_label(r))}}: {d.full.answer!r}   TTFT {f.timings.ttft:.2f} s  "
         f"-> {f.timings.ttft / r.timings.ttft:.1f}x faster first token"
     )
     for i, hit in enumerate(d.cached.sources):
@@ -99,6 +98,11 @@ def print_question(pipeline: Pipeline, d: DemoQuestion, color: bool) -> None:
     for i in r.passage_order:
         print(f"   recomputed in [{i}]: {highlight_terminal(token_spans(pipeline, r, i), color)}")
     print()
+
+
+def method_label(result) -> str:
+    """The cached answer's method as the demo names it, e.g. ``sinkflow (15 %)``."""
+    return f"{result.options.selector} ({100 * result.options.ratio:g} %)"
 
 
 def write_html(pipeline: Pipeline, asked: list[DemoQuestion], path: Path) -> Path:
@@ -115,7 +119,7 @@ def write_html(pipeline: Pipeline, asked: list[DemoQuestion], path: Path) -> Pat
             f"<section><h2>{html.escape(d.question)}</h2>"
             f"<p><b>Gold:</b> {html.escape(d.gold)}</p>"
             f"<table><tr><th></th><th>answer</th><th>TTFT</th></tr>"
-            f"<tr><td>InfoFlow 15 %</td><td>{html.escape(d.cached.answer)}</td><td>{r.timings.ttft:.2f} s</td></tr>"
+            f"<tr><td>{method_label(r)}</td><td>{html.escape(d.cached.answer)}</td><td>{r.timings.ttft:.2f} s</td></tr>"
             f"<tr><td>full prefill</td><td>{html.escape(d.full.answer)}</td><td>{f.timings.ttft:.2f} s</td></tr>"
             f"</table><p>Passages in prompt order; <mark>highlighted</mark> tokens were recomputed "
             f"({100 * r.recompute_fraction:.1f} % of context tokens).</p><ol start=0>{''.join(passages)}</ol>"

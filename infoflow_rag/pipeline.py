@@ -155,7 +155,8 @@ class Pipeline(Closing):
         """Open (or create) the index directory; the KV store defaults to ``<index_dir>/kv`` on disk.
 
         ``kv_dtype`` is how new KV is written (float32, float16, bfloat16, int8); reads accept any.
-        ``engine_settings`` go to :class:`Engine` when ``model`` is a name (e.g. ``{"lead_in": NEUTRAL_LEAD_IN}``).
+        ``engine_settings`` go to :class:`Engine` when ``model`` is a name (e.g. ``{"lead_in": None}``: passages right
+        behind the prompt head instead of behind the default neutral lead-in).
         """
         if isinstance(model, Engine) and engine_settings:
             raise ValueError(f"engine_settings {engine_settings} apply to a model name; this engine is built already")

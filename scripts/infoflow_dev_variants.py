@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--variants", default="default,early,middle,last,all,block")
     parser.add_argument("--out", required=True, help="JSON lines, one per (question, variant); resumed")
     args = parser.parse_args()
-    engine = Engine.load("qwen2.5-0.5b")
+    engine = Engine.load("qwen2.5-0.5b", lead_in=None)
     every = variants(engine)
     chosen = args.variants.split(",")
     if unknown := [v for v in chosen if v not in every]:

@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=20)
     parser.add_argument("--out", required=True, help="JSON lines, one per question")
     args = parser.parse_args()
-    engine = Engine.load("qwen2.5-0.5b")
+    engine = Engine.load("qwen2.5-0.5b", lead_in=None)
     rows = []
     with open(args.out, "w", encoding="utf-8") as out:
         for ex in load_hotpotqa("passage", start=0, limit=args.questions):

@@ -39,7 +39,7 @@ def collect(out: Path) -> None:
     rows = [json.loads(line) for line in STALE_GAP.read_text(encoding="utf-8").splitlines()]
     oracle = {r["id"]: set(r["picks"]) for r in rows if r["variant"] == "patch:effect×5"}
     sinkflow = {r["id"]: set(r["picks"]) for r in rows if r["variant"] == "sinkflow"}
-    engine = Engine.load("qwen2.5-0.5b")
+    engine = Engine.load("qwen2.5-0.5b", lead_in=None)
     records = []
     for number, ex in enumerate(load_hotpotqa("passage", start=0, limit=45)):
         kvs = engine.prefill(ex.passages)

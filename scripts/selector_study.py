@@ -676,7 +676,9 @@ def noise_floor(engine: Engine, start: int, questions: int, out_path: Path) -> N
     models are usually served on GPUs), against full prefill in float32. Not a selector: the yardstick of what
     a perturbation nobody would call a different method costs in kl_answer and in the greedy answer
     (``same_answer``), next to what each selector's stale cache costs."""
-    bf16 = Engine(LoadedModel(copy.deepcopy(engine.model).to(torch.bfloat16), engine.tokenizer, "bf16", None))
+    bf16 = Engine(
+        LoadedModel(copy.deepcopy(engine.model).to(torch.bfloat16), engine.tokenizer, "bf16", None), **engine.settings
+    )
     done = {r["id"] for r in _read(out_path) if r["candidate"] == "full-bf16"}
 
     def rows_for(ex: EvalExample) -> Iterator[dict]:
@@ -772,7 +774,7 @@ def per_question_main(doc: str, run, summary, rows: str) -> None:
         return
     if args.start + args.questions > DEV_END:
         raise SystemExit(f"questions {args.start}..{args.start + args.questions - 1} leave the development slice 0-999")
-    run(Engine.load(args.model), args.start, args.questions, out_path)
+    run(Engine.load(args.model, lead_in=None), args.start, args.questions, out_path)
 
 
 def main() -> None:
@@ -816,13 +818,13 @@ def main() -> None:
     if args.noise_floor:
         if args.candidates != "all":
             raise SystemExit("--noise-floor runs only full-bf16 (full prefill in bfloat16); drop --candidates")
-        noise_floor(Engine.load(args.model), args.start, args.questions, out_path)
+        noise_floor(Engine.load(args.model, lead_in=None), args.start, args.questions, out_path)
         return
     every = candidates(args.ratio)
     names = list(every) if args.candidates == "all" else args.candidates.split(",")
     if unknown := [n for n in names if n not in every]:
         raise SystemExit(f"unknown candidates {unknown}; choose from {', '.join(every)}")
-    run(Engine.load(args.model), args.start, args.questions, {n: every[n] for n in names}, out_path)
+    run(Engine.load(args.model, lead_in=None), args.start, args.questions, {n: every[n] for n in names}, out_path)
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def margin_sensitivity(engine: Engine, placed: PlacedContext, layout: Layout) ->
 def cost(questions: int) -> None:
     """Seconds per dev question (0 on) of sinkflow's scoring pass and recompute at 15 %, and of the sensitivity
     pass a selector would add (one forward and one backward), each timed in the same process."""
-    engine = Engine.load("qwen2.5-0.5b")
+    engine = Engine.load("qwen2.5-0.5b", lead_in=None)
     print("| question | context tokens | scoring s | recompute s | sensitivity s | vs scoring + recompute |")
     print("|---:|---:|---:|---:|---:|---:|")
     shares = []
@@ -121,7 +121,7 @@ def collect(out: Path) -> None:
     rows = [json.loads(line) for line in STALE_GAP.read_text(encoding="utf-8").splitlines()]
     oracle = {r["id"]: r["picks"] for r in rows if r["variant"] == "patch:effect×5"}
     sinkflow = {r["id"]: r["picks"] for r in rows if r["variant"] == "sinkflow"}
-    engine = Engine.load("qwen2.5-0.5b")
+    engine = Engine.load("qwen2.5-0.5b", lead_in=None)
     out.mkdir(parents=True, exist_ok=True)
     for number, ex in enumerate(load_hotpotqa("passage", start=0, limit=45)):
         path = out / f"{number:03d}.npz"
@@ -199,7 +199,7 @@ def picks(placed: PlacedContext, values: torch.Tensor, budget: int, sink: int = 
 
 def kl_run(start: int, questions: int, out_path: Path) -> None:
     """kl_answer of the library's selectors and of sensitivity-ranked picks at 15 %, teacher-forced as round 8."""
-    engine = Engine.load("qwen2.5-0.5b")
+    engine = Engine.load("qwen2.5-0.5b", lead_in=None)
     done = {(r["id"], r["variant"]) for r in _read(out_path)}
 
     def rows_for(ex: EvalExample) -> Iterator[dict]:

@@ -140,7 +140,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.start + args.questions > DEV_END:
         parser.error(f"development questions only: start + questions must be <= {DEV_END}")
-    engine = Engine.load(args.model, check=False)
+    engine = Engine.load(args.model, check=False, lead_in=None)
     examples = load_hotpotqa("passage", start=args.start, limit=args.questions)
     per_question = collect(engine, examples, args.fit_out.with_name(args.fit_out.name + ".stats"))
     print(report(per_question))

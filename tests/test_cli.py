@@ -44,7 +44,7 @@ def test_shown_defaults_are_the_values_used():
     ask = dict(parsers(build_parser()))["infoflow-rag ask"]
     help_text = " ".join(ask.format_help().split())
     assert "passages retrieved (at most the index size) (default: 5)" in help_text
-    assert "--selector NAME Tokens to recompute:" in help_text and "(default: infoflow)" in help_text
+    assert "--selector NAME Tokens to recompute:" in help_text and "(default: sinkflow)" in help_text
 
 
 def test_version(capsys):
@@ -108,10 +108,12 @@ def test_ask_says_where_the_kv_came_from_and_json_leaves_out_token_ids(tmp_path,
     assert {"selected", "passage_tokens", "answer_ids"} <= set(result)
 
 
-def test_lead_in_flag_prefills_behind_the_lead_in_and_keys_the_store_apart(tmp_path, model_dir, capsys, monkeypatch):
+def test_passages_are_prefilled_behind_the_neutral_lead_in_unless_told_none_and_the_store_keeps_both_kinds(
+    tmp_path, model_dir, capsys, monkeypatch
+):
     monkeypatch.setenv("INFOFLOW_RAG_CACHE", str(tmp_path / "cache"))
     corpus, index = write_corpus(tmp_path), str(tmp_path / "index")
-    assert main(["ingest", str(corpus), "--index", index, "--model", model_dir, "--lead-in", "neutral"]) == 0
+    assert main(["ingest", str(corpus), "--index", index, "--model", model_dir]) == 0
     capsys.readouterr()
     ask = ["ask", QUESTION, "--index", index, "--model", model_dir, "--top-k", "2", "--max-new-tokens", "3"]
 
@@ -119,12 +121,12 @@ def test_lead_in_flag_prefills_behind_the_lead_in_and_keys_the_store_apart(tmp_p
         assert main([*ask, *flags]) == 0
         return next(line for line in capsys.readouterr().out.splitlines() if line.startswith("reuse:"))
 
-    assert reuse("--lead-in", "neutral").startswith("reuse: 2 passages from the store")
-    # Without the flag the engine prefills right behind the head: the lead-in caches are not its own.
-    plain = reuse()
+    assert reuse("--lead-in", "neutral").startswith("reuse: 2 passages from the store")  # what ingest wrote
+    # Right behind the head the engine needs other caches: the lead-in ones are not its own.
+    plain = reuse("--lead-in", "none")
     assert plain.startswith("reuse: 0 passages from the store") and "2 computed now" in plain
     assert reuse("--lead-in", "none").startswith("reuse: 2 passages from the store")  # both kinds are kept
-    assert reuse("--lead-in", "neutral").startswith("reuse: 2 passages from the store")
+    assert reuse().startswith("reuse: 2 passages from the store")
 
 
 @pytest.mark.parametrize("command", [["bench", "ttft"], ["eval", "run"], ["eval", "suite"]])

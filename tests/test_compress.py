@@ -186,9 +186,7 @@ def test_bad_compression_arguments_are_named(engine, kvs, options, match):
 
 
 def test_an_engine_without_signals_prefills_none_and_keys_its_store_apart(engine):
-    from tiny import tiny_model
-
-    bare = Engine(tiny_model("llama"), record_signals=False)
+    bare = engine.replace(record_signals=False)
     kvs = bare.prefill(PASSAGES)
     assert all(kv.signals == {} for kv in kvs)
     assert bare.fingerprint != engine.fingerprint  # its signal-less entries never reach a recording engine

@@ -148,8 +148,8 @@ def test_epic_takes_the_head_of_each_passage(engine):
 def test_infoflow_scores_follow_the_question(engine):
     """The attention norm is computed, finite and differs between questions (it is not a constant)."""
     kvs = engine.prefill(PASSAGES)
-    a = engine.answer("Who won two Nobel prizes?", kvs, ratio=0.1, max_new_tokens=1).selected
-    b = engine.answer("Where does the Rhine rise?", kvs, ratio=0.1, max_new_tokens=1).selected
+    a = engine.answer("Who won two Nobel prizes?", kvs, selector="infoflow", ratio=0.1, max_new_tokens=1).selected
+    b = engine.answer("Where does the Rhine rise?", kvs, selector="infoflow", ratio=0.1, max_new_tokens=1).selected
     assert a != b
 
 

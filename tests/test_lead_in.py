@@ -7,7 +7,7 @@ import torch
 from conftest import PASSAGES, QUESTION
 
 from infoflow_rag.chat import Conversations, Turn
-from infoflow_rag.engine import prefill
+from infoflow_rag.engine import Engine, prefill
 from infoflow_rag.engine.cache import stacked
 from infoflow_rag.engine.lead_in import NEUTRAL_LEAD_IN
 from infoflow_rag.engine.selection import recomputable_passages
@@ -163,3 +163,12 @@ def test_an_engine_that_cannot_change_its_lead_in_is_refused_by_name():
         engines_for(SimpleNamespace(), [parse_method("none"), parse_method("none+leadin")])
     plain = SimpleNamespace()
     assert engines_for(plain, [parse_method("none")]) == {False: plain}
+
+
+def test_by_default_passages_are_prefilled_behind_the_neutral_lead_in_and_answered_with_sinkflow(model_dir):
+    default = Engine.load(model_dir)  # what a user who names only the model gets
+    assert default.lead_in == NEUTRAL_LEAD_IN
+    kvs = default.prefill(PASSAGES)
+    assert kvs[0].offset == len(default.passage_context) > len(default.prefix)
+    result = default.answer(QUESTION, kvs, max_new_tokens=1)
+    assert result.options.selector == "sinkflow" and result.selected[0]  # the first passage's head is repaired too

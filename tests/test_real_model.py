@@ -36,17 +36,34 @@ def test_gate_passes_on_the_embedded_model(smollm):
     assert report.ok and report.logit_diff <= 1e-3 and report.key_rotation_error <= 1e-3
 
 
-# Measured: full prefill names all three facts; InfoFlow at 15 % (7 of 48 tokens) names 1889 and Bell but
-# answers the Kilimanjaro question about the Eiffel Tower, so that case is not asserted (see the README).
-@pytest.mark.parametrize("target", [0, 2])
-def test_infoflow_names_the_fact_full_prefill_names(smollm, target):
+def facts_away_from_the_head(target: int) -> tuple[list[str], str, str]:
+    """The passages with the asked-about one away from the head (so it is one the selector must repair), the
+    question and the fact its answer must name."""
     passages = [text for text, _, _ in FACTS]
-    # Put the asked-about passage away from the head, so it is one the selector must repair.
-    passages = passages[target + 1 :] + passages[: target + 1]
     _, question, fact = FACTS[target]
-    kvs = smollm.prefill(passages)
+    return passages[target + 1 :] + passages[: target + 1], question, fact
+
+
+# Measured: full prefill names all three facts, and so does the default (sinkflow at 15 % over caches prefilled
+# behind the neutral lead-in, 7 of 48 tokens).
+@pytest.mark.parametrize("target", [0, 1, 2])
+def test_the_default_names_the_fact_full_prefill_names(smollm, target):
+    passages, question, fact = facts_away_from_the_head(target)
     full = smollm.answer(question, passages, selector="full", max_new_tokens=24).answer
-    infoflow = smollm.answer(question, kvs, selector="infoflow", ratio=0.15, max_new_tokens=24)
+    cached = smollm.answer(question, smollm.prefill(passages), max_new_tokens=24)
+    assert fact in full, f"full prefill should know this: {full!r}"
+    assert fact in cached.answer, f"the default lost the fact full prefill names: {cached.answer!r} vs {full!r}"
+    assert cached.options.selector == "sinkflow" and 0 < cached.recompute_fraction <= 0.15
+
+
+# Measured: the published InfoFlow at 15 % over plain caches names 1889 and Bell but answers the Kilimanjaro
+# question about the Eiffel Tower, so that case is not asserted.
+@pytest.mark.parametrize("target", [0, 2])
+def test_infoflow_on_plain_caches_names_the_fact_full_prefill_names(smollm, target):
+    plain = smollm.replace(lead_in=None)
+    passages, question, fact = facts_away_from_the_head(target)
+    full = plain.answer(question, passages, selector="full", max_new_tokens=24).answer
+    infoflow = plain.answer(question, plain.prefill(passages), selector="infoflow", ratio=0.15, max_new_tokens=24)
     assert fact in full, f"full prefill should know this: {full!r}"
     assert fact in infoflow.answer, f"infoflow lost the fact full prefill names: {infoflow.answer!r} vs {full!r}"
     assert 0 < infoflow.recompute_fraction <= 0.15
@@ -63,7 +80,7 @@ def test_ingest_a_real_corpus_and_ask(smollm, tmp_path):
         summary = ingest(pipeline, tmp_path / "corpus.jsonl", progress=False)
         assert summary.passages == summary.kv_computed == len(pipeline.index) >= 30
         question = "Scott Derrickson is a director of what nationality?"
-        for selector in ("infoflow", "full"):
+        for selector in ("sinkflow", "infoflow", "full"):  # the default first
             answer = pipeline.ask(question, top_k=3, selector=selector, max_new_tokens=16)
             assert any("Scott Derrickson" in hit.text for hit in answer.sources)
             assert "American" in answer.answer or "United States" in answer.answer, (selector, answer.answer)

@@ -102,7 +102,7 @@ def test_second_request_reports_passage_tokens_from_the_store_as_cached(client, 
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == passage_tokens
     assert second["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
     stats = second["infoflow"]
-    assert stats["selector"] == "infoflow" and 0 < stats["recompute_fraction"] < 0.5
+    assert stats["selector"] == "sinkflow" and 0 < stats["recompute_fraction"] < 0.5  # the default
     assert stats["timings"]["prefill"] == 0 < first["infoflow"]["timings"]["prefill"]
     assert second["usage"]["completion_tokens"] == 6 and second["choices"][0]["finish_reason"] == "length"
 
@@ -153,7 +153,7 @@ def test_streaming_chat_and_completion_match_the_whole_answer(client):
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert text.strip() == whole["choices"][0]["message"]["content"]
-    assert finish["choices"][0]["finish_reason"] == "length" and finish["infoflow"]["selector"] == "infoflow"
+    assert finish["choices"][0]["finish_reason"] == "length" and finish["infoflow"]["selector"] == "sinkflow"
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 10
     assert all(c["usage"] is None for c in chunks)
 

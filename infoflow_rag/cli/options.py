@@ -7,10 +7,11 @@ import json
 from typing import Any, get_args, get_origin
 
 from ..engine import Engine, QueryOptions
-from ..engine.lead_in import NEUTRAL_LEAD_IN
+from ..engine.lead_in import DEFAULT_LEAD_IN, NEUTRAL_LEAD_IN
 from ..engine.options import DEFAULT_OPTIONS
 
 LEAD_INS = {"none": None, "neutral": NEUTRAL_LEAD_IN}  # what --lead-in names
+DEFAULT_LEAD_IN_NAME = next(name for name, text in LEAD_INS.items() if text == DEFAULT_LEAD_IN)  # the engine's
 
 
 def load_engine(args: argparse.Namespace) -> Engine:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from importlib.metadata import PackageNotFoundError, version
 
+from ..bench import BENCH_METHODS
 from ..engine.selection import DEFAULT_RATIO
 from ..eval.datasets import HAYSTACKS
 from ..models import DEFAULT_MODEL, REGISTRY
@@ -17,7 +18,7 @@ from .evaluation import (
     cmd_eval_run,
     cmd_eval_suite,
 )
-from .options import LEAD_INS, add_option_flags
+from .options import DEFAULT_LEAD_IN_NAME, LEAD_INS, add_option_flags
 from .serving import cmd_ask, cmd_check, cmd_demo, cmd_index_repair, cmd_ingest, cmd_serve, positive_int
 
 DESCRIPTION = "infoflow-rag: passage KV reuse with InfoFlow selective recompute for fast RAG."
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="share of context tokens recomputed")
     p.add_argument(
         "--methods",
-        default="full,infoflow,infoflow+reorder,cacheblend,epic,random,none",
+        default=",".join(BENCH_METHODS),
         help="comma-separated methods in the eval grammar (infoflow+reorder, sinkflow+leadin, ...); --ratio unless @",
     )
     p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per method (median reported)")
@@ -199,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--methods",
-        default="full,none,infoflow@0.15,cacheblend@0.15,epic@0.15",
+        default="full,none,infoflow@0.15,cacheblend@0.15,epic@0.15,sinkflow+leadin@0.15",
         help="comma-separated SELECTOR[+reorder][[GEOMETRY]][@RATIO][+POLICY:KEEP], e.g. infoflow@0.15+infokv:0.5",
     )
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length in tokens at most")
@@ -247,9 +248,10 @@ def _model(p: argparse.ArgumentParser, default: str = DEFAULT_MODEL, lead_in: bo
     p.add_argument(
         "--lead-in",
         choices=list(LEAD_INS),
-        default="none",
-        help="prefill every passage behind this lead-in: 'neutral' makes the stale caches closer to full prefill's "
-        "(docs/selector-study.md, round 15) and gives the KV store other keys (default: none)",
+        default=DEFAULT_LEAD_IN_NAME,
+        help="what every passage is prefilled behind: 'neutral' (a few unrelated paragraphs) makes the stale caches "
+        "closer to full prefill's (docs/selector-study.md, held-out check 2); 'none' right behind the prompt head, as "
+        f"the published methods do. Each kind has its own KV store keys (default: {DEFAULT_LEAD_IN_NAME})",
     )
 
 

@@ -21,7 +21,7 @@ from .compression import PromptMap, compress_cache
 from .constraint import JsonConstraint, Vocabulary, grammar_vocabulary, json_grammar
 from .decoding import AnswerStream, GenerationConfig, generate_tokens, text_deltas
 from .identity import identity_hash, kv_identity, results_model_info
-from .lead_in import check_lead_in, passage_context
+from .lead_in import DEFAULT_LEAD_IN, check_lead_in, passage_context
 from .options import QueryOptions, split_overrides
 from .placement import Layout, Segment
 from .prompt import DEFAULT_QUESTION_TEMPLATE, PromptFormat, encode, encode_answer, encode_passage, encode_question
@@ -47,14 +47,15 @@ class Engine:
         system_prompt: str | None = None,
         score_layers: list[int] | None = None,
         record_signals: bool = True,
-        lead_in: str | None = None,
+        lead_in: str | None = DEFAULT_LEAD_IN,
     ):
         """``record_signals``: record InfoKV's per-token signals at prefill (costs extra prefill time, see
         ``infoflow-rag bench prefill``); without them ``compress="infokv"`` needs its entropy/evolution weights at 0.
-        ``lead_in``: text every passage is prefilled behind, after the prompt head (e.g.
-        :data:`~infoflow_rag.engine.lead_in.NEUTRAL_LEAD_IN`); None prefills each passage right behind the head.
-        It is never part of the prompt: it only changes the passages' stale caches (closer to full prefill's on
-        our study), and then no passage's cache is exact, the first one's included.
+        ``lead_in``: text every passage is prefilled behind, after the prompt head (default
+        :data:`~infoflow_rag.engine.lead_in.NEUTRAL_LEAD_IN`); None prefills each passage right behind the head, as
+        the published methods do, and keeps the first passage's cache exact. It is never part of the prompt: it only
+        changes the passages' stale caches (closer to full prefill's on held-out questions), and then no passage's
+        cache is exact, the first one's included.
         """
         check_lead_in(lead_in)
         # As given (score_layers None: the model's default), so that replace() keeps "default" a default.

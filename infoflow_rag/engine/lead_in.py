@@ -36,6 +36,10 @@ NEUTRAL_LEAD_IN = "\n\n".join(
         "been recognized as a major form of musical expression in traditional and popular music.",
     )
 )
+# What an engine prefills passages behind unless told otherwise (None: right behind the head, the published setup):
+# sinkflow over these caches was closer to full prefill than InfoFlow, CacheBlend and EPIC on held-out questions
+# (docs/selector-study.md, "Held-out check 2").
+DEFAULT_LEAD_IN: str | None = NEUTRAL_LEAD_IN
 
 
 def check_lead_in(lead_in: object) -> None:

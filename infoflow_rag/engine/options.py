@@ -75,7 +75,7 @@ class OptionFields(BaseModel):
     """The query options as pydantic fields with their validation. :class:`QueryOptions` is the frozen value;
     the framework adapters inherit these fields, so a new option reaches them with its checks."""
 
-    selector: str = Field(default="infoflow", description="Tokens to recompute: " + ", ".join(SELECTORS))
+    selector: str = Field(default="sinkflow", description="Tokens to recompute: " + ", ".join(SELECTORS))
     ratio: float = Field(default=DEFAULT_RATIO, description="Share of context tokens recomputed, in (0, 1].")
     reorder: bool = Field(default=False, description="Order cached passages by density (densest last).")
     geometry: str = Field(default="global", description="RoPE geometry of scoring: " + ", ".join(GEOMETRIES))
