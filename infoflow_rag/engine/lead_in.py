@@ -1,4 +1,4 @@
-"""The neutral lead-in an engine may prefill every passage behind, after the prompt head (study round 15).
+"""The neutral lead-in an engine prefills every passage behind by default, after the prompt head (study round 15).
 
 Prefilled alone behind the prompt head, a passage's K/V are those of a document's opening: its first tokens
 become the attention sinks of the rest, and each token mixes over a short past. In the prompt, every passage but
