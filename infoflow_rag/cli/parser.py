@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("ttft", help="time-to-first-token of every method vs full prefill, side by side")
-    _model(p, lead_in=False)
+    _model(p, lead_in_flag=False)
     p.add_argument("--context", default="1024,2048,4096", help="comma-separated context sizes in tokens")
     p.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="share of context tokens recomputed")
     p.add_argument(
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="eval", required=True
     )
     p = ev.add_parser("run", help="one dataset slice x a list of methods, resumable, with a report")
-    _model(p, "qwen2.5-0.5b", lead_in=False)
+    _model(p, "qwen2.5-0.5b", lead_in_flag=False)
     p.add_argument(
         "--dataset",
         choices=["hotpotqa", "hotpotqa-fixed", "squad", "niah"],
@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         "suite",
         help="main table + ratio sweep + RoPE ablation + KV compression on held-out HotpotQA, NIAH -> RESULTS.md",
     )
-    _model(p, "qwen2.5-0.5b", lead_in=False)
+    _model(p, "qwen2.5-0.5b", lead_in_flag=False)
     p.add_argument("--out", default="docs", help="directory for the results files, plots and RESULTS.md")
     p.add_argument("--parts", default="main,ablation,sweep,compress,niah", help="comma-separated parts, run in order")
     p.add_argument("--start", type=int, default=1000, help="first question (0-999 is the development slice)")
@@ -239,11 +239,11 @@ def _suite_sizes(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="share of context tokens recomputed")
 
 
-def _model(p: argparse.ArgumentParser, default: str = DEFAULT_MODEL, lead_in: bool = True) -> None:
-    """``--model``, and ``--lead-in`` unless ``lead_in`` is False: the commands that compare methods (``bench ttft``,
-    ``eval``) take the kind of cache from each method's own spelling (``+leadin``), not from a flag."""
+def _model(p: argparse.ArgumentParser, default: str = DEFAULT_MODEL, lead_in_flag: bool = True) -> None:
+    """``--model``, and ``--lead-in`` unless ``lead_in_flag`` is False: the commands that compare methods
+    (``bench ttft``, ``eval``) take the kind of cache from each method's own spelling (``+leadin``), not a flag."""
     p.add_argument("--model", default=default, help=f"registered name ({MODELS}), HF dir or .gguf file")
-    if not lead_in:
+    if not lead_in_flag:
         return
     p.add_argument(
         "--lead-in",
