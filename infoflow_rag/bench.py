@@ -232,36 +232,47 @@ def _num(x: float, fmt: str) -> str:
 class PrefillRow:
     passages: int
     tokens: int
-    plain_s: float  # median prefill time without signals
+    no_signals_s: float  # median prefill time without signals
     signals_s: float  # median prefill time recording entropy and layer evolution
     runs: int
+    # Median prefill time, with signals, of the same passages right behind the prompt head; None when the engine
+    # prefills there anyway (no lead-in).
+    no_lead_in_s: float | None = None
 
     @property
     def overhead(self) -> float:
-        return self.signals_s / self.plain_s - 1
+        return self.signals_s / self.no_signals_s - 1
+
+    @property
+    def lead_in_overhead(self) -> float | None:
+        """What prefilling behind the engine's lead-in adds to a passage prefill with signals (None: no lead-in)."""
+        return None if self.no_lead_in_s is None else self.signals_s / self.no_lead_in_s - 1
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "overhead": self.overhead}
+        return {**asdict(self), "overhead": self.overhead, "lead_in_overhead": self.lead_in_overhead}
 
 
 def bench_prefill(engine: Engine, n_tokens: int = 4096, repeats: int = 3) -> PrefillRow:
-    """Passage prefill with and without InfoKV's signals, interleaved on the same passages; medians."""
+    """Passage prefill with and without InfoKV's signals and, for an engine with a lead-in, with signals right
+    behind the prompt head too; interleaved on the same passages, medians."""
     _check_repeats(repeats)
     _, texts = build_context(engine, n_tokens)
-    times: dict[bool, list[float]] = {False: [], True: []}
-    recording = engine.record_signals
-    try:
-        for repeat in range(repeats + 1):  # repeat 0 warms up and is discarded
-            for signals in (False, True):
-                engine.record_signals = signals
-                t = time.perf_counter()
-                kvs = engine.prefill(texts)
-                if repeat:
-                    times[signals].append(time.perf_counter() - t)
-    finally:
-        engine.record_signals = recording
+    # name -> (engine, signals): the engine as configured, without and with signals, and its plain sibling with them
+    runs = {"no_signals": (engine, False), "signals": (engine, True)}
+    if engine.lead_in is not None:
+        runs["no_lead_in"] = (engine.replace(lead_in=None), True)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for repeat in range(repeats + 1):  # repeat 0 warms up and is discarded
+        for name, (prefiller, signals) in runs.items():
+            t = time.perf_counter()
+            kvs = prefiller.prefill(texts, signals=signals)
+            if repeat:
+                times[name].append(time.perf_counter() - t)
+    medians = {name: statistics.median(t) for name, t in times.items()}
     tokens = sum(len(kv) for kv in kvs)
-    return PrefillRow(len(texts), tokens, statistics.median(times[False]), statistics.median(times[True]), repeats)
+    return PrefillRow(
+        len(texts), tokens, medians["no_signals"], medians["signals"], repeats, no_lead_in_s=medians.get("no_lead_in")
+    )
 
 
 @dataclass

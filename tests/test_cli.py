@@ -182,10 +182,15 @@ def test_bench_prefill_says_how_busy_the_machine_was_in_both_forms(model_dir, ca
     bench = ["bench", "prefill", "--model", model_dir, "--tokens", "800", "--repeats", "1"]
     assert main(bench) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert "without signals" in lines[-2] and lines[-1].startswith("machine: ")
+    assert "without signals" in lines[-3] and lines[-1].startswith("machine: ")
+    assert "the lead-in adds" in lines[-2]  # the default engine prefills behind the lead-in: set beside none
     assert main([*bench, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["runs"] == 1 and report["machine"]["torch_threads"] >= 1
+    assert report["no_lead_in_s"] > 0 and report["lead_in_overhead"] is not None
+    assert main([*bench, "--lead-in", "none"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "without signals" in lines[-2] and not any("lead-in" in line for line in lines)
 
 
 @pytest.mark.parametrize(

@@ -202,10 +202,29 @@ def test_bench_prefill_times_both_ways_on_the_same_passages(engine):
 
     row = bench_prefill(engine, n_tokens=2000, repeats=1)
     assert row.passages >= 1 and 0 < row.tokens <= 2000
-    assert row.plain_s > 0 and row.signals_s > 0 and row.runs == 1
-    assert engine.record_signals  # restored
+    assert row.no_signals_s > 0 and row.signals_s > 0 and row.runs == 1
+    assert row.no_lead_in_s is None and row.lead_in_overhead is None  # this engine has no lead-in to compare
     with pytest.raises(ValueError, match="no passage fits in 10 tokens"):
         bench_prefill(engine, n_tokens=10)
+
+
+def test_bench_prefill_sets_a_lead_in_engine_beside_its_plain_sibling(engine, monkeypatch):
+    from infoflow_rag.bench import bench_prefill
+    from infoflow_rag.engine import Engine
+    from infoflow_rag.engine.lead_in import NEUTRAL_LEAD_IN
+
+    calls = []
+    prefill = Engine.prefill
+
+    def recording(self, texts, progress=False, signals=None):
+        calls.append((self.lead_in, signals))
+        return prefill(self, texts, progress, signals)
+
+    monkeypatch.setattr(Engine, "prefill", recording)
+    row = bench_prefill(engine.replace(lead_in=NEUTRAL_LEAD_IN), n_tokens=600, repeats=1)
+    # Warm-up and one timed repeat, each: the lead-in engine without and with signals, its plain sibling with them.
+    assert calls == 2 * [(NEUTRAL_LEAD_IN, False), (NEUTRAL_LEAD_IN, True), (None, True)]
+    assert row.no_lead_in_s > 0 and row.lead_in_overhead == row.signals_s / row.no_lead_in_s - 1
 
 
 def test_decoding_from_the_compressed_cache_equals_masking_the_evicted_entries(engine, kvs):

@@ -46,10 +46,15 @@ def cmd_bench_prefill(args: argparse.Namespace) -> int:
         print(json.dumps({"model": args.model, **row.to_dict(), "machine": watch.report.to_dict()}, indent=2))
         return 0
     print(
-        f"{row.passages} passages, {row.tokens} tokens: prefill {row.plain_s:.2f} s without signals, "
+        f"{row.passages} passages, {row.tokens} tokens: prefill {row.no_signals_s:.2f} s without signals, "
         f"{row.signals_s:.2f} s recording entropy + layer evolution (+{100 * row.overhead:.0f} %), "
         f"median of {row.runs}"
     )
+    if row.no_lead_in_s is not None:
+        print(
+            f"right behind the prompt head (--lead-in none), with signals: {row.no_lead_in_s:.2f} s; "
+            f"the lead-in adds {100 * row.lead_in_overhead:+.0f} %"
+        )
     print(watch.report.line())
     return 0
 
