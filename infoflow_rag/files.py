@@ -1,4 +1,4 @@
-"""Crash-safe file replacement, shared by the KV store and the passage index."""
+"""Crash-safe file replacement, shared by the KV store, the passage index and the model cache."""
 
 from __future__ import annotations
 

@@ -33,7 +33,9 @@ def test_every_option_has_help_and_shows_its_default(monkeypatch):
                 continue
             flag = "/".join(action.option_strings) or action.dest
             assert action.help, f"{name} {flag} has no help text"
-            shown = "default" in action.help or action.default in (None, False, [])
+            # identity, not ==: a default of 0 equals False and is still a default to show
+            unset = action.default is None or action.default is False or action.default == []
+            shown = "default" in action.help or unset
             assert shown or f"(default: {action.default})" in text, f"{name} {flag} hides its default"
         assert not re.search(r"``|:(class|func|meth):", text), f"{name} --help shows reST markup"
 

@@ -8,6 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 from ..bench import BENCH_METHODS
 from ..engine.selection import DEFAULT_RATIO
 from ..eval.datasets import HAYSTACKS
+from ..eval.methods import GRAMMAR
 from ..models import DEFAULT_MODEL, REGISTRY
 from ..store import STORAGE_DTYPES
 from .evaluation import (
@@ -30,7 +31,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+        # identity for None and False: a default of 0 equals False and is shown
+        unset = action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS)
+        if "default" in text or unset:
             return text
         return super()._get_help_string(action)
 
@@ -201,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         default="full,none,infoflow@0.15,cacheblend@0.15,epic@0.15,sinkflow+leadin@0.15",
-        help="comma-separated SELECTOR[+reorder][[GEOMETRY]][@RATIO][+POLICY:KEEP], e.g. infoflow@0.15+infokv:0.5",
+        help=f"comma-separated {GRAMMAR}, e.g. infoflow@0.15+infokv:0.5 (see infoflow_rag/eval/methods.py)",
     )
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length in tokens at most")
     p.add_argument(

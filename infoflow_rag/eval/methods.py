@@ -1,8 +1,6 @@
 """What is compared: a context-reuse method, its recompute ratio, an optional KV compression, and its name.
 
-Method strings read
-``SELECTOR[{LAYERS}][+reorder][+block][+leadin][[GEOMETRY]][;OPTION=VALUE...][@RATIO][+POLICY:KEEP]``,
-for example
+Method strings read :data:`GRAMMAR`, for example
 ``full``, ``none``, ``infoflow@0.15``, ``infoflow+reorder@0.15``, ``infoflow[tail/tail]@0.1``,
 ``infoflow{20-23}@0.15``, ``infoflow+block@0.15``, ``cacheblend@0.15``, ``sinkflow+leadin@0.15``,
 ``infoflow@0.15+infokv:0.5``, ``none+snapkv:256``.
@@ -36,6 +34,7 @@ from infoflow_rag.engine.lead_in import NEUTRAL_LEAD_IN
 from infoflow_rag.engine.options import DEFAULT_RATIO, QueryOptions, validate_keep
 from infoflow_rag.engine.options import fixed_ratio as _fixed
 
+GRAMMAR = "SELECTOR[{LAYERS}][+reorder][+block][+leadin][[GEOMETRY]][;OPTION=VALUE...][@RATIO][+POLICY:KEEP]"
 # Options the grammar spells with its own syntax; any other field of QueryOptions is written ``;name=value``.
 _SPELLED = ("selector", "ratio", "reorder", "geometry", "score_rows", "compress", "keep")
 _FLAGS = ("+reorder", "+block", "+leadin")  # in the order the grammar reads them
