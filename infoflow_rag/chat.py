@@ -62,6 +62,8 @@ class Conversations:
         if not turns or turns[-1]["role"] != "user":
             got = repr(turns[-1]["role"]) if turns else "no message"
             raise ValueError(f"the last message must be the user's, got {got}; end the list with the message to answer")
+        if not turns[-1]["content"].strip():
+            raise ValueError("the last user message is empty; send the question to answer as its content")
         pipeline = self._pipeline_for(turns)
         before, after = self._body(pipeline.engine, turns).split(_LAST_USER)
         last = turns[-1]["content"]

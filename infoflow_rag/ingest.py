@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .engine import Engine
 from .engine.prompt import encode
-from .index.splitting import TEXT_SUFFIXES, Document, load_source, split_paragraphs, split_token_windows
+from .index.splitting import MIN_WINDOW, TEXT_SUFFIXES, Document, load_source, split_paragraphs, split_token_windows
 from .pipeline import Pipeline
 
 SPLITS = ("paragraph", "tokens")
@@ -116,8 +116,8 @@ def ingest(
     linked from outside the folder are skipped with a warning. ``documents``: ``source`` already read by
     :func:`load_source`. A source without documents is refused (:func:`no_documents`).
     """
-    if window < 8:
-        raise ValueError(f"window must be at least 8 tokens, got {window}")
+    if window < MIN_WINDOW:
+        raise ValueError(f"window must be at least {MIN_WINDOW} tokens, got {window}")
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1 passage, got {batch_size}")
     t0 = time.perf_counter()

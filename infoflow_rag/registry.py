@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+import functools
+import inspect
+from typing import Any, Generic, TypeVar, get_type_hints
+
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 T = TypeVar("T")
 
@@ -25,9 +29,28 @@ class Registry(dict[str, type[T]], Generic[T]):
         return name
 
     def make(self, name: str, **options) -> T:
-        """An instance of the class registered as ``name``; a wrong option is a ValueError naming it."""
+        """An instance of the class registered as ``name``. An option it does not take, or of the wrong type (as
+        its constructor annotates it), is a ValueError naming the option and the value, and listing its options;
+        the class checks the ranges itself."""
         cls = self[self.validate(name)]
+        fields = _option_fields(cls)
         try:
-            return cls(**options)
-        except TypeError as e:
-            raise ValueError(f"bad options for {self.kind} {name!r}: {e}") from None
+            checked = fields.model_validate(options)
+        except ValidationError as err:
+            bad = "; ".join(f"{'.'.join(map(str, e['loc']))}={e['input']!r} ({_why(e)})" for e in err.errors())
+            known = ", ".join(f"{n} (default {f.default!r})" for n, f in fields.model_fields.items()) or "none"
+            raise ValueError(f"bad options for {self.kind} {name!r}: {bad}; its options are: {known}") from None
+        return cls(**{key: getattr(checked, key) for key in options})  # the others keep the class's defaults
+
+
+@functools.cache
+def _option_fields(cls: type) -> type[BaseModel]:
+    """A model of ``cls``'s keyword options, read from its constructor: their annotated types and defaults."""
+    hints = get_type_hints(cls.__init__)
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # without self
+    fields: dict[str, Any] = {p.name: (hints.get(p.name, Any), p.default) for p in params}
+    return create_model(f"{cls.__name__}Options", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+def _why(error: dict) -> str:
+    return "no such option" if error["type"] == "extra_forbidden" else error["msg"]

@@ -220,6 +220,58 @@ def test_bench_ttft_names_a_bad_flag_before_loading_the_model(flags, message, ca
     assert message in err and "machine:" not in err
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["serve", "--index", "i", "--port", "99999"], "--port: expected a TCP port in 1..65535, got '99999'"),
+        (["serve", "--index", "i", "--port", "0"], "--port: expected a TCP port in 1..65535, got '0'"),
+        (["serve", "--index", "i", "--timeout", "-1"], "--timeout: expected a number > 0, got '-1'"),
+        (["eval", "run", "--start", "-1"], "--start: expected an integer >= 0, got '-1'"),
+        (["eval", "run", "--min-context-tokens", "-1"], "--min-context-tokens: expected an integer >= 0"),
+        (["eval", "suite", "--ratio", "2"], "--ratio: ratio must be in (0, 1], got 2.0"),
+        (["eval", "suite", "--ratio", "half"], "--ratio: expected a share in (0, 1] such as 0.15, got 'half'"),
+        (["ingest", "src", "--index", "i", "--window", "4"], "--window: expected an integer >= 8, got '4'"),
+    ],
+)
+def test_a_bad_flag_value_is_refused_by_the_parser_naming_flag_value_and_range(argv, message, capsys):
+    # Counts (>= 1) are checked for every command in test_integrity.py; these are the other kinds.
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["ask", "  ", "--index", "i"], "the question is empty; pass its text"),
+        (["eval", "run", "--methods", "full,infoflow,infoflow@0.15"], "methods repeat ['infoflow@0.15']"),
+        (["eval", "run", "--dataset", "niah", "--lengths", "1000,1000"], "must not repeat"),
+        (["eval", "run", "--methods", "epic{1-2}"], "layers=[1, 2] (no such option); its options are: k"),
+    ],
+)
+def test_flags_wrong_together_are_refused_before_the_model_loads(argv, message, capsys, monkeypatch):
+    import infoflow_rag.cli.evaluation
+    import infoflow_rag.pipeline
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the flags were checked")
+
+    monkeypatch.setattr(infoflow_rag.cli.evaluation, "load_engine", no_model)
+    monkeypatch.setattr(infoflow_rag.pipeline.Pipeline, "open", no_model)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_missing_index_or_source_says_how_to_make_one(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert main(["index", "repair", str(missing)]) == 2
+    assert f"no index directory {missing}; build one with: infoflow-rag ingest SOURCE --index {missing}" in (
+        capsys.readouterr().err
+    )
+    assert main(["ingest", str(missing), "--index", str(tmp_path / "index")]) == 2
+    assert "pass a folder of .txt/.md files, one such file, or a .jsonl file" in capsys.readouterr().err
+
+
 def test_bench_ttft_refuses_a_context_too_small_for_one_passage(model_dir, capsys):
     assert main(["bench", "ttft", "--model", model_dir, "--context", "64", "--methods", "none", "--repeats", "1"]) == 2
     assert "no passage fits in 64 tokens" in capsys.readouterr().err

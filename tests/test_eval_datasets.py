@@ -102,6 +102,12 @@ def test_squad_is_deterministic_and_sliceable():
     assert all(ex.dataset == "squad" for ex in first)
 
 
+def test_a_start_past_the_end_is_refused_naming_the_size():
+    # SQuAD, not HotpotQA: HotpotQA's questions from 5000 on are kept for independent checks, even unread.
+    with pytest.raises(ValueError, match=r"start=1000000 is past the last of the \d+ questions; pass a start below"):
+        load_squad(start=10**6, limit=1)
+
+
 def test_squad_rejects_too_many_passages():
     with pytest.raises(ValueError, match="n_passages must be in"):
         load_squad(n_passages=500, n_articles=1, limit=1)

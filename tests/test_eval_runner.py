@@ -283,7 +283,7 @@ def test_method_keys():
         ("infoflow reorder", "cannot parse"),
         ("infoflow{23-20}", "must read {A-B}"),
         ("infoflow{last}", "must read {A-B}"),
-        ("epic{1-2}@0.1", "bad options for selector 'epic'.*'layers'"),
+        ("epic{1-2}@0.1", r"bad options for selector 'epic': layers=\[1, 2\] \(no such option\); its options are: k"),
         ("full+leadin", "full prefill reads no cached passage; drop '\\+leadin'"),
         (
             "infoflow+leadin+reorder",

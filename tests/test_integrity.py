@@ -263,6 +263,12 @@ COUNT_FLAGS = [
     (["bench", "ttft"], "--repeats"),
     (["bench", "prefill"], "--repeats"),
     (["bench", "store"], "--passages"),
+    (["ask", "q", "--index", "i"], "--max-new-tokens"),
+    (["eval", "run"], "--max-new-tokens"),
+    (["eval", "run"], "--chunk-tokens"),
+    (["eval", "report"], "--main-n"),
+    (["serve", "--index", "i"], "--max-tokens"),
+    (["serve", "--index", "i"], "--max-queue"),
 ]
 
 

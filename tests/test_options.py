@@ -96,6 +96,27 @@ def test_overrides_are_sugar_for_replace():
         QueryOptions(ratios=0.2)
 
 
+@pytest.mark.parametrize(
+    ("selector_options", "message"),
+    [
+        (
+            {"bogus": 1},
+            "bad options for selector 'sinkflow': bogus=1 (no such option); its options are: sink (default 8), "
+            "layers (default None), heads (default 'mean')",
+        ),
+        ({"sink": "x"}, "sink='x' (Input should be a valid integer"),
+        ({"layers": "x"}, "layers='x' (Input should be a valid list)"),
+        ({"layers": []}, "layers is empty; give the scoring layers"),
+        ({"sink": -1}, "sinkflow sink must be >= 0"),
+    ],
+)
+def test_a_bad_selector_option_is_named_with_the_options_there_are(selector_options, message):
+    with pytest.raises(InvalidOptionError) as err:
+        QueryOptions(selector="sinkflow", selector_options=selector_options)
+    assert message in str(err.value)
+    assert QueryOptions(selector="sinkflow", selector_options={"sink": 4}).selector_options == {"sink": 4}
+
+
 def test_frozen_options_are_frozen_all_through():
     import copy
     import json

@@ -184,6 +184,8 @@ USER = [{"role": "user", "content": "hi"}]
         ({"model": MODEL, "messages": USER, "keep": 0.5}, 400, ["keep=0.5", "compress"]),
         ({"model": MODEL, "messages": [*USER, {"role": "assistant", "content": "x"}]}, 400, ["last message"]),
         ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, ["image_url"]),
+        ({"model": MODEL, "messages": USER, "stop": ["end", ""]}, 400, ["stop strings must not be empty"]),
+        ({"model": MODEL, "messages": [{"role": "user", "content": " "}]}, 400, ["last user message is empty"]),
     ],
     ids=lambda v: str(v)[:40] if not isinstance(v, list | int) else None,
 )
@@ -200,6 +202,11 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, bod
     for word in words:
         assert word in error["message"]
     assert chat(client).status_code == 200
+
+
+def test_an_empty_completion_prompt_is_refused(client):
+    response = client.post("/v1/completions", json={"model": MODEL, "prompt": [" \n"]})
+    assert response.status_code == 400 and "prompt is empty; send the question" in response.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(

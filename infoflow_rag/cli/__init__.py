@@ -1,7 +1,8 @@
 """``infoflow-rag``: a thin command line over the library.
 
 ``parser`` declares the commands; ``serving`` (ingest, ask, serve, ...) and ``evaluation`` (bench, eval) run
-them; ``options`` turns the query-option flags, built from :class:`~infoflow_rag.QueryOptions`, into options.
+them; ``options`` turns the query-option flags, built from :class:`~infoflow_rag.QueryOptions`, into options;
+``values`` types the other flags' values, so a bad one is refused before any model loads.
 """
 
 from __future__ import annotations

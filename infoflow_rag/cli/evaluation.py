@@ -114,14 +114,17 @@ def _depths(text: str) -> list[float]:
 
 
 def cmd_eval_run(args: argparse.Namespace) -> int:
-    from ..eval.datasets import load_hotpotqa, load_niah, load_squad, tokenizer_codec
-    from ..eval.methods import parse_method
+    from ..eval.datasets import check_grid, load_hotpotqa, load_niah, load_squad, tokenizer_codec
+    from ..eval.methods import check_methods, parse_method
     from ..eval.report import write_report
     from ..eval.runner import run_eval
 
+    # Everything the flags say is checked before the model loads, so a typo fails at once.
     methods = [parse_method(m) for m in args.methods.split(",")]
-    if args.dataset == "niah":  # parsed before the model loads, so a typo fails at once
+    check_methods(methods)
+    if args.dataset == "niah":
         lengths, depths = _token_counts(args.lengths, "--lengths"), _depths(args.depths)
+        check_grid(lengths, depths)
     engine = load_engine(args)
     if args.dataset == "hotpotqa":
         examples = load_hotpotqa("passage", start=args.start, limit=args.limit)

@@ -9,6 +9,7 @@ from ..bench import BENCH_METHODS
 from ..engine.selection import DEFAULT_RATIO
 from ..eval.datasets import HAYSTACKS
 from ..eval.methods import GRAMMAR
+from ..index.splitting import MIN_WINDOW
 from ..models import DEFAULT_MODEL, REGISTRY
 from ..store import STORAGE_DTYPES
 from .evaluation import (
@@ -20,7 +21,8 @@ from .evaluation import (
     cmd_eval_suite,
 )
 from .options import DEFAULT_LEAD_IN_NAME, LEAD_INS, add_option_flags
-from .serving import cmd_ask, cmd_check, cmd_demo, cmd_index_repair, cmd_ingest, cmd_serve, positive_int
+from .serving import cmd_ask, cmd_check, cmd_demo, cmd_index_repair, cmd_ingest, cmd_serve
+from .values import at_least, non_negative_int, port, positive_float, positive_int, ratio
 
 DESCRIPTION = "infoflow-rag: passage KV reuse with InfoFlow selective recompute for fast RAG."
 MODELS = ", ".join(sorted(REGISTRY))
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("ttft", help="time-to-first-token of every method vs full prefill, side by side")
     _model(p, lead_in_flag=False)
     p.add_argument("--context", default="1024,2048,4096", help="comma-separated context sizes in tokens")
-    p.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="share of context tokens recomputed")
+    p.add_argument("--ratio", type=ratio, default=DEFAULT_RATIO, help="share of context tokens recomputed")
     p.add_argument(
         "--methods",
         default=",".join(BENCH_METHODS),
@@ -102,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--split", choices=["paragraph", "tokens"], default="paragraph", help="passages: paragraphs or token windows"
     )
-    p.add_argument("--window", type=int, default=256, help="tokens per passage for --split tokens")
+    p.add_argument("--window", type=at_least(MIN_WINDOW), default=256, help="tokens per passage for --split tokens")
     p.add_argument("--batch-size", type=positive_int, default=64, help="passages committed together")
     p.add_argument("--strict-utf8", action="store_true", help="stop at a file that is not UTF-8 (default: skip it)")
     p.add_argument("--follow-symlinks", action="store_true", help="read files linked from outside the source folder")
@@ -135,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=None, help="KV store as for ingest (default: disk store inside the index)")
     p.add_argument("--top-k", type=positive_int, default=5, help="passages retrieved (at most the index size)")
     add_option_flags(p)
-    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length in tokens at most")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="answer length in tokens at most")
     _json(p)
     p.add_argument("--token-ids", action="store_true", help="with --json: include the token-id lists")
     p.set_defaults(func=cmd_ask)
@@ -145,12 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     _model(p)
     p.add_argument("--store", default=None, help="KV store as for ingest, e.g. redis://host:6379/0 to share it")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (loopback by default)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    p.add_argument("--port", type=port, default=8000, help="TCP port to listen on")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the model name)")
     add_option_flags(p, what="Default (requests may send their own). ")
-    p.add_argument("--max-tokens", type=int, default=256, help="answer length when a request sets none")
-    p.add_argument("--max-queue", type=int, default=32, help="requests waiting for the model; more get 429")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take, queueing included")
+    p.add_argument("--max-tokens", type=positive_int, default=256, help="answer length when a request sets none")
+    p.add_argument("--max-queue", type=positive_int, default=32, help="requests waiting for the model; more get 429")
+    p.add_argument(
+        "--timeout", type=positive_float, default=300.0, help="seconds a request may take, queueing included"
+    )
     p.set_defaults(func=cmd_serve)
 
     maintain = sub.add_parser("index", help="maintain an index directory").add_subparsers(
@@ -189,9 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="questions: HotpotQA paragraphs or fixed-size windows, SQuAD, or needle-in-a-haystack",
     )
     p.add_argument(
-        "--chunk-tokens", type=int, default=128, help="passage size in tokens of the hotpotqa-fixed and niah sets"
+        "--chunk-tokens",
+        type=positive_int,
+        default=128,
+        help="passage size in tokens of the hotpotqa-fixed and niah sets",
     )
-    p.add_argument("--start", type=int, default=0, help="first question (hotpotqa, squad)")
+    p.add_argument("--start", type=non_negative_int, default=0, help="first question (hotpotqa, squad)")
     p.add_argument("--limit", type=positive_int, default=20, help="number of questions (hotpotqa, squad)")
     p.add_argument("--lengths", default="1000,2000,4000", help="niah: haystack sizes in tokens")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="niah: needle depths (0 = start, 1 = end)")
@@ -206,10 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="full,none,infoflow@0.15,cacheblend@0.15,epic@0.15,sinkflow+leadin@0.15",
         help=f"comma-separated {GRAMMAR}, e.g. infoflow@0.15+infokv:0.5 (see infoflow_rag/eval/methods.py)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length in tokens at most")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="answer length in tokens at most")
     p.add_argument(
         "--min-context-tokens",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="keep only the questions (of --start/--limit) whose passages hold more tokens than this",
     )
@@ -222,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model(p, "qwen2.5-0.5b", lead_in_flag=False)
     p.add_argument("--out", default="docs", help="directory for the results files, plots and RESULTS.md")
     p.add_argument("--parts", default="main,ablation,sweep,compress,niah", help="comma-separated parts, run in order")
-    p.add_argument("--start", type=int, default=1000, help="first question (0-999 is the development slice)")
+    p.add_argument(
+        "--start", type=non_negative_int, default=1000, help="first question (0-999 is the development slice)"
+    )
     _suite_sizes(p)
     p.set_defaults(func=cmd_eval_suite)
     p = ev.add_parser("report", help="rewrite RESULTS.md from the suite's results files (complete or not)")
@@ -234,12 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _suite_sizes(p: argparse.ArgumentParser) -> None:
     """The flags that size the suite's parts (``eval suite`` runs them, ``eval report`` reads them)."""
-    p.add_argument("--main-n", type=int, default=100, help="questions of the main table")
-    p.add_argument("--sweep-n", type=int, default=30, help="questions of the ratio sweep")
-    p.add_argument("--ablation-n", type=int, default=30, help="questions of the RoPE ablation")
-    p.add_argument("--compress-n", type=int, default=30, help="questions of the KV compression part")
-    p.add_argument("--large-n", type=int, default=60, help="questions of the 'large' part (qwen2.5-1.5b only)")
-    p.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="share of context tokens recomputed")
+    p.add_argument("--main-n", type=positive_int, default=100, help="questions of the main table")
+    p.add_argument("--sweep-n", type=positive_int, default=30, help="questions of the ratio sweep")
+    p.add_argument("--ablation-n", type=positive_int, default=30, help="questions of the RoPE ablation")
+    p.add_argument("--compress-n", type=positive_int, default=30, help="questions of the KV compression part")
+    p.add_argument("--large-n", type=positive_int, default=60, help="questions of the 'large' part (qwen2.5-1.5b only)")
+    p.add_argument("--ratio", type=ratio, default=DEFAULT_RATIO, help="share of context tokens recomputed")
 
 
 def _model(p: argparse.ArgumentParser, default: str = DEFAULT_MODEL, lead_in_flag: bool = True) -> None:

@@ -82,21 +82,12 @@ def cmd_index_repair(args: argparse.Namespace) -> int:
     return 0
 
 
-def positive_int(text: str) -> int:
-    """A count that must be at least 1 (``--top-k``, ``--batch-size``)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
 def cmd_ask(args: argparse.Namespace) -> int:
     from ..pipeline import Pipeline
 
     options = query_options(args)  # before the model loads
+    if not args.question.strip():
+        raise ValueError("the question is empty; pass its text, e.g. infoflow-rag ask 'Who wrote Hamlet?' --index DIR")
     with Pipeline.open(args.index, args.model, args.store, engine_settings=engine_settings(args)) as pipeline:
         if args.json:
             answer = pipeline.ask(args.question, args.top_k, options, max_new_tokens=args.max_new_tokens)

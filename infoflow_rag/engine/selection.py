@@ -89,6 +89,8 @@ class InfoFlowSelector(Selector):
     def __init__(self, layers: list[int] | None = None, heads: str = "mean"):
         if heads not in HEAD_REDUCTIONS:
             raise ValueError(f"unknown heads {heads!r}; choose one of {', '.join(HEAD_REDUCTIONS)} (mean: published)")
+        if layers is not None and not layers:
+            raise ValueError("layers is empty; give the scoring layers, e.g. [20, 21, 22, 23], or omit it")
         self.layers = layers  # None: default_score_layers of the model, filled by the engine
         self.heads = heads
 

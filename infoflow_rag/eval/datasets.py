@@ -156,6 +156,14 @@ def load_squad(
 HAYSTACKS = ("first", "second")  # halves of the essays file: development, held out
 
 
+def check_grid(context_tokens: Sequence[int], depths: Sequence[float]) -> None:
+    """Refuse a needle grid with a repeated cell or a depth outside [0, 1]."""
+    if len(set(context_tokens)) != len(context_tokens) or len(set(depths)) != len(depths):
+        raise ValueError(f"context_tokens {list(context_tokens)} and depths {list(depths)} must not repeat")
+    if bad := [d for d in depths if not 0 <= d <= 1]:
+        raise ValueError(f"depths must be fractions in [0, 1], got {bad}")
+
+
 def load_niah(
     context_tokens: Sequence[int],
     depths: Sequence[float],
@@ -177,10 +185,7 @@ def load_niah(
     boundary nearest to it, so the context is ``N`` haystack tokens plus the needle.
     ``meta``: ``context_tokens``, ``depth`` (requested), ``needle_depth`` (achieved), ``needle_passage``.
     """
-    if len(set(context_tokens)) != len(context_tokens) or len(set(depths)) != len(depths):
-        raise ValueError(f"context_tokens {list(context_tokens)} and depths {list(depths)} must not repeat")
-    if bad := [d for d in depths if not 0 <= d <= 1]:
-        raise ValueError(f"depths must be fractions in [0, 1], got {bad}")
+    check_grid(context_tokens, depths)
     if passage_tokens < 1:
         raise ValueError(f"passage_tokens must be a positive number of tokens, got {passage_tokens}")
     codec = _codec(tokenize, detokenize)
@@ -256,4 +261,6 @@ def _check_slice(start: int, limit: int | None) -> None:
 
 
 def _index_range(total: int, start: int, limit: int | None) -> range:
+    if start >= total:
+        raise ValueError(f"start={start} is past the last of the {total} questions; pass a start below {total}")
     return range(start, total if limit is None else min(total, start + limit))

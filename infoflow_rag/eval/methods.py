@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +86,17 @@ class MethodSpec:
     @property
     def _policy_suffix(self) -> str:
         return "" if self.options.compress == "none" else f"+{self.options.compress}"
+
+
+def check_methods(methods: Sequence[MethodSpec]) -> None:
+    """Refuse a list one run cannot hold: none, a configuration twice, or two TTFT references."""
+    if not methods:
+        raise ValueError("no methods to run; pass at least one MethodSpec (see parse_method)")
+    keys = [m.key for m in methods]
+    if duplicates := sorted({k for k in keys if keys.count(k) > 1}):
+        raise ValueError(f"methods repeat {duplicates}; give each configuration once")
+    if sum(m.is_reference for m in methods) > 1:
+        raise ValueError(f"at most one uncompressed 'full' method, got {keys}: it is the TTFT reference")
 
 
 def engines_for(engine: Any, methods: Iterable[MethodSpec]) -> dict[bool, Any]:

@@ -13,7 +13,7 @@ from infoflow_rag.engine.compression import make_policy
 from infoflow_rag.engine.options import QueryOptions
 from infoflow_rag.eval import fidelity
 from infoflow_rag.eval.datasets import EvalExample
-from infoflow_rag.eval.methods import MethodSpec, engines_for
+from infoflow_rag.eval.methods import MethodSpec, check_methods, engines_for
 from infoflow_rag.eval.metrics import best_em, best_f1, clean_prediction
 from infoflow_rag.eval.results import QuestionResult, ResultsLog, RunHeader, current_command
 
@@ -52,13 +52,7 @@ def run_eval(
     """
     if prompt.count("{question}") != 1:
         raise ValueError(f"prompt template {prompt!r} must contain '{{question}}' exactly once")
-    if not methods:
-        raise ValueError("no methods to run; pass at least one MethodSpec (see parse_method)")
-    keys = [m.key for m in methods]
-    if duplicates := sorted({k for k in keys if keys.count(k) > 1}):
-        raise ValueError(f"methods repeat {duplicates}; give each configuration once")
-    if sum(m.is_reference for m in methods) > 1:
-        raise ValueError(f"at most one uncompressed 'full' method, got {keys}: it is the TTFT reference")
+    check_methods(methods)
     ordered = sorted(methods, key=lambda m: not m.is_reference)
     engines = engines_for(engine, methods)
     header = RunHeader(

@@ -255,6 +255,10 @@ def _reingest_hint(directory: Path) -> str:
 
 def _open_records(directory: Path, must_exist: bool = False) -> PassageRecords:
     path = directory / RECORDS_FILE
+    if must_exist and not directory.is_dir():
+        raise FileNotFoundError(
+            f"no index directory {directory}; build one with: infoflow-rag ingest SOURCE --index {directory}"
+        )
     if must_exist and not path.is_file():
         raise IndexIntegrityError(f"{path} is missing; {_reingest_hint(directory)}")
     try:

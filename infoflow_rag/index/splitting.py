@@ -16,6 +16,7 @@ T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".md")
+MIN_WINDOW = 8  # tokens: ingest's smallest passage window (smaller ones are mostly template, not text)
 _BLANK_LINE = re.compile(r"\n\s*\n")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -131,7 +132,9 @@ def load_source(
         documents = (_read_text(p, p.relative_to(path).as_posix(), strict_utf8) for p in files)
         return [doc for doc in documents if doc is not None]
     if not path.exists():
-        raise FileNotFoundError(f"no such source: {path}")
+        raise FileNotFoundError(
+            f"no such source: {path}; pass a folder of .txt/.md files, one such file, or a .jsonl file"
+        )
     if path.suffix.lower() == ".jsonl":
         return _read_jsonl(path, strict_utf8)
     if path.suffix.lower() in TEXT_SUFFIXES:

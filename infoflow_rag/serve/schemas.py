@@ -106,6 +106,8 @@ class CommonRequest(QueryOptionFields):
     def _few_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
             raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(value)}")
+        if "" in ([value] if isinstance(value, str) else value or []):  # "" is found at once: every answer empty
+            raise ValueError(f"stop strings must not be empty, got {value!r}; drop the empty string")
         return value
 
     @field_validator("retrieve")
@@ -196,6 +198,8 @@ class CompletionRequest(CommonRequest):
     def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list) and len(value) != 1:
             raise ValueError(f"prompt lists of {len(value)} prompts are not supported: send one prompt string")
+        if not (value if isinstance(value, str) else value[0]).strip():
+            raise ValueError("prompt is empty; send the question (and any passages) as the prompt text")
         return value
 
     @property
