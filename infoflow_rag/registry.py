@@ -37,8 +37,11 @@ class Registry(dict[str, type[T]], Generic[T]):
         try:
             checked = fields.model_validate(options)
         except ValidationError as err:
-            bad = "; ".join(f"{'.'.join(map(str, e['loc']))}={e['input']!r} ({_why(e)})" for e in err.errors())
-            known = ", ".join(f"{n} (default {f.default!r})" for n, f in fields.model_fields.items()) or "none"
+            bad = "; ".join(_problem(e) for e in err.errors())
+            known = ", ".join(
+                n if f.is_required() else f"{n} (default {f.default!r})" for n, f in fields.model_fields.items()
+            )
+            known = known or "none"
             raise ValueError(f"bad options for {self.kind} {name!r}: {bad}; its options are: {known}") from None
         return cls(**{key: getattr(checked, key) for key in options})  # the others keep the class's defaults
 
@@ -48,9 +51,18 @@ def _option_fields(cls: type) -> type[BaseModel]:
     """A model of ``cls``'s keyword options, read from its constructor: their annotated types and defaults."""
     hints = get_type_hints(cls.__init__)
     params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # without self
-    fields: dict[str, Any] = {p.name: (hints.get(p.name, Any), p.default) for p in params}
+    fields: dict[str, Any] = {
+        p.name: (hints.get(p.name, Any), ... if p.default is inspect.Parameter.empty else p.default)  # ...: required
+        for p in params
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
     return create_model(f"{cls.__name__}Options", __config__=ConfigDict(extra="forbid"), **fields)
 
 
-def _why(error: dict) -> str:
-    return "no such option" if error["type"] == "extra_forbidden" else error["msg"]
+def _problem(error: dict) -> str:
+    """One option's problem: ``name=value (why)``, or ``name (required)`` when it was not given."""
+    name = ".".join(map(str, error["loc"]))
+    if error["type"] == "missing":
+        return f"{name} (required)"
+    why = "no such option" if error["type"] == "extra_forbidden" else error["msg"]
+    return f"{name}={error['input']!r} ({why})"

@@ -117,6 +117,23 @@ def test_a_bad_selector_option_is_named_with_the_options_there_are(selector_opti
     assert QueryOptions(selector="sinkflow", selector_options={"sink": 4}).selector_options == {"sink": 4}
 
 
+def test_a_registry_reads_a_class_options_from_its_constructor_required_ones_included():
+    from infoflow_rag.registry import Registry
+
+    things: Registry = Registry("thing", "things")
+
+    @things.register
+    class Thing:
+        name = "thing"
+
+        def __init__(self, size: int, label: str = "x", **extra):
+            self.size, self.label = size, label
+
+    assert things.make("thing", size="3").size == 3  # converted as annotated
+    with pytest.raises(ValueError, match=r"size \(required\); its options are: size, label \(default 'x'\)$"):
+        things.make("thing")
+
+
 def test_frozen_options_are_frozen_all_through():
     import copy
     import json

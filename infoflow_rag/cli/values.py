@@ -23,7 +23,6 @@ def at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
         return value
 
-    parse.__name__ = f"integer >= {minimum}"  # what argparse names in its own messages
     return parse
 
 
