@@ -10,7 +10,8 @@ from pathlib import Path
 
 from .corpus import hotpotqa, paragraph_text
 from .ingest import ingest
-from .pipeline import Pipeline, PipelineAnswer
+from .pipeline import Pipeline
+from .pipeline_answer import PipelineAnswer
 
 BOLD_YELLOW, DIM, RESET = "\033[1;33m", "\033[2m", "\033[0m"
 

@@ -6,11 +6,12 @@ key (engine fingerprint + its token ids) and a missing KV is prefilled on the sp
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from .aio import iterate_in_thread, run_in_thread  # noqa: F401  (for the adapters)
 from .chat import Conversations, Turn
 from .closing import Closing
-from .engine import AnswerStream, Engine, QueryOptions
+from .engine import Engine, QueryOptions
 from .engine.options import split_overrides
 from .engine.prompt import encode
 from .engine.result import AnswerResult
@@ -28,7 +29,8 @@ from .index.passage_index import META_FILE, RECORDS_FILE, Hit, PassageIndex
 from .kv import PassageKV
 from .matching import KnownPassage, PassageMatcher, RecentPassages  # noqa: F401  (RecentPassages: for the adapters)
 from .models import DEFAULT_MODEL
-from .store import CacheKey, KVStore, open_store
+from .pipeline_answer import PipelineAnswer, PipelineStream, ReuseStats  # the adapters import them from here
+from .store import CacheKey, KVStore, check_store_spec, open_store
 
 KV_DIR = "kv"
 
@@ -49,83 +51,6 @@ class KVLookup:
     @property
     def hits(self) -> int:
         return len(self.fresh) - self.computed
-
-
-@dataclass
-class ReuseStats:
-    passages_hit: int  # passages found in the prompt whose KV came from the store
-    passages_computed: int  # found in the prompt but not yet stored: prefilled now, reused next time
-    reused_tokens: int  # prompt tokens served from cached KV (before selective recompute)
-    prompt_tokens: int
-    stored_tokens: int = 0  # of reused_tokens, those whose KV the store already held (not prefilled by this call)
-
-    @property
-    def reused_share(self) -> float:
-        """Share of the prompt whose KV the store already held: 0 when no passage was a hit."""
-        return self.stored_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
-
-    @property
-    def prefilled_tokens(self) -> int:
-        """Of reused_tokens, those whose KV this call prefilled (and stored): a cache write, not a read."""
-        return self.reused_tokens - self.stored_tokens
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "prefilled_tokens": self.prefilled_tokens, "reused_share": self.reused_share}
-
-
-@dataclass
-class PipelineAnswer:
-    answer: str
-    sources: list[Hit]
-    result: AnswerResult
-    reuse: ReuseStats
-
-    def stats(self) -> dict:
-        """A flat, JSON-able summary for framework response metadata: method, TTFT, recompute, KV reuse and size."""
-        result, options = self.result, self.result.options
-        return {
-            "selector": options.selector,
-            "ratio": options.ratio,
-            "ttft": result.timings.ttft,
-            "recompute_fraction": result.recompute_fraction,
-            "context_tokens": result.context_tokens,
-            "generated_tokens": result.generated_tokens,
-            "compress": options.compress,
-            "keep": options.keep,
-            "kv_tokens": result.kv_tokens,
-            "kv_bytes": result.kv_bytes,
-            **self.reuse.to_dict(),
-            "timings": result.timings.to_dict(),
-        }
-
-    def to_dict(self) -> dict:
-        return {
-            "answer": self.answer,
-            "sources": [asdict(s) for s in self.sources],
-            "result": self.result.to_dict(),
-            "reuse": self.reuse.to_dict(),
-        }
-
-
-class PipelineStream(AnswerStream):
-    """Iterate for answer text deltas; ``.answer`` (and ``finish()``) give the :class:`PipelineAnswer`."""
-
-    def __init__(self, stream: AnswerStream, make: Callable[[AnswerResult], PipelineAnswer]):
-        super().__init__(_then(stream, make))
-
-    @property
-    def answer(self) -> PipelineAnswer | None:
-        return self.result
-
-    def steps(self) -> Iterator[str | PipelineAnswer]:
-        """The text deltas, then the :class:`PipelineAnswer` (what an adapter turns into chunks)."""
-        yield from self
-        yield self.answer
-
-
-def _then(stream: AnswerStream, make: Callable[[AnswerResult], PipelineAnswer]) -> Iterator[str]:
-    yield from stream
-    return make(stream.result)
 
 
 class Pipeline(Closing):
@@ -156,7 +81,8 @@ class Pipeline(Closing):
 
         ``kv_dtype`` is how new KV is written (float32, float16, bfloat16, int8); reads accept any.
         ``engine_settings`` go to :class:`Engine` when ``model`` is a name (e.g. ``{"lead_in": None}``: passages right
-        behind the prompt head instead of behind the default neutral lead-in).
+        behind the prompt head instead of behind the default neutral lead-in). ``index_options`` (``kind``, and
+        parameters such as ``M=32``) shape a new index; an existing one must already have them.
         """
         if isinstance(model, Engine) and engine_settings:
             raise ValueError(f"engine_settings {engine_settings} apply to a model name; this engine is built already")
@@ -167,13 +93,20 @@ class Pipeline(Closing):
             raise FileNotFoundError(
                 f"no passage index in {index_dir}; build one with: infoflow-rag ingest SOURCE --index {index_dir}"
             )
-        index = PassageIndex.open(index_dir) if has_index else PassageIndex.create(index_dir, **index_options)
-        index.embedder.encode(["warm-up"])  # load the embedder now: a query's retrieval time is then a search
-        engine = model if isinstance(model, Engine) else Engine.load(model, **(engine_settings or {}))
-        if store is None:
-            store = open_store(f"disk:{index_dir / KV_DIR}", dtype=kv_dtype)
-        elif isinstance(store, str):
-            store = open_store(store, dtype=kv_dtype)
+        if isinstance(store, str):
+            check_store_spec(store)
+        # Everything that can be refused without the model is, before it loads; what is opened is closed on failure.
+        with contextlib.ExitStack() as opened:
+            if has_index:
+                index = opened.enter_context(PassageIndex.open(index_dir))
+                index.check_same_spec(**index_options)
+            else:
+                index = opened.enter_context(PassageIndex.create(index_dir, **index_options))
+            if store is None or isinstance(store, str):
+                store = opened.enter_context(open_store(store or f"disk:{index_dir / KV_DIR}", dtype=kv_dtype))
+            index.embedder.encode(["warm-up"])  # load the embedder now: a query's retrieval time is then a search
+            engine = model if isinstance(model, Engine) else Engine.load(model, **(engine_settings or {}))
+            opened.pop_all()
         return cls(engine, store, index)
 
     @classmethod

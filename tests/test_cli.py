@@ -10,9 +10,11 @@ from importlib.metadata import version
 
 import pytest
 from conftest import PASSAGES, QUESTION, write_corpus
+from tiny import BagOfWordsEmbedder
 
 from infoflow_rag.allocator import allocator_state
 from infoflow_rag.cli import build_parser, main
+from infoflow_rag.index.passage_index import PassageIndex
 
 
 def parsers(parser: argparse.ArgumentParser, name: str = "infoflow-rag"):
@@ -231,6 +233,11 @@ def test_bench_ttft_names_a_bad_flag_before_loading_the_model(flags, message, ca
         (["eval", "suite", "--ratio", "2"], "--ratio: ratio must be in (0, 1], got 2.0"),
         (["eval", "suite", "--ratio", "half"], "--ratio: expected a share in (0, 1] such as 0.15, got 'half'"),
         (["ingest", "src", "--index", "i", "--window", "4"], "--window: expected an integer >= 8, got '4'"),
+        (["ask", "q", "--index", "i", "--store", "s3://bucket"], "--store: unknown KV store spec 's3://bucket'"),
+        (["serve", "--index", "i", "--store", "memory:lots"], "--store: cannot read size 'lots'; write e.g. '512MB'"),
+        (["ingest", "src", "--index", "i", "--store", "kv"], "--store: unknown KV store spec 'kv'; accepted forms"),
+        (["ingest", "src", "--index", "i", "--index-param", "M=big"], "--index-param: expected KEY=INTEGER >= 1"),
+        (["index", "repair", "i", "--index-param", "M=0"], "--index-param: expected KEY=INTEGER >= 1 (e.g. M=32"),
     ],
 )
 def test_a_bad_flag_value_is_refused_by_the_parser_naming_flag_value_and_range(argv, message, capsys):
@@ -260,6 +267,51 @@ def test_flags_wrong_together_are_refused_before_the_model_loads(argv, message, 
     monkeypatch.setattr(infoflow_rag.pipeline.Pipeline, "open", no_model)
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_index_options_are_checked_before_anything_loads_or_is_made(tmp_path, capsys, monkeypatch):
+    import infoflow_rag.pipeline
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the index options were checked")
+
+    monkeypatch.setattr(infoflow_rag.pipeline.Engine, "load", no_model)
+    corpus = tmp_path / "docs"
+    corpus.mkdir()
+    (corpus / "one.txt").write_text(PASSAGES[0])
+    new = tmp_path / "new"
+    assert main(["ingest", str(corpus), "--index", str(new), "--index-kind", "hnsw", "--index-param", "nlist=5"]) == 2
+    assert "unknown parameters ['nlist'] for a 'hnsw' index; accepted: M, ef_construction, ef_search" in (
+        capsys.readouterr().err
+    )
+    assert not new.exists()  # refused before the directory was made
+
+    flat, hnsw = tmp_path / "flat", tmp_path / "hnsw"
+    PassageIndex.create(flat, BagOfWordsEmbedder()).close()
+    PassageIndex.create(hnsw, BagOfWordsEmbedder(), kind="hnsw").close()
+    for index, flags, message in [
+        (flat, ["--index-param", "M=16"], "unknown parameters ['M'] for a 'flat' index; accepted: none"),
+        (flat, ["--index-kind", "hnsw"], f"{flat} is a 'flat' index with no parameters; the index kind and"),
+        (flat, ["--index-kind", "hnsw"], f"To change them: infoflow-rag index repair {flat} --index-kind hnsw\n"),
+        (hnsw, ["--index-param", "M=16"], f"{hnsw} is a 'hnsw' index with {{'M': 32, 'ef_construction': 200, 'ef"),
+        (hnsw, ["--index-param", "M=16"], f"index repair {hnsw} --index-kind hnsw --index-param M=16\n"),
+    ]:
+        assert main(["ingest", str(corpus), "--index", str(index), *flags]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_index_repair_builds_the_kind_and_parameters_asked_for(tmp_path, monkeypatch):
+    import infoflow_rag.index.passage_index
+
+    asked = {}
+
+    def repair(directory, kind=None, show_progress=False, **params):
+        asked.update(directory=directory, kind=kind, **params)
+        return PassageIndex.create(tmp_path / "rebuilt", BagOfWordsEmbedder(), kind=kind, **params)
+
+    monkeypatch.setattr(infoflow_rag.index.passage_index.PassageIndex, "repair", repair)
+    assert main(["index", "repair", "idx", "--index-kind", "hnsw", "--index-param", "M=16", "--json"]) == 0
+    assert asked == {"directory": "idx", "kind": "hnsw", "M": 16}
 
 
 def test_a_missing_index_or_source_says_how_to_make_one(tmp_path, capsys):

@@ -167,7 +167,6 @@ def test_cli_ingest_ask_and_check_in_process(tmp_path, model_dir, capsys, monkey
         (["bench", "ttft", "--context", "2k"], "--context takes comma-separated token counts"),
         (["demo", "--items", "2", "--questions", "3"], "1 <= --questions <= --items"),
         (["ask", "q", "--index", "nowhere"], "no passage index in nowhere"),
-        (["ingest", "x", "--index", "i", "--index-param", "M=big"], "--index-param takes KEY=INTEGER"),
     ],
 )
 def test_cli_names_bad_values_before_loading_anything(argv, message, capsys):
@@ -175,3 +174,22 @@ def test_cli_names_bad_values_before_loading_anything(argv, message, capsys):
 
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_open_refuses_a_bad_store_before_anything_opens_and_closes_what_it_opened_when_the_model_fails(
+    tmp_path, monkeypatch
+):
+    def no_model(*args, **kwargs):
+        raise RuntimeError("the model failed to load")
+
+    monkeypatch.setattr(Engine, "load", no_model)
+    index_dir = tmp_path / "index"
+    PassageIndex.create(index_dir).close()
+    with pytest.raises(ValueError, match="unknown KV store spec 'kv'; accepted forms"):
+        Pipeline.open(index_dir, store="kv")
+    closed = []
+    monkeypatch.setattr(PassageIndex, "close", lambda self: closed.append("index"))
+    monkeypatch.setattr(DiskKVStore, "close", lambda self: closed.append("store"))
+    with pytest.raises(RuntimeError, match="the model failed to load"):
+        Pipeline.open(index_dir)
+    assert sorted(closed) == ["index", "store"]

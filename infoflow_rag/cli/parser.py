@@ -9,6 +9,7 @@ from ..bench import BENCH_METHODS
 from ..engine.selection import DEFAULT_RATIO
 from ..eval.datasets import HAYSTACKS
 from ..eval.methods import GRAMMAR
+from ..index.faiss_index import DEFAULT_PARAMS
 from ..index.splitting import MIN_WINDOW
 from ..models import DEFAULT_MODEL, REGISTRY
 from ..store import STORAGE_DTYPES
@@ -22,7 +23,7 @@ from .evaluation import (
 )
 from .options import DEFAULT_LEAD_IN_NAME, LEAD_INS, add_option_flags
 from .serving import cmd_ask, cmd_check, cmd_demo, cmd_index_repair, cmd_ingest, cmd_serve
-from .values import at_least, non_negative_int, port, positive_float, positive_int, ratio
+from .values import at_least, index_param, non_negative_int, port, positive_float, positive_int, ratio, store_spec
 
 DESCRIPTION = "infoflow-rag: passage KV reuse with InfoFlow selective recompute for fast RAG."
 MODELS = ", ".join(sorted(REGISTRY))
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model(p)
     p.add_argument(
         "--store",
+        type=store_spec,
         default=None,
         help="KV store: disk:DIR, memory[:SIZE] or redis://... (default: disk store inside the index directory)",
     )
@@ -116,17 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--index-kind",
-        choices=["flat", "hnsw", "ivf"],
-        default="flat",
-        help="FAISS index for a new index directory: exact inner product, or approximate for large corpora",
+        choices=list(DEFAULT_PARAMS),
+        default=None,
+        help="FAISS index for a new index directory: exact inner product (flat, the default), or approximate for "
+        "large corpora; an existing index keeps its own (change it with `index repair`)",
     )
-    p.add_argument(
-        "--index-param",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="hnsw: M, ef_construction, ef_search; ivf: nlist, nprobe (repeatable)",
-    )
+    _index_param(p)
     _json(p)
     p.set_defaults(func=cmd_ingest)
 
@@ -134,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("question", help="the question to answer from the index")
     p.add_argument("--index", required=True, help="index directory built by `infoflow-rag ingest`")
     _model(p)
-    p.add_argument("--store", default=None, help="KV store as for ingest (default: disk store inside the index)")
+    p.add_argument(
+        "--store", type=store_spec, default=None, help="KV store as for ingest (default: disk store inside the index)"
+    )
     p.add_argument("--top-k", type=positive_int, default=5, help="passages retrieved (at most the index size)")
     add_option_flags(p)
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="answer length in tokens at most")
@@ -145,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat and text completions) with passage KV reuse")
     p.add_argument("--index", required=True, help="index directory built by `infoflow-rag ingest` (read only)")
     _model(p)
-    p.add_argument("--store", default=None, help="KV store as for ingest, e.g. redis://host:6379/0 to share it")
+    p.add_argument(
+        "--store", type=store_spec, default=None, help="KV store as for ingest, e.g. redis://host:6379/0 to share it"
+    )
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (loopback by default)")
     p.add_argument("--port", type=port, default=8000, help="TCP port to listen on")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the model name)")
@@ -166,10 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("index", help="index directory")
     p.add_argument(
         "--index-kind",
-        choices=["flat", "hnsw", "ivf"],
+        choices=list(DEFAULT_PARAMS),
         default=None,
         help="FAISS index kind (default: as in index.json, else flat)",
     )
+    _index_param(p)
     _json(p)
     p.set_defaults(func=cmd_index_repair)
 
@@ -269,3 +271,15 @@ def _model(p: argparse.ArgumentParser, default: str = DEFAULT_MODEL, lead_in_fla
 
 def _json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _index_param(p: argparse.ArgumentParser) -> None:
+    accepted = "; ".join(f"{kind}: {', '.join(params)}" for kind, params in DEFAULT_PARAMS.items() if params)
+    p.add_argument(
+        "--index-param",
+        type=index_param,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"{accepted} (repeatable)",
+    )

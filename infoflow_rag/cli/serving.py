@@ -29,12 +29,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from ..ingest import ingest, no_documents
     from ..pipeline import Pipeline
 
-    params = {}
-    for item in args.index_param:
-        key, _, value = item.partition("=")
-        if not value.isdigit():
-            raise ValueError(f"--index-param takes KEY=INTEGER (e.g. M=32, nlist=256), got {item!r}")
-        params[key] = int(value)
+    # Only what was asked for: a new index takes it, an existing one must already have it (Pipeline.open).
+    index_options = {**({"kind": args.index_kind} if args.index_kind else {}), **dict(args.index_param)}
     documents = load_source(args.source, strict_utf8=args.strict_utf8, follow_symlinks=args.follow_symlinks)
     if not documents and not Path(args.index).exists():  # refused before the model loads or the index is created
         raise no_documents(args.source, args.follow_symlinks)
@@ -45,8 +41,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         store=args.store,
         create=True,
         kv_dtype=args.kv_dtype,
-        kind=args.index_kind,
-        **params,
+        **index_options,
     ) as pipeline:
         summary = ingest(
             pipeline,
@@ -73,7 +68,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_index_repair(args: argparse.Namespace) -> int:
     from ..index.passage_index import PassageIndex
 
-    with PassageIndex.repair(args.index, kind=args.index_kind, show_progress=not args.json) as index:
+    params = dict(args.index_param)
+    with PassageIndex.repair(args.index, kind=args.index_kind, show_progress=not args.json, **params) as index:
         n = len(index)
     if args.json:
         print(json.dumps({"index": args.index, "passages": n}))

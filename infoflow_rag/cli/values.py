@@ -7,6 +7,7 @@ import argparse
 from collections.abc import Callable
 
 from ..engine.options import validate_ratio
+from ..store import check_store_spec
 
 MAX_PORT = 65535
 
@@ -58,3 +59,19 @@ def ratio(text: str) -> float:
         return validate_ratio(value)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def store_spec(text: str) -> str:
+    """A KV store spec (``memory[:SIZE]``, ``disk:DIR``, a directory, ``redis://...``), checked without opening it."""
+    try:
+        return check_store_spec(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def index_param(text: str) -> tuple[str, int]:
+    """A FAISS index parameter, ``KEY=INTEGER`` with the integer >= 1 (``--index-param M=32``)."""
+    key, _, value = text.partition("=")
+    if not key or not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected KEY=INTEGER >= 1 (e.g. M=32, nlist=256), got {text!r}")
+    return key, int(value)

@@ -45,16 +45,24 @@ class IndexSpec:
     @classmethod
     def build(cls, kind: str, dim: int, **params: int) -> IndexSpec:
         """Spec with defaults filled in; ValueError naming an unknown kind or parameter."""
-        if kind not in DEFAULT_PARAMS:
-            raise ValueError(f"unknown index kind {kind!r}; use one of {', '.join(DEFAULT_PARAMS)}")
-        unknown = set(params) - set(DEFAULT_PARAMS[kind])
-        if unknown:
-            accepted = ", ".join(DEFAULT_PARAMS[kind]) or "none"
-            raise ValueError(f"unknown parameters {sorted(unknown)} for a {kind!r} index; accepted: {accepted}")
-        bad = {name: value for name, value in params.items() if not isinstance(value, int) or value <= 0}
-        if bad or dim <= 0:
-            raise ValueError(f"dim and index parameters must be positive integers, got dim={dim}, {bad}")
+        check_index_params(kind, params)
+        if dim <= 0:
+            raise ValueError(f"dim must be a positive integer, got {dim}")
         return cls(kind, dim, {**DEFAULT_PARAMS[kind], **params})
+
+
+def check_index_params(kind: str, params: dict[str, int]) -> None:
+    """ValueError naming an unknown index kind, a parameter ``kind`` does not take, or one that is not a positive
+    integer; checked before anything loads."""
+    if kind not in DEFAULT_PARAMS:
+        raise ValueError(f"unknown index kind {kind!r}; use one of {', '.join(DEFAULT_PARAMS)}")
+    unknown = set(params) - set(DEFAULT_PARAMS[kind])
+    if unknown:
+        accepted = ", ".join(DEFAULT_PARAMS[kind]) or "none"
+        raise ValueError(f"unknown parameters {sorted(unknown)} for a {kind!r} index; accepted: {accepted}")
+    bad = {name: value for name, value in params.items() if not isinstance(value, int) or value <= 0}
+    if bad:
+        raise ValueError(f"index parameters must be positive integers, got {bad}")
 
 
 @dataclass(frozen=True)

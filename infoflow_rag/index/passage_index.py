@@ -35,7 +35,7 @@ from infoflow_rag.closing import Closing
 from infoflow_rag.errors import IndexIntegrityError
 from infoflow_rag.files import atomic_write
 from infoflow_rag.index.embedder import DEFAULT_MODEL, Embedder, TextEmbedder
-from infoflow_rag.index.faiss_index import IndexSpec, VectorIndex
+from infoflow_rag.index.faiss_index import IndexSpec, VectorIndex, check_index_params
 from infoflow_rag.index.records import AddResult, PassageRecord, PassageRecords
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ class PassageIndex(Closing):
         directory = Path(directory)
         if (directory / META_FILE).exists():
             raise FileExistsError(f"{directory} already holds a passage index; use PassageIndex.open")
+        check_index_params(kind, params)  # before the directory is made or the embedder loads
         directory.mkdir(parents=True, exist_ok=True)
         embedder = embedder if embedder is not None else Embedder()
         vectors = VectorIndex.create(embedder.dim, kind, **params)
@@ -195,6 +196,25 @@ class PassageIndex(Closing):
 
     def __len__(self) -> int:
         return len(self._records)
+
+    @property
+    def spec(self) -> IndexSpec:
+        """The FAISS index's kind, vector dim and parameters."""
+        return self._vectors.spec
+
+    def check_same_spec(self, kind: str | None = None, **params: int) -> None:
+        """ValueError if ``kind`` or ``params`` (options that shape a new index) differ from this index's own,
+        naming the command that rebuilds it with them; silence would leave the user on the index they had."""
+        have = self.spec
+        check_index_params(kind or have.kind, params)
+        if (kind is None or kind == have.kind) and {**have.params, **params} == have.params:
+            return
+        asked = " ".join([f"--index-kind {kind or have.kind}", *(f"--index-param {k}={v}" for k, v in params.items())])
+        raise ValueError(
+            f"{self.directory} is a {have.kind!r} index with {have.params or 'no parameters'}; the index kind and "
+            f"parameters are set when an index is created. To change them: infoflow-rag index repair "
+            f"{self.directory} {asked}"
+        )
 
     def close(self) -> None:
         self._records.close()

@@ -19,7 +19,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..chat import Conversations, Turn, passage_pieces
 from ..engine.options import DEFAULT_OPTIONS, InvalidOptionError, QueryOptions
 from ..errors import StoreUnavailableError
-from ..pipeline import Pipeline, PipelineStream
+from ..pipeline import Pipeline
+from ..pipeline_answer import PipelineStream
 from .errors import APIError, from_exception, install_handlers
 from .responses import Shape, sse
 from .schemas import ChatCompletionRequest, CommonRequest, CompletionRequest

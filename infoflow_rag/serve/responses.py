@@ -7,7 +7,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from ..pipeline import PipelineAnswer
+from ..pipeline_answer import PipelineAnswer
 
 STATS_KEY = "infoflow"  # extension field of responses (and of the last stream chunk) with the query's stats
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..pipeline import PipelineAnswer, PipelineStream
+from ..pipeline_answer import PipelineAnswer, PipelineStream
 
 log = logging.getLogger(__name__)
 

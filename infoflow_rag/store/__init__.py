@@ -3,7 +3,7 @@
 from infoflow_rag.store.base import KVStore, StoreStats
 from infoflow_rag.store.codec import STORAGE_DTYPES, StorageDtype
 from infoflow_rag.store.disk import DiskKVStore
-from infoflow_rag.store.factory import open_store, parse_size
+from infoflow_rag.store.factory import check_store_spec, open_store, parse_size
 from infoflow_rag.store.format import CorruptEntryError
 from infoflow_rag.store.keys import CacheKey
 from infoflow_rag.store.memory import MemoryKVStore
@@ -19,6 +19,7 @@ __all__ = [
     "RedisKVStore",
     "StorageDtype",
     "StoreStats",
+    "check_store_spec",
     "open_store",
     "parse_size",
 ]

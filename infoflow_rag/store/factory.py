@@ -29,17 +29,30 @@ def parse_size(text: str) -> int:
     return int(float(number) * 1024 ** _UNIT_POWERS.get((unit or "").upper(), 0))
 
 
+def check_store_spec(spec: str) -> str:
+    """``spec`` if it names a KV store, checked without opening it (before a model loads); else ValueError
+    naming the spec and the accepted forms."""
+    _backend(spec)
+    return spec
+
+
 def open_store(spec: str, **options: Any) -> KVStore:
     """The backend named by ``spec``; ``options`` (e.g. ``dtype``) go to its constructor."""
+    backend, arguments = _backend(spec)
+    return backend(**arguments, **options)
+
+
+def _backend(spec: str) -> tuple[type[KVStore], dict[str, Any]]:
+    """The store class ``spec`` names and its constructor arguments from the spec."""
     if spec == "memory":
-        return MemoryKVStore(**options)
+        return MemoryKVStore, {}
     if spec.startswith("memory:"):
-        return MemoryKVStore(max_bytes=parse_size(spec.removeprefix("memory:")), **options)
+        return MemoryKVStore, {"max_bytes": parse_size(spec.removeprefix("memory:"))}
     if spec.startswith(("redis://", "rediss://", "unix://")):
-        return RedisKVStore(url=spec, **options)
+        return RedisKVStore, {"url": spec}
     if spec.startswith("disk:"):
-        return DiskKVStore(Path(spec.removeprefix("disk:")).expanduser(), **options)
+        return DiskKVStore, {"root": Path(spec.removeprefix("disk:")).expanduser()}
     is_url = "://" in spec  # an unsupported scheme, not a directory called "s3:"
     if not is_url and (os.sep in spec or spec.startswith((".", "~")) or Path(spec).is_dir()):
-        return DiskKVStore(Path(spec).expanduser(), **options)
+        return DiskKVStore, {"root": Path(spec).expanduser()}
     raise ValueError(f"unknown KV store spec {spec!r}; accepted forms: {SPEC_FORMS}")
