@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .corpus import hotpotqa, paragraph_text
+from .files import atomic_write
 from .ingest import ingest
 from .pipeline import Pipeline
 from .pipeline_answer import PipelineAnswer
@@ -28,14 +29,14 @@ def write_corpus(path: Path, n_items: int) -> list[dict]:
     """The paragraphs of the first ``n_items`` HotpotQA dev questions as a JSONL corpus; returns the items."""
     items = hotpotqa()[:n_items]
     path.parent.mkdir(parents=True, exist_ok=True)
-    seen = set()
-    with open(path, "w") as f:
-        for item in items:
-            for title, sentences in item["context"]:
-                text = paragraph_text(title, sentences)
-                if text not in seen:
-                    seen.add(text)
-                    f.write(json.dumps({"id": title, "title": title, "text": text}) + "\n")
+    seen, lines = set(), []
+    for item in items:
+        for title, sentences in item["context"]:
+            text = paragraph_text(title, sentences)
+            if text not in seen:
+                seen.add(text)
+                lines.append(json.dumps({"id": title, "title": title, "text": text}) + "\n")
+    atomic_write(path, "".join(lines).encode("utf-8"))
     return items
 
 
@@ -130,9 +131,9 @@ def write_html(pipeline: Pipeline, asked: list[DemoQuestion], path: Path) -> Pat
         "body{font-family:sans-serif;max-width:60em;margin:auto}mark{background:#fd4}"
         "li{margin:.5em 0;line-height:1.5}.score{color:#888;font-size:.8em}td,th{padding:.2em .8em}"
     )
-    path.write_text(
+    page = (
         f"<!doctype html><meta charset=utf-8><title>infoflow-rag demo</title><style>{style}</style>"
-        f"<h1>infoflow-rag demo</h1>{''.join(blocks)}\n",
-        encoding="utf-8",
+        f"<h1>infoflow-rag demo</h1>{''.join(blocks)}\n"
     )
+    atomic_write(path, page.encode("utf-8"))
     return path

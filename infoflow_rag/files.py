@@ -10,6 +10,18 @@ from pathlib import Path
 TEMP_SUFFIX = ".tmp"
 
 
+def _process_umask() -> int:
+    # Read once, at import (os.umask can only be read by setting it, which is not safe once threads run).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp makes its file readable by its owner only; the replaced file gets the permissions a plain open would
+# give, so a store or index shared between users stays readable to them.
+NEW_FILE_MODE = 0o666 & ~_process_umask()
+
+
 def atomic_write(path: Path, data: bytes | memoryview) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the whole new one, never a torn one.
 
@@ -18,6 +30,7 @@ def atomic_write(path: Path, data: bytes | memoryview) -> None:
     """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
+        os.fchmod(fd, NEW_FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -3,6 +3,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -166,3 +167,25 @@ def write_corpus(tmp_path: Path) -> Path:
     corpus.mkdir()
     (corpus / "a.md").write_text("\n\n".join(PASSAGES))
     return corpus
+
+
+def pipelines_built_by_concurrent_first_calls(monkeypatch: pytest.MonkeyPatch, first_call) -> tuple[int, int]:
+    """(pipelines built, distinct pipelines handed out) when 4 threads make an adapter's first call at once.
+    ``Pipeline.from_model`` is a slow stub, so no model loads and the threads overlap."""
+    from infoflow_rag.pipeline import Pipeline
+
+    built: list[object] = []
+
+    def slow_build(model: str, store: str = "memory") -> object:
+        time.sleep(0.2)  # stands in for loading the model and its correctness check
+        built.append(object())
+        return built[-1]
+
+    monkeypatch.setattr(Pipeline, "from_model", staticmethod(slow_build))
+    got: list[object] = []
+    threads = [threading.Thread(target=lambda: got.append(first_call())) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return len(built), len({id(pipeline) for pipeline in got})

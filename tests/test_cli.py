@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import signal
+import time
 from importlib.metadata import version
 
 import pytest
@@ -162,20 +165,41 @@ def test_bench_ttft_prints_each_context_when_it_is_done(model_dir, capsys):
     assert all(len(row["times_s"]) == 1 and row["times_s"][0] > 0 for row in report["rows"])  # --repeats 1
 
 
-def test_bench_ttft_json_keeps_the_finished_contexts_of_a_run_cut_short(model_dir, capsys, monkeypatch):
+def _ctrl_c() -> None:
+    raise KeyboardInterrupt
+
+
+def _terminated() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)  # as `timeout` or a CI cancel sends it
+    time.sleep(5)  # the handler runs before this ends
+
+
+@pytest.mark.parametrize(("cut", "stopped_by"), [(_ctrl_c, KeyboardInterrupt), (_terminated, SystemExit)])
+def test_bench_ttft_json_keeps_the_finished_contexts_of_a_run_cut_short(
+    model_dir, capsys, monkeypatch, cut, stopped_by
+):
     import infoflow_rag.bench
 
     real = infoflow_rag.bench.bench_ttft
 
     def interrupted_at_2000(engine, contexts, **kw):
         if contexts == [2000]:
-            raise KeyboardInterrupt
+            cut()
         return real(engine, contexts, **kw)
 
     monkeypatch.setattr(infoflow_rag.bench, "bench_ttft", interrupted_at_2000)
     bench = ["bench", "ttft", "--model", model_dir, "--context", "800,2000", "--methods", "none", "--repeats", "1"]
-    with pytest.raises(KeyboardInterrupt):
-        main([*bench, "--json"])
+
+    def not_main_s(signum, frame):  # what SIGTERM meets if main installs no handler (not the test run's death)
+        raise AssertionError("SIGTERM reached the handler main should have replaced")
+
+    before = signal.signal(signal.SIGTERM, not_main_s)
+    try:
+        with pytest.raises(stopped_by):
+            main([*bench, "--json"])
+        assert signal.getsignal(signal.SIGTERM) is not_main_s  # main put the previous handler back
+    finally:
+        signal.signal(signal.SIGTERM, before)
     report = json.loads(capsys.readouterr().out)
     assert report["complete"] is False and len(report["rows"]) == 2  # context 800: prefill + none
     assert report["machine"]["wall_s"] > 0  # the watch closed with the run cut short

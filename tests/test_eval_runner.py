@@ -166,6 +166,21 @@ def test_resume_refuses_different_settings(tmp_path, change, match):
     assert path.read_bytes() == before
 
 
+def test_a_run_killed_as_it_creates_its_file_leaves_none_and_the_next_run_starts_afresh(tmp_path, monkeypatch):
+    import infoflow_rag.files
+
+    def killed(*args):
+        raise KeyboardInterrupt  # the process dies before the header's file takes its name
+
+    path = tmp_path / "r.jsonl"
+    with monkeypatch.context() as patch:
+        patch.setattr(infoflow_rag.files.os, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run(FakeEngine(), path)
+    assert not path.exists()  # not an empty file that every later (resuming) run would refuse
+    assert len(run(FakeEngine(), path)) == 9
+
+
 def test_existing_file_without_resume_is_refused(tmp_path):
     path = tmp_path / "r.jsonl"
     run(FakeEngine(), path)

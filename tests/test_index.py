@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import sqlite3
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -249,3 +250,40 @@ def test_default_embedder_end_to_end(tmp_path: Path) -> None:
     with PassageIndex.open(tmp_path) as index:  # rebuilds the embedder from index.json
         hits = index.search("Which city is the capital of Australia?", k=2)
     assert hits[0].text == FACTS[2] and hits[0].score > hits[1].score
+
+
+class _EmbedTogether(BagOfWordsEmbedder):
+    """Holds each encode at a barrier while one is set: two adds both embed before either adds its vectors."""
+
+    barrier: threading.Barrier | None = None
+
+    def encode(self, texts, batch_size=64, show_progress=False):
+        if self.barrier is not None:
+            self.barrier.wait(timeout=10)
+        return super().encode(texts, batch_size, show_progress)
+
+
+def test_two_threads_adding_the_same_texts_add_each_vector_once_and_later_passages_stay_searchable(tmp_path):
+    embedder = _EmbedTogether()
+    index = PassageIndex.create(tmp_path / "index", embedder)
+    embedder.barrier = threading.Barrier(2)
+    adds = [
+        threading.Thread(target=index.add_passages, args=(["alpha beta gamma", "delta epsilon zeta"],))
+        for _ in range(2)
+    ]
+    for thread in adds:
+        thread.start()
+    for thread in adds:
+        thread.join()
+    embedder.barrier = None
+    # Two more records: with vectors added twice above, record and vector counts would now be equal and the new
+    # passages would never be embedded.
+    index.add_passages(["kappa lambda mu", "omicron pi rho"])
+    hits = index.search("kappa lambda mu", k=4)
+    assert sorted(h.text for h in hits) == sorted(
+        ["alpha beta gamma", "delta epsilon zeta", "kappa lambda mu", "omicron pi rho"]
+    )
+    assert hits[0].text == "kappa lambda mu"
+    index.close()
+    reopened = PassageIndex.open(tmp_path / "index", BagOfWordsEmbedder())
+    assert len({h.id for h in reopened.search("omicron pi rho", k=4)}) == 4

@@ -13,6 +13,7 @@ from conftest import (
     chat_template,
     loop_ran_free,
     overlap,
+    pipelines_built_by_concurrent_first_calls,
     record_prompts,
     ticks_while,
 )
@@ -364,3 +365,8 @@ def test_compression_fields_reach_the_engine(pipeline):
     assert squeezed["kv_tokens"] == plain["kv_tokens"] - (plain["context_tokens"] - int(0.5 * plain["context_tokens"]))
     with pytest.raises(ValidationError, match="unknown compression policy 'zip'"):
         chat(pipeline, compress="zip")
+
+
+def test_concurrent_first_calls_build_one_pipeline(monkeypatch):
+    chat = ChatInfoFlow()
+    assert pipelines_built_by_concurrent_first_calls(monkeypatch, chat.get_pipeline) == (1, 1)

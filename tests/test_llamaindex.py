@@ -15,6 +15,7 @@ from conftest import (
     chat_template,
     loop_ran_free,
     overlap,
+    pipelines_built_by_concurrent_first_calls,
     record_prompts,
     ticks_while,
 )
@@ -429,3 +430,8 @@ def test_smollm_over_an_index_with_no_ingestion_step_reuses_in_every_response_mo
         completions.clear()
         assert answers[0] == answers[1] and "1889" in answers[0], engine_args
         assert all(s["passages_hit"] >= 1 and s["passages_computed"] == 0 for s in second), engine_args
+
+
+def test_concurrent_first_calls_build_one_pipeline(monkeypatch):
+    llm = InfoFlowLLM()
+    assert pipelines_built_by_concurrent_first_calls(monkeypatch, lambda: llm.pipeline) == (1, 1)

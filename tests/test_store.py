@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,6 +17,7 @@ import redis
 import torch
 from safetensors import safe_open
 
+from infoflow_rag.files import atomic_write
 from infoflow_rag.kv import PassageKV
 from infoflow_rag.store import (
     CacheKey,
@@ -359,3 +362,13 @@ def test_open_store_redis_spec(redis_url: str) -> None:
 def test_open_store_rejects_unknown_spec(spec: str) -> None:
     with pytest.raises(ValueError, match="spec|size"):
         open_store(spec)
+
+
+def test_replaced_files_get_the_permissions_a_plain_open_gives(tmp_path: Path) -> None:
+    # mkstemp alone makes them owner-only: a store shared between users would miss every read
+    umask = os.umask(0o022)
+    os.umask(umask)
+    atomic_write(tmp_path / "entry", b"kv")
+    (tmp_path / "plain").write_bytes(b"kv")
+    assert stat.S_IMODE((tmp_path / "entry").stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    assert stat.S_IMODE((tmp_path / "entry").stat().st_mode) == 0o666 & ~umask

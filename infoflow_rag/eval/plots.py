@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +13,7 @@ from matplotlib.figure import Figure
 
 from infoflow_rag.eval.results import QuestionResult
 from infoflow_rag.eval.tables import agreement_scores, method_keys, with_fidelity
+from infoflow_rag.files import atomic_write
 
 
 def plot_agreement(results: Sequence[QuestionResult], path: str | Path, reference: str = "full") -> Path:
@@ -131,5 +133,7 @@ def niah_results(results: Sequence[QuestionResult]) -> list[QuestionResult]:
 def _save(fig: Figure, path: str | Path) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    atomic_write(out, png.getbuffer())  # a kill leaves the old plot, never half of one
     return out

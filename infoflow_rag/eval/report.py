@@ -11,6 +11,7 @@ from infoflow_rag.eval import tables
 from infoflow_rag.eval.plots import niah_results, plot_niah_heatmap, plot_tradeoff
 from infoflow_rag.eval.results import ResultsRun, current_command, read_results
 from infoflow_rag.eval.tables import DEFAULT_BASELINE
+from infoflow_rag.files import atomic_write
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ def write_results_md(
     ]
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
+    atomic_write(out, ("\n\n".join(parts) + "\n").encode("utf-8"))  # a kill leaves the old report, never half
     return out
 
 

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 from infoflow_rag.closing import Closing
 from infoflow_rag.engine.options import QueryOptions
 from infoflow_rag.eval.methods import MethodSpec, fixed_ratio, parse_method
+from infoflow_rag.files import atomic_write
 
 # The option fields a result line carried before it carried the options whole (read back into QueryOptions).
 _FLAT_OPTIONS = ("selector", "ratio", "reorder", "geometry", "compress", "keep")
@@ -181,8 +182,10 @@ class ResultsLog(Closing):
             self._write({"type": "resume", "command": header.command, "started": header.started})
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("w", encoding="utf-8")
-            self._write({"type": "header", **asdict(header)})
+            # The header whole or no file: a kill right after creating it must not leave a file that every
+            # later run (resuming by default) refuses as "not a results file".
+            atomic_write(self.path, _line({"type": "header", **asdict(header)}).encode("utf-8"))
+            self._file = self.path.open("a", encoding="utf-8")
 
     def append(self, result: QuestionResult) -> None:
         self._write(result.to_record())
@@ -191,8 +194,12 @@ class ResultsLog(Closing):
         self._file.close()
 
     def _write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.write(_line(record))
         self._file.flush()  # each record must survive a kill right after it is reported done
+
+
+def _line(record: dict[str, Any]) -> str:
+    return json.dumps(record, ensure_ascii=False) + "\n"
 
 
 @dataclass

@@ -14,7 +14,9 @@ do not share it (a recreated ``passages.sqlite`` next to old vectors would retri
 high scores), and any missing or unreadable file, with an :class:`IndexIntegrityError` that names the fix.
 ``repair`` rebuilds the vectors and ``index.json`` from the records, under a new identity.
 
-One writer at a time per directory.
+Threads may share one ``PassageIndex``: its lock keeps FAISS from being searched while it grows (FAISS releases
+the GIL, and a search during an add reads freed memory) and keeps two adds from adding the same vectors twice.
+One writer process at a time per directory.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -63,6 +66,7 @@ class PassageIndex(Closing):
         self.embedder = embedder
         self._records = records
         self._vectors = vectors
+        self._lock = threading.RLock()  # around every FAISS read and write; embedding runs outside it
 
     @classmethod
     def create(
@@ -178,10 +182,12 @@ class PassageIndex(Closing):
         """The ``k`` passages most similar to ``query``, best first (fewer if the index is smaller)."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        k = min(k, len(self._vectors))  # never ask FAISS for more rows than exist: it allocates them all
-        if k == 0:
-            return []
-        found = self._vectors.search(self.embedder.encode([query]), k)
+        query_vector = self.embedder.encode([query])
+        with self._lock:
+            k = min(k, len(self._vectors))  # never ask FAISS for more rows than exist: it allocates them all
+            if k == 0:
+                return []
+            found = self._vectors.search(query_vector, k)
         pairs = [(int(i), float(s)) for i, s in zip(found.ids[0], found.scores[0], strict=True) if i >= 0]
         records = self._records.get_many([i for i, _ in pairs])
         return [Hit(r.id, score, r.text, r.source, r.metadata) for r, (_, score) in zip(records, pairs, strict=True)]
@@ -251,14 +257,19 @@ class PassageIndex(Closing):
 
     def _embed_missing(self, batch_size: int = 64, show_progress: bool = False) -> list[int]:
         """Embed the records that have no vector yet, add them to FAISS and save it; their ids."""
-        # FAISS ids are always a subset of record ids, so equal counts mean nothing is missing.
-        if len(self._vectors) == len(self._records):
-            return []
-        missing = sorted(set(self._records.ids()) - set(self._vectors.ids().tolist()))
+        with self._lock:
+            # FAISS ids are always a subset of record ids, so equal counts mean nothing is missing.
+            if len(self._vectors) == len(self._records):
+                return []
+            missing = sorted(set(self._records.ids()) - set(self._vectors.ids().tolist()))
         texts = [r.text for r in self._records.get_many(missing)]
         vectors = self.embedder.encode(texts, batch_size, show_progress)  # (len(missing), dim)
-        self._vectors.add(np.asarray(missing, dtype=np.int64), vectors)
-        self._vectors.save(self.directory / VECTORS_FILE)
+        with self._lock:  # another thread may have added some of them meanwhile: add each id once
+            have = set(self._vectors.ids().tolist())
+            new = [row for row, passage_id in enumerate(missing) if passage_id not in have]
+            if new:
+                self._vectors.add(np.asarray(missing, dtype=np.int64)[new], vectors[new])
+                self._vectors.save(self.directory / VECTORS_FILE)
         return missing
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
@@ -18,6 +19,8 @@ from infoflow_rag.pipeline import Pipeline, PipelineAnswer, PipelineStream, Turn
 
 from .retrieved import RETRIEVED, watch_retrievers
 from .structured import structured_output
+
+_BUILDING = threading.Lock()  # around a lazy first pipeline build (rare: one lock for every instance)
 
 
 class ChatInfoFlow(BaseChatModel, OptionFields):
@@ -74,7 +77,9 @@ class ChatInfoFlow(BaseChatModel, OptionFields):
     def get_pipeline(self) -> Pipeline:
         """The pipeline answering prompts (built from ``model`` with an in-memory store on first use)."""
         if self.pipeline is None:
-            self.pipeline = Pipeline.from_model(self.model)
+            with _BUILDING:  # concurrent first calls (batch, gathered ainvoke) must not each load a model
+                if self.pipeline is None:
+                    self.pipeline = Pipeline.from_model(self.model)
         return self.pipeline
 
     def engine_options(self, stop: list[str] | None = None, **overrides: Any) -> dict[str, Any]:

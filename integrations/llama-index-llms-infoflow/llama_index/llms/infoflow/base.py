@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,9 @@ if TYPE_CHECKING:
 STATS_KEY = "infoflow"  # response.raw[STATS_KEY] holds PipelineAnswer.stats(); raw["usage"] the token counts
 
 Response = CompletionResponse | ChatResponse
+
+
+_BUILDING = threading.Lock()  # around a lazy first pipeline build (rare: one lock for every instance)
 
 
 class InfoFlowLLM(CustomLLM, OptionFields):
@@ -85,7 +89,9 @@ class InfoFlowLLM(CustomLLM, OptionFields):
     def pipeline(self) -> Pipeline:
         """The pipeline answering prompts (built from ``model`` with an in-memory store on first use)."""
         if self._pipeline is None:
-            self._pipeline = Pipeline.from_model(self.model)
+            with _BUILDING:  # concurrent first calls must not each load a model
+                if self._pipeline is None:
+                    self._pipeline = Pipeline.from_model(self.model)
         return self._pipeline
 
     @property
