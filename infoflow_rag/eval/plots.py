@@ -133,7 +133,7 @@ def niah_results(results: Sequence[QuestionResult]) -> list[QuestionResult]:
 def _save(fig: Figure, path: str | Path) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=120)
-    atomic_write(out, png.getbuffer())  # a kill leaves the old plot, never half of one
+    image = io.BytesIO()
+    fig.savefig(image, format=out.suffix.lstrip(".") or "png", dpi=120)  # the format the name asks for, as before
+    atomic_write(out, image.getbuffer())  # a kill leaves the old plot, never half of one
     return out
