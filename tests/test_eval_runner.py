@@ -1,5 +1,6 @@
 """The resumable runner and method specs, driven by a deterministic fake engine."""
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -179,6 +180,19 @@ def test_a_run_killed_as_it_creates_its_file_leaves_none_and_the_next_run_starts
             run(FakeEngine(), path)
     assert not path.exists()  # not an empty file that every later (resuming) run would refuse
     assert len(run(FakeEngine(), path)) == 9
+
+
+def test_resume_refuses_questions_asked_over_other_passages_before_writing(tmp_path):
+    path = tmp_path / "r.jsonl"
+    run(FakeEngine(), path)
+    before = path.read_bytes()
+    other = [dataclasses.replace(ex, passages=[*ex.passages, "one more"]) if ex.id == "q1" else ex for ex in EXAMPLES]
+    with pytest.raises(
+        ValueError, match=r"cannot resume .*r.jsonl: 1 question\(s\) on file \(q1\) were asked with other"
+    ):
+        run_eval(FakeEngine(), other, METHODS, path, progress=False, command="eval --toy")
+    assert path.read_bytes() == before  # refused before the resume record
+    assert len(run(FakeEngine(fail_after=0), path)) == 9  # the same questions resume, with nothing left to do
 
 
 def test_existing_file_without_resume_is_refused(tmp_path):

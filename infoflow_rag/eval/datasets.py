@@ -8,6 +8,8 @@ Passage text format, shared by HotpotQA and SQuAD: ``"{title}: {text}"``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -38,6 +40,12 @@ class EvalExample:
     passages: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
     dataset: str = "custom"  # results are keyed by (dataset, id, method): ids only need be unique per set
+
+    @property
+    def digest(self) -> str:
+        """A short hash of the question and passages, stored with each result: a resumed run must ask the same
+        (a needle grid's ids do not change with its passage size or haystack, say)."""
+        return hashlib.sha256(json.dumps([self.question, self.passages]).encode("utf-8")).hexdigest()[:16]
 
 
 def tokenizer_codec(tokenizer: Any) -> dict[str, Callable]:

@@ -11,6 +11,7 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -97,6 +98,8 @@ class QuestionResult:
     top1_positions: list[bool] | None = None
     p_positions: list[float] | None = None
     lead_in: bool = False  # passages prefilled behind the neutral lead-in (MethodSpec.lead_in)
+    # What was asked (question and passages, see example_digest); None in files written before it was stored.
+    example_digest: str | None = None
 
     @property
     def pair_key(self) -> tuple[str, str, str]:
@@ -164,7 +167,14 @@ class ResultsLog(Closing):
     holds the results already on file.
     """
 
-    def __init__(self, path: str | Path, header: RunHeader, resume: bool) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        header: RunHeader,
+        resume: bool,
+        check: Callable[[list[QuestionResult]], None] | None = None,
+    ) -> None:
+        """``check`` sees the results on file before a resume writes anything, and may refuse them (raise)."""
         self.path = Path(path)
         self.existing: list[QuestionResult] = []
         if self.path.exists():
@@ -176,6 +186,8 @@ class ResultsLog(Closing):
                     f"cannot resume {self.path}: it was produced under different settings "
                     f"({'; '.join(problems)}). Write to a new output path instead."
                 )
+            if check is not None:
+                check(run.results)
             self.existing = run.results
             drop_partial_line(self.path)
             self._file: TextIO = self.path.open("a", encoding="utf-8")

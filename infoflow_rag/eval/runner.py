@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,7 @@ def run_eval(
     )
     use_prefill = prefill_once and callable(getattr(engine, "prefill", None))
     full = next((m for m in methods if m.is_reference), None)
-    with ResultsLog(out_path, header, resume) as log:
+    with ResultsLog(out_path, header, resume, check=_asked_the_same(examples, out_path)) as log:
         done = {r.pair_key: r for r in log.existing}
         pending = sum((ex.dataset, ex.id, m.key) not in done for ex in examples for m in methods)
         with tqdm(total=pending, desc="eval", unit="answer", disable=not progress) as bar:
@@ -77,6 +77,30 @@ def run_eval(
                     done[result.pair_key] = result
                     bar.update()
     return [done[(ex.dataset, ex.id, m.key)] for ex in examples for m in methods]
+
+
+def _asked_the_same(examples: Sequence[EvalExample], path: str | Path) -> Callable[[list[QuestionResult]], None]:
+    """A check refusing to resume a file whose results answered these questions over other passages or text."""
+    digests = {(ex.dataset, ex.id): ex.digest for ex in examples}
+
+    def check(existing: list[QuestionResult]) -> None:
+        changed = sorted(
+            {
+                r.id
+                for r in existing
+                if r.example_digest is not None  # files from before digests were stored are taken on trust
+                and digests.get((r.dataset, r.id), r.example_digest) != r.example_digest
+            }
+        )
+        if changed:
+            shown = ", ".join(changed[:3]) + (", ..." if len(changed) > 3 else "")
+            raise ValueError(
+                f"cannot resume {path}: {len(changed)} question(s) on file ({shown}) were asked with other "
+                "passages or question text than now (another --chunk-tokens or --haystack, or other data?). "
+                "Write to a new output path instead."
+            )
+
+    return check
 
 
 def _model_info(engines: dict[bool, Any]) -> dict[str, Any]:
@@ -191,6 +215,7 @@ def _result(
         kv_bytes=_reported_size(output, "kv_bytes"),
         answer_ids=list(output.answer_ids),
         lead_in=method.lead_in,
+        example_digest=example.digest,
         **scores,
     )
 
