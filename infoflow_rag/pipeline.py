@@ -87,8 +87,9 @@ class Pipeline(Closing):
         if isinstance(model, Engine) and engine_settings:
             raise ValueError(f"engine_settings {engine_settings} apply to a model name; this engine is built already")
         index_dir = Path(index_dir)
-        # Records without index.json are a damaged index, not a missing one: open says how to repair it.
-        has_index = (index_dir / META_FILE).exists() or (index_dir / RECORDS_FILE).exists()
+        # Records without index.json are a damaged index, not a missing one: open says how to repair it. Asked to
+        # create, PassageIndex.create finishes a create killed before index.json if it stored no passage yet.
+        has_index = (index_dir / META_FILE).exists() or (not create and (index_dir / RECORDS_FILE).exists())
         if not has_index and not create:
             raise FileNotFoundError(
                 f"no passage index in {index_dir}; build one with: infoflow-rag ingest SOURCE --index {index_dir}"

@@ -193,3 +193,22 @@ def test_open_refuses_a_bad_store_before_anything_opens_and_closes_what_it_opene
     with pytest.raises(RuntimeError, match="the model failed to load"):
         Pipeline.open(index_dir)
     assert sorted(closed) == ["index", "store"]
+
+
+def test_open_to_create_finishes_a_create_killed_before_index_json_unless_it_stored_passages(tmp_path, engine):
+    from infoflow_rag.errors import IndexIntegrityError
+    from infoflow_rag.index.passage_index import RECORDS_FILE
+    from infoflow_rag.index.records import PassageRecords
+
+    empty, holding = tmp_path / "empty", tmp_path / "holding"
+    for directory in (empty, holding):
+        directory.mkdir()
+        with PassageRecords(directory / RECORDS_FILE) as records:  # killed before index.json was written
+            if directory == holding:
+                records.add_many(PASSAGES[:1])
+    with Pipeline.open(empty, model=engine, create=True) as pipeline:
+        assert len(pipeline.index) == 0
+    with pytest.raises(IndexIntegrityError, match="holds 1 passage records but no index.json"):
+        Pipeline.open(holding, model=engine, create=True)
+    with pytest.raises(IndexIntegrityError, match="index.json is missing"):
+        Pipeline.open(holding, model=engine)
