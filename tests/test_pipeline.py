@@ -208,7 +208,7 @@ def test_open_to_create_finishes_a_create_killed_before_index_json_unless_it_sto
                 records.add_many(PASSAGES[:1])
     with Pipeline.open(empty, model=engine, create=True) as pipeline:
         assert len(pipeline.index) == 0
-    with pytest.raises(IndexIntegrityError, match="holds 1 passage records but no index.json"):
+    with pytest.raises(IndexIntegrityError, match="index.json is missing, though passages.sqlite holds 1 passages"):
         Pipeline.open(holding, model=engine, create=True)
     with pytest.raises(IndexIntegrityError, match="index.json is missing"):
         Pipeline.open(holding, model=engine)

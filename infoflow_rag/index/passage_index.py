@@ -85,15 +85,21 @@ class PassageIndex(Closing):
             raise FileExistsError(f"{directory} already holds a passage index; use PassageIndex.open")
         check_index_params(kind, params)  # before the directory is made or the embedder loads
         directory.mkdir(parents=True, exist_ok=True)
-        embedder = embedder if embedder is not None else Embedder()
-        vectors = VectorIndex.create(embedder.dim, kind, **params)
         records = _open_records(directory)
-        if n := len(records):  # a create killed before index.json: the records are kept, never overwritten
+        # Passages without index.json (a create killed before its end, or a lost file) are kept, never overwritten.
+        # A create killed before it stored any passage is simply finished.
+        if n := len(records):
             records.close()
             raise IndexIntegrityError(
-                f"{directory} holds {n} passage records but no {META_FILE} (an interrupted create?); "
+                f"{directory / META_FILE} is missing, though {RECORDS_FILE} holds {n} passages; "
                 f"{_repair_hint(directory)}"
             )
+        try:
+            embedder = embedder if embedder is not None else Embedder()
+            vectors = VectorIndex.create(embedder.dim, kind, **params)
+        except BaseException:
+            records.close()
+            raise
         index = cls(directory, records, vectors, embedder)
         index._stamp(uuid.uuid4().hex)
         return index
