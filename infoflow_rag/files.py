@@ -17,8 +17,8 @@ def _process_umask() -> int:
     return mask
 
 
-# mkstemp makes its file readable by its owner only; the replaced file gets the permissions a plain open would
-# give, so a store or index shared between users stays readable to them.
+# mkstemp makes its file readable by its owner only; a replaced file gets the permissions a new file written with
+# plain open would get, so a store or index shared between users stays readable to them.
 NEW_FILE_MODE = 0o666 & ~_process_umask()
 
 
@@ -30,7 +30,8 @@ def atomic_write(path: Path, data: bytes | memoryview) -> None:
     """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
-        os.fchmod(fd, NEW_FILE_MODE)
+        with contextlib.suppress(OSError):  # file systems without permissions (vfat, some CIFS) refuse it
+            os.fchmod(fd, NEW_FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -33,6 +33,7 @@ from .pipeline_answer import PipelineAnswer, PipelineStream, ReuseStats  # the a
 from .store import CacheKey, KVStore, check_store_spec, open_store
 
 KV_DIR = "kv"
+_FIRST_BUILD = threading.Lock()  # around a lazy first pipeline build (rare: one lock for every owner)
 
 logger = logging.getLogger(__name__)
 
@@ -99,21 +100,25 @@ class Pipeline(Closing):
         # Everything that can be refused without the model is, before it loads; what is opened is closed on failure.
         with contextlib.ExitStack() as opened:
             if has_index:
-                index = opened.enter_context(PassageIndex.open(index_dir))
-                index.check_same_spec(**index_options)
+                shape = dict(index_options)
+                index = opened.enter_context(PassageIndex.open(index_dir, shape.pop("embedder", None)))
+                index.check_same_spec(**shape)
             else:
                 index = opened.enter_context(PassageIndex.create(index_dir, **index_options))
             if store is None or isinstance(store, str):
                 store = opened.enter_context(open_store(store or f"disk:{index_dir / KV_DIR}", dtype=kv_dtype))
             index.embedder.encode(["warm-up"])  # load the embedder now: a query's retrieval time is then a search
             engine = model if isinstance(model, Engine) else Engine.load(model, **(engine_settings or {}))
+            pipeline = cls(engine, store, index)
             opened.pop_all()
-        return cls(engine, store, index)
+        return pipeline
 
     @classmethod
     def from_model(cls, model: str | Engine = DEFAULT_MODEL, store: str | KVStore = "memory") -> Pipeline:
         """A pipeline without a passage index (framework use: passages are registered or sent): the engine
         loaded (and checked) from ``model``, KV in ``store`` (``memory[:SIZE]``, ``disk:DIR``, ``redis://...``)."""
+        if isinstance(store, str):
+            check_store_spec(store)  # before the model loads
         engine = model if isinstance(model, Engine) else Engine.load(model)
         return cls(engine, open_store(store) if isinstance(store, str) else store)
 
@@ -332,3 +337,13 @@ def _account(result: AnswerResult, retrieve_s: float, lookup: KVLookup | None) -
         timings.load_kv = lookup.load_s
         timings.prefill += lookup.prefill_s
         timings.ttft += lookup.load_s + lookup.prefill_s
+
+
+def built_on_first_use(owner: Any, attribute: str, model: str) -> Pipeline:
+    """``owner.<attribute>``, set to ``Pipeline.from_model(model)`` on first use: the adapters' lazy pipeline.
+    Concurrent first calls (a batch, gathered async calls) build one, not one model load each."""
+    if getattr(owner, attribute) is None:
+        with _FIRST_BUILD:
+            if getattr(owner, attribute) is None:
+                setattr(owner, attribute, Pipeline.from_model(model))
+    return getattr(owner, attribute)

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import signal
-import time
+import threading
 from importlib.metadata import version
 
 import pytest
@@ -170,8 +169,11 @@ def _ctrl_c() -> None:
 
 
 def _terminated() -> None:
-    os.kill(os.getpid(), signal.SIGTERM)  # as `timeout` or a CI cancel sends it
-    time.sleep(5)  # the handler runs before this ends
+    # What SIGTERM (from `timeout`, a CI cancel) runs: the handler main installed, called directly, so a main that
+    # installs none fails the test (SIG_DFL is not callable) instead of killing the test run.
+    handler = signal.getsignal(signal.SIGTERM)
+    assert callable(handler), "main installed no SIGTERM handler"
+    handler(signal.SIGTERM, None)
 
 
 @pytest.mark.parametrize(("cut", "stopped_by"), [(_ctrl_c, KeyboardInterrupt), (_terminated, SystemExit)])
@@ -189,17 +191,9 @@ def test_bench_ttft_json_keeps_the_finished_contexts_of_a_run_cut_short(
 
     monkeypatch.setattr(infoflow_rag.bench, "bench_ttft", interrupted_at_2000)
     bench = ["bench", "ttft", "--model", model_dir, "--context", "800,2000", "--methods", "none", "--repeats", "1"]
-
-    def not_main_s(signum, frame):  # what SIGTERM meets if main installs no handler (not the test run's death)
-        raise AssertionError("SIGTERM reached the handler main should have replaced")
-
-    before = signal.signal(signal.SIGTERM, not_main_s)
-    try:
-        with pytest.raises(stopped_by):
-            main([*bench, "--json"])
-        assert signal.getsignal(signal.SIGTERM) is not_main_s  # main put the previous handler back
-    finally:
-        signal.signal(signal.SIGTERM, before)
+    with pytest.raises(stopped_by):
+        main([*bench, "--json"])
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main put the default back
     report = json.loads(capsys.readouterr().out)
     assert report["complete"] is False and len(report["rows"]) == 2  # context 800: prefill + none
     assert report["machine"]["wall_s"] > 0  # the watch closed with the run cut short
@@ -261,7 +255,11 @@ def test_bench_ttft_names_a_bad_flag_before_loading_the_model(flags, message, ca
         (["serve", "--index", "i", "--store", "memory:lots"], "--store: cannot read size 'lots'; write e.g. '512MB'"),
         (["ingest", "src", "--index", "i", "--store", "kv"], "--store: unknown KV store spec 'kv'; accepted forms"),
         (["ingest", "src", "--index", "i", "--index-param", "M=big"], "--index-param: expected KEY=INTEGER >= 1"),
-        (["index", "repair", "i", "--index-param", "M=0"], "--index-param: expected KEY=INTEGER >= 1 (e.g. M=32"),
+        (["index", "repair", "i", "--index-param", "M=0"], "--index-param: expected KEY=INTEGER >= 1 with KEY one of"),
+        (
+            ["ingest", "src", "--index", "i", "--index-param", "store=1"],
+            "with KEY one of M, ef_construction, ef_search",
+        ),
     ],
 )
 def test_a_bad_flag_value_is_refused_by_the_parser_naming_flag_value_and_range(argv, message, capsys):
@@ -336,6 +334,32 @@ def test_index_repair_builds_the_kind_and_parameters_asked_for(tmp_path, monkeyp
     monkeypatch.setattr(infoflow_rag.index.passage_index.PassageIndex, "repair", repair)
     assert main(["index", "repair", "idx", "--index-kind", "hnsw", "--index-param", "M=16", "--json"]) == 0
     assert asked == {"directory": "idx", "kind": "hnsw", "M": 16}
+
+
+def test_sigterm_unwinds_only_where_main_may_and_should_handle_it(monkeypatch):
+    import infoflow_rag.cli.parser as parser_module
+
+    seen = []  # the SIGTERM handler while each command runs
+
+    def command(args):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return 0
+
+    monkeypatch.setattr(parser_module, "cmd_index_repair", command)
+    monkeypatch.setattr(parser_module, "cmd_serve", command)
+    assert main(["index", "repair", "i"]) == 0  # main thread, SIGTERM at its default: unwinds
+    assert main(["serve", "--index", "i"]) == 0  # the server stops on SIGTERM itself
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        assert main(["index", "repair", "i"]) == 0  # the parent said to ignore it
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    in_thread = []
+    thread = threading.Thread(target=lambda: in_thread.append(main(["index", "repair", "i"])))
+    thread.start()
+    thread.join()
+    assert in_thread == [0]  # no "signal only works in main thread"
+    assert callable(seen[0]) and seen[1:] == [signal.SIG_DFL, signal.SIG_IGN, signal.SIG_DFL]
 
 
 def test_a_missing_index_or_source_says_how_to_make_one(tmp_path, capsys):

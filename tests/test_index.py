@@ -267,14 +267,20 @@ def test_two_threads_adding_the_same_texts_add_each_vector_once_and_later_passag
     embedder = _EmbedTogether()
     index = PassageIndex.create(tmp_path / "index", embedder)
     embedder.barrier = threading.Barrier(2)
-    adds = [
-        threading.Thread(target=index.add_passages, args=(["alpha beta gamma", "delta epsilon zeta"],))
-        for _ in range(2)
-    ]
+    failed: list[BaseException] = []
+
+    def add() -> None:
+        try:
+            index.add_passages(["alpha beta gamma", "delta epsilon zeta"])
+        except BaseException as error:  # a broken barrier would mean the race never ran
+            failed.append(error)
+
+    adds = [threading.Thread(target=add) for _ in range(2)]
     for thread in adds:
         thread.start()
     for thread in adds:
         thread.join()
+    assert failed == []
     embedder.barrier = None
     # Two more records: with vectors added twice above, record and vector counts would now be equal and the new
     # passages would never be embedded.

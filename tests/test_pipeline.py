@@ -183,16 +183,24 @@ def test_open_refuses_a_bad_store_before_anything_opens_and_closes_what_it_opene
         raise RuntimeError("the model failed to load")
 
     monkeypatch.setattr(Engine, "load", no_model)
+    with pytest.raises(ValueError, match="unknown KV store spec 'kv'; accepted forms"):
+        Pipeline.open(tmp_path / "new", store="kv", create=True)
+    assert not (tmp_path / "new").exists()  # refused before the index was made
     index_dir = tmp_path / "index"
     PassageIndex.create(index_dir).close()
-    with pytest.raises(ValueError, match="unknown KV store spec 'kv'; accepted forms"):
-        Pipeline.open(index_dir, store="kv")
     closed = []
     monkeypatch.setattr(PassageIndex, "close", lambda self: closed.append("index"))
     monkeypatch.setattr(DiskKVStore, "close", lambda self: closed.append("store"))
     with pytest.raises(RuntimeError, match="the model failed to load"):
         Pipeline.open(index_dir)
     assert sorted(closed) == ["index", "store"]
+
+
+def test_open_passes_a_given_embedder_to_an_existing_index_and_checks_only_the_index_shape(tmp_path, engine):
+    with Pipeline.open(tmp_path, model=engine, create=True, embedder=BagOfWordsEmbedder()) as pipeline:
+        pipeline.index.add_passages(PASSAGES)
+    with Pipeline.open(tmp_path, model=engine, create=True, embedder=BagOfWordsEmbedder()) as pipeline:
+        assert pipeline.index.search(QUESTION, k=1)[0].text == PASSAGES[2]
 
 
 def test_open_to_create_finishes_a_create_killed_before_index_json_unless_it_stored_passages(tmp_path, engine):

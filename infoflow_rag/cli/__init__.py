@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import threading
 
 from ..allocator import keep_freed_memory
 from ..errors import InfoFlowError
@@ -20,14 +21,22 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     keep_freed_memory()  # every command runs forwards, which reuse freed pages faster (infoflow_rag/allocator.py)
-    previous = signal.signal(signal.SIGTERM, _unwind)
+    # Not in a thread (signals are the main thread's), not over a SIGTERM the parent set to be ignored, and not
+    # for `serve`, whose server stops gracefully on SIGTERM itself and then dies by it, as service managers expect.
+    unwind = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        and not getattr(args, "handles_sigterm", False)
+    )
+    previous = signal.signal(signal.SIGTERM, _unwind) if unwind else None
     try:
         return args.func(args)
     except (InfoFlowError, ValueError, ModuleNotFoundError, FileNotFoundError) as err:
         print(f"infoflow-rag: error: {one_line(err)}", file=sys.stderr)
         return 2
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _unwind(signum: int, frame: object) -> None:

@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--timeout", type=positive_float, default=300.0, help="seconds a request may take, queueing included"
     )
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=cmd_serve, handles_sigterm=True)
 
     maintain = sub.add_parser("index", help="maintain an index directory").add_subparsers(
         dest="index_command", required=True

@@ -7,9 +7,11 @@ import argparse
 from collections.abc import Callable
 
 from ..engine.options import validate_ratio
+from ..index.faiss_index import DEFAULT_PARAMS
 from ..store import check_store_spec
 
 MAX_PORT = 65535
+INDEX_PARAMS = tuple(dict.fromkeys(name for params in DEFAULT_PARAMS.values() for name in params))
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
@@ -70,8 +72,11 @@ def store_spec(text: str) -> str:
 
 
 def index_param(text: str) -> tuple[str, int]:
-    """A FAISS index parameter, ``KEY=INTEGER`` with the integer >= 1 (``--index-param M=32``)."""
+    """A FAISS index parameter, ``KEY=INTEGER`` with a key some index kind takes and the integer >= 1
+    (``--index-param M=32``); whether the kind in use takes it is checked where the kind is known."""
     key, _, value = text.partition("=")
-    if not key or not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"expected KEY=INTEGER >= 1 (e.g. M=32, nlist=256), got {text!r}")
+    if key not in INDEX_PARAMS or not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected KEY=INTEGER >= 1 with KEY one of {', '.join(INDEX_PARAMS)} (e.g. M=32), got {text!r}"
+        )
     return key, int(value)

@@ -33,7 +33,8 @@ from .signals import SIGNALS, install_hooks
 # Padded tokens per passage-prefill forward. Smaller batches keep a layer's activations in cache: on the bench's
 # passages behind the lead-in (medians of 3, interleaved in one process, quiet 2-core machine), 1024 against 4096
 # took 9.47 s against 13.54 s on SmolLM2-135M (4,059 tokens; 7.25 against 10.07 s without signals) and 18.11 s
-# against 22.64 s on Qwen2.5-0.5B (1,952 tokens); 512 was 10.40 and 17.14 s. A longer passage goes alone.
+# against 22.64 s on Qwen2.5-0.5B (1,952 tokens); 512 was 10.40 and 17.14 s (a little faster on Qwen, slower on
+# SmolLM2). A longer passage goes alone.
 PREFILL_BATCH_TOKENS = 1024
 
 

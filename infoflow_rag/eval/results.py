@@ -98,7 +98,7 @@ class QuestionResult:
     top1_positions: list[bool] | None = None
     p_positions: list[float] | None = None
     lead_in: bool = False  # passages prefilled behind the neutral lead-in (MethodSpec.lead_in)
-    # What was asked (question and passages, see example_digest); None in files written before it was stored.
+    # What was asked (question and passages: EvalExample.digest); None in files written before it was stored.
     example_digest: str | None = None
 
     @property

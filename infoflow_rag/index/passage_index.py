@@ -96,12 +96,11 @@ class PassageIndex(Closing):
             )
         try:
             embedder = embedder if embedder is not None else Embedder()
-            vectors = VectorIndex.create(embedder.dim, kind, **params)
+            index = cls(directory, records, VectorIndex.create(embedder.dim, kind, **params), embedder)
+            index._stamp(uuid.uuid4().hex)
         except BaseException:
             records.close()
             raise
-        index = cls(directory, records, vectors, embedder)
-        index._stamp(uuid.uuid4().hex)
         return index
 
     @classmethod
@@ -156,6 +155,7 @@ class PassageIndex(Closing):
         kind = kind or old.get("kind", "flat")
         params = {**(old.get("params", {}) if kind == old.get("kind") else {}), **params}
         try:
+            check_index_params(kind, params)  # before the embedder loads
             index = cls(directory, records, VectorIndex.create(embedder.dim, kind, **params), embedder)
             index._embed_missing(batch_size, show_progress)  # every record: the new vectors start empty
             index._stamp(uuid.uuid4().hex)  # a crash before its end leaves a mismatch that open reports

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
@@ -15,12 +14,18 @@ from langchain_core.runnables import Runnable
 from pydantic import Field, model_validator
 
 from infoflow_rag import DEFAULT_MODEL, OptionFields
-from infoflow_rag.pipeline import Pipeline, PipelineAnswer, PipelineStream, Turn, iterate_in_thread, run_in_thread
+from infoflow_rag.pipeline import (
+    Pipeline,
+    PipelineAnswer,
+    PipelineStream,
+    Turn,
+    built_on_first_use,
+    iterate_in_thread,
+    run_in_thread,
+)
 
 from .retrieved import RETRIEVED, watch_retrievers
 from .structured import structured_output
-
-_BUILDING = threading.Lock()  # around a lazy first pipeline build (rare: one lock for every instance)
 
 
 class ChatInfoFlow(BaseChatModel, OptionFields):
@@ -76,11 +81,7 @@ class ChatInfoFlow(BaseChatModel, OptionFields):
 
     def get_pipeline(self) -> Pipeline:
         """The pipeline answering prompts (built from ``model`` with an in-memory store on first use)."""
-        if self.pipeline is None:
-            with _BUILDING:  # concurrent first calls (batch, gathered ainvoke) must not each load a model
-                if self.pipeline is None:
-                    self.pipeline = Pipeline.from_model(self.model)
-        return self.pipeline
+        return built_on_first_use(self, "pipeline", self.model)
 
     def engine_options(self, stop: list[str] | None = None, **overrides: Any) -> dict[str, Any]:
         """Pipeline arguments for one call: ``options`` (the fields' QueryOptions), generation settings, and

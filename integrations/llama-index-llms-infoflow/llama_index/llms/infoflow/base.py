@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +31,7 @@ from infoflow_rag.pipeline import (
     PipelineStream,
     RecentPassages,
     Turn,
+    built_on_first_use,
     iterate_in_thread,
     run_in_thread,
 )
@@ -42,9 +42,6 @@ if TYPE_CHECKING:
 STATS_KEY = "infoflow"  # response.raw[STATS_KEY] holds PipelineAnswer.stats(); raw["usage"] the token counts
 
 Response = CompletionResponse | ChatResponse
-
-
-_BUILDING = threading.Lock()  # around a lazy first pipeline build (rare: one lock for every instance)
 
 
 class InfoFlowLLM(CustomLLM, OptionFields):
@@ -88,11 +85,7 @@ class InfoFlowLLM(CustomLLM, OptionFields):
     @property
     def pipeline(self) -> Pipeline:
         """The pipeline answering prompts (built from ``model`` with an in-memory store on first use)."""
-        if self._pipeline is None:
-            with _BUILDING:  # concurrent first calls must not each load a model
-                if self._pipeline is None:
-                    self._pipeline = Pipeline.from_model(self.model)
-        return self._pipeline
+        return built_on_first_use(self, "_pipeline", self.model)
 
     @property
     def recent_passages(self) -> RecentPassages:
