@@ -83,7 +83,8 @@ class Pipeline(Closing):
         ``kv_dtype`` is how new KV is written (float32, float16, bfloat16, int8); reads accept any.
         ``engine_settings`` go to :class:`Engine` when ``model`` is a name (e.g. ``{"lead_in": None}``: passages right
         behind the prompt head instead of behind the default neutral lead-in). ``index_options`` (``kind``, and
-        parameters such as ``M=32``) shape a new index; an existing one must already have them.
+        parameters such as ``M=32``) shape a new index; an existing one must already have them. ``embedder`` among
+        them goes to the index either way (an existing index checks it is the one it was built with).
         """
         if isinstance(model, Engine) and engine_settings:
             raise ValueError(f"engine_settings {engine_settings} apply to a model name; this engine is built already")

@@ -163,8 +163,8 @@ def read_results(path: str | Path) -> ResultsRun:
 class ResultsLog(Closing):
     """Appends results to ``path``, creating it with ``header`` or resuming it if it exists.
 
-    Resuming needs ``resume=True`` and an identical model, prompt and ``max_new_tokens``; ``existing`` then
-    holds the results already on file.
+    Resuming needs ``resume=True``, an identical model, prompt and ``max_new_tokens``, and the caller's ``check``
+    (if any) to accept the results on file; ``existing`` then holds them.
     """
 
     def __init__(

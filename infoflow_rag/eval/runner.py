@@ -47,7 +47,7 @@ def run_eval(
     Methods spelled ``+leadin`` answer over passages prefilled behind the neutral lead-in, on an engine of the same
     model with that lead-in (``engine.replace``); the others over ``engine``'s own caches; each kind of cache is
     prefilled once per question. Pairs already in ``out_path`` are skipped (see :class:`ResultsLog` for when resuming
-    is refused).
+    is refused; also refused: a question on file asked over other passages or text, by its ``example_digest``).
     ``command`` (recorded in the file) defaults to this process's command line.
     """
     if prompt.count("{question}") != 1:
