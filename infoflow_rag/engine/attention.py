@@ -17,13 +17,16 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from .sparse_kernel import sparse_attention
+
 ATTN_IMPLEMENTATION = "infoflow"
 QUERY_CHUNK = 256  # question rows per probability block: bounds memory at (heads, 256, keys)
 # How a layer's heads combine into one score per key: the published mean of the attention probabilities,
 # or the largest per-head attention norm (a key one head reads strongly is not averaged away by the rest).
 HEAD_REDUCTIONS = ("mean", "max")
-# A sparse recompute's query chunk ends at FOLDED_ROWS rows (heads folded in) or once its positions span
-# CHUNK_SPAN keys: long row blocks keep the flash kernel efficient, a short span keeps its masked work small. On
+# Where the compiled kernel (sparse_kernel) does not run, a sparse recompute's query chunk ends at FOLDED_ROWS rows
+# (heads folded in) or once its positions span CHUNK_SPAN keys: long row blocks keep the flash kernel efficient, a
+# short span keeps its masked work small. On
 # one layer's attention over InfoFlow's picks at 15 % (SmolLM2, 4K), this took 38 ms against 45 ms with the row
 # limit alone, whose first chunk spans most of the context; 159 against 168 ms at 8K; the same on Qwen2.5-0.5B at 4K.
 FOLDED_ROWS = 1024
@@ -108,9 +111,10 @@ def sparse_queries(plan: SparseQueries) -> contextlib.AbstractContextManager[Spa
 
 
 def chunked_attention(query, key, value, mask, plan: SparseQueries, scaling: float | None = None):
-    """Attention of sorted sparse queries, per query chunk in two flash calls merged by their log-sum-exp: the
-    keys before the chunk's first position, which every query in it sees (no mask), and the chunk's own span
-    under the mask. Same result as one SDPA call with the whole mask, to float rounding.
+    """The torch path for :func:`~infoflow_rag.engine.sparse_kernel.sparse_attention`, where the compiled kernel
+    does not run. Attention of sorted sparse queries, per query chunk in two flash calls merged by their
+    log-sum-exp: the keys before the chunk's first position, which every query in it sees (no mask), and the
+    chunk's own span under the mask. Same result as one SDPA call with the whole mask, to float rounding.
 
     Each call folds a K/V head's group of query heads into rows, so the kernel reads every K/V block once per
     group instead of once per head and works on long row blocks. Chunks come from ``plan.chunks``. What it buys
@@ -240,7 +244,11 @@ def infoflow_attention(module, query, key, value, attention_mask, scaling=None, 
             return out, None
     plan = _sparse.get()
     if plan is not None and query.shape[2] == plan.input_positions.numel() and attention_mask is not None:
-        return chunked_attention(query, key, value, attention_mask, plan, scaling=scaling)  # inference: no dropout
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = sparse_attention(query, key, value, plan.input_positions, scale)  # the compiled kernel, where it runs
+        if out is None:  # inference: no dropout
+            out, _ = chunked_attention(query, key, value, attention_mask, plan, scaling=scaling)
+        return out, None
     if attention_mask is not None and query.shape[2] > 1:  # prefill, teacher forcing: explicit masks
         return masked_sdpa(query, key, value, attention_mask, scaling), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
