@@ -46,24 +46,51 @@ def sdpa_calls_during(monkeypatch, run):
         monkeypatch.undo()
 
 
+def kernel_calls_during(monkeypatch, run):
+    """``run()`` with the compiled attention kernel spied on: its result and the query positions of every call."""
+    from infoflow_rag.engine import attention
+
+    calls, kernel = [], attention.sparse_attention
+
+    def spy(query, key, value, positions, scale):
+        calls.append(positions.tolist())
+        return kernel(query, key, value, positions, scale)
+
+    monkeypatch.setattr(attention, "sparse_attention", spy)
+    try:
+        return run(), calls
+    finally:
+        monkeypatch.undo()
+
+
 def test_full_selector_is_the_reference_prefill_on_the_causal_kernel(engine, monkeypatch):
-    # As a method, "full" must cost what the reference costs: no masked sparse-query path, the same logits.
+    # As a method, "full" must cost what the reference costs: one causal forward over the whole prompt on the
+    # kernel, no masked sparse-query path, the same logits.
     kvs = engine.prefill(PASSAGES)
-    prep, calls = sdpa_calls_during(monkeypatch, lambda: engine.prepare(QUESTION, kvs, selector="full"))
-    assert calls and all(c.get("attn_mask") is None and c.get("is_causal") for c in calls)
+    n = len(engine.prompt_ids(QUESTION, PASSAGES))
+    prep, calls = kernel_calls_during(monkeypatch, lambda: engine.prepare(QUESTION, kvs, selector="full"))
+    assert calls == [list(range(n))] * engine.num_layers
     _, reference = engine.full_prefill_answer(QUESTION, PASSAGES, max_new_tokens=1)
     assert torch.equal(prep.out.logits, reference)
     assert prep.out.positions.tolist() == list(range(len(engine.prompt_ids(QUESTION, PASSAGES))))
 
 
-def test_full_prefill_reference_runs_the_causal_kernel(engine, monkeypatch):
-    # The reference for every speedup must be the fastest plain prefill: SDPA's own causal path (no float mask,
-    # grouped K/V heads read in place), and it must agree with the explicitly masked forward.
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+def test_full_prefill_reference_runs_the_causal_kernel(engine, monkeypatch, path):
+    # The reference for every speedup must be the fastest plain prefill: the compiled kernel over every row's own
+    # prefix or, where it did not build, SDPA's own causal path (no float mask, grouped K/V heads read in place);
+    # either must agree with the explicitly masked forward.
+    from infoflow_rag.engine import attention
     from infoflow_rag.engine.prefill import full_prefill
 
     ids = engine.prompt_ids(QUESTION, PASSAGES)
-    out, calls = sdpa_calls_during(monkeypatch, lambda: full_prefill(engine.model, ids))
-    assert calls and all(c.get("attn_mask") is None and c.get("is_causal") and c.get("enable_gqa") for c in calls)
+    if path == "kernel":
+        out, calls = kernel_calls_during(monkeypatch, lambda: full_prefill(engine.model, ids))
+        assert calls == [list(range(len(ids)))] * engine.num_layers
+    else:
+        monkeypatch.setattr(attention, "sparse_attention", lambda *args: None)  # as where it did not build
+        out, calls = sdpa_calls_during(monkeypatch, lambda: full_prefill(engine.model, ids))
+        assert calls and all(c.get("attn_mask") is None and c.get("is_causal") and c.get("enable_gqa") for c in calls)
     pos = torch.arange(len(ids))
     with torch.inference_mode():
         masked = engine.model(

@@ -223,6 +223,7 @@ def grouped_attention(
 def infoflow_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     c = _active.get()
     layer = getattr(module, "layer_idx", None)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if c is not None:  # a scoring forward, which stops after c.stop_after
         if layer == c.stop_after and c.stop_before_attention:
             raise StopForward
@@ -232,7 +233,6 @@ def infoflow_attention(module, query, key, value, attention_mask, scaling=None, 
         few = query.shape[2] <= QUERY_CHUNK
         out = None
         if scored or (few and not last):
-            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
             wanted = value if few and not last else None  # the last layer's output is never used
             out, s = grouped_attention(query, key, wanted, attention_mask, scale, c.n_keys if scored else 0, c.heads)
             if scored:
@@ -244,11 +244,17 @@ def infoflow_attention(module, query, key, value, attention_mask, scaling=None, 
             return out, None
     plan = _sparse.get()
     if plan is not None and query.shape[2] == plan.input_positions.numel() and attention_mask is not None:
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         out = sparse_attention(query, key, value, plan.input_positions, scale)  # the compiled kernel, where it runs
         if out is None:  # inference: no dropout
             out, _ = chunked_attention(query, key, value, attention_mask, plan, scaling=scaling)
         return out, None
+    # A causal forward with nothing cached (full prefill) is the sparse case with every position a query; the kernel
+    # beats SDPA's causal kernel there too (README, "The recompute's attention kernel").
+    causal_from_start = attention_mask is None and getattr(module, "is_causal", True) and not dropout
+    if causal_from_start and 1 < query.shape[2] == key.shape[2]:
+        out = sparse_attention(query, key, value, torch.arange(query.shape[2]), scale)
+        if out is not None:
+            return out, None
     if attention_mask is not None and query.shape[2] > 1:  # prefill, teacher forcing: explicit masks
         return masked_sdpa(query, key, value, attention_mask, scaling), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)

@@ -78,9 +78,10 @@ def prefill_passages(
 def full_prefill(model: PreTrainedModel, ids: list[int] | torch.Tensor) -> Recomputed:
     """The reference: the whole prompt in one plain causal forward, nothing cached.
 
-    No mask is passed: with nothing cached and no padding transformers lets SDPA run ``is_causal``, whose
-    kernel skips the masked half of the scores and reads grouped K/V heads without copying them. The fastest
-    plain prefill this stack offers, so speedups are measured against it, not against a slow reference.
+    No mask is passed: with nothing cached and no padding, the attention runs causal on the compiled kernel
+    (engine/sparse_kernel.py) or, where it did not build, SDPA's ``is_causal`` path; both skip the masked half of
+    the scores and read grouped K/V heads without copying them. The fastest plain prefill this stack offers, so
+    speedups are measured against it, not against a slow reference.
     """
     t = torch.as_tensor(ids, dtype=torch.long)
     pos = torch.arange(len(ids))

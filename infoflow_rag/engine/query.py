@@ -92,7 +92,7 @@ def run(
     timings.score = time.perf_counter() - t
 
     t = time.perf_counter()
-    if sel.name == "full":  # nothing cached is read: the reference, the whole prompt on the causal kernel
+    if sel.name == "full":  # nothing cached is read: the reference, the whole prompt in one causal forward
         out = full_prefill(engine.model, layout.token_ids())
     else:
         out = recompute.recompute(engine.model, placed, chosen, *fresh_inputs(layout))
