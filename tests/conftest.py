@@ -169,6 +169,27 @@ def write_corpus(tmp_path: Path) -> Path:
     return corpus
 
 
+def kernel_calls_during(monkeypatch: pytest.MonkeyPatch, run):
+    """``run()`` with the compiled attention kernel spied on: its result and the query positions of every call.
+    Every call must have run the kernel: where it did not build, a test that uses this fails instead of comparing
+    the torch path with itself."""
+    from infoflow_rag.engine import attention
+
+    calls, kernel = [], attention.sparse_attention
+
+    def spy(query, key, value, positions, scale):
+        out = kernel(query, key, value, positions, scale)
+        assert out is not None, "the compiled kernel did not run: did it build? (see the RuntimeWarning)"
+        calls.append(positions.tolist())
+        return out
+
+    monkeypatch.setattr(attention, "sparse_attention", spy)
+    try:
+        return run(), calls
+    finally:
+        monkeypatch.undo()
+
+
 def pipelines_built_by_concurrent_first_calls(monkeypatch: pytest.MonkeyPatch, first_call) -> tuple[int, int]:
     """(pipelines built, distinct pipelines handed out) when 4 threads make an adapter's first call at once.
     ``Pipeline.from_model`` is a slow stub, so no model loads and the threads overlap."""

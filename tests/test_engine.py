@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import PASSAGES, QUESTION
+from conftest import PASSAGES, QUESTION, kernel_calls_during
 from tiny import tiny_model
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -40,23 +40,6 @@ def sdpa_calls_during(monkeypatch, run):
         return sdpa(*args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    try:
-        return run(), calls
-    finally:
-        monkeypatch.undo()
-
-
-def kernel_calls_during(monkeypatch, run):
-    """``run()`` with the compiled attention kernel spied on: its result and the query positions of every call."""
-    from infoflow_rag.engine import attention
-
-    calls, kernel = [], attention.sparse_attention
-
-    def spy(query, key, value, positions, scale):
-        calls.append(positions.tolist())
-        return kernel(query, key, value, positions, scale)
-
-    monkeypatch.setattr(attention, "sparse_attention", spy)
     try:
         return run(), calls
     finally:
@@ -351,17 +334,19 @@ def test_sparse_recompute_attention_equals_one_full_mask_call(engine, monkeypatc
 
     from infoflow_rag.engine import attention, recompute
 
-    if path == "torch":  # as where the kernel did not build
-        monkeypatch.setattr(attention, "sparse_attention", lambda *args: None)
-
     long_passages = [p * 6 for p in PASSAGES]  # enough queries for several chunks
     prep = engine.prepare(QUESTION, engine.prefill(long_passages), selector=selector, ratio=0.4)
     fresh = prep.layout.segments[-1]
     start = prep.layout.length - len(fresh)
     args = (engine.model, prep.placed, prep.chosen, fresh.token_ids, start + torch.arange(len(fresh)))
-    monkeypatch.setattr(attention, "FOLDED_ROWS", 64)  # tiny model: 2 query heads per K/V head, 32 queries a chunk
-    assert prep.chosen.numel() > 3 * 32  # several chunks, each after the first with keys before it
-    sparse = recompute.recompute(*args).logits
+    if path == "kernel":
+        sparse, calls = kernel_calls_during(monkeypatch, lambda: recompute.recompute(*args).logits)
+        assert len(calls) == engine.num_layers
+    else:  # as where the kernel did not build
+        monkeypatch.setattr(attention, "sparse_attention", lambda *args: None)
+        monkeypatch.setattr(attention, "FOLDED_ROWS", 64)  # tiny model: 2 query heads per K/V head, 32 queries a chunk
+        assert prep.chosen.numel() > 3 * 32  # several chunks, each after the first with keys before it
+        sparse = recompute.recompute(*args).logits
     monkeypatch.setattr(recompute, "sparse_queries", lambda plan: contextlib.nullcontext())
     whole = recompute.recompute(*args).logits
     assert (sparse - whole).abs().max() <= 1e-5

@@ -1,8 +1,10 @@
-"""Attention probabilities on chosen layers, without eager attention everywhere.
+"""The attention function every forward of the engine runs, registered with transformers as ``infoflow``.
 
-One attention function, registered with transformers under the name ``infoflow``, runs SDPA as usual.
-Inside :func:`capture`, it also accumulates the question's attention norm on the scoring layers, and
-it can stop the forward once a given layer is done, so no layer after the last one needed ever runs.
+Inside :func:`capture` (scoring passes), it accumulates the question's attention norm on the scoring layers and
+stops the forward once the last layer needed is done. Inside :func:`sparse_queries` (the recompute), and for a
+causal forward with nothing cached (full prefill), it runs the compiled kernel (:mod:`.sparse_kernel`) or, where
+that did not build, the torch paths: :func:`chunked_attention` and SDPA's causal kernel. Anything else (passage
+prefill under an explicit mask, decoding) runs SDPA.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ QUERY_CHUNK = 256  # question rows per probability block: bounds memory at (head
 HEAD_REDUCTIONS = ("mean", "max")
 # Where the compiled kernel (sparse_kernel) does not run, a sparse recompute's query chunk ends at FOLDED_ROWS rows
 # (heads folded in) or once its positions span CHUNK_SPAN keys: long row blocks keep the flash kernel efficient, a
-# short span keeps its masked work small. On
-# one layer's attention over InfoFlow's picks at 15 % (SmolLM2, 4K), this took 38 ms against 45 ms with the row
-# limit alone, whose first chunk spans most of the context; 159 against 168 ms at 8K; the same on Qwen2.5-0.5B at 4K.
+# short span keeps its masked work small. On one layer's attention over InfoFlow's picks at 15 % (SmolLM2, 4K),
+# this took 38 ms against 45 ms with the row limit alone, whose first chunk spans most of the context; 159 against
+# 168 ms at 8K; the same on Qwen2.5-0.5B at 4K.
 FOLDED_ROWS = 1024
 CHUNK_SPAN = 1024
 # torch's CPU flash kernel, called directly because SDPA does not return the log-sum-exp that merging needs.

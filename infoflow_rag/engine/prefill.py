@@ -1,6 +1,7 @@
 """Prefill: the fixed prefix, passages alone behind it (at local positions), and plain full prefill.
 
-Each is a stock ``model(...)`` call with explicit positions and mask (see :mod:`.cache`).
+Each is a stock ``model(...)`` call with explicit positions; passages and the prefix also pass an explicit mask
+(see :mod:`.cache`), full prefill none, so its attention runs causal (see :func:`full_prefill`).
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 // Attention of sparse query rows, each over the key prefix its position sees: row r reads keys [0, limits[r]).
-// The recompute's queries are sorted by position, so a block of rows needs no key past its last row's limit and no
-// mask before its first row's: no masked block is computed, which torch's CPU flash kernel cannot skip under an
-// explicit mask. The blocks run as torch's flash kernel runs its own: two sgemm calls and an online softmax.
+// The rows are sorted by position (the recompute's queries; full prefill's, every position), so a block of rows
+// needs no key past its last row's limit and no mask before its first row's: no key block past a row block's last
+// limit is computed, which torch's CPU flash kernel cannot skip under an explicit mask, and within the block's keys
+// a row's keys past its own limit are zeroed. The blocks run as torch's flash kernel runs its own: two sgemm calls
+// and an online softmax.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -58,6 +59,8 @@ inline float exp_nonpositive(float x) {
 // running max starts at the lowest float, and a key past a row's limit is zeroed instead of set to -inf.
 torch::Tensor sparse_row_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor limits,
                                    double scale) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && limits.device().is_cpu(),
+              "sparse_row_attention runs on the CPU");
   TORCH_CHECK(q.dtype() == torch::kFloat32 && k.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32,
               "sparse_row_attention takes float32 q, k, v");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
@@ -82,6 +85,8 @@ torch::Tensor sparse_row_attention(torch::Tensor q, torch::Tensor k, torch::Tens
   float* op = out.data_ptr<float>();
   const int64_t n_blocks = (R + kRowBlock - 1) / kRowBlock, items = H * n_blocks;
   const float lowest = std::numeric_limits<float>::lowest();
+  // torch's OpenMP threads; the sgemm calls inside run on one thread each, as MKL does inside a parallel region
+  // (unless nested parallelism is turned on, e.g. OMP_MAX_ACTIVE_LEVELS > 1).
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     std::vector<float> scores(kRowBlock * kKeyBlock), row_max(kRowBlock), row_sum(kRowBlock);

@@ -1,14 +1,16 @@
-"""The recompute's attention as a compiled kernel (sparse_kernel.cpp): each query row attends to the key prefix its
-position sees, and no key block past it is computed.
+"""A compiled attention kernel (sparse_kernel.cpp) for queries sorted by position, each attending to the key prefix
+its position sees: the recompute's sparse queries, and full prefill's causal forward (every position a query).
+No key block past a row block's last limit is computed.
 
-torch's CPU flash kernel computes every block under an explicit mask, so the torch path
+torch's CPU flash kernel computes every block under an explicit mask, so the torch path for the recompute
 (:func:`~infoflow_rag.engine.attention.chunked_attention`) splits the queries into chunks of two calls each; on
 SmolLM2 at 4K that ran at ~110 GFLOP/s against ~150 for the same work in one dense call. This kernel runs its
 blocks the way torch's flash kernel runs its own (sgemm and an online softmax) and skips the masked ones.
 
-Built from source on first use with torch's extension loader (g++ and ninja; ~30 s once per machine and source,
-cached by torch under ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``). Where it cannot build (no
-compiler), :func:`load` warns once and returns None, and the engine keeps the torch path.
+Built from source on first use (the engine's first forward: loading a model prefills its fixed prefix) with
+torch's extension loader (g++ and ninja; ~30 s once per machine, source, Python and torch version, under
+``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``). Where it cannot build (no compiler), :func:`load`
+warns once and returns None, and the engine runs the torch paths, with the same results to float rounding.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import hashlib
 import os
 import platform
 import shutil
+import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -28,6 +32,9 @@ SOURCE = Path(__file__).with_name("sparse_kernel.cpp")
 # -march=native: the kernel is built on the machine that runs it; -ffast-math lets the compiler vectorize the
 # softmax's max, exp and sum (the source never forms an infinity, see its comments).
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+# A build takes ~30 s. torch's loader waits, without end, on the lock file of a build in progress; a lock this old
+# was left by a build that was killed (kill -9), and is removed instead of hanging every later process.
+STALE_LOCK_S = 600
 
 _lock = threading.Lock()
 _loaded: list[ModuleType | None] = []  # empty until the first load; then the module, or None if it did not build
@@ -36,8 +43,9 @@ _loaded: list[ModuleType | None] = []  # empty until the first load; then the mo
 def _cpu_tag() -> str:
     """A short hash of this CPU's instruction set: a build cache shared by machines of other CPUs (a home on
     NFS) keeps one -march=native build per CPU instead of loading one that may not run here."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    try:  # x86 lists its instruction set as "flags", ARM as "Features"
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        flags = next(line for line in lines if line.startswith(("flags", "Features")))
     except (OSError, StopIteration):
         flags = platform.processor()
     return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
@@ -55,25 +63,55 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path]) if path else ninja.BIN_DIR
 
 
+def _build_directory(root: str, name: str) -> Path:
+    """Where the kernel builds: one directory per Python and torch version too, as an extension built against
+    one libtorch does not load into another (torch's own default separates Python versions only)."""
+    version = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}"
+    path = Path(root) / version / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _remove_stale_lock(build_directory: Path) -> None:
+    lock = build_directory / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        lock.unlink(missing_ok=True)
+        warnings.warn(
+            f"removed {lock}, left {age:.0f} s ago by a kernel build that did not finish; building again",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def load() -> ModuleType | None:
     """The built kernel module (building it on the first call), or None if it cannot be built here."""
     with _lock:
         if not _loaded:
-            from torch.utils import cpp_extension  # imports setuptools: only when a recompute first needs it
+            from torch.utils import cpp_extension  # imports setuptools: only when a forward first needs it
 
             _put_ninja_on_path()
+            name = f"infoflow_sparse_attention_{_cpu_tag()}"
             try:
+                root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+                build_directory = _build_directory(root, name)
+                _remove_stale_lock(build_directory)
                 module = cpp_extension.load(
-                    name=f"infoflow_sparse_attention_{_cpu_tag()}",
+                    name=name,
                     sources=[str(SOURCE)],
                     extra_cflags=CFLAGS,
                     extra_ldflags=["-fopenmp"],
+                    build_directory=str(build_directory),
                 )
-            except Exception as exc:  # no compiler, no ninja, a failed build: the torch path gives the same result
+            except Exception as exc:  # no compiler, no ninja, a read-only cache, a failed build: torch paths instead
                 module = None
                 warnings.warn(
                     f"the sparse attention kernel did not build ({type(exc).__name__}: {str(exc)[:300]}); "
-                    "recompute falls back to the slower torch path. Install g++ and ninja to build it.",
+                    "attention falls back to the slower torch paths (same results to float rounding). "
+                    "Install g++ and ninja to build it.",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -85,12 +123,16 @@ def sparse_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor, scaling: float
 ) -> torch.Tensor | None:
     """Attention of sorted sparse queries over a cache in prompt order (key j at position j) under pos_k <= pos_q,
-    or None where the kernel does not apply (not built, not float32, a batch of several prompts).
+    or None where the kernel does not apply (not built, not float32 on the CPU, a batch of several prompts, or
+    a forward that records gradients: the kernel has no backward).
 
     query: (1, heads, Q, d); key/value: (1, kv_heads, M, d); positions: (Q,) ascending.
     Returns (1, Q, heads, d) like transformers' attention functions.
     """
-    if query.shape[0] != 1 or not all(t.dtype == torch.float32 for t in (query, key, value)):
+    tensors = (query, key, value)
+    if query.shape[0] != 1 or not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return None
     kernel = load()
     if kernel is None:
