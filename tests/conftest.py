@@ -169,6 +169,13 @@ def write_corpus(tmp_path: Path) -> Path:
     return corpus
 
 
+def without_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine as where the compiled attention kernel did not build: every attention takes the torch paths."""
+    from infoflow_rag.engine import attention
+
+    monkeypatch.setattr(attention, "sparse_attention", lambda *args: None)
+
+
 def kernel_calls_during(monkeypatch: pytest.MonkeyPatch, run):
     """``run()`` with the compiled attention kernel spied on: its result and the query positions of every call.
     Every call must have run the kernel: where it did not build, a test that uses this fails instead of comparing

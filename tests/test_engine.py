@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import PASSAGES, QUESTION, kernel_calls_during
+from conftest import PASSAGES, QUESTION, kernel_calls_during, without_kernel
 from tiny import tiny_model
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -55,7 +55,7 @@ def test_full_selector_is_the_reference_prefill_on_the_causal_kernel(engine, mon
     assert calls == [list(range(n))] * engine.num_layers
     _, reference = engine.full_prefill_answer(QUESTION, PASSAGES, max_new_tokens=1)
     assert torch.equal(prep.out.logits, reference)
-    assert prep.out.positions.tolist() == list(range(len(engine.prompt_ids(QUESTION, PASSAGES))))
+    assert prep.out.positions.tolist() == list(range(n))
 
 
 @pytest.mark.parametrize("path", ["kernel", "torch"])
@@ -63,7 +63,6 @@ def test_full_prefill_reference_runs_the_causal_kernel(engine, monkeypatch, path
     # The reference for every speedup must be the fastest plain prefill: the compiled kernel over every row's own
     # prefix or, where it did not build, SDPA's own causal path (no float mask, grouped K/V heads read in place);
     # either must agree with the explicitly masked forward.
-    from infoflow_rag.engine import attention
     from infoflow_rag.engine.prefill import full_prefill
 
     ids = engine.prompt_ids(QUESTION, PASSAGES)
@@ -71,7 +70,7 @@ def test_full_prefill_reference_runs_the_causal_kernel(engine, monkeypatch, path
         out, calls = kernel_calls_during(monkeypatch, lambda: full_prefill(engine.model, ids))
         assert calls == [list(range(len(ids)))] * engine.num_layers
     else:
-        monkeypatch.setattr(attention, "sparse_attention", lambda *args: None)  # as where it did not build
+        without_kernel(monkeypatch)
         out, calls = sdpa_calls_during(monkeypatch, lambda: full_prefill(engine.model, ids))
         assert calls and all(c.get("attn_mask") is None and c.get("is_causal") and c.get("enable_gqa") for c in calls)
     pos = torch.arange(len(ids))
@@ -342,8 +341,8 @@ def test_sparse_recompute_attention_equals_one_full_mask_call(engine, monkeypatc
     if path == "kernel":
         sparse, calls = kernel_calls_during(monkeypatch, lambda: recompute.recompute(*args).logits)
         assert len(calls) == engine.num_layers
-    else:  # as where the kernel did not build
-        monkeypatch.setattr(attention, "sparse_attention", lambda *args: None)
+    else:
+        without_kernel(monkeypatch)
         monkeypatch.setattr(attention, "FOLDED_ROWS", 64)  # tiny model: 2 query heads per K/V head, 32 queries a chunk
         assert prep.chosen.numel() > 3 * 32  # several chunks, each after the first with keys before it
         sparse = recompute.recompute(*args).logits

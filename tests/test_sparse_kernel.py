@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PASSAGES, QUESTION, kernel_calls_during
+from conftest import PASSAGES, QUESTION, kernel_calls_during, without_kernel
 
 from infoflow_rag.engine import sparse_kernel
 from infoflow_rag.engine.attention import masked_sdpa
@@ -76,11 +76,9 @@ def _recompute_logits(engine, selector):
 
 @pytest.mark.parametrize("selector", ["infoflow", "epic"])
 def test_recompute_runs_the_kernel_and_the_torch_path_agrees(engine, monkeypatch, selector):
-    from infoflow_rag.engine import attention
-
     kernel, calls = kernel_calls_during(monkeypatch, lambda: _recompute_logits(engine, selector))
     assert len(calls) == engine.num_layers  # every layer's recompute attention went to the kernel
-    monkeypatch.setattr(attention, "sparse_attention", lambda *args: None)  # as where it did not build
+    without_kernel(monkeypatch)
     torch_path = _recompute_logits(engine, selector)
     assert (kernel - torch_path).abs().max() <= 1e-5
 
