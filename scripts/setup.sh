@@ -44,7 +44,8 @@ if [ "$DEV" = 1 ] && ! command -v redis-server >/dev/null; then
     echo "note: redis-server not found; install it (e.g. sudo apt-get install redis-server) to run the Redis tests" >&2
   fi
 fi
-# The attention kernel of the recompute and of full prefill, compiled here once (~30 s) rather than when a model
-# first loads; where it cannot build, this warns and the engine runs the slower torch paths.
-.venv/bin/python -c 'from infoflow_rag.engine import sparse_kernel; sparse_kernel.load()'
+# The compiled kernels (attention of the recompute and of full prefill, linear layers of a few rows), built here
+# once (~30 s) rather than when a model first loads; where they cannot build, this warns and the engine runs the
+# slower torch paths.
+.venv/bin/python -c 'from infoflow_rag.engine import kernels; kernels.load()'
 echo "infoflow-rag is set up in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -4,7 +4,7 @@
 // limit is computed, which torch's CPU flash kernel cannot skip under an explicit mask, and within the block's keys
 // a row's keys past its own limit are zeroed. The blocks run as torch's flash kernel runs its own: two sgemm calls
 // and an online softmax.
-#include <torch/extension.h>
+#include "kernels.h"
 
 #include <ATen/Parallel.h>
 
@@ -135,8 +135,4 @@ torch::Tensor sparse_row_attention(torch::Tensor q, torch::Tensor k, torch::Tens
     }
   }
   return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sparse_row_attention", &sparse_row_attention, py::call_guard<py::gil_scoped_release>());
 }

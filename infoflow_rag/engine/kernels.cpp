@@ -1,0 +1,7 @@
+// One extension for both kernels; each releases the GIL while it runs.
+#include "kernels.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("sparse_row_attention", &sparse_row_attention, py::call_guard<py::gil_scoped_release>());
+  m.def("few_row_linear", &few_row_linear, py::call_guard<py::gil_scoped_release>());
+}

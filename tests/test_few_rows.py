@@ -1,0 +1,106 @@
+"""Linear layers of a few rows on the compiled kernel (engine/few_rows.py) against float64 products, the torch path
+where the kernel does not apply, and the engine's routing (scoring, decoding) through it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import PASSAGES
+from torch import nn
+
+from infoflow_rag.engine import few_rows, kernels
+
+
+@pytest.mark.parametrize(
+    "shape, n_out, bias",
+    [
+        ((1, 37), 13, False),  # one row; K and N not multiples of 16 and 8 (the kernel's tails)
+        ((13, 576), 1536, False),  # a SmolLM2 question's rows through gate_proj
+        ((5, 896), 128, True),  # Qwen2.5-0.5B's k_proj shape, with its bias
+        ((2, 16, 1536), 576, True),  # 32 rows (FEW_ROWS) in a 3-d input
+    ],
+)
+def test_kernel_equals_a_float64_linear(shape, n_out, bias):
+    torch.manual_seed(0)
+    x, weight = torch.randn(*shape), torch.randn(n_out, shape[-1])
+    b = torch.randn(n_out) if bias else None
+    out = few_rows.few_row_linear(x, weight, b)
+    assert out is not None and out.shape == (*shape[:-1], n_out)
+    exact = F.linear(x.double(), weight.double(), None if b is None else b.double())
+    # Within twice the error of torch's own float32 product (MKL's), against float64.
+    torch_error = (F.linear(x, weight, b) - exact).abs().max()
+    assert (out - exact).abs().max() <= max(2 * torch_error, 1e-6)
+
+
+def test_what_the_kernel_cannot_take_goes_to_the_torch_path():
+    x, weight = torch.randn(4, 16), torch.randn(8, 16)
+    assert few_rows.few_row_linear(torch.randn(few_rows.FEW_ROWS + 1, 16), weight, None) is None
+    assert few_rows.few_row_linear(x.double(), weight.double(), None) is None
+    assert few_rows.few_row_linear(x.to("meta"), weight.to("meta"), None) is None
+    assert few_rows.few_row_linear(torch.randn(0, 16), weight, None) is None
+    with torch.enable_grad():  # the kernel has no backward
+        assert few_rows.few_row_linear(x, weight.clone().requires_grad_(), None) is None
+    assert few_rows.few_row_linear(x, weight, None) is not None
+
+
+def test_kernel_refuses_bad_shapes():
+    kernel = kernels.load()
+    with pytest.raises(RuntimeError, match=r"takes x \(M, K\) and weight \(N, K\); got x \[3, 5\] and weight \[4, 6\]"):
+        kernel.few_row_linear(torch.randn(3, 5), torch.randn(4, 6), None)
+    with pytest.raises(RuntimeError, match=r"bias must be \(N,\) = \(4,\)"):
+        kernel.few_row_linear(torch.randn(3, 6), torch.randn(4, 6), torch.randn(5))
+    with pytest.raises(RuntimeError, match="runs on the CPU"):
+        kernel.few_row_linear(torch.randn(3, 6).to("meta"), torch.randn(4, 6), None)
+
+
+def test_install_swaps_the_class_in_place_and_keeps_parameters_and_ties():
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 16, bias=False))
+    model[2].weight = nn.Parameter(model[0].weight.t().contiguous())
+    params = {name: p for name, p in model.named_parameters()}
+    x = torch.randn(3, 16)
+    before = model(x)
+    few_rows.install(model)
+    few_rows.install(model)  # a second engine on the same model: nothing changes
+    assert [type(m) for m in model] == [few_rows.FewRowLinear, nn.ReLU, few_rows.FewRowLinear]
+    assert {name: p for name, p in model.named_parameters()} == params  # the same tensors, not copies
+    with torch.inference_mode():
+        assert (model(x) - before).abs().max() <= 1e-5
+        big = torch.randn(few_rows.FEW_ROWS + 1, 16)  # the torch path: exactly F.linear
+        assert torch.equal(model[0](big), F.linear(big, model[0].weight, model[0].bias))
+
+
+def _kernel_rows_during(monkeypatch, run):
+    """``run()`` with the few-row kernel spied on: its result and the row count of every call, each of which must
+    have run the kernel (where it did not build, the test fails instead of comparing the torch path with itself)."""
+    rows, kernel = [], few_rows.few_row_linear
+
+    def spy(x, weight, bias):
+        out = kernel(x, weight, bias)
+        if x.numel() // x.shape[-1] <= few_rows.FEW_ROWS:
+            assert out is not None, "the few-row kernel did not run: did it build? (see the RuntimeWarning)"
+            rows.append(x.numel() // x.shape[-1])
+        return out
+
+    monkeypatch.setattr(few_rows, "few_row_linear", spy)
+    try:
+        return run(), rows
+    finally:
+        monkeypatch.undo()
+
+
+def test_scoring_and_decoding_run_the_kernel_and_the_torch_path_agrees(family_engine, monkeypatch):
+    engine, question = family_engine, "Where does the Rhine rise?"  # 26 bytes: its rows are few on a byte tokenizer
+    kvs = engine.prefill(PASSAGES)
+
+    def answer():
+        r = engine.answer(question, kvs, selector="infoflow", ratio=0.3, max_new_tokens=4)
+        return r.answer_ids, engine.prepare(question, kvs, selector="infoflow", ratio=0.3)
+
+    (ids, prep), rows = _kernel_rows_during(monkeypatch, answer)
+    # the scoring pass's question rows, and single rows: the first token's logits and each decoded token
+    assert prep.layout.query_ids.numel() in rows and 1 in rows
+    monkeypatch.setattr(few_rows, "few_row_linear", lambda *args: None)  # as where the kernel did not build
+    r = engine.answer(question, kvs, selector="infoflow", ratio=0.3, max_new_tokens=4)
+    torch_prep = engine.prepare(question, kvs, selector="infoflow", ratio=0.3)
+    assert torch.equal(prep.chosen, torch_prep.chosen)
+    assert (prep.out.logits - torch_prep.out.logits).abs().max() <= 1e-4
+    assert r.answer_ids == ids
