@@ -104,3 +104,22 @@ def test_scoring_and_decoding_run_the_kernel_and_the_torch_path_agrees(family_en
     assert torch.equal(prep.chosen, torch_prep.chosen)
     assert (prep.out.logits - torch_prep.out.logits).abs().max() <= 1e-4
     assert r.answer_ids == ids
+
+
+def test_prefills_run_torch_linears(engine, monkeypatch):
+    # A passage or prompt head prefilled on the kernel would differ from full prefill's K/V at float rounding
+    # (the real-model tier checks the bit-for-bit result); a short passage alone is a few rows.
+    kernel_rows, kernel = [], few_rows.few_row_linear
+
+    def spy(x, weight, bias):
+        out = kernel(x, weight, bias)
+        if out is not None:
+            kernel_rows.append(x.numel() // x.shape[-1])
+        return out
+
+    monkeypatch.setattr(few_rows, "few_row_linear", spy)
+    kv = engine.prefill(["Short."])[0]
+    head = engine.replace()  # prefills its prompt head again
+    assert len(kv) <= few_rows.FEW_ROWS and len(head.prefix) <= few_rows.FEW_ROWS and kernel_rows == []
+    engine.answer("Why?", [kv], max_new_tokens=2)
+    assert kernel_rows  # outside prefills, the same few rows take the kernel

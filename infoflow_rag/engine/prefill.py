@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from ..kv import PassageKV
+from . import few_rows
 from .cache import cache_from, position_mask, stacked
 from .recompute import Recomputed
 from .signals import recording
@@ -22,12 +23,13 @@ def prefill_prefix(model: PreTrainedModel, prefix_ids: list[int]) -> PassageKV:
     """The fixed prefix at positions 0 .. p-1 (the attention sink every passage is prefilled behind)."""
     ids = torch.tensor(prefix_ids, dtype=torch.long)
     cache = DynamicCache()
-    model(
-        input_ids=ids[None],
-        position_ids=torch.arange(len(ids))[None],
-        cache=cache,
-        logits_to_keep=1,
-    )
+    with few_rows.torch_linears():  # K/V bit for bit as full prefill computes them
+        model(
+            input_ids=ids[None],
+            position_ids=torch.arange(len(ids))[None],
+            cache=cache,
+            logits_to_keep=1,
+        )
     keys, values = stacked(cache)
     return PassageKV(ids, keys[:, 0], values[:, 0], offset=0)
 
@@ -53,7 +55,9 @@ def prefill_passages(
         prefix.values.to(dtype)[:, None].expand(-1, batch, -1, -1, -1),
     )
     mask = position_mask(positions, torch.cat([torch.arange(p), positions]), dtype)
-    with recording(model) if signals else contextlib.nullcontext() as recorder:
+    # F.linear even for a short passage alone: K/V bit for bit as full prefill computes them (few_rows.torch_linears);
+    # the signals' entropy too, so that a prefill is the same computation whatever its size.
+    with recording(model) if signals else contextlib.nullcontext() as recorder, few_rows.torch_linears():
         model(
             input_ids=ids,
             position_ids=positions.expand(batch, -1),
@@ -61,7 +65,7 @@ def prefill_passages(
             cache=cache,
             logits_to_keep=1,
         )
-    recorded = recorder.signals(model) if signals else {}  # name -> (B, longest)
+        recorded = recorder.signals(model) if signals else {}  # name -> (B, longest)
     keys, values = stacked(cache)  # (layers, B, kv_heads, p + longest, head_dim)
     return [
         PassageKV(
