@@ -176,25 +176,33 @@ def without_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(attention, "sparse_attention", lambda *args: None)
 
 
-def kernel_calls_during(monkeypatch: pytest.MonkeyPatch, run):
-    """``run()`` with the compiled attention kernel spied on: its result and the query positions of every call.
-    Every call must have run the kernel: where it did not build, a test that uses this fails instead of comparing
-    the torch path with itself."""
-    from infoflow_rag.engine import attention
+def compiled_calls_during(monkeypatch: pytest.MonkeyPatch, owner, name: str, run, describe):
+    """``run()`` with the compiled kernel's wrapper ``owner.name`` spied on: its result and ``describe(*args)`` of
+    every call the kernel is meant to take (``describe`` gives None for one it is not). Each such call must have run
+    the kernel: where it did not build, a test that uses this fails instead of comparing the torch path with itself."""
+    calls, kernel = [], getattr(owner, name)
 
-    calls, kernel = [], attention.sparse_attention
-
-    def spy(query, key, value, positions, scale):
-        out = kernel(query, key, value, positions, scale)
-        assert out is not None, "the compiled kernel did not run: did it build? (see the RuntimeWarning)"
-        calls.append(positions.tolist())
+    def spy(*args):
+        out = kernel(*args)
+        if (described := describe(*args)) is not None:
+            assert out is not None, "the compiled kernel did not run: did it build? (see the RuntimeWarning)"
+            calls.append(described)
         return out
 
-    monkeypatch.setattr(attention, "sparse_attention", spy)
+    monkeypatch.setattr(owner, name, spy)
     try:
         return run(), calls
     finally:
         monkeypatch.undo()
+
+
+def kernel_calls_during(monkeypatch: pytest.MonkeyPatch, run):
+    """``run()`` with the compiled attention kernel spied on: its result and the query positions of every call."""
+    from infoflow_rag.engine import attention
+
+    return compiled_calls_during(
+        monkeypatch, attention, "sparse_attention", run, lambda query, key, value, positions, scale: positions.tolist()
+    )
 
 
 def pipelines_built_by_concurrent_first_calls(monkeypatch: pytest.MonkeyPatch, first_call) -> tuple[int, int]:

@@ -4,7 +4,7 @@ where the kernel does not apply, and the engine's routing (scoring, decoding) th
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PASSAGES
+from conftest import PASSAGES, compiled_calls_during
 from torch import nn
 
 from infoflow_rag.engine import few_rows, kernels
@@ -68,23 +68,10 @@ def test_install_swaps_the_class_in_place_and_keeps_parameters_and_ties():
         assert torch.equal(model[0](big), F.linear(big, model[0].weight, model[0].bias))
 
 
-def _kernel_rows_during(monkeypatch, run):
-    """``run()`` with the few-row kernel spied on: its result and the row count of every call, each of which must
-    have run the kernel (where it did not build, the test fails instead of comparing the torch path with itself)."""
-    rows, kernel = [], few_rows.few_row_linear
-
-    def spy(x, weight, bias):
-        out = kernel(x, weight, bias)
-        if x.numel() // x.shape[-1] <= few_rows.FEW_ROWS:
-            assert out is not None, "the few-row kernel did not run: did it build? (see the RuntimeWarning)"
-            rows.append(x.numel() // x.shape[-1])
-        return out
-
-    monkeypatch.setattr(few_rows, "few_row_linear", spy)
-    try:
-        return run(), rows
-    finally:
-        monkeypatch.undo()
+def _few_rows(x, weight, bias) -> int | None:
+    """The row count of a product the kernel is meant to take, else None."""
+    rows = x.numel() // x.shape[-1]
+    return rows if rows <= few_rows.FEW_ROWS else None
 
 
 def test_scoring_and_decoding_run_the_kernel_and_the_torch_path_agrees(family_engine, monkeypatch):
@@ -95,7 +82,7 @@ def test_scoring_and_decoding_run_the_kernel_and_the_torch_path_agrees(family_en
         r = engine.answer(question, kvs, selector="infoflow", ratio=0.3, max_new_tokens=4)
         return r.answer_ids, engine.prepare(question, kvs, selector="infoflow", ratio=0.3)
 
-    (ids, prep), rows = _kernel_rows_during(monkeypatch, answer)
+    (ids, prep), rows = compiled_calls_during(monkeypatch, few_rows, "few_row_linear", answer, _few_rows)
     # the scoring pass's question rows, and single rows: the first token's logits and each decoded token
     assert prep.layout.query_ids.numel() in rows and 1 in rows
     monkeypatch.setattr(few_rows, "few_row_linear", lambda *args: None)  # as where the kernel did not build
