@@ -45,7 +45,7 @@ if [ "$DEV" = 1 ] && ! command -v redis-server >/dev/null; then
   fi
 fi
 # The compiled kernels (attention of the recompute and of full prefill, linear layers of a few rows), built here
-# once (~30 s) rather than when a model first loads; where they cannot build, this warns and the engine runs the
+# once (~45 s) rather than when a model first loads; where they cannot build, this warns and the engine runs the
 # slower torch paths.
 .venv/bin/python -c 'from infoflow_rag.engine import kernels; kernels.load()'
 echo "infoflow-rag is set up in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
