@@ -169,7 +169,7 @@ def write_corpus(tmp_path: Path) -> Path:
     return corpus
 
 
-def without_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+def without_attention_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine as where the compiled attention kernel did not build: every attention takes the torch paths."""
     from infoflow_rag.engine import attention
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import PASSAGES, QUESTION, kernel_calls_during, without_kernel
+from conftest import PASSAGES, QUESTION, kernel_calls_during, without_attention_kernel
 from tiny import tiny_model
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -70,7 +70,7 @@ def test_full_prefill_reference_runs_the_causal_kernel(engine, monkeypatch, path
         out, calls = kernel_calls_during(monkeypatch, lambda: full_prefill(engine.model, ids))
         assert calls == [list(range(len(ids)))] * engine.num_layers
     else:
-        without_kernel(monkeypatch)
+        without_attention_kernel(monkeypatch)
         out, calls = sdpa_calls_during(monkeypatch, lambda: full_prefill(engine.model, ids))
         assert calls and all(c.get("attn_mask") is None and c.get("is_causal") and c.get("enable_gqa") for c in calls)
     pos = torch.arange(len(ids))
@@ -342,7 +342,7 @@ def test_sparse_recompute_attention_equals_one_full_mask_call(engine, monkeypatc
         sparse, calls = kernel_calls_during(monkeypatch, lambda: recompute.recompute(*args).logits)
         assert len(calls) == engine.num_layers
     else:
-        without_kernel(monkeypatch)
+        without_attention_kernel(monkeypatch)
         monkeypatch.setattr(attention, "FOLDED_ROWS", 64)  # tiny model: 2 query heads per K/V head, 32 queries a chunk
         assert prep.chosen.numel() > 3 * 32  # several chunks, each after the first with keys before it
         sparse = recompute.recompute(*args).logits

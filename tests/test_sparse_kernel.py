@@ -3,7 +3,7 @@ path where it does not build."""
 
 import pytest
 import torch
-from conftest import PASSAGES, QUESTION, kernel_calls_during, without_kernel
+from conftest import PASSAGES, QUESTION, kernel_calls_during, without_attention_kernel
 
 from infoflow_rag.engine import kernels, sparse_kernel
 from infoflow_rag.engine.attention import masked_sdpa
@@ -73,6 +73,6 @@ def _recompute_logits(engine, selector):
 def test_recompute_runs_the_kernel_and_the_torch_path_agrees(engine, monkeypatch, selector):
     kernel, calls = kernel_calls_during(monkeypatch, lambda: _recompute_logits(engine, selector))
     assert len(calls) == engine.num_layers  # every layer's recompute attention went to the kernel
-    without_kernel(monkeypatch)
+    without_attention_kernel(monkeypatch)
     torch_path = _recompute_logits(engine, selector)
     assert (kernel - torch_path).abs().max() <= 1e-5

@@ -79,8 +79,9 @@ class Engine:
         self.tokenizer: PreTrainedTokenizerBase = loaded.tokenizer
         self.model.eval()
         self.model.config._attn_implementation = attention.register()
-        # Every per-forward state (signal recorders, attention capture, sparse queries) lives in context
-        # variables, so threads may share this engine; the hooks go in now, before any thread runs a forward.
+        # Every per-forward state (signal recorders, attention capture, sparse queries, prefills' torch linears)
+        # lives in context variables, so threads may share this engine; the hooks and the few-row linears go in
+        # now, before any thread runs a forward.
         install_hooks(self.model)
         few_rows.install(self.model)  # a few rows (scoring, decoding) run on the compiled kernel
         self.format = PromptFormat.for_tokenizer(self.tokenizer, system_prompt)
