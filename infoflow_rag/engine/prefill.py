@@ -13,7 +13,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from ..kv import PassageKV
 from . import few_rows
-from .cache import cache_from, position_mask, stacked
+from .cache import appending_cache, cache_from, position_mask, stacked
 from .recompute import Recomputed
 from .signals import recording
 
@@ -90,6 +90,6 @@ def full_prefill(model: PreTrainedModel, ids: list[int] | torch.Tensor) -> Recom
     """
     t = torch.as_tensor(ids, dtype=torch.long)
     pos = torch.arange(len(ids))
-    cache = DynamicCache()
+    cache = appending_cache(model.config.num_hidden_layers)  # decoding appends to it
     out = model(input_ids=t[None], position_ids=pos[None], cache=cache, logits_to_keep=1)
     return Recomputed(out.logits[0, -1].float(), cache, len(ids), pos)

@@ -39,7 +39,8 @@ class AnswerResult:
     prompt_tokens: int  # everything before the answer, prefix and question included
     generated_tokens: int
     kv_tokens: int = 0  # prompt entries in the cache the answer decoded from (after compression, if it ran)
-    kv_bytes: int = 0  # peak KV cache bytes while decoding (its size after the last token)
+    kv_bytes: int = 0  # peak KV cache bytes while decoding: its entries after the last token (the buffer they are
+    # appended into keeps up to a quarter more as room, engine/cache.py)
     answer_ids: list[int] = field(default_factory=list)  # the generated token ids, EOS excluded
 
     @property
