@@ -170,10 +170,11 @@ def write_corpus(tmp_path: Path) -> Path:
 
 
 def without_attention_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The engine as where the compiled attention kernel did not build: every attention takes the torch paths."""
+    """The engine as where the compiled attention kernels did not build: every attention takes the torch paths."""
     from infoflow_rag.engine import attention
 
     monkeypatch.setattr(attention, "sparse_attention", lambda *args: None)
+    monkeypatch.setattr(attention, "decode_attention", lambda *args: None)
 
 
 def compiled_calls_during(monkeypatch: pytest.MonkeyPatch, owner, name: str, run, describe):

@@ -3,8 +3,9 @@
 Inside :func:`capture` (scoring passes), it accumulates the question's attention norm on the scoring layers and
 stops the forward once the last layer needed is done. Inside :func:`sparse_queries` (the recompute), and for a
 causal forward with nothing cached (full prefill), it runs the compiled kernel (:mod:`.sparse_kernel`) or, where
-that did not build, the torch paths: :func:`chunked_attention` and SDPA's causal kernel. Anything else (passage
-prefill under an explicit mask, decoding) runs SDPA.
+that did not build, the torch paths: :func:`chunked_attention` and SDPA's causal kernel. A decoding step runs its
+own kernel (:mod:`.decode_kernel`), or SDPA. Anything else (passage prefill under an explicit mask, teacher
+forcing) runs SDPA.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from .decode_kernel import decode_attention
 from .sparse_kernel import sparse_attention
 
 ATTN_IMPLEMENTATION = "infoflow"
@@ -259,6 +261,10 @@ def infoflow_attention(module, query, key, value, attention_mask, scaling=None, 
             return out, None
     if attention_mask is not None and query.shape[2] > 1:  # prefill, teacher forcing: explicit masks
         return masked_sdpa(query, key, value, attention_mask, scaling), None
+    if attention_mask is None and not dropout:  # a decoding step: one row sees the whole cache
+        out = decode_attention(query, key, value, scale)  # the compiled kernel, where it runs
+        if out is not None:
+            return out, None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 

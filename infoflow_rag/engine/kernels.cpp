@@ -1,7 +1,8 @@
-// One extension for both kernels; each releases the GIL while it runs.
+// One extension for the compiled kernels; each releases the GIL while it runs.
 #include "kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_row_attention", &sparse_row_attention, py::call_guard<py::gil_scoped_release>());
+  m.def("decode_attention", &decode_attention, py::call_guard<py::gil_scoped_release>());
   m.def("few_row_linear", &few_row_linear, py::call_guard<py::gil_scoped_release>());
 }

@@ -3,11 +3,37 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <optional>
+
+// exp(x) for x <= 0 in plain arithmetic the compiler vectorizes: x = n ln2 + r, exp(x) = 2^n p(r), with Cephes'
+// expf polynomial (~1e-7 relative). Clamped at -87 so 2^n stays a normal float.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return p * two_n;
+}
 
 // sparse_kernel.cpp: q (H, R, d), k and v (H, M, d), limits (R,) ascending; row r attends to keys [0, limits[r]).
 torch::Tensor sparse_row_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor limits,
                                    double scale);
+
+// decode_attention.cpp: q (H, G, d), k and v (H, M, d) with contiguous rows; every row attends to all M keys.
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale);
 
 // few_row_linear.cpp: x (M, K) times weight (N, K) transposed, plus bias (N,): (M, N), for a few rows M.
 torch::Tensor few_row_linear(torch::Tensor x, torch::Tensor weight, std::optional<torch::Tensor> bias);

@@ -1,9 +1,10 @@
 """The compiled kernels (C++, built where they run): the attention of position-sorted queries over their key
-prefixes (sparse_kernel.cpp, used through :mod:`.sparse_kernel`) and linear layers of a few rows
-(few_row_linear.cpp, through :mod:`.few_rows`); kernels.cpp binds both into one extension.
+prefixes (sparse_kernel.cpp, used through :mod:`.sparse_kernel`), a decoding step's attention (decode_attention.cpp,
+through :mod:`.decode_kernel`) and linear layers of a few rows (few_row_linear.cpp, through :mod:`.few_rows`);
+kernels.cpp binds them into one extension.
 
 Built from source on first use (the engine's first forward: loading a model prefills its fixed prefix) with
-torch's extension loader (g++ and ninja; ~45 s once per machine, source, Python and torch version, under
+torch's extension loader (g++ and ninja; ~90 s once per machine, source, Python and torch version, under
 ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``). Where it cannot build (no compiler), :func:`load`
 warns once and returns None, and the engine runs the torch paths, with the same results to float rounding.
 """
@@ -23,11 +24,14 @@ from types import ModuleType
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("kernels.cpp", "sparse_kernel.cpp", "few_row_linear.cpp")]
+SOURCES = [
+    Path(__file__).with_name(name)
+    for name in ("kernels.cpp", "sparse_kernel.cpp", "decode_attention.cpp", "few_row_linear.cpp")
+]
 # -march=native: the kernels are built on the machine that runs them; -ffast-math lets the compiler vectorize the
 # softmax's max, exp and sum and the linear's dot products (the sources never form an infinity, see their comments).
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
-# A build takes ~45 s. torch's loader waits, without end, on the lock file of a build in progress; a lock this old
+# A build takes ~90 s. torch's loader waits, without end, on the lock file of a build in progress; a lock this old
 # was left by a build that was killed (kill -9), and is removed instead of hanging every later process.
 STALE_LOCK_S = 600
 
