@@ -21,11 +21,10 @@ def decode_attention(
     query: (1, heads, 1, d); key/value: (1, kv_heads, M, d), any head stride. Returns (1, 1, heads, d) like
     transformers' attention functions.
     """
-    if query.shape[0] != 1 or query.shape[2] != 1 or key.stride(-1) != 1 or key.stride(-2) != key.shape[-1]:
+    rows_contiguous = all(t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] for t in (key, value))
+    if query.shape[2] != 1 or not rows_contiguous:
         return None
-    if value.stride(-1) != 1 or value.stride(-2) != value.shape[-1]:
-        return None
-    kernel = kernels.for_tensors(query, key, value)
+    kernel = kernels.for_attention(query, key, value)
     if kernel is None:
         return None
     _, n_heads, _, d = query.shape

@@ -118,6 +118,11 @@ def load() -> ModuleType | None:
         return _loaded[0]
 
 
+def for_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> ModuleType | None:
+    """:func:`for_tensors` for an attention call: the attention kernels take one prompt (a batch of 1) at a time."""
+    return for_tensors(query, key, value) if query.shape[0] == 1 else None
+
+
 def for_tensors(*tensors: torch.Tensor) -> ModuleType | None:
     """The kernels module if it takes ``tensors`` (float32 on the CPU, in a forward that records no gradients: the
     kernels have no backward), else None: the caller runs its torch path."""

@@ -26,9 +26,7 @@ def sparse_attention(
     query: (1, heads, Q, d); key/value: (1, kv_heads, M, d); positions: (Q,) ascending.
     Returns (1, Q, heads, d) like transformers' attention functions.
     """
-    if query.shape[0] != 1:
-        return None
-    kernel = kernels.for_tensors(query, key, value)
+    kernel = kernels.for_attention(query, key, value)
     if kernel is None:
         return None
     _, n_heads, q_len, d = query.shape
