@@ -41,6 +41,7 @@ def test_what_the_kernel_cannot_take_goes_to_the_torch_path():
     assert take(query.double(), key.double(), value.double(), 0.3) is None
     assert take(query.expand(2, -1, -1, -1), key.expand(2, -1, -1, -1), value.expand(2, -1, -1, -1), 0.3) is None
     assert take(torch.randn(1, 4, 2, 8), key, value, 0.3) is None  # two rows per head: not a decoding step
+    assert take(query, key[:, :, :0], value[:, :, :0], 0.3) is None  # no keys: left to SDPA (the kernel refuses M = 0)
     strided = torch.randn(1, 2, 10, 16)[..., ::2]  # K rows not contiguous
     assert take(query, strided, value, 0.3) is None and take(query, key, strided, 0.3) is None
     assert take(*(t.to("meta") for t in (query, key, value)), 0.3) is None  # not on the CPU

@@ -16,13 +16,14 @@ def decode_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
 ) -> torch.Tensor | None:
     """Attention of one query position over every key, or None where the kernel does not apply (not built, not
-    float32 on the CPU, a batch of several prompts, K/V rows not contiguous, or a forward that records gradients).
+    float32 on the CPU, a batch of several prompts, no keys, K/V rows not contiguous, or a forward that records
+    gradients).
 
     query: (1, heads, 1, d); key/value: (1, kv_heads, M, d), any head stride. Returns (1, 1, heads, d) like
     transformers' attention functions.
     """
     rows_contiguous = all(t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] for t in (key, value))
-    if query.shape[2] != 1 or not rows_contiguous:
+    if query.shape[2] != 1 or key.shape[2] == 0 or not rows_contiguous:
         return None
     kernel = kernels.for_attention(query, key, value)
     if kernel is None:
