@@ -45,7 +45,7 @@ if [ "$DEV" = 1 ] && ! command -v redis-server >/dev/null; then
   fi
 fi
 # The compiled kernels (attention of the recompute, of full prefill and of a decoding step, linear layers of a few
-# rows), built here once (~90 s) rather than when a model first loads; where they cannot build, this warns and the
+# rows), built here once (~40 s) rather than when a model first loads; where they cannot build, this warns and the
 # engine runs the slower torch paths.
 .venv/bin/python -c 'from infoflow_rag.engine import kernels; kernels.load()'
 echo "infoflow-rag is set up in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -19,9 +19,9 @@ constexpr int64_t kKeyChunk = 256;
 
 // q: (H, G, d), k and v: (H, M, d). Returns softmax(q k^T scale) v per head over all M keys: (H, G, d). Built with
 // -ffast-math, so no infinity is ever formed: maxima start at the lowest float.
-torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
+at::Tensor decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, double scale) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode_attention runs on the CPU");
-  TORCH_CHECK(q.dtype() == torch::kFloat32 && k.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32,
+  TORCH_CHECK(q.dtype() == at::kFloat && k.dtype() == at::kFloat && v.dtype() == at::kFloat,
               "decode_attention takes float32 q, k, v");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
                   q.size(2) == k.size(2) && k.size(1) > 0,
@@ -78,7 +78,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     }
   }
   // Merge the chunks: each weighs by exp(its max - the row's max), so the softmax is over all M keys.
-  auto result = torch::zeros_like(q);
+  auto result = at::zeros_like(q);
   float* rp = result.data_ptr<float>();
   for (int64_t h = 0; h < H; ++h) {
     for (int64_t g = 0; g < G; ++g) {

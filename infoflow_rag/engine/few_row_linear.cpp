@@ -67,11 +67,11 @@ void weight_rows(const float* x, const float* w, float* y, int64_t M, int64_t N,
 
 }  // namespace
 
-torch::Tensor few_row_linear(torch::Tensor x, torch::Tensor weight, std::optional<torch::Tensor> bias) {
+at::Tensor few_row_linear(at::Tensor x, at::Tensor weight, std::optional<at::Tensor> bias) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() && (!bias || bias->device().is_cpu()),
               "few_row_linear runs on the CPU");
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && weight.dtype() == torch::kFloat32 &&
-                  (!bias || bias->dtype() == torch::kFloat32),
+  TORCH_CHECK(x.dtype() == at::kFloat && weight.dtype() == at::kFloat &&
+                  (!bias || bias->dtype() == at::kFloat),
               "few_row_linear takes float32 x, weight and bias");
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
               "few_row_linear takes x (M, K) and weight (N, K); got x ", x.sizes(), " and weight ", weight.sizes());
@@ -80,7 +80,7 @@ torch::Tensor few_row_linear(torch::Tensor x, torch::Tensor weight, std::optiona
   x = x.contiguous();
   weight = weight.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  auto y = torch::empty({M, N}, x.options());
+  auto y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   float* yp = y.data_ptr<float>();

@@ -1,4 +1,6 @@
 // One extension for the compiled kernels; each releases the GIL while it runs.
+#include <torch/extension.h>
+
 #include "kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

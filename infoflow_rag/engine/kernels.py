@@ -4,7 +4,7 @@ through :mod:`.decode_kernel`) and linear layers of a few rows (few_row_linear.c
 kernels.cpp binds them into one extension.
 
 Built from source on first use (the engine's first forward: loading a model prefills its fixed prefix) with
-torch's extension loader (g++ and ninja; ~90 s once per machine, source, Python and torch version, under
+torch's extension loader (g++ and ninja; ~40 s once per machine, source, Python and torch version, under
 ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``). Where it cannot build (no compiler), :func:`load`
 warns once and returns None, and the engine runs the torch paths, with the same results to float rounding.
 """
@@ -31,7 +31,7 @@ SOURCES = [
 # -march=native: the kernels are built on the machine that runs them; -ffast-math lets the compiler vectorize the
 # softmax's max, exp and sum and the linear's dot products (the sources never form an infinity, see their comments).
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
-# A build takes ~90 s. torch's loader waits, without end, on the lock file of a build in progress; a lock this old
+# A build takes ~40 s. torch's loader waits, without end, on the lock file of a build in progress; a lock this old
 # was left by a build that was killed (kill -9), and is removed instead of hanging every later process.
 STALE_LOCK_S = 600
 

@@ -37,16 +37,16 @@ void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const 
 // q: (H, R, d), k and v: (H, M, d), limits: (R,) int64 ascending in 1..M. Returns softmax(q k^T scale) v per head
 // with row r over keys [0, limits[r]): (H, R, d). Built with -ffast-math, so no infinity is ever formed: the
 // running max starts at the lowest float, and a key past a row's limit is zeroed instead of set to -inf.
-torch::Tensor sparse_row_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor limits,
+at::Tensor sparse_row_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor limits,
                                    double scale) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && limits.device().is_cpu(),
               "sparse_row_attention runs on the CPU");
-  TORCH_CHECK(q.dtype() == torch::kFloat32 && k.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32,
+  TORCH_CHECK(q.dtype() == at::kFloat && k.dtype() == at::kFloat && v.dtype() == at::kFloat,
               "sparse_row_attention takes float32 q, k, v");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
                   q.size(2) == k.size(2),
               "sparse_row_attention takes q (H, R, d) and k, v (H, M, d)");
-  TORCH_CHECK(limits.dtype() == torch::kInt64 && limits.dim() == 1 && limits.size(0) == q.size(1),
+  TORCH_CHECK(limits.dtype() == at::kLong && limits.dim() == 1 && limits.size(0) == q.size(1),
               "limits must be int64 (R,)");
   q = q.contiguous();
   k = k.contiguous();
@@ -58,7 +58,7 @@ torch::Tensor sparse_row_attention(torch::Tensor q, torch::Tensor k, torch::Tens
     TORCH_CHECK(lim_all[r] >= 1 && lim_all[r] <= M && (r == 0 || lim_all[r] >= lim_all[r - 1]),
                 "limits must ascend within 1..", M, "; row ", r, " has ", lim_all[r]);
   }
-  auto out = torch::empty_like(q);
+  auto out = at::empty_like(q);
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
