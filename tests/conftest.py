@@ -197,8 +197,9 @@ def compiled_calls_during(monkeypatch: pytest.MonkeyPatch, owner, name: str, run
         monkeypatch.undo()
 
 
-def kernel_calls_during(monkeypatch: pytest.MonkeyPatch, run):
-    """``run()`` with the compiled attention kernel spied on: its result and the query positions of every call."""
+def sparse_kernel_calls_during(monkeypatch: pytest.MonkeyPatch, run):
+    """``run()`` with the sparse-query attention kernel (the recompute's and full prefill's) spied on: its result and
+    the query positions of every call."""
     from infoflow_rag.engine import attention
 
     return compiled_calls_during(

@@ -66,11 +66,15 @@ def _greedy(engine, selector):
     return engine.answer(QUESTION, [p * 4 for p in PASSAGES], selector=selector, ratio=0.3, max_new_tokens=8)
 
 
+def _decoding_step(query, key, value, scale) -> int | None:
+    """The key count of a call the kernel is meant to take (one row per head), else None."""
+    return key.shape[2] if query.shape[2] == 1 else None
+
+
 @pytest.mark.parametrize("selector", ["infoflow", "full"])
 def test_decoding_runs_the_kernel_and_the_torch_path_agrees(engine, monkeypatch, selector):
-    decoding_step = lambda query, key, value, scale: key.shape[2] if query.shape[2] == 1 else None  # noqa: E731
     got, calls = compiled_calls_during(
-        monkeypatch, attention, "decode_attention", lambda: _greedy(engine, selector), decoding_step
+        monkeypatch, attention, "decode_attention", lambda: _greedy(engine, selector), _decoding_step
     )
     steps = got.generated_tokens - 1  # the first token comes from the prompt's forward
     assert steps > 0 and len(calls) == steps * engine.num_layers  # every layer of every step took the kernel

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import PASSAGES, QUESTION, kernel_calls_during, without_attention_kernel
+from conftest import PASSAGES, QUESTION, sparse_kernel_calls_during, without_attention_kernel
 from tiny import tiny_model
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -51,7 +51,7 @@ def test_full_selector_is_the_reference_prefill_on_the_causal_kernel(engine, mon
     # kernel, no masked sparse-query path, the same logits.
     kvs = engine.prefill(PASSAGES)
     n = len(engine.prompt_ids(QUESTION, PASSAGES))
-    prep, calls = kernel_calls_during(monkeypatch, lambda: engine.prepare(QUESTION, kvs, selector="full"))
+    prep, calls = sparse_kernel_calls_during(monkeypatch, lambda: engine.prepare(QUESTION, kvs, selector="full"))
     assert calls == [list(range(n))] * engine.num_layers
     _, reference = engine.full_prefill_answer(QUESTION, PASSAGES, max_new_tokens=1)
     assert torch.equal(prep.out.logits, reference)
@@ -67,7 +67,7 @@ def test_full_prefill_reference_runs_the_causal_kernel(engine, monkeypatch, path
 
     ids = engine.prompt_ids(QUESTION, PASSAGES)
     if path == "kernel":
-        out, calls = kernel_calls_during(monkeypatch, lambda: full_prefill(engine.model, ids))
+        out, calls = sparse_kernel_calls_during(monkeypatch, lambda: full_prefill(engine.model, ids))
         assert calls == [list(range(len(ids)))] * engine.num_layers
     else:
         without_attention_kernel(monkeypatch)
@@ -339,7 +339,7 @@ def test_sparse_recompute_attention_equals_one_full_mask_call(engine, monkeypatc
     start = prep.layout.length - len(fresh)
     args = (engine.model, prep.placed, prep.chosen, fresh.token_ids, start + torch.arange(len(fresh)))
     if path == "kernel":
-        sparse, calls = kernel_calls_during(monkeypatch, lambda: recompute.recompute(*args).logits)
+        sparse, calls = sparse_kernel_calls_during(monkeypatch, lambda: recompute.recompute(*args).logits)
         assert len(calls) == engine.num_layers
     else:
         without_attention_kernel(monkeypatch)

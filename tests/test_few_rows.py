@@ -46,7 +46,7 @@ def test_kernel_refuses_bad_shapes():
     kernel = kernels.load()
     with pytest.raises(RuntimeError, match=r"takes x \(M, K\) and weight \(N, K\); got x \[3, 5\] and weight \[4, 6\]"):
         kernel.few_row_linear(torch.randn(3, 5), torch.randn(4, 6), None)
-    with pytest.raises(RuntimeError, match=r"bias must be \(N,\) = \(4,\)"):
+    with pytest.raises(RuntimeError, match=r"bias must be \(N,\) = \(4,\); got \[5\]"):
         kernel.few_row_linear(torch.randn(3, 6), torch.randn(4, 6), torch.randn(5))
     with pytest.raises(RuntimeError, match="runs on the CPU"):
         kernel.few_row_linear(torch.randn(3, 6).to("meta"), torch.randn(4, 6), None)

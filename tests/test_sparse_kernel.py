@@ -3,7 +3,7 @@ path where it does not build."""
 
 import pytest
 import torch
-from conftest import PASSAGES, QUESTION, kernel_calls_during, without_attention_kernel
+from conftest import PASSAGES, QUESTION, sparse_kernel_calls_during, without_attention_kernel
 
 from infoflow_rag.engine import kernels, sparse_kernel
 from infoflow_rag.engine.attention import masked_sdpa
@@ -53,13 +53,17 @@ def test_kernel_leaves_what_it_cannot_take_to_the_torch_path():
     assert sparse_kernel.sparse_attention(query, key, value, positions, 0.3) is not None
 
 
-def test_kernel_refuses_limits_out_of_order():
+def test_kernel_refuses_bad_limits_and_tensors_naming_them():
     kernel = kernels.load()
     q, k = torch.randn(1, 3, 8), torch.randn(1, 10, 8)
     with pytest.raises(RuntimeError, match="limits must ascend within 1..10; row 2 has 4"):
         kernel.sparse_row_attention(q, k, k, torch.tensor([3, 5, 4]), 0.3)
     with pytest.raises(RuntimeError, match="row 2 has 11"):
         kernel.sparse_row_attention(q, k, k, torch.tensor([3, 5, 11]), 0.3)
+    with pytest.raises(RuntimeError, match=r"limits must be int64 \(R,\) = \(3,\) on the CPU; got Long \[2\]"):
+        kernel.sparse_row_attention(q, k, k, torch.tensor([3, 5]), 0.3)
+    with pytest.raises(RuntimeError, match="takes float32 tensors; got Double"):
+        kernel.sparse_row_attention(q.double(), k, k, torch.tensor([3, 5, 9]), 0.3)
     with pytest.raises(RuntimeError, match="runs on the CPU"):
         kernel.sparse_row_attention(q.to("meta"), k, k, torch.tensor([3, 5, 9]), 0.3)
 
@@ -71,7 +75,7 @@ def _recompute_logits(engine, selector):
 
 @pytest.mark.parametrize("selector", ["infoflow", "epic"])
 def test_recompute_runs_the_kernel_and_the_torch_path_agrees(engine, monkeypatch, selector):
-    kernel, calls = kernel_calls_during(monkeypatch, lambda: _recompute_logits(engine, selector))
+    kernel, calls = sparse_kernel_calls_during(monkeypatch, lambda: _recompute_logits(engine, selector))
     assert len(calls) == engine.num_layers  # every layer's recompute attention went to the kernel
     without_attention_kernel(monkeypatch)
     torch_path = _recompute_logits(engine, selector)

@@ -20,9 +20,7 @@ constexpr int64_t kKeyChunk = 256;
 // q: (H, G, d), k and v: (H, M, d). Returns softmax(q k^T scale) v per head over all M keys: (H, G, d). Built with
 // -ffast-math, so no infinity is ever formed: maxima start at the lowest float.
 at::Tensor decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, double scale) {
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode_attention runs on the CPU");
-  TORCH_CHECK(q.dtype() == at::kFloat && k.dtype() == at::kFloat && v.dtype() == at::kFloat,
-              "decode_attention takes float32 q, k, v");
+  check_cpu_float32("decode_attention", {q, k, v});
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
                   q.size(2) == k.size(2) && k.size(1) > 0,
               "decode_attention takes q (H, G, d) and k, v (H, M, d) with M > 0; got q ", q.sizes(), ", k ",

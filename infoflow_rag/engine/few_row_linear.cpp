@@ -68,15 +68,12 @@ void weight_rows(const float* x, const float* w, float* y, int64_t M, int64_t N,
 }  // namespace
 
 at::Tensor few_row_linear(at::Tensor x, at::Tensor weight, std::optional<at::Tensor> bias) {
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() && (!bias || bias->device().is_cpu()),
-              "few_row_linear runs on the CPU");
-  TORCH_CHECK(x.dtype() == at::kFloat && weight.dtype() == at::kFloat &&
-                  (!bias || bias->dtype() == at::kFloat),
-              "few_row_linear takes float32 x, weight and bias");
+  check_cpu_float32("few_row_linear", {x, weight});
+  if (bias) check_cpu_float32("few_row_linear", {*bias});
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
               "few_row_linear takes x (M, K) and weight (N, K); got x ", x.sizes(), " and weight ", weight.sizes());
   TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == weight.size(0)), "bias must be (N,) = (",
-              weight.size(0), ",)");
+              weight.size(0), ",); got ", bias ? bias->sizes() : at::IntArrayRef{});
   x = x.contiguous();
   weight = weight.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);

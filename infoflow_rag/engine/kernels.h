@@ -8,7 +8,17 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <optional>
+
+// Refuses, naming the kernel and the value, a tensor that is not float32 on the CPU: the Python wrappers send the
+// kernels nothing else (kernels.for_tensors), so this guards direct calls.
+inline void check_cpu_float32(const char* kernel, std::initializer_list<at::Tensor> tensors) {
+  for (const at::Tensor& t : tensors) {
+    TORCH_CHECK(t.device().is_cpu(), kernel, " runs on the CPU; got a tensor on ", t.device());
+    TORCH_CHECK(t.scalar_type() == at::kFloat, kernel, " takes float32 tensors; got ", t.scalar_type());
+  }
+}
 
 // exp(x) for x <= 0 in plain arithmetic the compiler vectorizes: x = n ln2 + r, exp(x) = 2^n p(r), with Cephes'
 // expf polynomial (~1e-7 relative). Clamped at -87 so 2^n stays a normal float.
@@ -30,8 +40,7 @@ inline float exp_nonpositive(float x) {
 }
 
 // sparse_kernel.cpp: q (H, R, d), k and v (H, M, d), limits (R,) ascending; row r attends to keys [0, limits[r]).
-at::Tensor sparse_row_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor limits,
-                                   double scale);
+at::Tensor sparse_row_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor limits, double scale);
 
 // decode_attention.cpp: q (H, G, d), k and v (H, M, d) with contiguous rows; every row attends to all M keys.
 at::Tensor decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, double scale);

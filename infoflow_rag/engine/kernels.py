@@ -110,7 +110,7 @@ def load() -> ModuleType | None:
                 warnings.warn(
                     f"the compiled kernels did not build ({type(exc).__name__}: {str(exc)[:300]}); "
                     "attention and linear layers fall back to the slower torch paths (same results to float rounding). "
-                    "Install g++ and ninja to build it.",
+                    "Install g++ and ninja to build them.",
                     RuntimeWarning,
                     stacklevel=2,
                 )

@@ -37,17 +37,16 @@ void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const 
 // q: (H, R, d), k and v: (H, M, d), limits: (R,) int64 ascending in 1..M. Returns softmax(q k^T scale) v per head
 // with row r over keys [0, limits[r]): (H, R, d). Built with -ffast-math, so no infinity is ever formed: the
 // running max starts at the lowest float, and a key past a row's limit is zeroed instead of set to -inf.
-at::Tensor sparse_row_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor limits,
-                                   double scale) {
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && limits.device().is_cpu(),
-              "sparse_row_attention runs on the CPU");
-  TORCH_CHECK(q.dtype() == at::kFloat && k.dtype() == at::kFloat && v.dtype() == at::kFloat,
-              "sparse_row_attention takes float32 q, k, v");
+at::Tensor sparse_row_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor limits, double scale) {
+  check_cpu_float32("sparse_row_attention", {q, k, v});
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
                   q.size(2) == k.size(2),
-              "sparse_row_attention takes q (H, R, d) and k, v (H, M, d)");
-  TORCH_CHECK(limits.dtype() == at::kLong && limits.dim() == 1 && limits.size(0) == q.size(1),
-              "limits must be int64 (R,)");
+              "sparse_row_attention takes q (H, R, d) and k, v (H, M, d); got q ", q.sizes(), ", k ", k.sizes(),
+              ", v ", v.sizes());
+  TORCH_CHECK(limits.device().is_cpu() && limits.scalar_type() == at::kLong && limits.dim() == 1 &&
+                  limits.size(0) == q.size(1),
+              "limits must be int64 (R,) = (", q.size(1), ",) on the CPU; got ", limits.scalar_type(), " ",
+              limits.sizes(), " on ", limits.device());
   q = q.contiguous();
   k = k.contiguous();
   v = v.contiguous();
