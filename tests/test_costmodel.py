@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import without_attention_kernel
 from tiny import tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import DynamicCache
@@ -58,8 +59,10 @@ def test_infoflow_scoring_costs_what_torch_counts(engine, monkeypatch):
     from infoflow_rag.engine import few_rows
     from infoflow_rag.engine.scoring import attention_scores
 
-    # The counter sees torch's ops only: the question's few rows go through F.linear, not the compiled kernel.
+    # The counter sees torch's ops only: the question's few rows go through F.linear and the matmuls, not the
+    # compiled kernels.
     monkeypatch.setattr(few_rows, "few_row_linear", lambda *args: None)
+    without_attention_kernel(monkeypatch)
 
     model, shape = engine.model, ModelShape.of(engine.model.config)
     n_context, n_queries, layers = 300, 12, [1, 2]

@@ -7,7 +7,7 @@ from tiny import tiny_model
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from infoflow_rag.engine import Engine
+from infoflow_rag.engine import Engine, attention
 from infoflow_rag.engine.attention import grouped_attention, merge_attention
 from infoflow_rag.engine.cache import position_mask
 from infoflow_rag.engine.check import rotation_error
@@ -162,12 +162,17 @@ def test_infoflow_scores_follow_the_question(engine):
     assert a != b
 
 
-def test_grouped_attention_matches_a_hand_computation_and_sdpa():
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
+def test_grouped_attention_matches_a_hand_computation_and_sdpa(monkeypatch, kernel):
+    if not kernel:
+        without_attention_kernel(monkeypatch)
     torch.manual_seed(0)
     query, key, value = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)  # GQA: 4 on 2
     mask = torch.zeros(1, 1, 3, 5).masked_fill_(torch.rand(1, 1, 3, 5) < 0.3, torch.finfo(torch.float32).min)
     logits = query @ key.repeat_interleave(2, dim=1).transpose(-1, -2) * 0.5 + mask
     probs = logits.softmax(-1)[0, :, :, :4]  # (h, q, 4)
+    ran = attention.question_attention(query, key, value, mask, 0.5, 4) is not None
+    assert ran == kernel  # the path under test is the one that runs
     out, mean = grouped_attention(query, key, value, mask, 0.5, n_keys=4)
     assert torch.allclose(mean, probs.mean(0).pow(2).sum(0).sqrt())
     sdpa = torch.nn.functional.scaled_dot_product_attention(query, key, value, mask, scale=0.5, enable_gqa=True)

@@ -3,8 +3,9 @@
 Inside :func:`capture` (scoring passes), it accumulates the question's attention norm on the scoring layers and
 stops the forward once the last layer needed is done. Inside :func:`sparse_queries` (the recompute), and for a
 causal forward with nothing cached (full prefill), it runs the compiled kernel (:mod:`.sparse_kernel`) or, where
-that did not build, the torch paths: :func:`chunked_attention` and SDPA's causal kernel. A decoding step runs its
-own kernel (:mod:`.decode_kernel`), or SDPA. Anything else (passage prefill under an explicit mask, teacher
+that did not build, the torch paths: :func:`chunked_attention` and SDPA's causal kernel. A decoding step and a
+question's rows in a scoring pass run a kernel for a few rows (:mod:`.few_row_attention`), or SDPA and
+:func:`grouped_attention`'s matmuls. Anything else (passage prefill under an explicit mask, teacher
 forcing) runs SDPA.
 """
 
@@ -20,7 +21,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from .decode_kernel import decode_attention
+from .few_row_attention import decode_attention, question_attention
 from .sparse_kernel import sparse_attention
 
 ATTN_IMPLEMENTATION = "infoflow"
@@ -188,8 +189,9 @@ def grouped_attention(
     n_keys: int = 0,
     heads: str = "mean",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Attention of a few query rows as two plain matmuls, grouped K/V heads read in place; with ``n_keys``,
-    also the attention norm of the first ``n_keys`` keys from the same probabilities (InfoFlow's score):
+    """Attention of a few query rows on the compiled kernel (:mod:`.few_row_attention`), or where it does not apply
+    as two plain matmuls, grouped K/V heads read in place; with ``n_keys``, also the attention norm of the first
+    ``n_keys`` keys from the same probabilities (InfoFlow's score):
     s[k] = || mean_heads softmax(QK^T * scaling + mask)[:, k] ||_2 over query rows, or with ``heads="max"``
     the max over heads of each head's || softmax(...)[:, k] ||_2.
 
@@ -202,10 +204,16 @@ def grouped_attention(
     b, n_heads, q_len, d = query.shape
     if n_keys and b != 1:  # a scoring forward is one prompt; scores over a batch would mix prompts
         raise ValueError(f"attention scores need a batch of 1 prompt, got {b}; score each prompt alone")
+    sq = torch.zeros(n_heads if heads == "max" else 1, n_keys) if n_keys else None
+    on_kernel = question_attention(query, key, value, mask, scaling, n_keys) if q_len <= QUERY_CHUNK else None
+    if on_kernel is not None:
+        output, probs = on_kernel  # probs: (kv_heads, group, q, n_keys)
+        if sq is not None:
+            _add_squared_norms(sq, probs.reshape(n_heads, q_len, n_keys), heads)
+        return output, None if sq is None else sq.sqrt().max(dim=0).values
     kv_heads, n_k = key.shape[1], key.shape[2]
     group = n_heads // kv_heads  # query heads g*group .. g*group+group-1 read K/V head g (transformers' repeat_kv)
     out = None if value is None else query.new_empty(b, kv_heads, group, q_len, d)
-    sq = torch.zeros(n_heads if heads == "max" else 1, n_keys) if n_keys else None
     for start in range(0, q_len, QUERY_CHUNK):
         stop = min(start + QUERY_CHUNK, q_len)
         rows = stop - start
@@ -216,12 +224,17 @@ def grouped_attention(
                 b, kv_heads, group, rows, d
             )
         if sq is not None:
-            per_head = probs[0, ..., :n_keys].reshape(n_heads, rows, n_keys).float()
-            if heads == "mean":
-                per_head = per_head.mean(dim=0, keepdim=True)  # (1, rows, n_keys)
-            sq += per_head.pow(2).sum(dim=1)
+            _add_squared_norms(sq, probs[0, ..., :n_keys].reshape(n_heads, rows, n_keys).float(), heads)
     output = None if out is None else out.view(b, n_heads, q_len, d).transpose(1, 2)
     return output, None if sq is None else sq.sqrt().max(dim=0).values
+
+
+def _add_squared_norms(sq: torch.Tensor, per_head: torch.Tensor, heads: str) -> None:
+    """sq (1 or heads, n_keys) += the squared norm over query rows of per_head (heads, rows, n_keys), its heads
+    averaged first for ``heads="mean"``."""
+    if heads == "mean":
+        per_head = per_head.mean(dim=0, keepdim=True)  # (1, rows, n_keys)
+    sq += per_head.pow(2).sum(dim=1)
 
 
 def infoflow_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <initializer_list>
 #include <optional>
+#include <vector>
 
 // Refuses, naming the kernel and the value, a tensor that is not float32 on the CPU: the Python wrappers send the
 // kernels nothing else (kernels.for_tensors), so this guards direct calls.
@@ -18,6 +19,19 @@ inline void check_cpu_float32(const char* kernel, std::initializer_list<at::Tens
     TORCH_CHECK(t.device().is_cpu(), kernel, " runs on the CPU; got a tensor on ", t.device());
     TORCH_CHECK(t.scalar_type() == at::kFloat, kernel, " takes float32 tensors; got ", t.scalar_type());
   }
+}
+
+// MKL's BLAS, which libtorch_cpu carries and exports.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc);
+
+// Column-major sgemm: C = alpha op(A) op(B) + beta C. Inside an OpenMP parallel region MKL runs it on the calling
+// thread alone (unless nested parallelism is turned on, e.g. OMP_MAX_ACTIVE_LEVELS > 1).
+inline void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                 const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  const int im = m, in = n, ik = k, ilda = lda, ildb = ldb, ildc = ldc;
+  sgemm_(&ta, &tb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
 }
 
 // exp(x) for x <= 0 in plain arithmetic the compiler vectorizes: x = n ln2 + r, exp(x) = 2^n p(r), with Cephes'
@@ -42,8 +56,11 @@ inline float exp_nonpositive(float x) {
 // sparse_kernel.cpp: q (H, R, d), k and v (H, M, d), limits (R,) ascending; row r attends to keys [0, limits[r]).
 at::Tensor sparse_row_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor limits, double scale);
 
-// decode_attention.cpp: q (H, G, d), k and v (H, M, d) with contiguous rows; every row attends to all M keys.
-at::Tensor decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, double scale);
+// few_row_attention.cpp: q (H, G, d), k and v (H, M, d) with contiguous rows; every row attends to all M keys under
+// an optional additive mask (R, M), row g reading mask row g % R. Returns the output (H, G, d), empty without v, and
+// the softmax probabilities of the first n_probs keys (H, G, n_probs), empty for n_probs = 0.
+std::vector<at::Tensor> few_row_attention(at::Tensor q, at::Tensor k, std::optional<at::Tensor> v,
+                                          std::optional<at::Tensor> mask, double scale, int64_t n_probs);
 
 // few_row_linear.cpp: x (M, K) times weight (N, K) transposed, plus bias (N,): (M, N), for a few rows M.
 at::Tensor few_row_linear(at::Tensor x, at::Tensor weight, std::optional<at::Tensor> bias);

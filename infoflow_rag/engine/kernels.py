@@ -1,6 +1,7 @@
 """The compiled kernels (C++, built where they run): the attention of position-sorted queries over their key
-prefixes (sparse_kernel.cpp, used through :mod:`.sparse_kernel`), a decoding step's attention (decode_attention.cpp,
-through :mod:`.decode_kernel`) and linear layers of a few rows (few_row_linear.cpp, through :mod:`.few_rows`);
+prefixes (sparse_kernel.cpp, used through :mod:`.sparse_kernel`), the attention of a few rows over a whole cache (a
+decoding step, a question's scoring pass: few_row_attention.cpp, through :mod:`.few_row_attention`) and linear layers
+of a few rows (few_row_linear.cpp, through :mod:`.few_rows`);
 kernels.cpp binds them into one extension.
 
 Built from source on first use (the engine's first forward: loading a model prefills its fixed prefix) with
@@ -26,7 +27,7 @@ import torch
 
 SOURCES = [
     Path(__file__).with_name(name)
-    for name in ("kernels.cpp", "sparse_kernel.cpp", "decode_attention.cpp", "few_row_linear.cpp")
+    for name in ("kernels.cpp", "sparse_kernel.cpp", "few_row_attention.cpp", "few_row_linear.cpp")
 ]
 # -march=native: the kernels are built on the machine that runs them; -ffast-math lets the compiler vectorize the
 # softmax's max, exp and sum and the linear's dot products (the sources never form an infinity, see their comments).
@@ -118,9 +119,9 @@ def load() -> ModuleType | None:
         return _loaded[0]
 
 
-def for_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> ModuleType | None:
+def for_attention(query: torch.Tensor, *tensors: torch.Tensor) -> ModuleType | None:
     """:func:`for_tensors` for an attention call: the attention kernels take one prompt (a batch of 1) at a time."""
-    return for_tensors(query, key, value) if query.shape[0] == 1 else None
+    return for_tensors(query, *tensors) if query.shape[0] == 1 else None
 
 
 def for_tensors(*tensors: torch.Tensor) -> ModuleType | None:

@@ -13,24 +13,12 @@
 #include <limits>
 #include <vector>
 
-// MKL's BLAS, which libtorch_cpu carries and exports.
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                       const float* beta, float* c, const int* ldc);
-
 namespace {
 
 // Rows per block and keys per block: on one SmolLM2 layer at InfoFlow's 4K picks (1953 folded rows), 64-256 x
 // 256-1024 all ran within the run-to-run noise of 128 x 512, the sizes torch's flash kernel uses for long inputs.
 constexpr int64_t kRowBlock = 128;
 constexpr int64_t kKeyBlock = 512;
-
-// Column-major sgemm: C = alpha op(A) op(B) + beta C.
-void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  const int im = m, in = n, ik = k, ilda = lda, ildb = ldb, ildc = ldc;
-  sgemm_(&ta, &tb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
-}
 
 }  // namespace
 
