@@ -142,7 +142,7 @@ class Question:
         """Teacher-forced fidelity of the stale cache with full's entries at ``patch_tokens`` (indices into the
         placed tokens) on ``patch_layers``, after recomputing ``selected`` (indices into the placed tokens)."""
         keys, values = self.patched(patch_tokens, patch_layers)
-        mixed = dataclasses.replace(self.placed, prompt_keys=keys, prompt_values=values)
+        mixed = dataclasses.replace(self.placed, key_buffer=keys, value_buffer=values, room=0)
         model = self.engine.model
         result = recompute.recompute(model, mixed, selected, *query.fresh_inputs(self.layout))
         logits = recompute.teacher_force(model, result, torch.tensor(self.ref.answer_ids))  # (m+1, vocab)
@@ -158,8 +158,9 @@ class Question:
             self.placed,
             keys=self.fresh_k[:, :, pos],
             values=self.fresh_v[:, :, pos],
-            prompt_keys=self.fresh_k.clone(),
-            prompt_values=self.fresh_v.clone(),
+            key_buffer=self.fresh_k.clone(),
+            value_buffer=self.fresh_v.clone(),
+            room=0,
         )
 
 

@@ -75,3 +75,21 @@ def test_decoding_on_the_appending_cache_equals_decoding_on_concatenation(engine
     want = engine.answer("Where do rivers run?", passages, max_new_tokens=12, **options)
     assert got.generated_tokens > 1
     assert got.answer_ids == want.answer_ids
+
+
+def test_an_answer_decodes_into_the_room_after_its_placed_prompt(engine):
+    passages = ["The owl sleeps by day. " * 6, "Rivers run to the sea. " * 5]
+    options = {"selector": "infoflow", "ratio": 0.3}
+    prep = engine.prepare("Where do rivers run?", passages, max_new_tokens=12, **options)
+    prompt_entries, room = prep.placed.prompt_keys.shape[2], prep.placed.room
+    got = engine.decode(prep, max_new_tokens=12)
+    assert room == 12 and got.generated_tokens > 2
+    buffers = zip(prep.out.cache.layers, prep.placed.key_buffer, prep.placed.value_buffer, strict=True)
+    for layer, keys, values in buffers:
+        # The cache is still the placed buffers, the answer's K/V appended in their room: no copy of the prompt's.
+        assert layer.keys.data_ptr() == keys.data_ptr() and layer.values.data_ptr() == values.data_ptr()
+        assert prompt_entries < layer.keys.shape[2] <= prompt_entries + room
+    # Without room (max_new_tokens not given to prepare), the first append copies the cache; the same answer.
+    bare = engine.prepare("Where do rivers run?", passages, **options)
+    assert bare.placed.room == 0
+    assert engine.decode(bare, max_new_tokens=12).answer_ids == got.answer_ids

@@ -39,6 +39,16 @@ def test_kernel_equals_masked_sdpa(heads, kv_heads, d, queries, keys):
     assert (out - exact).abs().max() <= max(2 * torch_error, 1e-6)
 
 
+def test_kernel_reads_heads_inside_a_buffer_with_room():
+    # The recompute's K/V heads are views into the placed buffers, which keep room for the answer after each head.
+    torch.manual_seed(0)
+    query, buffer = torch.randn(1, 6, 20, 16), torch.randn(2, 1, 2, 300 + 37, 16)
+    key, value = buffer[0, :, :, :300], buffer[1, :, :, :300]
+    positions = torch.randperm(300)[:20].sort().values
+    out = sparse_kernel.sparse_attention(query, key, value, positions, 0.3)
+    assert torch.equal(out, sparse_kernel.sparse_attention(query, key.contiguous(), value.contiguous(), positions, 0.3))
+
+
 def test_kernel_leaves_what_it_cannot_take_to_the_torch_path():
     query, key, value = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
     positions = torch.tensor([2, 5, 9])

@@ -44,8 +44,9 @@ class AppendingLayer(DynamicLayer):
     buffer grows by a quarter, so each entry is copied a bounded number of times however long decoding runs.
 
     Whatever sets ``keys``/``values`` from outside keeps working: a shorter view of the buffer (``truncate``) is
-    appended after, overwriting what it cut; a tensor of its own (compression's eviction, the recompute's placed
-    buffers) is copied into a new buffer on the next append and never written to.
+    appended after, overwriting what it cut; a tensor of its own (compression's eviction) is copied into a new
+    buffer on the next append and never written to. The recompute's layers start with the placed buffers as
+    theirs (:class:`SlottedLayer`), so an answer appends after its prompt's entries without a copy.
     """
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -74,12 +75,15 @@ def _appended(entries: torch.Tensor, room: torch.Tensor | None, new: torch.Tenso
 
 class SlottedLayer(AppendingLayer):
     """A cache layer in prompt order whose next forward writes its inputs' K/V into reserved slots instead of
-    appending them: the recompute's keys stay sorted by position, so a query's visible keys are a prefix."""
+    appending them: the recompute's keys stay sorted by position, so a query's visible keys are a prefix. Later
+    forwards append into the ``room`` entries after the prompt's, then into a new buffer."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, room: int = 0):
         super().__init__()
         self.lazy_initialization(keys, values)
-        self.keys, self.values, self.slots = keys, values, slots
+        entries = keys.shape[-2] - room
+        self.keys, self.values, self.slots = keys[..., :entries, :], values[..., :entries, :], slots
+        self._key_room, self._value_room = keys, values
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self.slots is None:  # later forwards (decoding, teacher forcing) append
@@ -90,12 +94,13 @@ class SlottedLayer(AppendingLayer):
         return self.keys, self.values
 
 
-def slotted_cache(keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> DynamicCache:
-    """keys/values (layers, kv_heads, M, head_dim), written to in place; slots (Q,): entries the next forward
-    fills with its inputs, in input order."""
+def slotted_cache(keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, room: int = 0) -> DynamicCache:
+    """keys/values (layers, kv_heads, M + room, head_dim), written to in place: the cache is their first M entries,
+    the room is where later forwards append; slots (Q,): entries the next forward fills with its inputs, in input
+    order."""
     cache = DynamicCache()
     for k, v in zip(keys[:, None].unbind(0), values[:, None].unbind(0), strict=True):
-        cache.layers.append(SlottedLayer(k, v, slots))
+        cache.layers.append(SlottedLayer(k, v, slots, room))
     return cache
 
 

@@ -258,7 +258,8 @@ class Engine:
     ) -> Prepared:
         """Everything up to the first token's logits: place, [reorder], score, select, recompute.
 
-        ``max_new_tokens`` is only checked against the context window here; ``overrides`` as for :meth:`answer`.
+        ``max_new_tokens`` is checked against the context window, and the cache keeps room for that many tokens'
+        K/V after the prompt's (decoding past it copies the cache once); ``overrides`` as for :meth:`answer`.
         """
         t0 = time.perf_counter()
         options = _only_options(options, overrides)

@@ -111,10 +111,12 @@ class Layout:
 class PlacedContext:
     """Every cached token (prefix first), keys rotated into one geometry, in prompt order.
 
-    ``keys``/``values`` are views into ``prompt_keys``/``prompt_values``, buffers with one entry per prompt
-    position, where the fresh positions are zeros: the recompute's cache is that buffer, its forward fills
-    the fresh and selected entries in place, so the placed keys are read, never copied, on the way to the
-    first token. ``keys``/``values`` hold the cached entries only (a copy when fresh text sits between them).
+    ``keys``/``values`` are views into ``prompt_keys``/``prompt_values``, one entry per prompt position, where
+    the fresh positions are zeros: the recompute's cache is that buffer, its forward fills the fresh and
+    selected entries in place, so the placed keys are read, never copied, on the way to the first token, and
+    decoding appends the answer's K/V into the ``room`` after them, so the buffer stays the one copy of the
+    cache while the answer decodes. ``keys``/``values`` hold the cached entries only (a copy when fresh text
+    sits between them).
     """
 
     keys: torch.Tensor  # (layers, kv_heads, N, head_dim)
@@ -125,8 +127,19 @@ class PlacedContext:
     spans: list[tuple[int, int, int]]  # (passage index, start, end) ranges into N, cached passages only
     query_positions: torch.Tensor  # (q,) where the scoring question sits in this geometry
     prefix_len: int  # the first prefix_len tokens are the fixed prefix
-    prompt_keys: torch.Tensor  # (layers, kv_heads, M, head_dim), M = prompt length, entry j at position j
-    prompt_values: torch.Tensor  # (layers, kv_heads, M, head_dim)
+    key_buffer: torch.Tensor  # (layers, kv_heads, M + room, head_dim), M = prompt length: entry j at position j
+    value_buffer: torch.Tensor  # (layers, kv_heads, M + room, head_dim)
+    room: int = 0  # entries after the prompt's in each buffer, for the answer's K/V
+
+    @property
+    def prompt_keys(self) -> torch.Tensor:
+        """(layers, kv_heads, M, head_dim): the buffer's prompt entries, entry j at position j."""
+        return self.key_buffer[:, :, : self.key_buffer.shape[2] - self.room]
+
+    @property
+    def prompt_values(self) -> torch.Tensor:
+        """(layers, kv_heads, M, head_dim)"""
+        return self.value_buffer[:, :, : self.value_buffer.shape[2] - self.room]
 
     @property
     def n_passage_tokens(self) -> int:
@@ -138,15 +151,19 @@ class PlacedContext:
         return int(self.positions[-1]) == self.positions.numel() - 1
 
 
-def place(layout: Layout, inv_freq: torch.Tensor, dtype: torch.dtype, geometry: str = "global") -> PlacedContext:
-    """Lay the cached segments into prompt-order buffers, rotating each one's keys into ``geometry``."""
+def place(
+    layout: Layout, inv_freq: torch.Tensor, dtype: torch.dtype, geometry: str = "global", room: int = 0
+) -> PlacedContext:
+    """Lay the cached segments into prompt-order buffers, rotating each one's keys into ``geometry``, with ``room``
+    entries left after the prompt's for the K/V decoding appends (its max_new_tokens)."""
     if geometry not in GEOMETRIES:
         raise ValueError(f"unknown geometry {geometry!r}; choose one of {', '.join(GEOMETRIES)}")
     p = layout.prefix_len
     context_end = layout.length - sum(len(s) for s in layout.segments if s.kv is None)
     layers, kv_heads, _, head_dim = layout.prefix.keys.shape
-    prompt_keys = torch.empty(layers, kv_heads, layout.length, head_dim, dtype=dtype)
-    prompt_values = torch.empty_like(prompt_keys)
+    key_buffer = torch.empty(layers, kv_heads, layout.length + room, head_dim, dtype=dtype)
+    value_buffer = torch.empty_like(key_buffer)
+    prompt_keys, prompt_values = key_buffer[:, :, : layout.length], value_buffer[:, :, : layout.length]
     ids, positions, candidate, spans = [], [], [], []
 
     def add(kv: PassageKV, start: int, key_start: int, can_select: bool) -> None:
@@ -195,6 +212,7 @@ def place(layout: Layout, inv_freq: torch.Tensor, dtype: torch.dtype, geometry: 
         spans=spans,
         query_positions=query_positions,
         prefix_len=p,
-        prompt_keys=prompt_keys,
-        prompt_values=prompt_values,
+        key_buffer=key_buffer,
+        value_buffer=value_buffer,
+        room=room,
     )

@@ -81,7 +81,7 @@ def run(
     policy.check(PromptMap.from_layout(layout))
 
     t = time.perf_counter()
-    placed = place(layout, engine.inv_freq, engine.model.dtype, "global")
+    placed = place(layout, engine.inv_freq, engine.model.dtype, "global", room=max_new_tokens)
     timings.place = time.perf_counter() - t
     # Scoring may use an ablation geometry; the recompute always runs in the global one.
     geometry = options.geometry

@@ -46,8 +46,9 @@ def recompute(
     if int(in_pos.max()) + 1 != length or length != placed.prompt_keys.shape[2]:
         raise RuntimeError(f"the placed and fresh tokens do not tile prompt positions 0..{length - 1}")
     positions = torch.arange(length)
-    # The placed prompt-order buffers become the cache: the forward overwrites the input entries in place.
-    cache = slotted_cache(placed.prompt_keys, placed.prompt_values, in_pos)  # (L, kv_heads, M, d)
+    # The placed prompt-order buffers become the cache: the forward overwrites the input entries in place, and
+    # decoding appends into their room.
+    cache = slotted_cache(placed.key_buffer, placed.value_buffer, in_pos, placed.room)  # (L, kv_heads, M + room, d)
     with sparse_queries(SparseQueries(in_pos)):
         out = model(
             input_ids=inputs[None],

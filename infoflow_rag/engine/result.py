@@ -40,7 +40,7 @@ class AnswerResult:
     generated_tokens: int
     kv_tokens: int = 0  # prompt entries in the cache the answer decoded from (after compression, if it ran)
     kv_bytes: int = 0  # peak KV cache bytes while decoding: its entries after the last token (the buffer they are
-    # appended into keeps up to a quarter more as room, engine/cache.py)
+    # appended into keeps room for max_new_tokens entries, or a quarter more once that is full: engine/cache.py)
     answer_ids: list[int] = field(default_factory=list)  # the generated token ids, EOS excluded
 
     @property

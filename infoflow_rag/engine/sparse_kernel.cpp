@@ -36,8 +36,9 @@ at::Tensor sparse_row_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Te
               "limits must be int64 (R,) = (", q.size(1), ",) on the CPU; got ", limits.scalar_type(), " ",
               limits.sizes(), " on ", limits.device());
   q = q.contiguous();
-  k = k.contiguous();
-  v = v.contiguous();
+  // K/V heads may sit anywhere (the recompute's are views into buffers with room for the answer); rows are read whole.
+  if (k.stride(2) != 1 || k.stride(1) != k.size(2)) k = k.contiguous();
+  if (v.stride(2) != 1 || v.stride(1) != v.size(2)) v = v.contiguous();
   limits = limits.contiguous();
   const int64_t H = q.size(0), R = q.size(1), d = q.size(2), M = k.size(1);
   const int64_t* lim_all = limits.data_ptr<int64_t>();
@@ -49,6 +50,7 @@ at::Tensor sparse_row_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Te
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
+  const int64_t k_head = k.stride(0), v_head = v.stride(0);
   float* op = out.data_ptr<float>();
   const int64_t n_blocks = (R + kRowBlock - 1) / kRowBlock, items = H * n_blocks;
   const float lowest = std::numeric_limits<float>::lowest();
@@ -71,7 +73,7 @@ at::Tensor sparse_row_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Te
       for (int64_t c = 0; c < lim[rows - 1]; c += kKeyBlock) {
         const int64_t keys = std::min(kKeyBlock, lim[rows - 1] - c);
         float* s = scores.data();  // (rows, keys) row-major = column-major (keys, rows)
-        gemm('T', 'N', keys, rows, d, static_cast<float>(scale), kp + (h * M + c) * d, d, qb, d, 0.f, s, keys);
+        gemm('T', 'N', keys, rows, d, static_cast<float>(scale), kp + h * k_head + c * d, d, qb, d, 0.f, s, keys);
         for (int64_t i = 0; i < rows; ++i) {
           float* row = s + i * keys;
           const int64_t seen = std::clamp<int64_t>(lim[i] - c, 0, keys);
@@ -92,7 +94,7 @@ at::Tensor sparse_row_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Te
             for (int64_t j = 0; j < d; ++j) orow[j] *= rescale;
           }
         }
-        gemm('N', 'N', d, rows, keys, 1.f, vp + (h * M + c) * d, d, s, keys, 1.f, o, d);
+        gemm('N', 'N', d, rows, keys, 1.f, vp + h * v_head + c * d, d, s, keys, 1.f, o, d);
       }
       for (int64_t i = 0; i < rows; ++i) {
         const float inv = 1.f / row_sum[i];
