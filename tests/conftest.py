@@ -175,7 +175,7 @@ def without_attention_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(attention, "sparse_attention", lambda *args: None)
     monkeypatch.setattr(attention, "decode_attention", lambda *args: None)
-    monkeypatch.setattr(attention, "question_attention", lambda *args: None)
+    monkeypatch.setattr(attention, "few_row_attention", lambda *args: None)
 
 
 def compiled_calls_during(monkeypatch: pytest.MonkeyPatch, owner, name: str, run, describe):

@@ -171,7 +171,7 @@ def test_grouped_attention_matches_a_hand_computation_and_sdpa(monkeypatch, kern
     mask = torch.zeros(1, 1, 3, 5).masked_fill_(torch.rand(1, 1, 3, 5) < 0.3, torch.finfo(torch.float32).min)
     logits = query @ key.repeat_interleave(2, dim=1).transpose(-1, -2) * 0.5 + mask
     probs = logits.softmax(-1)[0, :, :, :4]  # (h, q, 4)
-    ran = attention.question_attention(query, key, value, mask, 0.5, 4) is not None
+    ran = attention.few_row_attention(query, key, value, mask, 0.5, 4) is not None
     assert ran == kernel  # the path under test is the one that runs
     out, mean = grouped_attention(query, key, value, mask, 0.5, n_keys=4)
     assert torch.allclose(mean, probs.mean(0).pow(2).sum(0).sqrt())

@@ -73,7 +73,7 @@ def test_question_rows_equal_float64_attention_and_their_probabilities(heads, kv
     query = torch.randn(1, heads, rows, d) * 3
     key, value = torch.randn(1, kv_heads, keys, d), torch.randn(1, kv_heads, keys, d)
     mask = _scoring_mask(rows, keys, context)
-    got = few_row_attention.question_attention(query, key, value, mask, 0.3, context)
+    got = few_row_attention.few_row_attention(query, key, value, mask, 0.3, context)
     assert got is not None
     out, probs = got
     assert out.shape == (1, rows, heads, d) and probs.shape == (kv_heads, heads // kv_heads, rows, context)
@@ -82,7 +82,7 @@ def test_question_rows_equal_float64_attention_and_their_probabilities(heads, kv
     torch_error = (_probabilities(query, key, 0.3, mask)[..., :context] - exact).abs().max()
     assert (probs.reshape(heads, rows, context) - exact).abs().max() <= max(2 * torch_error, 1e-7)
     # Without values: the same probabilities, no output.
-    alone = few_row_attention.question_attention(query, key, None, mask, 0.3, context)
+    alone = few_row_attention.few_row_attention(query, key, None, mask, 0.3, context)
     assert alone is not None and alone[0] is None and torch.equal(alone[1], probs)
 
 
@@ -92,14 +92,14 @@ def test_the_mask_adds_and_masked_keys_weigh_nothing_even_a_whole_chunk_of_them(
     mask = torch.randn(1, 1, 3, 600)  # any additive mask, not only 0 and the lowest float
     mask[0, 0, 0, 256:512] = MIN  # row 0 sees nothing of the second chunk
     mask[0, 0, 1, 1::2] = MIN  # row 1 every other key
-    out, probs = few_row_attention.question_attention(query[:, :, :2], key, value, mask[:, :, :2], 0.5, 600)
+    out, probs = few_row_attention.few_row_attention(query[:, :, :2], key, value, mask[:, :, :2], 0.5, 600)
     seen = (mask[0, 0, :2] != MIN).repeat(2, 1)  # (heads * rows, keys): folded rows, head-major
     assert (probs.reshape(4, 600)[~seen] == 0).all()
     assert torch.allclose(probs.sum(-1), torch.ones(1, 2, 2))
     assert _within_torch_error(out, query[:, :, :2], key, value, 0.5, mask[:, :, :2])
     # A row that sees no key at all gets a zero output and zero probabilities, not NaN.
     mask[0, 0, 2] = MIN
-    out, probs = few_row_attention.question_attention(query, key, value, mask, 0.5, 600)
+    out, probs = few_row_attention.few_row_attention(query, key, value, mask, 0.5, 600)
     assert (out[0, 2] == 0).all() and (probs[:, :, 2] == 0).all() and out.isfinite().all()
 
 
@@ -118,7 +118,7 @@ def test_what_the_kernel_cannot_take_goes_to_the_torch_path():
     assert take(query, key, value, 0.3) is not None
 
     rows, mask = torch.randn(1, 4, 3, 8), torch.zeros(1, 1, 3, 10)
-    question = few_row_attention.question_attention
+    question = few_row_attention.few_row_attention
     assert question(rows, key, value, mask, 0.3, 10) is not None
     assert question(rows, key, value, mask.expand(2, 1, 3, 10), 0.3, 10) is None  # a mask per prompt of a batch
     assert question(rows, key, value, mask[..., :9], 0.3, 9) is None  # not one mask entry per key
@@ -177,7 +177,7 @@ def test_scoring_runs_the_kernel_on_every_layer_it_needs_and_the_torch_path_agre
     def scores():
         return scoring.attention_scores(engine.model, kv, kv, query_ids, positions, [1, 2])
 
-    got, calls = compiled_calls_during(monkeypatch, attention, "question_attention", scores, _question_rows)
+    got, calls = compiled_calls_during(monkeypatch, attention, "few_row_attention", scores, _question_rows)
     assert calls == [12] * 3  # layers 0, 1 and 2: the forward stops after the last scoring layer
-    monkeypatch.setattr(attention, "question_attention", lambda *args: None)  # as where the kernel did not build
+    monkeypatch.setattr(attention, "few_row_attention", lambda *args: None)  # as where the kernel did not build
     assert torch.allclose(got, scores(), rtol=1e-5, atol=1e-7)

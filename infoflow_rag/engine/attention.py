@@ -21,7 +21,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from .few_row_attention import decode_attention, question_attention
+from .few_row_attention import decode_attention, few_row_attention
 from .sparse_kernel import sparse_attention
 
 ATTN_IMPLEMENTATION = "infoflow"
@@ -205,7 +205,7 @@ def grouped_attention(
     if n_keys and b != 1:  # a scoring forward is one prompt; scores over a batch would mix prompts
         raise ValueError(f"attention scores need a batch of 1 prompt, got {b}; score each prompt alone")
     sq = torch.zeros(n_heads if heads == "max" else 1, n_keys) if n_keys else None
-    on_kernel = question_attention(query, key, value, mask, scaling, n_keys) if q_len <= QUERY_CHUNK else None
+    on_kernel = few_row_attention(query, key, value, mask, scaling, n_keys) if q_len <= QUERY_CHUNK else None
     if on_kernel is not None:
         output, probs = on_kernel  # probs: (kv_heads, group, q, n_keys)
         if sq is not None:

@@ -16,33 +16,22 @@ import torch
 from . import kernels
 
 
-def _rows_contiguous(*tensors: torch.Tensor) -> bool:
-    return all(t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] for t in tensors)
-
-
 def decode_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
 ) -> torch.Tensor | None:
-    """Attention of one query position over every key, or None where the kernel does not apply (not built, not
-    float32 on the CPU, a batch of several prompts, no keys, K/V rows not contiguous, or a forward that records
-    gradients).
+    """A decoding step's attention (one query position over every key): :func:`few_row_attention`'s output, or None
+    where that does not apply or the query has more than one row.
 
     query: (1, heads, 1, d); key/value: (1, kv_heads, M, d), any head stride. Returns (1, 1, heads, d) like
     transformers' attention functions.
     """
-    if query.shape[2] != 1 or key.shape[2] == 0 or not _rows_contiguous(key, value):
+    if query.shape[2] != 1:
         return None
-    kernel = kernels.for_attention(query, key, value)
-    if kernel is None:
-        return None
-    _, n_heads, _, d = query.shape
-    kv_heads = key.shape[1]
-    rows = query[0].reshape(kv_heads, n_heads // kv_heads, d)  # query head g*group + j reads K/V head g
-    out, _ = kernel.few_row_attention(rows, key[0], value[0], None, scaling, 0)  # (kv_heads, group, d)
-    return out.view(1, 1, n_heads, d)
+    got = few_row_attention(query, key, value, None, scaling, 0)
+    return None if got is None else got[0]
 
 
-def question_attention(
+def few_row_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor | None,
@@ -51,7 +40,9 @@ def question_attention(
     n_probs: int,
 ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
     """softmax(QK^T * scaling + mask) V of a few query rows, and the probabilities of the first ``n_probs`` keys; or
-    None where the kernel does not apply (as :func:`decode_attention`, or a mask that is not (1, 1, q, M)).
+    None where the kernel does not apply (not built, not float32 on the CPU, a batch of several prompts, no keys,
+    K/V rows not contiguous, a mask that is not (1, 1, q, M) with contiguous rows, or a forward that records
+    gradients).
 
     query: (1, heads, q, d); key/value: (1, kv_heads, M, d), any head stride, value None where only the probabilities
     are wanted; mask: additive (1, 1, q, M) or None. Returns the output (1, q, heads, d) like transformers' attention
@@ -61,7 +52,7 @@ def question_attention(
     _, n_heads, q_len, d = query.shape
     kv_heads, n_keys = key.shape[1], key.shape[2]
     cache = [key] if value is None else [key, value]
-    if n_keys == 0 or not _rows_contiguous(*cache):
+    if n_keys == 0 or not all(t.stride(-1) == 1 and t.stride(-2) == d for t in cache):
         return None
     if mask is not None and (mask.shape != (1, 1, q_len, n_keys) or mask.stride(-1) != 1):
         return None
