@@ -93,3 +93,5 @@ def test_an_answer_decodes_into_the_room_after_its_placed_prompt(engine):
     bare = engine.prepare("Where do rivers run?", passages, **options)
     assert bare.placed.room == 0
     assert engine.decode(bare, max_new_tokens=12).answer_ids == got.answer_ids
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0 .*got -1"):
+        engine.prepare("Where do rivers run?", passages, max_new_tokens=-1, **options)

@@ -66,7 +66,10 @@ def selector_for(engine: Engine, options: QueryOptions) -> Selector:
 def run(
     engine: Engine, passages: list[Passage], prompt: Prompt, options: QueryOptions, t0: float, max_new_tokens: int
 ) -> Prepared:
-    """Every stage up to the first token's logits, timed."""
+    """Every stage up to the first token's logits, timed; the cache keeps room for ``max_new_tokens`` after the
+    prompt."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0 (0: no room kept for the answer's K/V), got {max_new_tokens}")
     sel = selector_for(engine, options)
     policy = make_policy(options.compress, **options.compress_options)
     timings = StageTimings()
