@@ -44,8 +44,8 @@ if [ "$DEV" = 1 ] && ! command -v redis-server >/dev/null; then
     echo "note: redis-server not found; install it (e.g. sudo apt-get install redis-server) to run the Redis tests" >&2
   fi
 fi
-# The compiled kernels (attention of the recompute, of full prefill and of a decoding step, linear layers of a few
-# rows), built here once (~40 s) rather than when a model first loads; where they cannot build, this warns and the
-# engine runs the slower torch paths.
+# The compiled kernels (attention of the recompute, of full prefill, of a decoding step and of the scoring pass's
+# question, linear layers of a few rows), built here once (~40 s) rather than when a model first loads; where they
+# cannot build, this warns and the engine runs the slower torch paths.
 .venv/bin/python -c 'from infoflow_rag.engine import kernels; kernels.load()'
 echo "infoflow-rag is set up in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

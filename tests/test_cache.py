@@ -42,7 +42,7 @@ def test_truncate_then_append_overwrites_what_was_cut():
 
 
 def test_a_tensor_set_from_outside_is_copied_never_written():
-    # As compression's eviction and the recompute's placed buffers do: the layer's entries are someone else's tensor.
+    # As compression's eviction does, or a slotted layer given no room: the layer's entries are someone else's tensor.
     outside_k, outside_v = entries(8, 0), entries(8, 1)
     before_k, before_v = outside_k.clone(), outside_v.clone()
     layer = SlottedLayer(outside_k, outside_v, slots=None)

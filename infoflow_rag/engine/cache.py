@@ -49,6 +49,11 @@ class AppendingLayer(DynamicLayer):
     theirs (:class:`SlottedLayer`), so an answer appends after its prompt's entries without a copy.
     """
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._key_room: torch.Tensor | None = None  # the buffers keys/values are the first entries of, once there
+        self._value_room: torch.Tensor | None = None
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized or self.keys.numel() == 0:
             # The first forward's K/V, stored as DynamicLayer stores them (contiguous, no room): the attention
@@ -56,8 +61,8 @@ class AppendingLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
             self.keys, self.values = key_states.contiguous(), value_states.contiguous()
             return self.keys, self.values
-        self.keys, self._key_room = _appended(self.keys, getattr(self, "_key_room", None), key_states)
-        self.values, self._value_room = _appended(self.values, getattr(self, "_value_room", None), value_states)
+        self.keys, self._key_room = _appended(self.keys, self._key_room, key_states)
+        self.values, self._value_room = _appended(self.values, self._value_room, value_states)
         return self.keys, self.values
 
 

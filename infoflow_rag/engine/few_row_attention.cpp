@@ -55,9 +55,8 @@ void weighted_values(const float* w, const float* v, float* out, int64_t G, int6
 
 // q: (H, G, d), k and v: (H, M, d); mask: additive (R, M) with G % R == 0, or none. Returns softmax(q k^T scale +
 // mask) v per head over all M keys (H, G, d) (empty without v), and the probabilities of keys [0, n_probs)
-// (H, G, n_probs). Built with
-// -ffast-math, so no infinity is ever formed: maxima start at the lowest float, and a key masked by the lowest float
-// (torch.finfo(float32).min, the engine's masks) weighs 0.
+// (H, G, n_probs). Built with -ffast-math, so no infinity is ever formed: maxima start at the lowest float, and a
+// key masked by the lowest float (torch.finfo(float32).min, the engine's masks) weighs 0.
 std::vector<at::Tensor> few_row_attention(at::Tensor q, at::Tensor k, std::optional<at::Tensor> v,
                                           std::optional<at::Tensor> mask, double scale, int64_t n_probs) {
   check_cpu_float32("few_row_attention", {q, k});

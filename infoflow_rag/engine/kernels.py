@@ -1,8 +1,7 @@
 """The compiled kernels (C++, built where they run): the attention of position-sorted queries over their key
 prefixes (sparse_kernel.cpp, used through :mod:`.sparse_kernel`), the attention of a few rows over a whole cache (a
 decoding step, a question's scoring pass: few_row_attention.cpp, through :mod:`.few_row_attention`) and linear layers
-of a few rows (few_row_linear.cpp, through :mod:`.few_rows`);
-kernels.cpp binds them into one extension.
+of a few rows (few_row_linear.cpp, through :mod:`.few_rows`); kernels.cpp binds them into one extension.
 
 Built from source on first use (the engine's first forward: loading a model prefills its fixed prefix) with
 torch's extension loader (g++ and ninja; ~40 s once per machine, source, Python and torch version, under

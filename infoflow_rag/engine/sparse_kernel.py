@@ -23,7 +23,8 @@ def sparse_attention(
     or None where the kernel does not apply (not built, not float32 on the CPU, a batch of several prompts, or
     a forward that records gradients: the kernel has no backward).
 
-    query: (1, heads, Q, d); key/value: (1, kv_heads, M, d); positions: (Q,) ascending.
+    query: (1, heads, Q, d); key/value: (1, kv_heads, M, d), any head stride (the recompute's heads sit in the placed
+    buffers, with room for the answer after each); positions: (Q,) ascending.
     Returns (1, Q, heads, d) like transformers' attention functions.
     """
     kernel = kernels.for_attention(query, key, value)
