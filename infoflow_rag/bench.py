@@ -67,27 +67,29 @@ class BenchRow:
 def method_cost(engine: Engine, prep: Prepared) -> Cost:
     """The FLOPs of one prepared query's scoring and recompute, next to full prefill of the same prompt."""
     shape = ModelShape.of(engine.model.config)
-    placed, n_prompt = prep.placed, prep.out.next_position
-    n_context = placed.token_ids.numel()
-    # The recompute's inputs: the chosen cached tokens and every fresh prompt token (the positions no cached
-    # token holds).
-    fresh = torch.ones(n_prompt, dtype=torch.bool)
-    fresh[placed.positions] = False
-    inputs = torch.cat([placed.positions[prep.chosen], fresh.nonzero()[:, 0]])
+    layout, n_prompt = prep.layout, prep.out.next_position
+    n_context = layout.prefix_len + sum(len(seg) for seg in layout.segments if seg.kv is not None)  # cached tokens
+    n_queries = layout.query_ids.numel()
     selector = selector_for(engine, prep.options)
-    n_queries = placed.query_positions.numel()
+    # The recompute's inputs: the chosen cached tokens and every fresh prompt token (the positions no cached
+    # token holds); full prefill places nothing and runs every position, the prefix's too.
+    chosen = prep.placed.positions[prep.chosen] if prep.placed is not None else torch.empty(0, dtype=torch.long)
+    fresh = torch.ones(n_prompt, dtype=torch.bool)
+    if prep.placed is not None:
+        fresh[prep.placed.positions] = False
+    inputs = torch.cat([chosen, fresh.nonzero()[:, 0]])
     scoring = 0.0
     if isinstance(selector, InfoFlowSelector):  # and its variants: the question's attention
         scoring += infoflow_scoring_flops(shape, n_queries, n_context, selector.layers)
     if isinstance(selector, CacheBlendSelector):
-        scoring += cacheblend_scoring_flops(shape, placed.prefix_len, n_context, selector.check_layer)
+        scoring += cacheblend_scoring_flops(shape, layout.prefix_len, n_context, selector.check_layer)
     if prep.options.reorder:  # the density round: one more question pass on the engine's scoring layers
         scoring += infoflow_scoring_flops(shape, n_queries, n_context, engine.score_layers)
     return Cost(
         full_flops=full_prefill_flops(shape, n_prompt),
         scoring_flops=scoring,
         recompute_flops=recompute_flops(shape, inputs),
-        mean_relative_position=mean_relative_position(placed.positions[prep.chosen], n_prompt),
+        mean_relative_position=mean_relative_position(chosen, n_prompt),
     )
 
 

@@ -56,6 +56,12 @@ def test_full_selector_is_the_reference_prefill_on_the_causal_kernel(engine, mon
     _, reference = engine.full_prefill_answer(QUESTION, PASSAGES, max_new_tokens=1)
     assert torch.equal(prep.out.logits, reference)
     assert prep.out.positions.tolist() == list(range(n))
+    # The passages' K/V are not placed beside full prefill's own cache, and every passage token still counts as
+    # recomputed.
+    assert prep.placed is None and prep.chosen.numel() == 0
+    result = engine.decode(prep, max_new_tokens=1)
+    assert result.selected == {i: list(range(len(kv))) for i, kv in enumerate(kvs)}
+    assert result.recompute_fraction == 1.0
 
 
 @pytest.mark.parametrize("path", ["kernel", "torch"])

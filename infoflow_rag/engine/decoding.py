@@ -156,9 +156,10 @@ def decode(
 
 def result(answer: str, prep: Prepared, generated: list[int], kv_tokens: int, kv_bytes: int) -> AnswerResult:
     layout, chosen = prep.layout, prep.chosen.tolist()
-    selected: dict[int, list[int]] = {p: [i - s for i in chosen if s <= i < e] for p, s, e in prep.placed.spans}
+    spans = prep.placed.spans if prep.placed is not None else []
+    selected: dict[int, list[int]] = {p: [i - s for i in chosen if s <= i < e] for p, s, e in spans}
     for seg in layout.segments:
-        if seg.kv is None and seg.passage is not None:  # computed fresh: every token counts as recomputed
+        if seg.passage is not None and seg.passage not in selected:  # not placed: computed fresh, every token
             selected[seg.passage] = list(range(len(seg)))
     passages = [seg for seg in layout.segments if seg.passage is not None]
     return AnswerResult(

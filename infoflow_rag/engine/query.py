@@ -34,7 +34,7 @@ class Prepared:
     """
 
     layout: Layout
-    placed: PlacedContext
+    placed: PlacedContext | None  # None for full prefill, which reads nothing cached and so places nothing
     chosen: torch.Tensor  # (s,) recomputed indices into the placed tokens
     options: QueryOptions
     out: recompute.Recomputed
@@ -82,6 +82,17 @@ def run(
     if layout.length + max_new_tokens > engine.max_positions:
         raise ValueError(_overflow(layout.length, max_new_tokens, engine.max_positions))
     policy.check(PromptMap.from_layout(layout))
+    if sel.name == "full":
+        return Prepared(
+            layout,
+            None,
+            torch.empty(0, dtype=torch.long),
+            options,
+            reference(engine, layout, timings),
+            timings,
+            t0,
+            policy,
+        )
 
     t = time.perf_counter()
     placed = place(layout, engine.inv_freq, engine.model.dtype, "global", room=max_new_tokens)
@@ -95,12 +106,18 @@ def run(
     timings.score = time.perf_counter() - t
 
     t = time.perf_counter()
-    if sel.name == "full":  # nothing cached is read: the reference, the whole prompt in one causal forward
-        out = full_prefill(engine.model, layout.token_ids())
-    else:
-        out = recompute.recompute(engine.model, placed, chosen, *fresh_inputs(layout))
+    out = recompute.recompute(engine.model, placed, chosen, *fresh_inputs(layout))
     timings.recompute = time.perf_counter() - t
     return Prepared(layout, placed, chosen, options, out, timings, t0, policy)
+
+
+def reference(engine: Engine, layout: Layout, timings: StageTimings) -> recompute.Recomputed:
+    """Full prefill as a method: the whole prompt in one causal forward, nothing cached read or placed (placing
+    the passages' K/V beside its own cache would cost it time and a second cache's memory)."""
+    t = time.perf_counter()
+    out = full_prefill(engine.model, layout.token_ids())
+    timings.recompute = time.perf_counter() - t
+    return out
 
 
 def fresh_inputs(layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:

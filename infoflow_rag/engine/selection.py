@@ -243,7 +243,8 @@ class NoSelector(Selector):
 @register
 class FullSelector(Selector):
     """Every passage token recomputed (exact passages too): full prefill itself. The engine runs it as one causal
-    forward over the whole prompt (nothing cached is read), so as a method it costs what the reference costs."""
+    forward over the whole prompt and places none of the passages' K/V (nothing cached is read), so as a method it
+    costs what the reference costs; over a placed context with passages, it would select them all."""
 
     name = "full"
     fixed_ratio = 1.0
