@@ -178,6 +178,15 @@ def without_attention_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(attention, "few_row_attention", lambda *args: None)
 
 
+def without_fast_linears(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every linear layer of an engine's model runs ``F.linear``: neither the few-row kernel nor oneDNN's packed
+    product (torch's FLOP counter sees neither)."""
+    from infoflow_rag.engine import few_rows, linears
+
+    monkeypatch.setattr(few_rows, "few_row_linear", lambda *args: None)
+    monkeypatch.setattr(linears.EngineLinear, "_packed_for", lambda self, x: None)
+
+
 def compiled_calls_during(monkeypatch: pytest.MonkeyPatch, owner, name: str, run, describe):
     """``run()`` with the compiled kernel's wrapper ``owner.name`` spied on: its result and ``describe(*args)`` of
     every call the kernel is meant to take (``describe`` gives None for one it is not). Each such call must have run

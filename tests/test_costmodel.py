@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import without_attention_kernel
+from conftest import without_attention_kernel, without_fast_linears
 from tiny import tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import DynamicCache
@@ -56,12 +56,11 @@ def test_infoflow_scoring_costs_what_torch_counts(engine, monkeypatch):
     # The question's attention is plain matmuls the counter sees (grouped_attention); they compute the dense
     # (q, K) scores, so the count exceeds the causal visible-key count by the question block's own upper
     # triangle: in the attention of layers 0..L-1 and in the last layer's QK^T.
-    from infoflow_rag.engine import few_rows
     from infoflow_rag.engine.scoring import attention_scores
 
     # The counter sees torch's ops only: the question's few rows go through F.linear and the matmuls, not the
-    # compiled kernels.
-    monkeypatch.setattr(few_rows, "few_row_linear", lambda *args: None)
+    # compiled kernels or oneDNN.
+    without_fast_linears(monkeypatch)
     without_attention_kernel(monkeypatch)
 
     model, shape = engine.model, ModelShape.of(engine.model.config)

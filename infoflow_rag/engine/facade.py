@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..kv import PassageKV
 from ..models import DEFAULT_MODEL, LoadedModel, load_model, parameters_sha256
-from . import attention, decoding, few_rows, prefill, query, recompute
+from . import attention, decoding, linears, prefill, query, recompute
 from .check import check_supported, run_check
 from .compression import PromptMap, compress_cache
 from .constraint import JsonConstraint, Vocabulary, grammar_vocabulary, json_grammar
@@ -79,11 +79,11 @@ class Engine:
         self.tokenizer: PreTrainedTokenizerBase = loaded.tokenizer
         self.model.eval()
         self.model.config._attn_implementation = attention.register()
-        # Every per-forward state (signal recorders, attention capture, sparse queries, prefills' torch linears)
-        # lives in context variables, so threads may share this engine; the hooks and the few-row linears go in
-        # now, before any thread runs a forward.
+        # Every per-forward state (signal recorders, attention capture, sparse queries, prefills' batched linears)
+        # lives in context variables, so threads may share this engine; the hooks and the linears (their weights
+        # packed) go in now, before any thread runs a forward.
         install_hooks(self.model)
-        few_rows.install(self.model)  # a few rows (scoring, decoding) run on the compiled kernel
+        linears.install(self.model)  # a few rows (scoring, decoding) on the compiled kernel, more on packed weights
         self.format = PromptFormat.for_tokenizer(self.tokenizer, system_prompt)
         self.prefix = prefill.prefill_prefix(self.model, encode(self.tokenizer, self.format.head))
         self.lead_in = lead_in

@@ -12,7 +12,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from ..kv import PassageKV
-from . import few_rows
+from . import linears
 from .cache import appending_cache, cache_from, position_mask, stacked
 from .recompute import Recomputed
 from .signals import recording
@@ -23,7 +23,7 @@ def prefill_prefix(model: PreTrainedModel, prefix_ids: list[int]) -> PassageKV:
     """The fixed prefix at positions 0 .. p-1 (the attention sink every passage is prefilled behind)."""
     ids = torch.tensor(prefix_ids, dtype=torch.long)
     cache = DynamicCache()
-    with few_rows.torch_linears():  # K/V bit for bit as full prefill computes them
+    with linears.batched_linears():  # K/V bit for bit as full prefill computes them
         model(
             input_ids=ids[None],
             position_ids=torch.arange(len(ids))[None],
@@ -55,9 +55,9 @@ def prefill_passages(
         prefix.values.to(dtype)[:, None].expand(-1, batch, -1, -1, -1),
     )
     mask = position_mask(positions, torch.cat([torch.arange(p), positions]), dtype)
-    # F.linear even for a short passage alone: K/V bit for bit as full prefill computes them (few_rows.torch_linears);
-    # the signals' entropy too, so that a prefill is the same computation whatever its size.
-    with recording(model) if signals else contextlib.nullcontext() as recorder, few_rows.torch_linears():
+    # The many-row product even for a short passage alone: K/V bit for bit as full prefill computes them
+    # (linears.batched_linears); the signals' entropy too, so that a prefill is the same computation whatever its size.
+    with recording(model) if signals else contextlib.nullcontext() as recorder, linears.batched_linears():
         model(
             input_ids=ids,
             position_ids=positions.expand(batch, -1),
