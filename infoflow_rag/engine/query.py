@@ -82,17 +82,12 @@ def run(
     if layout.length + max_new_tokens > engine.max_positions:
         raise ValueError(_overflow(layout.length, max_new_tokens, engine.max_positions))
     policy.check(PromptMap.from_layout(layout))
-    if sel.name == "full":
-        return Prepared(
-            layout,
-            None,
-            torch.empty(0, dtype=torch.long),
-            options,
-            reference(engine, layout, timings),
-            timings,
-            t0,
-            policy,
-        )
+    if sel.name == "full":  # nothing cached is read: the reference, the whole prompt in one causal forward
+        t = time.perf_counter()
+        out = full_prefill(engine.model, layout.token_ids())
+        timings.recompute = time.perf_counter() - t
+        # Nothing placed either: the passages' K/V beside full prefill's own cache would cost time and memory.
+        return Prepared(layout, None, torch.empty(0, dtype=torch.long), options, out, timings, t0, policy)
 
     t = time.perf_counter()
     placed = place(layout, engine.inv_freq, engine.model.dtype, "global", room=max_new_tokens)
@@ -109,15 +104,6 @@ def run(
     out = recompute.recompute(engine.model, placed, chosen, *fresh_inputs(layout))
     timings.recompute = time.perf_counter() - t
     return Prepared(layout, placed, chosen, options, out, timings, t0, policy)
-
-
-def reference(engine: Engine, layout: Layout, timings: StageTimings) -> recompute.Recomputed:
-    """Full prefill as a method: the whole prompt in one causal forward, nothing cached read or placed (placing
-    the passages' K/V beside its own cache would cost it time and a second cache's memory)."""
-    t = time.perf_counter()
-    out = full_prefill(engine.model, layout.token_ids())
-    timings.recompute = time.perf_counter() - t
-    return out
 
 
 def fresh_inputs(layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
