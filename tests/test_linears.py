@@ -125,6 +125,7 @@ def test_prefills_run_batched_linears(engine, monkeypatch):
         return out
 
     monkeypatch.setattr(few_rows, "few_row_linear", spy)
+    monkeypatch.setattr(few_rows, "FEW_ROWS", 64)  # a short passage and the prompt head are then "a few rows"
     kv = engine.prefill(["Short."])[0]
     head = engine.replace()  # prefills its prompt head again
     assert len(kv) <= few_rows.FEW_ROWS and len(head.prefix) <= few_rows.FEW_ROWS and kernel_rows == []
