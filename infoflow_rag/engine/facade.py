@@ -83,7 +83,7 @@ class Engine:
         # lives in context variables, so threads may share this engine; the hooks and the linears (their weights
         # packed) go in now, before any thread runs a forward.
         install_hooks(self.model)
-        linears.install(self.model)  # a few rows (scoring, decoding) on the compiled kernel, more on packed weights
+        linears.install(self.model)  # a few rows (decoding) on the compiled kernel, more on packed weights
         self.format = PromptFormat.for_tokenizer(self.tokenizer, system_prompt)
         self.prefix = prefill.prefill_prefix(self.model, encode(self.tokenizer, self.format.head))
         self.lead_in = lead_in

@@ -1,6 +1,6 @@
-"""Every linear layer of an engine's model: a few rows on the compiled kernel (:mod:`.few_rows`: the scoring pass's
-question rows, one row per decoded token, the first token's logits), more rows on oneDNN's product over weights
-reordered once into its blocked layout (prefills, the recompute), else ``F.linear`` (MKL's sgemm).
+"""Every linear layer of an engine's model: a few rows on the compiled kernel (:mod:`.few_rows`: one row per decoded
+token, the first token's logits), more rows on oneDNN's product over weights reordered once into its blocked layout
+(prefills, the scoring pass's question rows, the recompute), else ``F.linear`` (MKL's sgemm).
 
 oneDNN over prepacked weights against MKL's sgemm, on this project's 2-core EPYC (SmolLM2, 4K, alternating in one
 process; README, "Linear layers of many rows"): full prefill 10.97 -> 9.11 s, InfoFlow's TTFT 2.30 -> 2.14 s; one
