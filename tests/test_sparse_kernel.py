@@ -39,6 +39,22 @@ def test_kernel_equals_masked_sdpa(heads, kv_heads, d, queries, keys):
     assert (out - exact).abs().max() <= max(2 * torch_error, 1e-6)
 
 
+@pytest.mark.parametrize("heads, kv_heads", [(9, 3), (14, 2)])  # SmolLM2's and Qwen2.5-0.5B's grouping
+def test_a_prefix_alone_gets_full_prefills_rows_bit_for_bit(heads, kv_heads):
+    # The engine's correctness gate rests on it: the prefix's K/V, prefilled alone and cached, are what full prefill
+    # computes for the same rows, so 100 % recompute over them reproduces full prefill exactly. A row's blocks and
+    # products differ in the two (its block ends at the prefix, or runs on into the passages); its sum must not.
+    torch.manual_seed(0)
+    n, d = 1300, 64
+    query = torch.randn(1, heads, n, d) * 3
+    key, value = torch.randn(2, 1, kv_heads, n, d).unbind(0)
+    full = sparse_kernel.sparse_attention(query, key, value, torch.arange(n), 0.125)
+    for prefix in (5, 300, 517, 1030):  # within one block, past a product's alignment, past one and two key blocks
+        head = (t[:, :, :prefix] for t in (query, key, value))
+        alone = sparse_kernel.sparse_attention(*head, torch.arange(prefix), 0.125)
+        assert torch.equal(alone, full[:, :prefix]), prefix
+
+
 def test_kernel_reads_heads_inside_a_buffer_with_room():
     # The recompute's K/V heads are views into the placed buffers, which keep room for the answer after each head.
     torch.manual_seed(0)
@@ -61,6 +77,12 @@ def test_kernel_leaves_what_it_cannot_take_to_the_torch_path():
         grad_query = query.clone().requires_grad_()
         assert sparse_kernel.sparse_attention(grad_query, key, value, positions, 0.3) is None
     assert sparse_kernel.sparse_attention(query, key, value, positions, 0.3) is not None
+
+
+def test_kernel_takes_no_rows():
+    k = torch.randn(2, 10, 8)
+    out = kernels.load().sparse_row_attention(torch.randn(2, 0, 8), k, k, torch.empty(0, dtype=torch.long), 0.3)
+    assert out.shape == (2, 0, 8)
 
 
 def test_kernel_refuses_bad_limits_and_tensors_naming_them():

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <cmath>
@@ -32,6 +33,17 @@ inline void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha,
                  const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   const int im = m, in = n, ik = k, ilda = lda, ildb = ldb, ildc = ldc;
   sgemm_(&ta, &tb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
+}
+
+// The sparse attention kernel's products run on oneDNN's GEMM microkernel (brgemm) through torch, which JIT-compiles
+// one kernel per shape and thread on first use and keeps it; where torch has no microkernel, the same call runs a
+// plain GEMM. Callers round their shapes to a multiple of kProductAlign to keep the compiled shapes few.
+constexpr int64_t kProductAlign = 16;
+
+// Row-major C (m, n) = A (m, k) B (k, n), plus C if accumulate.
+inline void product(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                    float* c, int64_t ldc, bool accumulate) {
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c);
 }
 
 // exp(x) for x <= 0 in plain arithmetic the compiler vectorizes: x = n ln2 + r, exp(x) = 2^n p(r), with Cephes'

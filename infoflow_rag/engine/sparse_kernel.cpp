@@ -2,8 +2,8 @@
 // The rows are sorted by position (the recompute's queries; full prefill's, every position), so a block of rows
 // needs no key past its last row's limit and no mask before its first row's: no key block past a row block's last
 // limit is computed, which torch's CPU flash kernel cannot skip under an explicit mask, and within the block's keys
-// a row's keys past its own limit are zeroed. The blocks run as torch's flash kernel runs its own: two sgemm calls
-// and an online softmax.
+// a row's keys past its own limit are zeroed. The blocks run as torch's flash kernel runs its own (two products and
+// an online softmax), the products on oneDNN's GEMM microkernel (see `product` in kernels.h).
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
@@ -16,9 +16,14 @@
 namespace {
 
 // Rows per block and keys per block: on one SmolLM2 layer at InfoFlow's 4K picks (1953 folded rows), 64-256 x
-// 256-1024 all ran within the run-to-run noise of 128 x 512, the sizes torch's flash kernel uses for long inputs.
+// 256-1024 all ran within the run-to-run noise of 128 x 512, the sizes torch's flash kernel uses for long inputs
+// (measured with MKL's sgemm, before the products moved to oneDNN's microkernel).
 constexpr int64_t kRowBlock = 128;
 constexpr int64_t kKeyBlock = 512;
+// Keys per step where the block's rows stop seeing keys (the block's diagonal): rows that see none of a step's keys
+// are left out of its products, so a row block whose positions spread over many keys (the recompute's: 43 positions
+// over ~290 keys at 15 % on SmolLM2) computes few keys no row sees.
+constexpr int64_t kDiagonalStep = 128;
 
 }  // namespace
 
@@ -35,7 +40,6 @@ at::Tensor sparse_row_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Te
                   limits.size(0) == q.size(1),
               "limits must be int64 (R,) = (", q.size(1), ",) on the CPU; got ", limits.scalar_type(), " ",
               limits.sizes(), " on ", limits.device());
-  q = q.contiguous();
   // K/V heads may sit anywhere (the recompute's are views into buffers with room for the answer); rows are read whole.
   if (k.stride(2) != 1 || k.stride(1) != k.size(2)) k = k.contiguous();
   if (v.stride(2) != 1 || v.stride(1) != v.size(2)) v = v.contiguous();
@@ -46,36 +50,78 @@ at::Tensor sparse_row_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Te
     TORCH_CHECK(lim_all[r] >= 1 && lim_all[r] <= M && (r == 0 || lim_all[r] >= lim_all[r - 1]),
                 "limits must ascend within 1..", M, "; row ", r, " has ", lim_all[r]);
   }
-  auto out = at::empty_like(q);
-  const float* qp = q.data_ptr<float>();
+  if (R == 0) return at::empty_like(q);
+  // Rows padded to a multiple of kProductAlign (zero queries that see what the last row sees, dropped at the end),
+  // and scaled once here: the products take no scale factor.
+  const int64_t R_pad = (R + kProductAlign - 1) / kProductAlign * kProductAlign;
+  auto q_pad = at::zeros({H, R_pad, d}, q.options());
+  q_pad.narrow(1, 0, R).copy_(q).mul_(scale);
+  std::vector<int64_t> lim_pad(lim_all, lim_all + R);
+  lim_pad.resize(R_pad, lim_all[R - 1]);
+  auto out = at::empty({H, R_pad, d}, q.options());
+  const int64_t last = lim_all[R - 1], n_key_blocks = (last + kKeyBlock - 1) / kKeyBlock;
+  // K transposed per key block, the score product's right operand: (H, key block, d, kKeyBlock), zero past the last
+  // key any row sees, so a product over a key count rounded up to kProductAlign reads zeros there.
+  auto kt = at::empty({H, n_key_blocks, d, kKeyBlock}, q.options());
+  // V's last key block, if it ends past the last key, copied and zero-padded: (H, kKeyBlock, d). Every product of
+  // P V then runs over the same key count rounded up, which keeps a row's sum the same for any block it sits in (a
+  // product's sum is grouped once; two products, of the aligned keys and the rest, would split it where the block's
+  // last row happens to end).
+  const int64_t last_block = (n_key_blocks - 1) * kKeyBlock;
+  const bool pad_v = last_block + kKeyBlock > last;
+  auto v_last = at::zeros({pad_v ? H : 0, kKeyBlock, d}, q.options());
+  const float* qp = q_pad.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
+  float* ktp = kt.data_ptr<float>();
+  float* vlp = v_last.data_ptr<float>();
   const int64_t k_head = k.stride(0), v_head = v.stride(0);
   float* op = out.data_ptr<float>();
-  const int64_t n_blocks = (R + kRowBlock - 1) / kRowBlock, items = H * n_blocks;
+  const int64_t n_blocks = (R_pad + kRowBlock - 1) / kRowBlock, items = H * n_blocks;
   const float lowest = std::numeric_limits<float>::lowest();
-  // torch's OpenMP threads; the sgemm calls inside run on one thread each, as MKL does inside a parallel region
-  // (unless nested parallelism is turned on, e.g. OMP_MAX_ACTIVE_LEVELS > 1).
+  // torch's OpenMP threads; each product inside runs on its calling thread.
 #pragma omp parallel num_threads(at::get_num_threads())
   {
+#pragma omp for
+    for (int64_t item = 0; item < H * n_key_blocks; ++item) {
+      const int64_t h = item / n_key_blocks, c = (item % n_key_blocks) * kKeyBlock;
+      const int64_t keys = std::min(kKeyBlock, last - c);
+      const float* src = kp + h * k_head + c * d;
+      float* dst = ktp + item * d * kKeyBlock;
+      for (int64_t e = 0; e < d; ++e) {
+        float* row = dst + e * kKeyBlock;
+        for (int64_t j = 0; j < keys; ++j) row[j] = src[j * d + e];
+        std::fill(row + keys, row + kKeyBlock, 0.f);
+      }
+      if (pad_v && c == last_block) {
+        std::copy(vp + h * v_head + c * d, vp + h * v_head + last * d, vlp + h * kKeyBlock * d);
+      }
+    }  // the implied barrier: every block is transposed before any is read
     std::vector<float> scores(kRowBlock * kKeyBlock), row_max(kRowBlock), row_sum(kRowBlock);
     // Later row blocks see more keys: hand them out first, dynamically, so the threads finish together.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t block = n_blocks - 1 - item / H, h = item % H;
-      const int64_t r0 = block * kRowBlock, rows = std::min(kRowBlock, R - r0);
-      const int64_t* lim = lim_all + r0;
-      const float* qb = qp + (h * R + r0) * d;
-      float* o = op + (h * R + r0) * d;  // (rows, d) accumulates P V, rescaled as each row's max grows
+      const int64_t r0 = block * kRowBlock, rows = std::min(kRowBlock, R_pad - r0);
+      const int64_t* lim = lim_pad.data() + r0;
+      const float* qb = qp + (h * R_pad + r0) * d;
+      float* o = op + (h * R_pad + r0) * d;  // (rows, d) accumulates P V, rescaled as each row's max grows
       std::fill(o, o + rows * d, 0.f);
       std::fill(row_max.begin(), row_max.begin() + rows, lowest);
       std::fill(row_sum.begin(), row_sum.begin() + rows, 0.f);
-      for (int64_t c = 0; c < lim[rows - 1]; c += kKeyBlock) {
-        const int64_t keys = std::min(kKeyBlock, lim[rows - 1] - c);
-        float* s = scores.data();  // (rows, keys) row-major = column-major (keys, rows)
-        gemm('T', 'N', keys, rows, d, static_cast<float>(scale), kp + h * k_head + c * d, d, qb, d, 0.f, s, keys);
-        for (int64_t i = 0; i < rows; ++i) {
-          float* row = s + i * keys;
+      int64_t first = 0;  // rows before it see none of this step's keys, nor any later step's
+      for (int64_t c = 0, keys = 0; c < lim[rows - 1]; c += keys) {
+        while (lim[first] <= c) ++first;
+        int64_t step = kKeyBlock - c % kKeyBlock;  // to the end of this transposed key block
+        if (lim[first] < c + step) step = std::min(step, kDiagonalStep);
+        keys = std::min(step, lim[rows - 1] - c);
+        const int64_t from = first / kProductAlign * kProductAlign, n = rows - from;
+        float* s = scores.data() + from * kKeyBlock;  // (n, kKeyBlock): rows from..rows-1
+        const int64_t cols = (keys + kProductAlign - 1) / kProductAlign * kProductAlign;
+        const float* ktb = ktp + (h * n_key_blocks + c / kKeyBlock) * d * kKeyBlock + c % kKeyBlock;
+        product(n, cols, d, qb + from * d, d, ktb, kKeyBlock, s, kKeyBlock, false);
+        for (int64_t i = from; i < rows; ++i) {
+          float* row = scores.data() + i * kKeyBlock;
           const int64_t seen = std::clamp<int64_t>(lim[i] - c, 0, keys);
           float top = row_max[i];
           for (int64_t j = 0; j < seen; ++j) top = std::max(top, row[j]);
@@ -84,7 +130,7 @@ at::Tensor sparse_row_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Te
             row[j] = exp_nonpositive(row[j] - top);
             sum += row[j];
           }
-          std::fill(row + seen, row + keys, 0.f);
+          std::fill(row + seen, row + cols, 0.f);
           if (seen == 0) continue;
           const float rescale = exp_nonpositive(row_max[i] - top);
           row_sum[i] = row_sum[i] * rescale + sum;
@@ -94,7 +140,9 @@ at::Tensor sparse_row_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Te
             for (int64_t j = 0; j < d; ++j) orow[j] *= rescale;
           }
         }
-        gemm('N', 'N', d, rows, keys, 1.f, vp + h * v_head + c * d, d, s, keys, 1.f, o, d);
+        const float* vb =
+            pad_v && c >= last_block ? vlp + (h * kKeyBlock + c - last_block) * d : vp + h * v_head + c * d;
+        product(n, d, cols, s, kKeyBlock, vb, d, o + from * d, d, true);
       }
       for (int64_t i = 0; i < rows; ++i) {
         const float inv = 1.f / row_sum[i];
@@ -103,5 +151,5 @@ at::Tensor sparse_row_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Te
       }
     }
   }
-  return out;
+  return out.narrow(1, 0, R);
 }
