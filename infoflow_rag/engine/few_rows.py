@@ -1,8 +1,9 @@
 """Linear layers of a few rows on the compiled kernel (few_row_linear.cpp): one row per decoded token, the first
 token's logits (:mod:`.linears` routes them here; a question's rows in a scoring pass are more than FEW_ROWS). Such
 a product reads every weight once and does little with each, so it runs as fast as the weights stream from memory,
-which MKL's sgemm does at ~7-11 GB/s for 1-13 rows on this project's 2-core EPYC, the kernel at ~14-28 GB/s
-(README, "Linear layers of a few rows").
+which MKL's sgemm does at ~7-11 GB/s for 1-13 rows on this project's 2-core EPYC, the kernel at ~14-28 GB/s; oneDNN's
+product over packed weights, which more rows run, is faster than the kernel from 4 rows up (FEW_ROWS below; README,
+"Linear layers of a few rows").
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ def batched_linears():
         _batched_only.reset(token)
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor | None:
+def blocked_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """``weight`` (N, K) in oneDNN's blocked layout, or None where oneDNN cannot run it (not built with it, not
     float32 on the CPU)."""
     if not (torch.backends.mkldnn.is_available() and weight.dtype == torch.float32 and weight.device.type == "cpu"):
@@ -75,7 +75,9 @@ class EngineLinear(nn.Linear):
         return self.packed
 
     def pack(self) -> None:
-        self.packed = pack(self.weight)
+        """Pack the weight now (and note what it was packed from), or mark the layer unpacked where oneDNN cannot run
+        it."""
+        self.packed = blocked_weight(self.weight)
         self.packed_from = None if self.packed is None else (self.weight.data_ptr(), self.weight._version)
 
 
