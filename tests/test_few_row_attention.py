@@ -63,7 +63,7 @@ def _scoring_mask(rows: int, keys: int, context: int) -> torch.Tensor:
     "heads, kv_heads, rows, keys",
     [
         (4, 2, 3, 40),  # 6 rows per K/V head: dot products per key
-        (9, 3, 13, 4130),  # SmolLM2's 39 rows per K/V head over 17 chunks: the sgemm path
+        (9, 3, 13, 4130),  # SmolLM2's 39 rows per K/V head over 17 chunks, the last one short: the products' path
         (14, 2, 13, 600),  # Qwen2.5-0.5B's 91
     ],
 )
@@ -86,16 +86,17 @@ def test_question_rows_equal_float64_attention_and_their_probabilities(heads, kv
     assert alone is not None and alone[0] is None and torch.equal(alone[1], probs)
 
 
-def test_the_mask_adds_and_masked_keys_weigh_nothing_even_a_whole_chunk_of_them():
+@pytest.mark.parametrize("heads", [2, 9])  # 4-6 rows per K/V head: dot products; 18-27: the products
+def test_the_mask_adds_and_masked_keys_weigh_nothing_even_a_whole_chunk_of_them(heads):
     torch.manual_seed(0)
-    query, key, value = torch.randn(1, 2, 3, 16), torch.randn(1, 1, 600, 16), torch.randn(1, 1, 600, 16)
+    query, key, value = torch.randn(1, heads, 3, 16), torch.randn(1, 1, 600, 16), torch.randn(1, 1, 600, 16)
     mask = torch.randn(1, 1, 3, 600)  # any additive mask, not only 0 and the lowest float
     mask[0, 0, 0, 256:512] = MIN  # row 0 sees nothing of the second chunk
     mask[0, 0, 1, 1::2] = MIN  # row 1 every other key
     out, probs = few_row_attention.few_row_attention(query[:, :, :2], key, value, mask[:, :, :2], 0.5, 600)
-    seen = (mask[0, 0, :2] != MIN).repeat(2, 1)  # (heads * rows, keys): folded rows, head-major
-    assert (probs.reshape(4, 600)[~seen] == 0).all()
-    assert torch.allclose(probs.sum(-1), torch.ones(1, 2, 2))
+    seen = (mask[0, 0, :2] != MIN).repeat(heads, 1)  # (heads * rows, keys): folded rows, head-major
+    assert (probs.reshape(2 * heads, 600)[~seen] == 0).all()
+    assert torch.allclose(probs.sum(-1), torch.ones(1, heads, 2))
     assert _within_torch_error(out, query[:, :, :2], key, value, 0.5, mask[:, :, :2])
     # A row that sees no key at all gets a zero output and zero probabilities, not NaN.
     mask[0, 0, 2] = MIN

@@ -16,17 +16,14 @@ namespace {
 // Keys per work item: 17 items per K/V head at 4K keys, enough to keep 2 threads busy on 2-3 heads.
 constexpr int64_t kKeyChunk = 256;
 // Up to this many rows per K/V head, a chunk's products are dot products per key and row (a decoding step: 3 rows
-// on SmolLM2, 7 on Qwen2.5-0.5B); more rows (a question's: 39 and 91) take two sgemm calls, which over one 4K
-// cache ran 29 against 29 ms per 30 layers at 13 rows, 37 against 49 at 26 and 47 against 77 at 39, and lost 2x at
-// 3 and 7.
+// on SmolLM2, 7 on Qwen2.5-0.5B); more rows (a question's: 39 and 91) run two products on oneDNN's microkernel
+// (`product` in kernels.h). Two MKL sgemm calls, which the products replaced (SmolLM2's scoring pass at 4K, 28
+// layers' calls replayed alternating: 38.4 against 31.2 ms), ran 29 against the dot products' 29 ms per 30 layers at
+// 13 rows, 37 against 49 at 26 and 47 against 77 at 39, and lost 2x at 3 and 7.
 constexpr int64_t kDotRows = 16;
 
-// w (G, keys) = q (G, d) k^T (keys, d) * scale.
-void logits(const float* q, const float* k, float* w, int64_t G, int64_t keys, int64_t d, float scale) {
-  if (G > kDotRows) {
-    gemm('T', 'N', keys, G, d, scale, k, d, q, d, 0.f, w, keys);  // column-major (keys, G) = row-major (G, keys)
-    return;
-  }
+// w (G, keys) = q (G, d) k^T (keys, d) * scale, one dot product per key and row.
+void dot_logits(const float* q, const float* k, float* w, int64_t G, int64_t keys, int64_t d, float scale) {
   for (int64_t j = 0; j < keys; ++j) {  // each key row read once for every query row
     for (int64_t g = 0; g < G; ++g) {
       float dot = 0.f;
@@ -36,12 +33,8 @@ void logits(const float* q, const float* k, float* w, int64_t G, int64_t keys, i
   }
 }
 
-// out (G, d) = w (G, keys) v (keys, d).
-void weighted_values(const float* w, const float* v, float* out, int64_t G, int64_t keys, int64_t d) {
-  if (G > kDotRows) {
-    gemm('N', 'N', d, G, keys, 1.f, v, d, w, keys, 0.f, out, d);  // column-major (d, G) = row-major (G, d)
-    return;
-  }
+// out (G, d) = w (G, keys) v (keys, d), a key's value row read once for every query row.
+void dot_weighted_values(const float* w, const float* v, float* out, int64_t G, int64_t keys, int64_t d) {
   std::fill(out, out + G * d, 0.f);
   for (int64_t j = 0; j < keys; ++j) {
     for (int64_t g = 0; g < G; ++g) {
@@ -83,10 +76,20 @@ std::vector<at::Tensor> few_row_attention(at::Tensor q, at::Tensor k, std::optio
     R = mask->size(0);
     mask_stride = mask->stride(0);
   }
-  q = q.contiguous();
   const int64_t chunks = (M + kKeyChunk - 1) / kKeyChunk, items = H * chunks;
-  // Each item's partial softmax: its rows' max and sum over its keys, and their unnormalized output.
-  std::vector<float> part_max(items * G), part_sum(items * G), part_out(v ? items * G * d : 0);
+  // Rows for the products: G padded to a multiple of kProductAlign with zero queries (whose outputs are dropped),
+  // scaled once here, as the products take no scale factor. The dot products read q as it is.
+  const bool dots = G <= kDotRows;
+  const int64_t G_pad = dots ? G : (G + kProductAlign - 1) / kProductAlign * kProductAlign;
+  if (dots) {
+    q = q.contiguous();
+  } else {
+    auto q_pad = at::zeros({H, G_pad, d}, q.options());
+    q_pad.narrow(1, 0, G).copy_(q).mul_(scale);
+    q = q_pad.transpose(1, 2).contiguous();  // (H, d, G_pad): the logits' right operand, K chunks being the left
+  }
+  // Each item's partial softmax: its rows' max and sum over its keys, and their unnormalized output (G_pad, d).
+  std::vector<float> part_max(items * G), part_sum(items * G), part_out(v ? items * G_pad * d : 0);
   auto probs = at::empty({n_probs > 0 ? H : 0, G, n_probs}, q.options());  // unnormalized until the merge
   float* pp = probs.data_ptr<float>();
   const float* qp = q.data_ptr<float>();
@@ -96,14 +99,36 @@ std::vector<at::Tensor> few_row_attention(at::Tensor q, at::Tensor k, std::optio
   const float lowest = std::numeric_limits<float>::lowest(), s = static_cast<float>(scale);
 #pragma omp parallel num_threads(at::get_num_threads())
   {
-    std::vector<float> weights(G * kKeyChunk);  // (G, keys): logits, then exp(logit - max)
+    // (G_pad, keys) with rows `stride` apart: logits, then exp(logit - max). For the products: the logits as the
+    // product gives them, (keys, G_pad), and the last chunk's keys and values where it ends off the product's
+    // alignment (kKeyChunk, d). The products run over the keys rounded up: the keys' rows past the chunk give
+    // logits never read, the values' rows there are zeros, so the weights' columns there (finite) add nothing.
+    // The logits are taken as K q^T and transposed here, in cache: q K^T would need K transposed, a strided read of
+    // every key from memory, which took a third of the kernel's time (SmolLM2's scoring pass at 4K).
+    std::vector<float> weights(G_pad * kKeyChunk), logits_t(dots ? 0 : kKeyChunk * G_pad);
+    std::vector<float> keys_pad(dots ? 0 : kKeyChunk * d), values_pad(dots ? 0 : kKeyChunk * d);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t h = item / chunks, c0 = (item % chunks) * kKeyChunk, keys = std::min(kKeyChunk, M - c0);
+      const float* kc = kp + h * k_head + c0 * d;
       float* w = weights.data();
-      logits(qp + h * G * d, kp + h * k_head + c0 * d, w, G, keys, d, s);
+      const int64_t cols = dots ? keys : (keys + kProductAlign - 1) / kProductAlign * kProductAlign;
+      const int64_t stride = dots ? keys : kKeyChunk;
+      if (dots) {
+        dot_logits(qp + h * G * d, kc, w, G, keys, d, s);
+      } else {
+        if (cols > keys) {  // the chunk's rows may end the tensor: no row past them is read
+          std::copy(kc, kc + keys * d, keys_pad.data());
+          kc = keys_pad.data();
+        }
+        float* lt = logits_t.data();
+        product(cols, G_pad, d, kc, d, qp + h * d * G_pad, G_pad, lt, G_pad, false);
+        for (int64_t g = 0; g < G; ++g) {
+          for (int64_t j = 0; j < keys; ++j) w[g * kKeyChunk + j] = lt[j * G_pad + g];
+        }
+      }
       for (int64_t g = 0; g < G; ++g) {
-        float* row = w + g * keys;
+        float* row = w + g * stride;
         const float* mrow = mp ? mp + (g % R) * mask_stride + c0 : nullptr;
         if (mrow) {
           for (int64_t j = 0; j < keys; ++j) row[j] += mrow[j];
@@ -125,11 +150,23 @@ std::vector<at::Tensor> few_row_attention(at::Tensor q, at::Tensor k, std::optio
         part_sum[item * G + g] = sum;
         if (c0 < n_probs) std::copy(row, row + std::min(keys, n_probs - c0), pp + (h * G + g) * n_probs + c0);
       }
-      if (vp) weighted_values(w, vp + h * v_head + c0 * d, part_out.data() + item * G * d, G, keys, d);
+      if (!vp) continue;
+      const float* vc = vp + h * v_head + c0 * d;
+      float* out = part_out.data() + item * G_pad * d;
+      if (dots) {
+        dot_weighted_values(w, vc, out, G, keys, d);
+        continue;
+      }
+      if (cols > keys) {
+        std::copy(vc, vc + keys * d, values_pad.data());
+        std::fill(values_pad.data() + keys * d, values_pad.data() + cols * d, 0.f);
+        vc = values_pad.data();
+      }
+      product(G_pad, d, cols, w, kKeyChunk, vc, d, out, d, false);
     }
   }
   // Merge the chunks: each weighs by exp(its max - the row's max) / the row's sum, so the softmax is over all M keys.
-  auto result = v ? at::zeros_like(q) : at::empty({0}, q.options());  // no values: the probabilities alone
+  auto result = v ? at::zeros({H, G, d}, q.options()) : at::empty({0}, q.options());  // no values: the probabilities alone
   float* rp = result.data_ptr<float>();
   std::vector<float> chunk_weight(items * G);
   for (int64_t h = 0; h < H; ++h) {
@@ -147,7 +184,7 @@ std::vector<at::Tensor> few_row_attention(at::Tensor q, at::Tensor k, std::optio
         chunk_weight[i] *= inv;
         if (!vp) continue;
         float* row = rp + (h * G + g) * d;
-        const float* part = part_out.data() + i * d;
+        const float* part = part_out.data() + ((h * chunks + c) * G_pad + g) * d;
         for (int64_t e = 0; e < d; ++e) row[e] += chunk_weight[i] * part[e];
       }
     }

@@ -22,20 +22,7 @@ inline void check_cpu_float32(const char* kernel, std::initializer_list<at::Tens
   }
 }
 
-// MKL's BLAS, which libtorch_cpu carries and exports.
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                       const float* beta, float* c, const int* ldc);
-
-// Column-major sgemm: C = alpha op(A) op(B) + beta C. Inside an OpenMP parallel region MKL runs it on the calling
-// thread alone (unless nested parallelism is turned on, e.g. OMP_MAX_ACTIVE_LEVELS > 1).
-inline void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-                 const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  const int im = m, in = n, ik = k, ilda = lda, ildb = ldb, ildc = ldc;
-  sgemm_(&ta, &tb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
-}
-
-// The sparse attention kernel's products run on oneDNN's GEMM microkernel (brgemm) through torch, which JIT-compiles
+// The attention kernels' products run on oneDNN's GEMM microkernel (brgemm) through torch, which JIT-compiles
 // one kernel per shape and thread on first use and keeps it; where torch has no microkernel, the same call runs a
 // plain GEMM. Callers round their shapes to a multiple of kProductAlign to keep the compiled shapes few.
 constexpr int64_t kProductAlign = 16;
