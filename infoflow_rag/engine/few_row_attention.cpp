@@ -166,7 +166,8 @@ std::vector<at::Tensor> few_row_attention(at::Tensor q, at::Tensor k, std::optio
     }
   }
   // Merge the chunks: each weighs by exp(its max - the row's max) / the row's sum, so the softmax is over all M keys.
-  auto result = v ? at::zeros({H, G, d}, q.options()) : at::empty({0}, q.options());  // no values: the probabilities alone
+  // No values: the probabilities alone.
+  auto result = v ? at::zeros({H, G, d}, q.options()) : at::empty({0}, q.options());
   float* rp = result.data_ptr<float>();
   std::vector<float> chunk_weight(items * G);
   for (int64_t h = 0; h < H; ++h) {
