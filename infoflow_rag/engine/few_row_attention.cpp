@@ -80,7 +80,7 @@ std::vector<at::Tensor> few_row_attention(at::Tensor q, at::Tensor k, std::optio
   // Rows for the products: G padded to a multiple of kProductAlign with zero queries (whose outputs are dropped),
   // scaled once here, as the products take no scale factor. The dot products read q as it is.
   const bool dots = G <= kDotRows;
-  const int64_t G_pad = dots ? G : (G + kProductAlign - 1) / kProductAlign * kProductAlign;
+  const int64_t G_pad = dots ? G : product_aligned(G);
   if (dots) {
     q = q.contiguous();
   } else {
@@ -112,7 +112,7 @@ std::vector<at::Tensor> few_row_attention(at::Tensor q, at::Tensor k, std::optio
       const int64_t h = item / chunks, c0 = (item % chunks) * kKeyChunk, keys = std::min(kKeyChunk, M - c0);
       const float* kc = kp + h * k_head + c0 * d;
       float* w = weights.data();
-      const int64_t cols = dots ? keys : (keys + kProductAlign - 1) / kProductAlign * kProductAlign;
+      const int64_t cols = dots ? keys : product_aligned(keys);
       const int64_t stride = dots ? keys : kKeyChunk;
       if (dots) {
         dot_logits(qp + h * G * d, kc, w, G, keys, d, s);

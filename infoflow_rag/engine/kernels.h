@@ -27,6 +27,9 @@ inline void check_cpu_float32(const char* kernel, std::initializer_list<at::Tens
 // plain GEMM. Callers round their shapes to a multiple of kProductAlign to keep the compiled shapes few.
 constexpr int64_t kProductAlign = 16;
 
+// n rounded up to a multiple of kProductAlign: a product's row or key count.
+inline int64_t product_aligned(int64_t n) { return (n + kProductAlign - 1) / kProductAlign * kProductAlign; }
+
 // Row-major C (m, n) = A (m, k) B (k, n), plus C if accumulate.
 inline void product(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
                     float* c, int64_t ldc, bool accumulate) {

@@ -53,7 +53,7 @@ at::Tensor sparse_row_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Te
   if (R == 0) return at::empty_like(q);
   // Rows padded to a multiple of kProductAlign (zero queries that see what the last row sees, dropped at the end),
   // and scaled once here: the products take no scale factor.
-  const int64_t R_pad = (R + kProductAlign - 1) / kProductAlign * kProductAlign;
+  const int64_t R_pad = product_aligned(R);
   auto q_pad = at::zeros({H, R_pad, d}, q.options());
   q_pad.narrow(1, 0, R).copy_(q).mul_(scale);
   std::vector<int64_t> lim_pad(lim_all, lim_all + R);
@@ -117,7 +117,7 @@ at::Tensor sparse_row_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Te
         keys = std::min(step, lim[rows - 1] - c);
         const int64_t from = first / kProductAlign * kProductAlign, n = rows - from;
         float* s = scores.data() + from * kKeyBlock;  // (n, kKeyBlock): rows from..rows-1
-        const int64_t cols = (keys + kProductAlign - 1) / kProductAlign * kProductAlign;
+        const int64_t cols = product_aligned(keys);
         const float* ktb = ktp + (h * n_key_blocks + c / kKeyBlock) * d * kKeyBlock + c % kKeyBlock;
         product(n, cols, d, qb + from * d, d, ktb, kKeyBlock, s, kKeyBlock, false);
         for (int64_t i = from; i < rows; ++i) {
