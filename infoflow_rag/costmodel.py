@@ -4,7 +4,9 @@ Counted per decoder layer, multiply-adds as 2 FLOPs:
 - projections and MLP, per token that runs the layer: q, k, v, o and the gated MLP's three matrices;
 - attention, per query: QK^T and PV over the keys it sees (its *visible* count: every cache entry at a position
   <= its own), so a token recomputed late in the context costs more than one recomputed early;
-- the LM head once (only the last position's logits are needed for the first token).
+- the LM head once (only the last position's logits are needed for the first token), and in full prefill and the
+  recompute the last layer's attention, o and MLP for the last position alone (its q, k and v for every token:
+  ``engine/last_layer.py``).
 Norms, RoPE, softmax and biases are left out: under 1 % of the total on the registered models.
 
 The ceiling speedup of a method is full prefill's FLOPs over its scoring plus recompute FLOPs: what it would
@@ -67,19 +69,29 @@ class ModelShape:
         return 2 * self.hidden * self.vocab
 
 
-def forward_flops(shape: ModelShape, visible: torch.Tensor, layers: int | None = None) -> float:
-    """FLOPs of running tokens through the first ``layers`` layers (default all), each seeing ``visible[i]`` keys.
+def forward_flops(shape: ModelShape, visible: torch.Tensor, layers: int) -> float:
+    """FLOPs of running tokens through the first ``layers`` layers, each seeing ``visible[i]`` keys.
 
     visible: (q,) key count per query.
     """
-    layers = shape.layers if layers is None else layers
     keys = float(visible.double().sum())
     return layers * (visible.numel() * shape.token_layer_flops + keys * shape.key_layer_flops)
 
 
+def first_token_flops(shape: ModelShape, visible: torch.Tensor) -> float:
+    """A forward whose caller reads the last token's logits alone: every layer but the last for every token, the last
+    layer's q, k and v for every token and the rest for the token that sees the most keys (the last), the LM head once.
+
+    visible: (q,) key count per query.
+    """
+    last_token = shape.token_layer_flops - shape.qkv_flops + float(visible.max()) * shape.key_layer_flops
+    body = forward_flops(shape, visible, layers=shape.layers - 1) + visible.numel() * shape.qkv_flops
+    return body + last_token + shape.head_flops
+
+
 def full_prefill_flops(shape: ModelShape, n_tokens: int) -> float:
     """The whole prompt in one causal forward: the token at position i sees i + 1 keys."""
-    return forward_flops(shape, torch.arange(1, n_tokens + 1)) + shape.head_flops
+    return first_token_flops(shape, torch.arange(1, n_tokens + 1))
 
 
 def recompute_flops(shape: ModelShape, input_positions: torch.Tensor) -> float:
@@ -88,7 +100,7 @@ def recompute_flops(shape: ModelShape, input_positions: torch.Tensor) -> float:
     input_positions: (q,) prompt positions of the tokens that run. Every prompt position holds one cache
     entry, so the token at position p sees p + 1 keys.
     """
-    return forward_flops(shape, input_positions + 1) + shape.head_flops
+    return first_token_flops(shape, input_positions + 1)
 
 
 def infoflow_scoring_flops(shape: ModelShape, n_queries: int, n_context: int, score_layers: list[int]) -> float:

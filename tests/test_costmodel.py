@@ -35,6 +35,20 @@ def test_one_token_after_a_cache_costs_what_torch_counts(family, cached):
     assert recompute_flops(shape, torch.tensor([cached])) == counter.get_total_flops()
 
 
+def test_full_prefill_linear_layers_cost_what_torch_counts(engine, monkeypatch):
+    # The compiled attention kernel is invisible to the counter and the linear layers run F.linear, which it sees: the
+    # count is the model's linear work, whose last layer runs q, k and v for every token, o and the MLP for the last.
+    from infoflow_rag.engine.prefill import full_prefill
+
+    without_fast_linears(monkeypatch)
+    ids = engine.prompt_ids("Where does the Rhine rise?", ["The Rhine rises in the Swiss Alps."] * 3)
+    with FlopCounterMode(display=False) as counter:
+        full_prefill(engine.model, ids)
+    shape, n = ModelShape.of(engine.model.config), len(ids)
+    attention = ((shape.layers - 1) * n * (n + 1) // 2 + n) * shape.key_layer_flops
+    assert counter.get_total_flops() == full_prefill_flops(shape, n) - attention
+
+
 def test_recomputing_every_token_costs_a_full_prefill_and_late_tokens_cost_more():
     shape = ModelShape.of(tiny_model().model.config)
     n = 1000

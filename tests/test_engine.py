@@ -52,7 +52,7 @@ def test_full_selector_is_the_reference_prefill_on_the_causal_kernel(engine, mon
     kvs = engine.prefill(PASSAGES)
     n = len(engine.prompt_ids(QUESTION, PASSAGES))
     prep, calls = sparse_kernel_calls_during(monkeypatch, lambda: engine.prepare(QUESTION, kvs, selector="full"))
-    assert calls == [list(range(n))] * engine.num_layers
+    assert calls == [list(range(n))] * (engine.num_layers - 1) + [[n - 1]]  # the last layer: the last row's output
     _, reference = engine.full_prefill_answer(QUESTION, PASSAGES, max_new_tokens=1)
     assert torch.equal(prep.out.logits, reference)
     assert prep.out.positions.tolist() == list(range(n))
@@ -74,7 +74,7 @@ def test_full_prefill_reference_runs_the_causal_kernel(engine, monkeypatch, path
     ids = engine.prompt_ids(QUESTION, PASSAGES)
     if path == "kernel":
         out, calls = sparse_kernel_calls_during(monkeypatch, lambda: full_prefill(engine.model, ids))
-        assert calls == [list(range(len(ids)))] * engine.num_layers
+        assert calls == [list(range(len(ids)))] * (engine.num_layers - 1) + [[len(ids) - 1]]
     else:
         without_attention_kernel(monkeypatch)
         out, calls = sdpa_calls_during(monkeypatch, lambda: full_prefill(engine.model, ids))

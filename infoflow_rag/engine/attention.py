@@ -21,6 +21,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from . import last_layer
 from .few_row_attention import decode_attention, few_row_attention
 from .sparse_kernel import sparse_attention
 
@@ -241,6 +242,9 @@ def infoflow_attention(module, query, key, value, attention_mask, scaling=None, 
     c = _active.get()
     layer = getattr(module, "layer_idx", None)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    want = last_layer.wanted(layer)
+    if want is last_layer.Wanted.NONE:  # the layer's K/V are in the cache: all the caller reads
+        raise StopForward
     if c is not None:  # a scoring forward, which stops after c.stop_after
         if layer == c.stop_after and c.stop_before_attention:
             raise StopForward
@@ -261,7 +265,7 @@ def infoflow_attention(module, query, key, value, attention_mask, scaling=None, 
             return out, None
     plan = _sparse.get()
     if plan is not None and query.shape[2] == plan.input_positions.numel() and attention_mask is not None:
-        out = sparse_attention(query, key, value, plan.input_positions, scale)  # the compiled kernel, where it runs
+        out = _sorted_queries(query, key, value, plan.input_positions, scale, want)  # the compiled kernel
         if out is None:  # inference: no dropout
             out, _ = chunked_attention(query, key, value, attention_mask, plan, scaling=scaling)
         return out, None
@@ -269,7 +273,7 @@ def infoflow_attention(module, query, key, value, attention_mask, scaling=None, 
     # beats SDPA's causal kernel there too (README, "The recompute's attention kernel").
     causal_from_start = attention_mask is None and getattr(module, "is_causal", True) and not dropout
     if causal_from_start and 1 < query.shape[2] == key.shape[2]:
-        out = sparse_attention(query, key, value, torch.arange(query.shape[2]), scale)
+        out = _sorted_queries(query, key, value, torch.arange(query.shape[2]), scale, want)
         if out is not None:
             return out, None
     if attention_mask is not None and query.shape[2] > 1:  # prefill, teacher forcing: explicit masks
@@ -279,6 +283,16 @@ def infoflow_attention(module, query, key, value, attention_mask, scaling=None, 
         if out is not None:
             return out, None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _sorted_queries(query, key, value, positions: torch.Tensor, scale: float, want: last_layer.Wanted | None):
+    """:func:`.sparse_attention` of queries at ``positions`` (Q,), or None where the kernel does not run. Where only
+    the last row is wanted, only it is computed, the others stand in as views of it (the layer's hooks drop them).
+    -> (B, Q, heads, d)"""
+    if want is not last_layer.Wanted.LAST_ROW:
+        return sparse_attention(query, key, value, positions, scale)
+    out = sparse_attention(query[:, :, -1:], key, value, positions[-1:], scale)  # (B, 1, heads, d)
+    return None if out is None else out.expand(-1, query.shape[2], -1, -1)
 
 
 def register() -> str:

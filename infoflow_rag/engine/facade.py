@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..kv import PassageKV
 from ..models import DEFAULT_MODEL, LoadedModel, load_model, parameters_sha256
-from . import attention, decoding, linears, prefill, query, recompute
+from . import attention, decoding, last_layer, linears, prefill, query, recompute
 from .check import check_supported, run_check
 from .compression import PromptMap, compress_cache
 from .constraint import JsonConstraint, Vocabulary, grammar_vocabulary, json_grammar
@@ -83,6 +83,7 @@ class Engine:
         # lives in context variables, so threads may share this engine; the hooks and the linears (their weights
         # packed) go in now, before any thread runs a forward.
         install_hooks(self.model)
+        last_layer.install(self.model)
         linears.install(self.model)  # a few rows (decoding) on the compiled kernel, more on packed weights
         self.format = PromptFormat.for_tokenizer(self.tokenizer, system_prompt)
         self.prefix = prefill.prefill_prefix(self.model, encode(self.tokenizer, self.format.head))

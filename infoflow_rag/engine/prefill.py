@@ -12,7 +12,8 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from ..kv import PassageKV
-from . import linears
+from . import last_layer, linears
+from .attention import StopForward
 from .cache import appending_cache, cache_from, position_mask, stacked
 from .recompute import Recomputed
 from .signals import recording
@@ -23,7 +24,8 @@ def prefill_prefix(model: PreTrainedModel, prefix_ids: list[int]) -> PassageKV:
     """The fixed prefix at positions 0 .. p-1 (the attention sink every passage is prefilled behind)."""
     ids = torch.tensor(prefix_ids, dtype=torch.long)
     cache = DynamicCache()
-    with linears.batched_linears():  # K/V bit for bit as full prefill computes them
+    # The many-row product: K/V bit for bit as full prefill computes them. Only the K/V are read.
+    with linears.batched_linears(), last_layer.keys_values_only(model), contextlib.suppress(StopForward):
         model(
             input_ids=ids[None],
             position_ids=torch.arange(len(ids))[None],
@@ -57,14 +59,16 @@ def prefill_passages(
     mask = position_mask(positions, torch.cat([torch.arange(p), positions]), dtype)
     # The many-row product even for a short passage alone: K/V bit for bit as full prefill computes them
     # (linears.batched_linears); the signals' entropy too, so that a prefill is the same computation whatever its size.
-    with recording(model) if signals else contextlib.nullcontext() as recorder, linears.batched_linears():
-        model(
-            input_ids=ids,
-            position_ids=positions.expand(batch, -1),
-            attention_mask=mask,
-            cache=cache,
-            logits_to_keep=1,
-        )
+    # Without signals only the K/V are read: the forward stops once the last layer's are in the cache.
+    with recording(model) if signals else last_layer.keys_values_only(model) as recorder, linears.batched_linears():
+        with contextlib.suppress(StopForward):
+            model(
+                input_ids=ids,
+                position_ids=positions.expand(batch, -1),
+                attention_mask=mask,
+                cache=cache,
+                logits_to_keep=1,
+            )
         recorded = recorder.signals(model) if signals else {}  # name -> (B, longest)
     keys, values = stacked(cache)  # (layers, B, kv_heads, p + longest, head_dim)
     return [
@@ -91,5 +95,6 @@ def full_prefill(model: PreTrainedModel, ids: list[int] | torch.Tensor) -> Recom
     t = torch.as_tensor(ids, dtype=torch.long)
     pos = torch.arange(len(ids))
     cache = appending_cache(model.config.num_hidden_layers)  # decoding appends to it
-    out = model(input_ids=t[None], position_ids=pos[None], cache=cache, logits_to_keep=1)
+    with last_layer.last_row_only(model):
+        out = model(input_ids=t[None], position_ids=pos[None], cache=cache, logits_to_keep=1)
     return Recomputed(out.logits[0, -1].float(), cache, len(ids), pos)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from . import last_layer
 from .attention import SparseQueries, sparse_queries
 from .cache import position_mask, slotted_cache, truncate
 from .placement import PlacedContext
@@ -49,7 +50,7 @@ def recompute(
     # The placed prompt-order buffers become the cache: the forward overwrites the input entries in place, and
     # decoding appends into their room.
     cache = slotted_cache(placed.key_buffer, placed.value_buffer, in_pos, placed.room)  # (L, kv_heads, M + room, d)
-    with sparse_queries(SparseQueries(in_pos)):
+    with sparse_queries(SparseQueries(in_pos)), last_layer.last_row_only(model):
         out = model(
             input_ids=inputs[None],
             position_ids=in_pos[None],
