@@ -6,7 +6,7 @@ import contextlib
 
 import pytest
 import torch
-from conftest import PASSAGES, QUESTION
+from conftest import PASSAGES, QUESTION, without_attention_kernel
 from tiny import tiny_model
 
 from infoflow_rag.engine import Engine, last_layer, recompute
@@ -39,7 +39,11 @@ def _same_cache(a, b) -> bool:
     return torch.equal(ka, kb) and torch.equal(va, vb)
 
 
-def test_full_prefill_runs_the_last_layer_for_the_last_row(family_engine, monkeypatch):
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+def test_full_prefill_runs_the_last_layer_for_the_last_row(family_engine, monkeypatch, path):
+    # Where the attention kernel does not run, the torch path attends for every row; the hooks still keep the last.
+    if path == "torch":
+        without_attention_kernel(monkeypatch)
     ids = family_engine.prompt_ids(QUESTION, PASSAGES)
     short, rows = _mlp_rows(family_engine, lambda: full_prefill(family_engine.model, ids))
     assert rows == [1]
@@ -50,8 +54,11 @@ def test_full_prefill_runs_the_last_layer_for_the_last_row(family_engine, monkey
     assert (short.logits - whole.logits).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("path", ["kernel", "torch"])
 @pytest.mark.parametrize("selector", ["infoflow", "epic"])
-def test_recompute_runs_the_last_layer_for_the_last_row(family_engine, monkeypatch, selector):
+def test_recompute_runs_the_last_layer_for_the_last_row(family_engine, monkeypatch, selector, path):
+    if path == "torch":
+        without_attention_kernel(monkeypatch)
     prep = family_engine.prepare(QUESTION, family_engine.prefill(PASSAGES), selector=selector, ratio=0.4)
     fresh = prep.layout.segments[-1]
     start = prep.layout.length - len(fresh)
