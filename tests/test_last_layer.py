@@ -34,9 +34,10 @@ def _mlp_rows(engine: Engine, run) -> tuple[object, list[int]]:
         handle.remove()
 
 
-def _same_cache(a, b) -> bool:
-    (ka, va), (kb, vb) = stacked(a), stacked(b)
-    return torch.equal(ka, kb) and torch.equal(va, vb)
+def _kv(cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every layer's keys and values, copied: a recompute run again writes into the same placed buffers."""
+    keys, values = stacked(cache)
+    return keys.clone(), values.clone()
 
 
 @pytest.mark.parametrize("path", ["kernel", "torch"])
@@ -50,7 +51,8 @@ def test_full_prefill_runs_the_last_layer_for_the_last_row(family_engine, monkey
     _whole(monkeypatch)
     whole, rows = _mlp_rows(family_engine, lambda: full_prefill(family_engine.model, ids))
     assert rows == [len(ids)]
-    assert _same_cache(short.cache, whole.cache)  # every layer's K/V, the last one's too, for every row
+    for a, b in zip(_kv(short.cache), _kv(whole.cache), strict=True):
+        assert torch.equal(a, b)  # every layer's K/V, the last one's too, for every row
     assert (short.logits - whole.logits).abs().max() <= 1e-5
 
 
@@ -65,11 +67,12 @@ def test_recompute_runs_the_last_layer_for_the_last_row(family_engine, monkeypat
     args = (family_engine.model, prep.placed, prep.chosen, fresh.token_ids, start + torch.arange(len(fresh)))
     short, rows = _mlp_rows(family_engine, lambda: recompute.recompute(*args))
     assert rows == [1]
-    keys, values = (t.clone() for t in stacked(short.cache))
+    short_kv = _kv(short.cache)
     _whole(monkeypatch)
     whole, rows = _mlp_rows(family_engine, lambda: recompute.recompute(*args))
     assert rows == [prep.chosen.numel() + len(fresh)]
-    assert torch.equal(keys, stacked(whole.cache)[0]) and torch.equal(values, stacked(whole.cache)[1])
+    for a, b in zip(short_kv, _kv(whole.cache), strict=True):
+        assert torch.equal(a, b)
     assert (short.logits - whole.logits).abs().max() <= 1e-5
 
 
@@ -90,7 +93,7 @@ def test_a_layer_of_unknown_shape_runs_whole(monkeypatch):
     monkeypatch.setattr(last_layer, "LAYERS", ())
     engine = Engine.load(tiny_model("llama"), lead_in=None)
     ids = engine.prompt_ids(QUESTION, PASSAGES)
-    out, rows = _mlp_rows(engine, lambda: full_prefill(engine.model, ids))
+    _, rows = _mlp_rows(engine, lambda: full_prefill(engine.model, ids))
     assert rows == [len(ids)]
     answer = engine.answer(QUESTION, engine.prefill(PASSAGES), selector="infoflow", ratio=1.0, max_new_tokens=6)
     assert answer.answer == engine.full_prefill_answer(QUESTION, PASSAGES, max_new_tokens=6)[0]
