@@ -6,7 +6,8 @@ causal forward with nothing cached (full prefill), it runs the compiled kernel (
 that did not build, the torch paths: :func:`chunked_attention` and SDPA's causal kernel. A decoding step and a
 question's rows in a scoring pass run a kernel for a few rows (:mod:`.few_row_attention`), or SDPA and
 :func:`grouped_attention`'s matmuls. Anything else (passage prefill under an explicit mask, teacher
-forcing) runs SDPA.
+forcing) runs SDPA. On the last layer it computes only what :mod:`.last_layer` says the caller reads: the last row
+(full prefill, the recompute), or nothing past the K/V (a prefill without signals).
 """
 
 from __future__ import annotations
@@ -243,7 +244,7 @@ def infoflow_attention(module, query, key, value, attention_mask, scaling=None, 
     layer = getattr(module, "layer_idx", None)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     want = last_layer.wanted(layer)
-    if want is last_layer.Wanted.NONE:  # the layer's K/V are in the cache: all the caller reads
+    if want is last_layer.Wanted.KEYS_VALUES:  # the layer's K/V are in the cache: all the caller reads
         raise StopForward
     if c is not None:  # a scoring forward, which stops after c.stop_after
         if layer == c.stop_after and c.stop_before_attention:

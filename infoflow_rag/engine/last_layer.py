@@ -34,8 +34,8 @@ LAYERS = (LlamaDecoderLayer, MistralDecoderLayer, Qwen2DecoderLayer, Qwen3Decode
 class Wanted(Enum):
     """What a forward's caller reads of a layer's output rows."""
 
-    LAST_ROW = "last row"
-    NONE = "none"
+    LAST_ROW = "last row"  # the last row's output
+    KEYS_VALUES = "keys and values"  # no row's output: only the K/V the layer put in the cache
 
 
 _wanted: ContextVar[tuple[int, Wanted] | None] = ContextVar("infoflow_last_layer", default=None)
@@ -49,7 +49,7 @@ def install(model: PreTrainedModel) -> None:
     with _install_lock:
         if hasattr(model, _HOOKED):
             return
-        last = model.get_decoder().layers[-1]
+        last = model.get_decoder().layers[_last_index(model)]  # the layer _setting names, the last one a forward runs
         hookable = isinstance(last, LAYERS)
         if hookable:
             last.self_attn.o_proj.register_forward_pre_hook(_keep_last_row)
@@ -69,7 +69,7 @@ def last_row_only(model: PreTrainedModel) -> Iterator[None]:
 def keys_values_only(model: PreTrainedModel) -> Iterator[None]:
     """Within: this thread's forwards of ``model`` raise :class:`.attention.StopForward` once the last layer's keys
     and values are in the cache; the caller catches it."""
-    with _setting(model, Wanted.NONE):
+    with _setting(model, Wanted.KEYS_VALUES):
         yield
 
 
@@ -81,11 +81,16 @@ def wanted(layer: int | None) -> Wanted | None:
 
 @contextlib.contextmanager
 def _setting(model: PreTrainedModel, want: Wanted | None) -> Iterator[None]:
-    token = _wanted.set(None if want is None else (model.config.num_hidden_layers - 1, want))
+    token = _wanted.set(None if want is None else (_last_index(model), want))
     try:
         yield
     finally:
         _wanted.reset(token)
+
+
+def _last_index(model: PreTrainedModel) -> int:
+    """The last layer a forward runs: transformers runs ``layers[: num_hidden_layers]``."""
+    return model.config.num_hidden_layers - 1
 
 
 def _keep_last_row(module, args: tuple) -> tuple | None:

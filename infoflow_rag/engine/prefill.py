@@ -89,8 +89,9 @@ def full_prefill(model: PreTrainedModel, ids: list[int] | torch.Tensor) -> Recom
 
     No mask is passed: with nothing cached and no padding, the attention runs causal on the compiled kernel
     (engine/sparse_kernel.py) or, where it did not build, SDPA's ``is_causal`` path; both skip the masked half of
-    the scores and read grouped K/V heads without copying them. The fastest plain prefill this stack offers, so
-    speedups are measured against it, not against a slow reference.
+    the scores and read grouped K/V heads without copying them. Its last layer computes the last row's output only
+    (:mod:`.last_layer`; every row's K/V). The fastest plain prefill this stack offers, so speedups are measured
+    against it, not against a slow reference.
     """
     t = torch.as_tensor(ids, dtype=torch.long)
     pos = torch.arange(len(ids))

@@ -31,7 +31,8 @@ def recompute(
     fresh_ids: torch.Tensor,
     fresh_positions: torch.Tensor,
 ) -> Recomputed:
-    """Run selected cached tokens + fresh tokens through every layer at their global positions.
+    """Run selected cached tokens + fresh tokens through every layer at their global positions (the last layer's
+    output for the last row only, :mod:`.last_layer`: the first token's logits are all that is read).
 
     selected: (s,) indices into the placed tokens. The cache holds every prompt position in prompt order: the
     cached tokens at theirs, and slots for the inputs, which the forward fills with fresh K/V; the inputs
