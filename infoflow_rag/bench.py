@@ -1,6 +1,8 @@
 """TTFT of every method side by side in one run, against plain full prefill on the same model.
 
-Methods are interleaved within each repeat, so a busy neighbour slows them all alike; medians are reported.
+Methods are interleaved within each repeat, so a busy neighbour slows them all alike; medians are reported, and
+beside each speedup the range of its repeats' own (full prefill's time over the method's within one repeat), so a
+figure near a target shows whether it holds in every repeat or only in the median.
 Next to each measured speedup: the ceiling its FLOPs allow (see :mod:`costmodel`) and the FLOP rate each path
 achieved, so "close to the limit" is a number.
 """
@@ -40,6 +42,7 @@ class BenchRow:
     context_tokens: int
     method: str
     times_s: list[float]  # every timed TTFT, in run order (the table shows their median)
+    reference_s: list[float]  # full prefill's TTFT in the same repeats, in the same order
     speedup: float  # median full-prefill TTFT / median method TTFT
     score_share: float  # median share of TTFT spent scoring (InfoFlow attention / CacheBlend check layer)
     recompute_fraction: float
@@ -60,8 +63,14 @@ class BenchRow:
     def of_ceiling(self) -> float:
         return self.speedup / self.ceiling
 
+    @property
+    def repeat_speedups(self) -> list[float]:
+        """Full prefill's TTFT over this method's within each repeat, in run order: the speedup's spread."""
+        return [ref / t for ref, t in zip(self.reference_s, self.times_s, strict=True)]
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "ttft_s": self.ttft_s, "runs": self.runs, "of_ceiling": self.of_ceiling}
+        extra = {"ttft_s": self.ttft_s, "runs": self.runs, "of_ceiling": self.of_ceiling}
+        return {**asdict(self), **extra, "repeat_speedups": self.repeat_speedups}
 
 
 def method_cost(engine: Engine, prep: Prepared) -> Cost:
@@ -160,6 +169,7 @@ def bench_ttft(
                 context,
                 "full prefill",
                 times_s=ttft["prefill"],
+                reference_s=ttft["prefill"],
                 speedup=1.0,
                 score_share=0.0,
                 recompute_fraction=1.0,
@@ -176,6 +186,7 @@ def bench_ttft(
                     context,
                     method,
                     times_s=ttft[method],
+                    reference_s=ttft["prefill"],
                     speedup=reference / statistics.median(ttft[method]),
                     score_share=statistics.median(share[method]),
                     recompute_fraction=fraction[method],
@@ -208,9 +219,9 @@ def _rate(flops: float, seconds: list[float]) -> float:
 
 
 TABLE_HEADER = (
-    "| context | method | TTFT (s) | speedup vs prefill | ceiling | of ceiling | scoring share | recomputed | "
-    "mean position | GFLOP/s scoring | GFLOP/s recompute |\n"
-    "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    "| context | method | TTFT (s) | speedup vs prefill | repeats' range | ceiling | of ceiling | scoring share | "
+    "recomputed | mean position | GFLOP/s scoring | GFLOP/s recompute |\n"
+    "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
@@ -219,11 +230,19 @@ def format_table(rows: list[BenchRow], header: bool = True) -> str:
     lines = [TABLE_HEADER] if header else []
     for r in rows:
         lines.append(
-            f"| {r.context_tokens} | {r.method} | {r.ttft_s:.3f} | {r.speedup:.2f}x | {r.ceiling:.2f}x | "
+            f"| {r.context_tokens} | {r.method} | {r.ttft_s:.3f} | {r.speedup:.2f}x | {_range(r)} | {r.ceiling:.2f}x | "
             f"{100 * r.of_ceiling:.0f} % | {100 * r.score_share:.1f} % | {100 * r.recompute_fraction:.1f} % | "
             f"{_num(r.mean_position, '.2f')} | {_num(r.score_gflop_s, '.1f')} | {_num(r.recompute_gflop_s, '.1f')} |"
         )
     return "\n".join(lines)
+
+
+def _range(row: BenchRow) -> str:
+    """The repeats' own speedups, lowest to highest; "–" for full prefill itself, 1.00 in every repeat."""
+    if row.method == "full prefill":
+        return "–"
+    low, high = min(row.repeat_speedups), max(row.repeat_speedups)
+    return f"{low:.2f}–{high:.2f}x"
 
 
 def _num(x: float, fmt: str) -> str:

@@ -162,6 +162,8 @@ def test_bench_ttft_prints_each_context_when_it_is_done(model_dir, capsys):
     assert report["machine"]["cpus"] >= 1 and report["machine"]["wall_s"] > 0
     assert report["machine"]["allocator"] == allocator_state()
     assert all(len(row["times_s"]) == 1 and row["times_s"][0] > 0 for row in report["rows"])  # --repeats 1
+    for row in report["rows"]:  # each repeat's own speedup: full prefill's time in that repeat over the method's
+        assert row["repeat_speedups"] == [row["reference_s"][0] / row["times_s"][0]]
 
 
 def _ctrl_c() -> None:

@@ -94,7 +94,7 @@ def test_bench_reports_each_methods_ceiling_and_flop_rates(engine):
     from infoflow_rag.bench import bench_ttft, format_table
 
     methods = ("full", "infoflow", "infoflow+reorder", "cacheblend", "epic", "none")
-    rows = {r.method: r for r in bench_ttft(engine, [1500], ratio=0.2, methods=methods, repeats=1)}
+    rows = {r.method: r for r in bench_ttft(engine, [1500], ratio=0.2, methods=methods, repeats=2)}
     assert rows["full prefill"].ceiling == 1.0 and rows["full prefill"].recompute_gflop_s > 0
     assert rows["full"].ceiling == 1.0  # one causal forward over the whole prompt, the prefix too
     # Scoring costs FLOPs: the reordered variant pays a second question pass on top of the same recompute.
@@ -103,9 +103,18 @@ def test_bench_reports_each_methods_ceiling_and_flop_rates(engine):
     assert rows["cacheblend"].score_gflop_s > 0 and rows["infoflow"].score_gflop_s > 0
     assert all(0 <= rows[m].mean_position <= 1 for m in ("infoflow", "cacheblend", "epic"))
     assert all(r.of_ceiling == r.speedup / r.ceiling for r in rows.values())
-    assert all(len(r.times_s) == 1 and r.ttft_s == r.times_s[0] for r in rows.values())  # the median of its runs
+    assert all(len(r.times_s) == 2 and r.ttft_s == sum(r.times_s) / 2 for r in rows.values())  # their median
+    # Each repeat's speedup pairs a method's time with full prefill's in the same repeat, never another repeat's;
+    # the speedup of the medians lies within the repeats' own.
+    reference = rows["full prefill"].times_s
+    for r in rows.values():
+        assert r.reference_s == reference
+        assert r.repeat_speedups == [reference[0] / r.times_s[0], reference[1] / r.times_s[1]]
+        assert min(r.repeat_speedups) <= r.speedup * (1 + 1e-12) and r.speedup <= max(r.repeat_speedups) * (1 + 1e-12)
     table = format_table(list(rows.values()))
     assert "| ceiling | of ceiling |" in table and "| – |" in table
+    low, high = min(rows["epic"].repeat_speedups), max(rows["epic"].repeat_speedups)
+    assert f"| {rows['epic'].speedup:.2f}x | {low:.2f}–{high:.2f}x |" in table
 
 
 def test_bench_methods_read_the_eval_grammar_and_a_leadin_method_its_own_cache(engine, monkeypatch):
