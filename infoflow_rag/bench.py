@@ -35,6 +35,7 @@ from .store import STORAGE_DTYPES
 
 # The default (sinkflow over lead-in caches) beside the published methods, each over the cache it was published on.
 BENCH_METHODS = ("full", "sinkflow+leadin", "infoflow", "infoflow+reorder", "cacheblend", "epic", "random", "none")
+REFERENCE = "full prefill"  # the row every speedup is measured against: plain full prefill, outside any method
 
 
 @dataclass
@@ -167,7 +168,7 @@ def bench_ttft(
         rows.append(
             BenchRow(
                 context,
-                "full prefill",
+                REFERENCE,
                 times_s=ttft["prefill"],
                 reference_s=ttft["prefill"],
                 speedup=1.0,
@@ -239,7 +240,7 @@ def format_table(rows: list[BenchRow], header: bool = True) -> str:
 
 def _range(row: BenchRow) -> str:
     """The repeats' own speedups, lowest to highest; "–" for full prefill itself, 1.00 in every repeat."""
-    if row.method == "full prefill":
+    if row.method == REFERENCE:
         return "–"
     low, high = min(row.repeat_speedups), max(row.repeat_speedups)
     return f"{low:.2f}–{high:.2f}x"
