@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(BENCH_METHODS),
         help="comma-separated methods in the eval grammar (infoflow+reorder, sinkflow+leadin, ...); --ratio unless @",
     )
-    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per method (median reported)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per method (median and range reported)")
     _json(p)
     p.set_defaults(func=cmd_bench_ttft)
     p = bench.add_parser("prefill", help="passage prefill time with and without InfoKV's per-token signals")
