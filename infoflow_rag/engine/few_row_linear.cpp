@@ -13,16 +13,8 @@
 
 namespace {
 
-typedef float Vec __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register, two AVX2 ones
-constexpr int64_t kLanes = 16;
 constexpr int64_t kWeightRows = 8;  // per tile; 4 and 2 streamed the weights slower (Zen 4, SmolLM2 shapes)
 constexpr int64_t kInputRows = 4;   // per tile; larger tiles run out of registers
-
-inline Vec load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof v);  // unaligned load
-  return v;
-}
 
 // y[m][n] = x[m] . w[n] for MB input rows (from x) and NB weight rows (from w), each of length K; y's rows are
 // y_stride apart.

@@ -7,4 +7,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_row_attention", &sparse_row_attention, py::call_guard<py::gil_scoped_release>());
   m.def("few_row_attention", &few_row_attention, py::call_guard<py::gil_scoped_release>());
   m.def("few_row_linear", &few_row_linear, py::call_guard<py::gil_scoped_release>());
+  m.def("rotate_keys_into", &rotate_keys_into, py::call_guard<py::gil_scoped_release>());
 }

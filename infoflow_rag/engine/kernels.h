@@ -36,6 +36,17 @@ inline void product(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda
   at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c);
 }
 
+// 16 floats: one AVX-512 register, two AVX2 ones; the compiler lowers arithmetic on it to the machine's vectors.
+typedef float Vec __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 16;
+
+// An unaligned load of kLanes floats.
+inline Vec load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
 // exp(x) for x <= 0 in plain arithmetic the compiler vectorizes: x = n ln2 + r, exp(x) = 2^n p(r), with Cephes'
 // expf polynomial (~1e-7 relative). Clamped at -87 so 2^n stays a normal float.
 inline float exp_nonpositive(float x) {
@@ -66,3 +77,6 @@ std::vector<at::Tensor> few_row_attention(at::Tensor q, at::Tensor k, std::optio
 
 // few_row_linear.cpp: x (M, K) times weight (N, K) transposed, plus bias (N,): (M, N), for a few rows M.
 at::Tensor few_row_linear(at::Tensor x, at::Tensor weight, std::optional<at::Tensor> bias);
+
+// key_rotation.cpp: out (L, H, n, d) = keys (L, H, n, d) rotated by R(delta) per token, from cos and sin (n, d).
+void rotate_keys_into(at::Tensor out, at::Tensor keys, at::Tensor cos, at::Tensor sin);

@@ -1,7 +1,8 @@
 """The compiled kernels (C++, built where they run): the attention of position-sorted queries over their key
 prefixes (sparse_kernel.cpp, used through :mod:`.sparse_kernel`), the attention of a few rows over a whole cache (a
-decoding step, a question's scoring pass: few_row_attention.cpp, through :mod:`.few_row_attention`) and linear layers
-of a few rows (few_row_linear.cpp, through :mod:`.few_rows`); kernels.cpp binds them into one extension.
+decoding step, a question's scoring pass: few_row_attention.cpp, through :mod:`.few_row_attention`), linear layers
+of a few rows (few_row_linear.cpp, through :mod:`.few_rows`) and placement's key rotation (key_rotation.cpp, through
+:func:`.placement.rotate_keys`); kernels.cpp binds them into one extension.
 
 Built from source on first use (the engine's first forward: loading a model prefills its fixed prefix) with
 torch's extension loader (g++ and ninja; ~40 s once per machine, source, Python and torch version, under
@@ -26,7 +27,7 @@ import torch
 
 SOURCES = [
     Path(__file__).with_name(name)
-    for name in ("kernels.cpp", "sparse_kernel.cpp", "few_row_attention.cpp", "few_row_linear.cpp")
+    for name in ("kernels.cpp", "sparse_kernel.cpp", "few_row_attention.cpp", "few_row_linear.cpp", "key_rotation.cpp")
 ]
 # -march=native: the kernels are built on the machine that runs them; -ffast-math lets the compiler vectorize the
 # softmax's max, exp and sum and the linear's dot products (the sources never form an infinity, see their comments).

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kv import PassageKV
+from . import kernels
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -45,15 +46,23 @@ def rotate_keys(
     keys: (..., n, head_dim), any float dtype; deltas: (n,) ints (one per token; a passage shares one).
     Returns keys of the same shape and dtype, written into ``out`` if given (else a new tensor, or the input
     itself when every delta is zero). The product is taken in the keys' dtype (float32 in practice): only
-    the angle needs float64. Written as in-place products on ``out`` rather than ``k cos + rotate_half(k) sin``:
-    a 4K cache is ~90 MB of keys, and each temporary of that size costs a pass over memory.
+    the angle needs float64. A 4K cache is ~90 MB of keys, and each pass over them costs a pass over memory: the
+    compiled kernel (key_rotation.cpp) reads and writes each key once; where it does not run, in-place products on
+    ``out`` take three passes rather than the four and the temporaries of ``k cos + rotate_half(k) sin``.
     """
     if not bool(deltas.any()):
         return keys if out is None else out.copy_(keys)
-    cos, sin = delta_cos_sin(deltas.to(keys.device), inv_freq.to(keys.device))
-    cos, sin = cos.to(keys.dtype), sin.to(keys.dtype)  # (n, hd), broadcast over leading dims
+    shared = bool((deltas == deltas[0]).all())  # a passage moves as one: one angle row for all its tokens
+    cos, sin = delta_cos_sin((deltas[:1] if shared else deltas).to(keys.device), inv_freq.to(keys.device))
+    cos, sin = cos.to(keys.dtype), sin.to(keys.dtype)  # (n or 1, hd), broadcast over leading dims
     out = torch.empty_like(keys) if out is None else out
-    half = keys.shape[-1] // 2
+    n, head_dim = keys.shape[-2:]
+    rows_contiguous = out.stride(-1) == 1 and out.stride(-2) == head_dim
+    kernel = kernels.for_tensors(keys, out, cos) if keys.dim() == 4 and rows_contiguous else None
+    if kernel is not None:
+        kernel.rotate_keys_into(out, keys, cos.expand(n, -1), sin.expand(n, -1))
+        return out
+    half = head_dim // 2
     torch.mul(keys, cos, out=out)
     out[..., :half].addcmul_(keys[..., half:], sin[:, :half], value=-1)  # rotate_half: (-x2, x1)
     out[..., half:].addcmul_(keys[..., :half], sin[:, half:])
