@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..kv import PassageKV
 from ..models import DEFAULT_MODEL, LoadedModel, load_model, parameters_sha256
-from . import attention, decoding, last_layer, linears, prefill, query, recompute
+from . import attention, decoding, last_layer, linears, norms, prefill, query, recompute
 from .check import check_supported, run_check
 from .compression import PromptMap, compress_cache
 from .constraint import JsonConstraint, Vocabulary, grammar_vocabulary, json_grammar
@@ -85,6 +85,7 @@ class Engine:
         install_hooks(self.model)
         last_layer.install(self.model)
         linears.install(self.model)  # a few rows (decoding) on the compiled kernel, more on packed weights
+        norms.install(self.model)  # RMSNorm on torch's fused kernel: the same result in one pass
         self.format = PromptFormat.for_tokenizer(self.tokenizer, system_prompt)
         self.prefix = prefill.prefill_prefix(self.model, encode(self.tokenizer, self.format.head))
         self.lead_in = lead_in
