@@ -76,6 +76,15 @@ def test_kernel_and_torch_path_agree_and_the_torch_path_takes_what_the_kernel_ca
     assert calls == []
 
 
+@pytest.mark.parametrize("deltas", [torch.full((5,), 7), torch.arange(5), torch.full((37, 1), 7)])
+def test_deltas_not_one_per_key_are_refused_naming_both_shapes(deltas):
+    # A passage's one shared delta must still come once per key: a shorter vector would broadcast silently.
+    with pytest.raises(
+        ValueError, match=r"deltas must be one per key, shape \(37,\) for keys of shape \(2, 3, 37, 64\)"
+    ):
+        placement.rotate_keys(torch.randn(2, 3, 37, 64), deltas, _inv_freq(64))
+
+
 def test_kernel_refuses_bad_shapes():
     kernel = kernels.load()
     keys, trig = torch.randn(2, 3, 5, 8), torch.randn(5, 8)

@@ -50,13 +50,17 @@ def rotate_keys(
     compiled kernel (key_rotation.cpp) reads and writes each key once; where it does not run, in-place products on
     ``out`` take three passes rather than the four and the temporaries of ``k cos + rotate_half(k) sin``.
     """
+    n, head_dim = keys.shape[-2:]
+    if deltas.shape != (n,):
+        raise ValueError(
+            f"deltas must be one per key, shape ({n},) for keys of shape {tuple(keys.shape)}; got {tuple(deltas.shape)}"
+        )
     if not bool(deltas.any()):
         return keys if out is None else out.copy_(keys)
     shared = bool((deltas == deltas[0]).all())  # a passage moves as one: one angle row for all its tokens
     cos, sin = delta_cos_sin((deltas[:1] if shared else deltas).to(keys.device), inv_freq.to(keys.device))
     cos, sin = cos.to(keys.dtype), sin.to(keys.dtype)  # (n or 1, hd), broadcast over leading dims
     out = torch.empty_like(keys) if out is None else out
-    n, head_dim = keys.shape[-2:]
     rows_contiguous = out.stride(-1) == 1 and out.stride(-2) == head_dim
     kernel = kernels.for_tensors(keys, out, cos) if keys.dim() == 4 and rows_contiguous else None
     if kernel is not None:
