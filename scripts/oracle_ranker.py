@@ -44,7 +44,7 @@ def collect(out: Path) -> None:
     for number, ex in enumerate(load_hotpotqa("passage", start=0, limit=45)):
         kvs = engine.prefill(ex.passages)
         prep = engine.prepare(ex.question, kvs, selector="none", template=DEFAULT_PROMPT, max_new_tokens=32)
-        probe = query.probe(engine, prep.placed, prep.layout)
+        probe = query.probe(engine, prep.placed, prep.layout, prep.options.score_dtype)
         features = token_features(prep.placed, probe, engine.score_layers, RANKER)  # (N, len(RANKER))
         stale = recomputable_passages(prep.placed)
         for passage, start, end in stale:

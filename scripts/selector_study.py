@@ -354,11 +354,11 @@ def _value_scores(engine: Engine, placed: PlacedContext, layout: Layout, layers:
         _value_norms.clear()
 
 
-def _study_probe(engine: Engine, placed: PlacedContext, layout: Layout) -> Probe:
+def _study_probe(engine: Engine, placed: PlacedContext, layout: Layout, score_dtype: str) -> Probe:
     """The engine's probe, plus ``repair(chosen)``: recompute ``chosen`` (and the fresh tokens) in place,
     ``last_row_scores(layers, rows)``: InfoFlow's score over the fresh block's last rows, and
     ``value_scores(layers)``: InfoFlow's score with each head's attention weighted by the value norm."""
-    probe = _plain_probe(engine, placed, layout)
+    probe = _plain_probe(engine, placed, layout, score_dtype)
     probe.repair = lambda chosen: recompute.recompute(engine.model, placed, chosen, *query.fresh_inputs(layout))
     probe.last_row_scores = lambda layers, rows: _last_row_scores(engine, placed, layout, layers, rows)
     probe.value_scores = lambda layers: _value_scores(engine, placed, layout, layers)

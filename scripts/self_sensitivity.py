@@ -42,6 +42,7 @@ from selector_study import DEV_END, _read, append_rows  # noqa: E402
 from stale_gap import COMMON, RATIO, cache_forward, load_question, variant_table  # noqa: E402
 
 from infoflow_rag.engine import Engine, query  # noqa: E402
+from infoflow_rag.engine.options import QueryOptions  # noqa: E402
 from infoflow_rag.engine.placement import Layout, PlacedContext  # noqa: E402
 from infoflow_rag.engine.selection import Probe, SinkFlowSelector, ratio_budget  # noqa: E402
 from infoflow_rag.eval.datasets import EvalExample, load_hotpotqa  # noqa: E402
@@ -129,7 +130,7 @@ def collect(out: Path) -> None:
             continue
         kvs = engine.prefill(ex.passages)
         prep = engine.prepare(ex.question, kvs, selector="none", template=DEFAULT_PROMPT, max_new_tokens=32)
-        probe = query.probe(engine, prep.placed, prep.layout)
+        probe = query.probe(engine, prep.placed, prep.layout, prep.options.score_dtype)
         signals = sensitivity(engine, prep.placed, prep.layout)
         n = prep.placed.token_ids.numel()
         label, sink = np.zeros(n, bool), np.zeros(n, bool)
@@ -209,7 +210,7 @@ def kl_run(start: int, questions: int, out_path: Path) -> None:
         budget = ratio_budget(q.placed, RATIO)
         chosen = {m: engine.prepare(ex.question, kvs, selector=m, ratio=RATIO, **COMMON).chosen for m in LIBRARY}
         signals = sensitivity(engine, q.placed, q.layout)
-        score = query.probe(engine, q.placed, q.layout).scores(engine.score_layers).double()
+        score = query.probe(engine, q.placed, q.layout, QueryOptions().score_dtype).scores(engine.score_layers).double()
         for name in RANKED:
             ranked = signals[name][1:].sum(0).sqrt() * score  # (N,); layer 0 is never stale: left out
             chosen[f"{name}×score"] = picks(q.placed, ranked, budget)

@@ -58,6 +58,7 @@ from selector_study import (  # noqa: E402
 
 from infoflow_rag.engine import Engine, query, recompute  # noqa: E402
 from infoflow_rag.engine.cache import SlottedLayer, position_mask, stacked  # noqa: E402
+from infoflow_rag.engine.options import QueryOptions  # noqa: E402
 from infoflow_rag.engine.placement import Layout, PlacedContext  # noqa: E402
 from infoflow_rag.engine.query import Prepared  # noqa: E402
 from infoflow_rag.engine.selection import (  # noqa: E402
@@ -245,7 +246,7 @@ def variants(q: Question, ex: EvalExample, kvs: list[PassageKV]) -> dict[str, tu
     sinkflow = engine.prepare(ex.question, kvs, selector="sinkflow", ratio=RATIO, **COMMON).chosen
     fresh = q.fresh_placed()
     sinkflow_fresh = SinkFlowSelector(layers=engine.score_layers).select(
-        fresh, budget, query.probe(engine, fresh, q.layout)
+        fresh, budget, query.probe(engine, fresh, q.layout, QueryOptions().score_dtype)
     )
     chosen: dict[str, tuple[dict, dict]] = {
         "none": ({"selected": nothing}, {}),

@@ -23,10 +23,16 @@ def test_rerotated_keys_equal_keys_at_global_positions(family_engine):
 def test_full_recompute_reproduces_full_prefill(family_engine):
     e = family_engine
     kvs = e.prefill(PASSAGES)
-    for selector, ratio in [("full", 0.15), ("infoflow", 1.0), ("sinkflow", 1.0), ("random", 1.0)]:
-        prep = e.prepare(QUESTION, kvs, selector=selector, ratio=ratio)
+    for selector, ratio, dtype in [
+        ("full", 0.15, "float32"),
+        ("infoflow", 1.0, "float32"),
+        ("infoflow", 1.0, "bfloat16"),  # the scoring pass's products only: the recompute stays float32
+        ("sinkflow", 1.0, "bfloat16"),
+        ("random", 1.0, "float32"),
+    ]:
+        prep = e.prepare(QUESTION, kvs, selector=selector, ratio=ratio, score_dtype=dtype)
         _, reference = e.full_prefill_answer(QUESTION, PASSAGES, max_new_tokens=1)
-        assert (prep.out.logits - reference).abs().max() <= 1e-4, selector
+        assert (prep.out.logits - reference).abs().max() <= 1e-4, (selector, dtype)
     answer = e.answer(QUESTION, kvs, selector="infoflow", ratio=1.0, max_new_tokens=12).answer
     assert answer == e.full_prefill_answer(QUESTION, PASSAGES, max_new_tokens=12)[0]
 

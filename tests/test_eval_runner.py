@@ -1,6 +1,7 @@
 """The resumable runner and method specs, driven by a deterministic fake engine."""
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -193,6 +194,37 @@ def test_resume_refuses_questions_asked_over_other_passages_before_writing(tmp_p
         run_eval(FakeEngine(), other, METHODS, path, progress=False, command="eval --toy")
     assert path.read_bytes() == before  # refused before the resume record
     assert len(run(FakeEngine(fail_after=0), path)) == 9  # the same questions resume, with nothing left to do
+
+
+def _as_if_answered_in_float32(path) -> None:
+    """The file's infoflow@0.15 lines rewritten as lines written while float32 scoring was the default."""
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    for line in lines:
+        if line.get("method") == "infoflow@0.15":
+            line["options"]["score_dtype"] = "float32"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_resume_refuses_to_add_results_under_a_key_whose_results_had_other_options(tmp_path):
+    path = tmp_path / "r.jsonl"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(FakeEngine(fail_after=4), path)  # q0's three methods and q1's full on file
+    _as_if_answered_in_float32(path)
+    before = path.read_bytes()
+    with pytest.raises(
+        ValueError,
+        match=r"cannot resume .*r.jsonl: its infoflow@0.15 results were answered with other options "
+        r"\(score_dtype='float32' on file, 'bfloat16' now\)",
+    ):
+        run(FakeEngine(), path)
+    assert path.read_bytes() == before  # refused before the resume record
+
+
+def test_a_finished_file_resumes_whatever_its_options(tmp_path):
+    path = tmp_path / "r.jsonl"
+    run(FakeEngine(), path)
+    _as_if_answered_in_float32(path)
+    assert len(run(FakeEngine(fail_after=0), path)) == 9  # nothing to add: nothing mixed
 
 
 def test_existing_file_without_resume_is_refused(tmp_path):

@@ -141,3 +141,81 @@ def test_prefills_run_batched_linears(engine, monkeypatch):
     assert len(kv) <= few_rows.FEW_ROWS and len(head.prefix) <= few_rows.FEW_ROWS and kernel_rows == []
     engine.answer("Why?", [kv], max_new_tokens=2)
     assert kernel_rows  # outside prefills, the same few rows take the kernel
+
+
+needs_bfloat16 = pytest.mark.skipif(not linears.bfloat16_products(), reason="this CPU has no bfloat16 products")
+
+
+@needs_bfloat16
+@pytest.mark.parametrize("n_in, n_out", [(576, 1536), (896, 128), (37, 13)])
+def test_bfloat16_products_round_inputs_and_outputs_and_add_the_bias_in_float32(n_in, n_out):
+    torch.manual_seed(0)
+    layer, bare = packed_layer(n_in, n_out, True), packed_layer(n_in, n_out, False)
+    with torch.no_grad():
+        bare.weight.copy_(layer.weight)
+    bare.pack()
+    x = torch.randn(40, n_in)
+    with torch.inference_mode():
+        single = layer(x)
+        with linears.products_in("bfloat16"):
+            half, half_bare = layer(x), bare(x)
+        with linears.products_in("float32"):
+            assert torch.equal(layer(x), single)  # the float32 weights, as outside
+    exact = F.linear(x.bfloat16().double(), layer.weight.bfloat16().double())  # bfloat16 operands, summed exactly
+    assert torch.equal(half_bare, half_bare.bfloat16().float())  # the product comes out in bfloat16
+    assert (half_bare - exact).abs().max() <= 2**-8 * exact.abs().max()  # one bfloat16 rounding of the sum
+    assert torch.equal(half, half_bare + layer.bias)  # the bias added after, in float32
+    assert (half - single).abs().max() > 0  # not the float32 product
+
+
+@needs_bfloat16
+def test_bfloat16_products_leave_a_few_rows_on_the_float32_kernel_and_follow_a_changed_weight():
+    torch.manual_seed(0)
+    layer = packed_layer(64, 96, False)
+    x = torch.randn(40, 64)
+    with torch.inference_mode():
+        few = layer(x[: few_rows.FEW_ROWS])
+        with linears.products_in("bfloat16"):
+            assert torch.equal(layer(x[: few_rows.FEW_ROWS]), few)
+    with torch.no_grad():
+        layer.weight.mul_(-2)  # in place: both copies are packed again
+    with torch.inference_mode(), linears.products_in("bfloat16"):
+        changed = layer(x)
+    exact = F.linear(x.double(), layer.weight.double())
+    assert (changed - exact).abs().max() <= 2**-6 * exact.abs().max()  # bfloat16 operands: ~2^-8 each
+
+
+def test_without_bfloat16_products_a_layer_keeps_no_copy_and_runs_float32(monkeypatch):
+    monkeypatch.setattr(linears, "bfloat16_products", lambda: False)  # a CPU without AVX-512 BF16 or AMX
+    torch.manual_seed(0)
+    layer = packed_layer(64, 96, True)
+    assert layer.packed_bfloat16 is None
+    x = torch.randn(40, 64)
+    with torch.inference_mode():
+        single = layer(x)
+        with linears.products_in("bfloat16"):
+            assert torch.equal(layer(x), single)
+
+
+@needs_bfloat16
+def test_score_dtype_reaches_the_scoring_passes_and_nothing_else(engine, monkeypatch):
+    seen, forward = [], linears.EngineLinear.forward
+
+    def spy(self, x):
+        seen.append((x.numel() // x.shape[-1], linears._product_dtype.get()))
+        return forward(self, x)
+
+    monkeypatch.setattr(linears.EngineLinear, "forward", spy)
+    kvs = engine.prefill(PASSAGES)
+    question = "Where does the Rhine rise?"
+    counts = {}
+    for dtype, reorder in [("float32", False), ("bfloat16", False), ("bfloat16", True)]:
+        seen.clear()
+        prep = engine.prepare(question, kvs, selector="infoflow", ratio=0.5, reorder=reorder, score_dtype=dtype)
+        n_question = prep.layout.query_ids.numel()
+        half = [rows for rows, d in seen if d is torch.bfloat16]
+        assert set(half) == (set() if dtype == "float32" else {n_question})  # the question's rows: scoring passes
+        assert any(rows > n_question for rows, d in seen if d is torch.float32)  # the recompute in float32
+        counts[dtype, reorder] = len(half)
+    # The reorder stage's scoring round runs in the same weights: one scoring pass more.
+    assert counts["bfloat16", True] == 2 * counts["bfloat16", False] > 0

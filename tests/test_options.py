@@ -25,6 +25,7 @@ BAD = [
     ({"compress": "snapkv", "keep": 0}, r"keep=0 as a token count must be >= 1; pass a float such as 0.5"),
     ({"keep": 0.5}, r"keep=0.5 needs a compression policy: set compress \(e.g. 'snapkv'\)"),
     ({"compress": "zip", "keep": 0.5}, r"unknown compression policy 'zip'; known policies:"),
+    ({"score_dtype": "float16"}, r"unknown score_dtype 'float16'; choose one of bfloat16, float32"),
 ]
 # The same values written as a method string of the eval grammar.
 METHOD_OF = {
@@ -34,6 +35,7 @@ METHOD_OF = {
     "compress=snapkv keep=1.5": "infoflow@0.15+snapkv:1.5",
     "compress=snapkv keep=0": "infoflow@0.15+snapkv:0",
     "compress=zip keep=0.5": "infoflow@0.15+zip:0.5",
+    "score_dtype=float16": 'infoflow;score_dtype="float16"@0.15',
 }
 
 
@@ -56,7 +58,7 @@ def test_every_entry_point_refuses_the_same_values_through_it(options, message, 
         with pytest.raises(ValueError, match=message):
             parse_method(text)
     # the CLI: a one-line error and rc 2, before any model loads
-    flags = [arg for k, v in options.items() for arg in (f"--{k}", str(v))]
+    flags = [arg for k, v in options.items() for arg in ("--" + k.replace("_", "-"), str(v))]
     assert main(["ask", "q", "--index", "nowhere", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("infoflow-rag: error: ") and err.count("\n") == 1

@@ -11,6 +11,7 @@ each part run with other commands than the first began saying how it was run. Re
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from infoflow_rag.eval.report import write_report
-from infoflow_rag.eval.results import read_results
+from infoflow_rag.eval.results import QuestionResult, read_results
 from infoflow_rag.eval.suite import suite_parts, write_suite_report
 
 ROOT = Path(__file__).parent.parent
@@ -81,6 +82,15 @@ def test_old_results_file_loads_with_options(path):
     assert run.results
     for r in run.results:  # every row carries its options whole, and its key is still theirs
         assert r.spec.key == r.method
+        assert r.options.score_dtype == "float32"  # how it was scored, whatever today's default
+
+
+def test_a_line_without_an_option_added_since_reads_as_it_was_answered():
+    (line,) = [json.loads(text) for text in (ROOT / "docs/heldout-1700/main.jsonl").read_text().splitlines()[1:2]]
+    assert "options" in line and "score_dtype" not in line["options"]  # written with options, before the field
+    assert QuestionResult.from_record(line).options.score_dtype == "float32"
+    line["options"]["score_dtype"] = "bfloat16"
+    assert QuestionResult.from_record(line).options.score_dtype == "bfloat16"
 
 
 @pytest.mark.parametrize("path", sorted(FILES))

@@ -17,6 +17,7 @@ from infoflow_rag.engine import Engine, query
 from infoflow_rag.engine.placement import rotate_keys
 from infoflow_rag.engine.selection import SELECTORS, Probe, passage_heads, recomputable_spans
 from infoflow_rag.eval.datasets import EvalExample
+from infoflow_rag.eval.results import read_results
 
 NOTHING = torch.empty(0, dtype=torch.long)
 SCRIPTS = str(Path(__file__).parent.parent / "scripts")
@@ -39,6 +40,7 @@ def study():
                     "oracle_ranker",
                     "sink_attention",
                     "stale_calibration",
+                    "paired_methods",
                 )
             }
         )
@@ -147,7 +149,7 @@ def test_value_weighted_score_is_infoflows_with_unit_values_and_scales_with_a_ke
 
 def test_value_weighted_sinkflow_takes_the_passage_heads_then_the_value_weighted_ranking(engine, question, study):
     placed, layers = question.placed, engine.score_layers
-    probe = study.selector_study._study_probe(engine, placed, question.layout)
+    probe = study.selector_study._study_probe(engine, placed, question.layout, "float32")
     budget = passage_heads(placed, 2).numel() + 5
     chosen = study.selector_study.ValueWeightedSinkFlow(sink=2, layers=layers).select(placed, budget, probe)
     assert chosen.numel() == budget and bool(placed.candidate[chosen].all())
@@ -328,3 +330,20 @@ def test_the_filler_cache_keeps_the_first_passage_and_places_the_rest_as_if_behi
     theirs = lead.prepare(QUESTION, lead.prefill(PASSAGES), selector="none").placed
     first_end = ours.spans[0][2]
     assert torch.allclose(ours.keys[:, :, first_end:], theirs.keys[:, :, first_end:], atol=1e-5)
+
+
+def test_paired_methods_pairs_two_methods_question_by_question(study):
+    results = read_results(Path(__file__).parent.parent / "docs/score-dtype/smollm2-135m/results.jsonl").results
+    first, second = "infoflow@0.15", 'infoflow;score_dtype="bfloat16"@0.15'
+    one = [r for r in results if r.id == results[0].id]  # a question's results alone: every method once
+    c = study.paired_methods.compare(one, first, second)
+    by = {r.method: r for r in one}
+    assert c["n"] == 1 and c["kl_answer"] == (by[first].kl_answer, by[second].kl_answer)
+    assert c["difference"].mean == pytest.approx(by[second].kl_answer - by[first].kl_answer, abs=1e-15)
+    same = [int(by[m].prediction == by["full"].prediction) for m in (first, second)]
+    assert c["full_answer"] == tuple(same)
+    whole = study.paired_methods.compare(results, first, second)
+    assert whole["n"] == 60 and whole["difference"].low <= whole["difference"].mean <= whole["difference"].high
+    assert sum(vars(whole["closer_tie_further"]).values()) == 60
+    with pytest.raises(SystemExit, match="no results of 'infoflow@0.5' in the file"):
+        study.paired_methods.compare(results, "infoflow@0.5", second)

@@ -6,8 +6,9 @@ oneDNN over prepacked weights against MKL's sgemm, on this project's 2-core EPYC
 process; README, "Linear layers of many rows"): full prefill 10.97 -> 9.11 s, InfoFlow's TTFT 2.30 -> 2.14 s; one
 4000-row gate_proj product 55 -> 36 ms. A row's product does not depend on how many rows run with it (from 2 rows
 up, as with MKL), so a passage prefilled alone and the same tokens inside full prefill or a 100 % recompute get the
-same K/V, bit for bit. The price is memory: each packed layer keeps a second copy of its weight (the output
-embedding is not packed: it runs one row, on the kernel).
+same K/V, bit for bit. The price is memory: each packed layer keeps a second copy of its weight, and where the CPU
+runs bfloat16 products a third at half the size, for scoring passes (the output embedding is not packed: it runs one
+row, on the kernel).
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ from . import few_rows
 PACK_ROWS = 64
 _batched_only: ContextVar[bool] = ContextVar("batched_linears_only", default=False)
 
+# The weights a scoring pass's products may run on (QueryOptions.score_dtype). A question's dozen rows stream every
+# weight from memory and do little with each, so bfloat16 copies, half the bytes, make them faster (README, "The
+# scoring pass in bfloat16"); inputs are rounded to bfloat16 for the product, outputs come back in float32.
+PRODUCT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+_product_dtype: ContextVar[torch.dtype] = ContextVar("product_dtype", default=torch.float32)
+
 
 @contextlib.contextmanager
 def batched_linears():
@@ -40,12 +47,29 @@ def batched_linears():
         _batched_only.reset(token)
 
 
-def blocked_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """``weight`` (N, K) in oneDNN's blocked layout, or None where oneDNN cannot run it (not built with it, not
-    float32 on the CPU)."""
+@contextlib.contextmanager
+def products_in(dtype: str):
+    """Within: many-row products run on the weights' ``dtype`` copies (a name of PRODUCT_DTYPES), where the layer
+    has one (:meth:`EngineLinear.pack`); a few rows still take the float32 kernel."""
+    token = _product_dtype.set(PRODUCT_DTYPES[dtype])
+    try:
+        yield
+    finally:
+        _product_dtype.reset(token)
+
+
+def bfloat16_products() -> bool:
+    """Whether oneDNN runs bfloat16 products on this CPU (AVX-512 BF16 or AMX); elsewhere they would be emulated,
+    slower than float32, so layers keep no bfloat16 copy and ``score_dtype="bfloat16"`` runs float32."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def blocked_weight(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """``weight`` (N, K) as ``dtype`` in oneDNN's blocked layout, or None where oneDNN cannot run it (not built with
+    it, not float32 on the CPU)."""
     if not (torch.backends.mkldnn.is_available() and weight.dtype == torch.float32 and weight.device.type == "cpu"):
         return None
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS)
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), PACK_ROWS)
 
 
 class EngineLinear(nn.Linear):
@@ -54,6 +78,7 @@ class EngineLinear(nn.Linear):
 
     packed: torch.Tensor | None = None  # the weight in oneDNN's layout; None: not packed (F.linear)
     packed_from: tuple[int, int] | None = None  # (data_ptr, version) of the weight it was packed from
+    packed_bfloat16: torch.Tensor | None = None  # the weight in bfloat16, the same layout; None: no such copy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _batched_only.get() and (out := few_rows.few_row_linear(x, self.weight, self.bias)) is not None:
@@ -61,6 +86,10 @@ class EngineLinear(nn.Linear):
         packed = self._packed_for(x)
         if packed is None:
             return F.linear(x, self.weight, self.bias)
+        if _product_dtype.get() is torch.bfloat16 and self.packed_bfloat16 is not None:
+            # (..., K) -> (..., N) in bfloat16 (float32 sums); the bias is added in float32.
+            out = torch.ops.mkldnn._linear_pointwise(x.bfloat16(), self.packed_bfloat16, None, "none", [], "").float()
+            return out if self.bias is None else out.add_(self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")  # (..., K) -> (..., N)
 
     def _packed_for(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -75,10 +104,12 @@ class EngineLinear(nn.Linear):
         return self.packed
 
     def pack(self) -> None:
-        """Pack the weight now (and note what it was packed from), or mark the layer unpacked where oneDNN cannot run
-        it."""
+        """Pack the weight now, in float32 and, where the CPU runs bfloat16 products, in bfloat16 (and note what it
+        was packed from), or mark the layer unpacked where oneDNN cannot run it."""
         self.packed = blocked_weight(self.weight)
         self.packed_from = None if self.packed is None else (self.weight.data_ptr(), self.weight._version)
+        with_bfloat16 = self.packed is not None and bfloat16_products()
+        self.packed_bfloat16 = blocked_weight(self.weight, torch.bfloat16) if with_bfloat16 else None
 
 
 def install(model: nn.Module) -> None:

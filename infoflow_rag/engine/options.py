@@ -21,6 +21,7 @@ from ..errors import InfoFlowError
 from .compression import POLICIES, make_policy, validate_policy
 from .constraint import json_grammar
 from .frozen import frozen
+from .linears import PRODUCT_DTYPES
 from .placement import GEOMETRIES
 from .prompt import SCORE_ROWS
 from .selection import DEFAULT_RATIO, SELECTORS, make_selector, validate_selector
@@ -82,6 +83,12 @@ class OptionFields(BaseModel):
     score_rows: str = Field(
         default="question", description="Prompt rows that score the context: " + ", ".join(SCORE_ROWS)
     )
+    score_dtype: str = Field(
+        default="bfloat16",
+        description="Weights of the question scoring pass's linear layers: "
+        + ", ".join(PRODUCT_DTYPES)
+        + " (bfloat16: half the bytes to read, float32 where the CPU has no bfloat16 products; float32: as published).",
+    )
     selector_options: dict[str, Any] = Field(default_factory=dict, description="Keyword options of the selector.")
     compress: str = Field(default="none", description="KV compression before decoding: " + ", ".join(POLICIES))
     keep: float | int = Field(
@@ -111,6 +118,11 @@ class OptionFields(BaseModel):
     @classmethod
     def _known_score_rows(cls, value: str) -> str:
         return _choice(value, SCORE_ROWS, "score_rows")
+
+    @field_validator("score_dtype")
+    @classmethod
+    def _known_score_dtype(cls, value: str) -> str:
+        return _choice(value, tuple(PRODUCT_DTYPES), "score_dtype")
 
     @field_validator("compress")
     @classmethod

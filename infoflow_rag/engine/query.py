@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..kv import PassageKV
-from . import recompute, reorder, scoring
+from . import linears, recompute, reorder, scoring
 from .compression import Policy, PromptMap, make_policy
 from .options import QueryOptions
 from .placement import Layout, PlacedContext, Segment, place
@@ -76,7 +76,8 @@ def run(
     segments = passage_segments(engine, passages, prefill=sel.name != "full", timings=timings, t0=t0)
     if options.reorder:
         t = time.perf_counter()
-        segments = reorder.densest_last(engine, segments, prompt, options.ratio)
+        with linears.products_in(options.score_dtype):  # its one forward is a question scoring pass
+            segments = reorder.densest_last(engine, segments, prompt, options.ratio)
         timings.reorder = time.perf_counter() - t
     layout = engine.layout(segments, prompt)
     if layout.length + max_new_tokens > engine.max_positions:
@@ -97,7 +98,11 @@ def run(
     scored = placed if geometry == "global" else place(layout, engine.inv_freq, engine.model.dtype, geometry)
     t = time.perf_counter()
     budget = sel.budget(placed, options.ratio)
-    chosen = sel.select(scored, budget, probe(engine, scored, layout)) if budget else torch.empty(0, dtype=torch.long)
+    chosen = (
+        sel.select(scored, budget, probe(engine, scored, layout, options.score_dtype))
+        if budget
+        else torch.empty(0, dtype=torch.long)
+    )
     timings.score = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -149,10 +154,14 @@ def passage_segments(
     return segments
 
 
-def probe(engine: Engine, placed: PlacedContext, layout: Layout) -> Probe:
+def probe(engine: Engine, placed: PlacedContext, layout: Layout, score_dtype: str) -> Probe:
+    """The scoring passes a selector may ask for: the question's attention (its linear layers on ``score_dtype``
+    weights) and CacheBlend's fresh K/V at one layer (float32, as published)."""
+
+    def question_scores(layers: list[int], heads: str) -> torch.Tensor:
+        with linears.products_in(score_dtype):
+            return scoring.question_attention_scores(engine.model, placed, layout.query_ids, layers, heads)
+
     return Probe(
-        question_scores=lambda layers, heads: scoring.question_attention_scores(
-            engine.model, placed, layout.query_ids, layers, heads
-        ),
-        layer_kv=lambda layer: scoring.fresh_layer_kv(engine.model, placed, layer),
+        question_scores=question_scores, layer_kv=lambda layer: scoring.fresh_layer_kv(engine.model, placed, layer)
     )

@@ -23,6 +23,8 @@ from infoflow_rag.files import atomic_write
 
 # The option fields a result line carried before it carried the options whole (read back into QueryOptions).
 _FLAT_OPTIONS = ("selector", "ratio", "reorder", "geometry", "compress", "keep")
+# Option fields added since: the value every line written before them was answered with (not today's default).
+_ADDED_OPTIONS = {"score_dtype": "float32"}
 
 
 def current_command() -> str:
@@ -118,9 +120,9 @@ class QuestionResult:
         """A result line, as written now (``options``) or before the options type (flat option fields)."""
         fields = {k: v for k, v in record.items() if k != "type" and k not in _FLAT_OPTIONS}
         if "options" in record:
-            fields["options"] = QueryOptions.from_dict(record["options"])
+            fields["options"] = QueryOptions.from_dict({**_ADDED_OPTIONS, **record["options"]})
         else:
-            fields["options"] = _options_of_old_record(record)
+            fields["options"] = _options_of_old_record(record).replace(**_ADDED_OPTIONS)
         return cls(**fields)
 
 

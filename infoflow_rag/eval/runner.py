@@ -63,7 +63,7 @@ def run_eval(
     )
     use_prefill = prefill_once and callable(getattr(engine, "prefill", None))
     full = next((m for m in methods if m.is_reference), None)
-    with ResultsLog(out_path, header, resume, check=_asked_the_same(examples, out_path)) as log:
+    with ResultsLog(out_path, header, resume, check=_resumable(examples, methods, out_path)) as log:
         done = {r.pair_key: r for r in log.existing}
         pending = sum((ex.dataset, ex.id, m.key) not in done for ex in examples for m in methods)
         with tqdm(total=pending, desc="eval", unit="answer", disable=not progress) as bar:
@@ -77,6 +77,46 @@ def run_eval(
                     done[result.pair_key] = result
                     bar.update()
     return [done[(ex.dataset, ex.id, m.key)] for ex in examples for m in methods]
+
+
+def _resumable(
+    examples: Sequence[EvalExample], methods: Sequence[MethodSpec], path: str | Path
+) -> Callable[[list[QuestionResult]], None]:
+    """The checks a file must pass to be resumed: the same questions, and the same options under each key."""
+    checks = (_asked_the_same(examples, path), _answered_the_same(examples, methods, path))
+
+    def check(existing: list[QuestionResult]) -> None:
+        for one in checks:
+            one(existing)
+
+    return check
+
+
+def _answered_the_same(
+    examples: Sequence[EvalExample], methods: Sequence[MethodSpec], path: str | Path
+) -> Callable[[list[QuestionResult]], None]:
+    """A check refusing to add results under a method key whose results on file were answered with other options
+    (an option whose default changed since they ran, say): one table row would mix the two. A method with nothing
+    left to run adds nothing, so a finished file still resumes (to write its report again)."""
+
+    def check(existing: list[QuestionResult]) -> None:
+        done = {r.pair_key for r in existing}
+        for method in methods:
+            if all((ex.dataset, ex.id, method.key) in done for ex in examples):
+                continue
+            for r in existing:
+                if r.method == method.key and r.options != method.options:
+                    on_file, now = r.options.to_dict(), method.options.to_dict()
+                    differ = ", ".join(
+                        f"{k}={on_file[k]!r} on file, {now[k]!r} now" for k in now if on_file[k] != now[k]
+                    )
+                    raise ValueError(
+                        f"cannot resume {path}: its {method.key} results were answered with other options ({differ}), "
+                        "perhaps a default that changed since; write this run to a new output path (spelling the "
+                        "options on file in the method answers as they were)"
+                    )
+
+    return check
 
 
 def _asked_the_same(examples: Sequence[EvalExample], path: str | Path) -> Callable[[list[QuestionResult]], None]:
