@@ -30,7 +30,7 @@ _batched_only: ContextVar[bool] = ContextVar("batched_linears_only", default=Fal
 
 # The weights a scoring pass's products may run on (QueryOptions.score_dtype). A question's dozen rows stream every
 # weight from memory and do little with each, so bfloat16 copies, half the bytes, make them faster (README, "The
-# scoring pass in bfloat16"); inputs are rounded to bfloat16 for the product, outputs come back in float32.
+# scoring pass in bfloat16"); inputs and outputs are rounded to bfloat16 (the sums run in float32), returned as float32.
 PRODUCT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 _product_dtype: ContextVar[torch.dtype] = ContextVar("product_dtype", default=torch.float32)
 
@@ -74,7 +74,8 @@ def blocked_weight(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> 
 
 class EngineLinear(nn.Linear):
     """An ``nn.Linear`` whose forward of a few rows runs the kernel and of more rows oneDNN's product over its packed
-    weight (repacked if the weight was changed in place or replaced), where they apply; ``F.linear`` otherwise."""
+    weight (repacked if the weight was changed in place or replaced), in bfloat16 within ``products_in("bfloat16")``,
+    where they apply; ``F.linear`` otherwise."""
 
     packed: torch.Tensor | None = None  # the weight in oneDNN's layout; None: not packed (F.linear)
     packed_from: tuple[int, int] | None = None  # (data_ptr, version) of the weight it was packed from
