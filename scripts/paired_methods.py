@@ -1,7 +1,8 @@
 """Two methods of one results file side by side, question by question: how far each is from full prefill
 (kl_answer, paired difference with its 95 % bootstrap interval, the per-question geometric ratio), how often each
-gives full prefill's answer, and top1. The eval report pairs every method with one baseline; this pairs any two,
-e.g. an option's two values (the scoring pass in bfloat16 against float32, README):
+gives full prefill's answer (the normalised answer, as the report's "Same as full"), and top1. The eval report
+pairs every method with one baseline; this pairs any two, e.g. an option's two values (the scoring pass in bfloat16
+against float32, README):
 
     .venv/bin/python scripts/paired_methods.py docs/score-dtype/qwen2.5-0.5b/results.jsonl \\
         'sinkflow+leadin@0.15' 'sinkflow+leadin;score_dtype="bfloat16"@0.15'
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from infoflow_rag.eval.metrics import exact_match
 from infoflow_rag.eval.results import QuestionResult, read_results
 from infoflow_rag.eval.stats import log_kl_diff, paired_diff, shared_ids, win_tie_loss
 
@@ -27,6 +29,11 @@ def compare(results: list[QuestionResult], first: str, second: str) -> dict:
         if method not in by:
             raise SystemExit(f"no results of {method!r} in the file; it has {', '.join(sorted(by))}")
     ids = [i for i in shared_ids(by[first], by[second]) if i in by["full"]]
+    ids = [i for i in ids if by[first][i].kl_answer is not None and by[second][i].kl_answer is not None]
+    if not ids:
+        raise SystemExit(
+            f"no question has fidelity measures for both {first!r} and {second!r}; run them in one `eval run` with full"
+        )
     a = [by[first][i].kl_answer for i in ids]
     b = [by[second][i].kl_answer for i in ids]
     ratio = log_kl_diff(b, a)
@@ -37,7 +44,8 @@ def compare(results: list[QuestionResult], first: str, second: str) -> dict:
         "geometric_ratio": tuple(10**x for x in (ratio.mean, ratio.low, ratio.high)),
         "closer_tie_further": win_tie_loss(a, b),  # second closer where its KL is lower
         "full_answer": tuple(
-            sum(m[i].prediction == by["full"][i].prediction for i in ids) for m in (by[first], by[second])
+            int(sum(exact_match(m[i].prediction, by["full"][i].prediction) for i in ids))
+            for m in (by[first], by[second])
         ),
         "top1": tuple(sum(m[i].top1 for i in ids) / len(ids) for m in (by[first], by[second])),
     }

@@ -2,6 +2,7 @@
 cache with full prefill's, the gradients the effect oracle and the self-sensitivity signals rest on (checked
 against finite differences), and the small helpers the tables are built from."""
 
+import dataclasses
 import importlib
 import json
 import sys
@@ -17,6 +18,7 @@ from infoflow_rag.engine import Engine, query
 from infoflow_rag.engine.placement import rotate_keys
 from infoflow_rag.engine.selection import SELECTORS, Probe, passage_heads, recomputable_spans
 from infoflow_rag.eval.datasets import EvalExample
+from infoflow_rag.eval.metrics import exact_match
 from infoflow_rag.eval.results import read_results
 
 NOTHING = torch.empty(0, dtype=torch.long)
@@ -340,10 +342,16 @@ def test_paired_methods_pairs_two_methods_question_by_question(study):
     by = {r.method: r for r in one}
     assert c["n"] == 1 and c["kl_answer"] == (by[first].kl_answer, by[second].kl_answer)
     assert c["difference"].mean == pytest.approx(by[second].kl_answer - by[first].kl_answer, abs=1e-15)
-    same = [int(by[m].prediction == by["full"].prediction) for m in (first, second)]
+    same = [int(exact_match(by[m].prediction, by["full"].prediction)) for m in (first, second)]
     assert c["full_answer"] == tuple(same)
     whole = study.paired_methods.compare(results, first, second)
     assert whole["n"] == 60 and whole["difference"].low <= whole["difference"].mean <= whole["difference"].high
+    full = {r.id: r.prediction for r in results if r.method == "full"}
+    same_as_report = sum(exact_match(r.prediction, full[r.id]) for r in results if r.method == first)
+    assert whole["full_answer"][0] == same_as_report  # normalised answers, as the report's "Same as full"
     assert sum(vars(whole["closer_tie_further"]).values()) == 60
     with pytest.raises(SystemExit, match="no results of 'infoflow@0.5' in the file"):
         study.paired_methods.compare(results, "infoflow@0.5", second)
+    unmeasured = [dataclasses.replace(r, kl_answer=None) if r.method == first else r for r in one]
+    with pytest.raises(SystemExit, match="no question has fidelity measures for both 'infoflow@0.15' and"):
+        study.paired_methods.compare(unmeasured, first, second)
