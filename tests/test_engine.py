@@ -233,6 +233,26 @@ def test_geometries_all_run_and_recompute_globally(engine):
         assert (prep.out.logits - reference).abs().max() <= 1e-4, geometry
 
 
+def test_cacheblend_check_pass_runs_the_sparse_kernel_and_gets_the_masked_kv(engine, monkeypatch):
+    import contextlib
+
+    from infoflow_rag.engine import scoring
+
+    kvs = engine.prefill(PASSAGES)
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 4)  # past a question's few rows, as every context past 256 tokens
+    placed = engine.prepare(QUESTION, kvs, selector="cacheblend").placed
+    p, n = placed.prefix_len, placed.token_ids.numel()
+    (keys, values), calls = sparse_kernel_calls_during(
+        monkeypatch, lambda: scoring.fresh_layer_kv(engine.model, placed, 1)
+    )
+    assert calls == [list(range(p, n))]  # layer 0, every token after the prefix a query, as its cache index
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 4)
+    monkeypatch.setattr(scoring, "sparse_queries", lambda plan: contextlib.nullcontext())  # SDPA under the mask
+    masked_keys, masked_values = scoring.fresh_layer_kv(engine.model, placed, 1)
+    assert keys.shape == masked_keys.shape == (engine.model.config.num_key_value_heads, n - p, keys.shape[-1])
+    assert (keys - masked_keys).abs().max() <= 1e-5 and (values - masked_values).abs().max() <= 1e-5
+
+
 def test_stream_yields_the_answer_and_stops_on_stop_string(engine):
     kvs = engine.prefill(PASSAGES)
     stream = engine.stream(QUESTION, kvs, max_new_tokens=16)

@@ -59,11 +59,12 @@ class Capture:
 
 @dataclass
 class SparseQueries:
-    """Recompute queries sorted by position over a cache in prompt order (key j at position j), under the mask
+    """Queries sorted by position over a cache in prompt order (key j at position j), under the mask
     pos_k <= pos_q: a query chunk from position F to P sees every key before F and, of [F, P], only its own
-    prefix; keys after P are never computed."""
+    prefix; keys after P are never computed. The recompute's, and CacheBlend's check pass, whose tokens each see
+    the cache up to their own entry (:func:`.scoring.fresh_layer_kv`: positions are cache indices there)."""
 
-    input_positions: torch.Tensor  # (Q,) ascending: the queries' positions
+    input_positions: torch.Tensor  # (Q,) ascending: the queries' positions (their entries in the cache)
     _chunks: dict[int, list[tuple[int, int]]] = field(default_factory=dict, repr=False)  # by query heads per K/V
     _span_masks: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = field(default_factory=dict, repr=False)
 
