@@ -233,24 +233,53 @@ def test_geometries_all_run_and_recompute_globally(engine):
         assert (prep.out.logits - reference).abs().max() <= 1e-4, geometry
 
 
-def test_cacheblend_check_pass_runs_the_sparse_kernel_and_gets_the_masked_kv(engine, monkeypatch):
-    import contextlib
+def attention_under_the_whole_mask(monkeypatch) -> None:
+    """Every sparse-query attention as one SDPA call under the whole (Q, M) mask its plan's positions imply."""
 
+    def whole(query, key, value, positions, scale, want):
+        mask = position_mask(positions, torch.arange(key.shape[2]), query.dtype)  # (1, 1, Q, M)
+        return attention.masked_sdpa(query, key, value, mask, scale)
+
+    monkeypatch.setattr(attention, "_sorted_queries", whole)
+
+
+@pytest.mark.parametrize("query_chunk", [4, attention.QUERY_CHUNK])  # fewer tokens than a question's rows, or more
+def test_cacheblend_check_pass_runs_the_sparse_kernel_and_gets_the_masked_kv(engine, monkeypatch, query_chunk):
     from infoflow_rag.engine import scoring
 
     kvs = engine.prefill(PASSAGES)
-    monkeypatch.setattr(attention, "QUERY_CHUNK", 4)  # past a question's few rows, as every context past 256 tokens
+    monkeypatch.setattr(attention, "QUERY_CHUNK", query_chunk)
     placed = engine.prepare(QUESTION, kvs, selector="cacheblend").placed
     p, n = placed.prefix_len, placed.token_ids.numel()
     (keys, values), calls = sparse_kernel_calls_during(
         monkeypatch, lambda: scoring.fresh_layer_kv(engine.model, placed, 1)
     )
     assert calls == [list(range(p, n))]  # layer 0, every token after the prefix a query, as its cache index
-    monkeypatch.setattr(attention, "QUERY_CHUNK", 4)
-    monkeypatch.setattr(scoring, "sparse_queries", lambda plan: contextlib.nullcontext())  # SDPA under the mask
+    attention_under_the_whole_mask(monkeypatch)
+    monkeypatch.setattr(attention, "QUERY_CHUNK", query_chunk)
     masked_keys, masked_values = scoring.fresh_layer_kv(engine.model, placed, 1)
     assert keys.shape == masked_keys.shape == (engine.model.config.num_key_value_heads, n - p, keys.shape[-1])
     assert (keys - masked_keys).abs().max() <= 1e-5 and (values - masked_values).abs().max() <= 1e-5
+
+
+def test_forwards_under_a_plan_form_no_mask(engine, monkeypatch):
+    from infoflow_rag.engine import recompute, scoring
+
+    made = []
+    real = attention.sdpa_mask
+    monkeypatch.setattr(attention, "sdpa_mask", lambda *args, **kwargs: made.append(1) or real(*args, **kwargs))
+    prep = engine.prepare(QUESTION, engine.prefill(PASSAGES), selector="cacheblend", max_new_tokens=1)
+    assert made == []  # neither the check pass nor the recompute asked transformers for a mask
+    fresh = prep.layout.segments[-1]
+    start = prep.layout.length - len(fresh)
+    recompute.recompute(engine.model, prep.placed, prep.chosen, fresh.token_ids, start + torch.arange(len(fresh)))
+    scoring.fresh_layer_kv(engine.model, prep.placed, 1)
+    assert made == []
+    engine.decode(prep)  # decoding runs under no plan: transformers asks for its mask, and the spy sees it
+    assert made
+    with attention.sparse_queries(attention.SparseQueries(torch.arange(3))):
+        with pytest.raises(RuntimeError, match="5 queries under a plan of 3 positions"):
+            engine.model(input_ids=torch.ones(1, 5, dtype=torch.long), cache=DynamicCache())
 
 
 def test_stream_yields_the_answer_and_stops_on_stop_string(engine):
@@ -366,8 +395,6 @@ def test_registry_lists_every_selector():
 def test_sparse_recompute_attention_equals_one_full_mask_call(engine, monkeypatch, selector, path):
     """The compiled kernel, and the torch path's query chunks (keys before the chunk merged with the chunk's masked
     span), give what one SDPA call with the whole mask gives."""
-    import contextlib
-
     from infoflow_rag.engine import attention, recompute
 
     long_passages = [p * 6 for p in PASSAGES]  # enough queries for several chunks
@@ -383,7 +410,7 @@ def test_sparse_recompute_attention_equals_one_full_mask_call(engine, monkeypatc
         monkeypatch.setattr(attention, "FOLDED_ROWS", 64)  # tiny model: 2 query heads per K/V head, 32 queries a chunk
         assert prep.chosen.numel() > 3 * 32  # several chunks, each after the first with keys before it
         sparse = recompute.recompute(*args).logits
-    monkeypatch.setattr(recompute, "sparse_queries", lambda plan: contextlib.nullcontext())
+    attention_under_the_whole_mask(monkeypatch)
     whole = recompute.recompute(*args).logits
     assert (sparse - whole).abs().max() <= 1e-5
 
@@ -399,29 +426,25 @@ def test_chunked_attention_equals_masked_sdpa_for_grouped_heads(monkeypatch, hea
     key, value = torch.randn(2, 1, kv_heads, keys, 8).unbind(0)
     mask = position_mask(positions, torch.arange(keys), torch.float32)  # (1, 1, Q, keys)
     monkeypatch.setattr(attention, "FOLDED_ROWS", 3 * heads // kv_heads)  # chunks of 3 queries: 4 chunks
-    out, _ = attention.chunked_attention(query, key, value, mask, attention.SparseQueries(positions), 0.3)
+    out, _ = attention.chunked_attention(query, key, value, attention.SparseQueries(positions), 0.3)
     sdpa = torch.nn.functional.scaled_dot_product_attention(query, key, value, mask, scale=0.3, enable_gqa=True)
     assert out.shape == (1, positions.numel(), heads, 8)
     assert (out - sdpa.transpose(1, 2)).abs().max() <= 1e-6
 
 
-def test_chunked_attention_reuses_its_span_masks_only_for_the_same_mask(monkeypatch):
+def test_span_masks_are_the_whole_masks_slices_built_once_per_plan(monkeypatch):
     from infoflow_rag.engine import attention
 
-    torch.manual_seed(0)
     positions = torch.tensor([2, 3, 9, 10, 11, 30])
-    query, key, value = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 8)
     monkeypatch.setattr(attention, "FOLDED_ROWS", 4)  # 2 queries a chunk
     plan = attention.SparseQueries(positions)
-    causal = position_mask(positions, torch.arange(32), torch.float32)  # (1, 1, 6, 32)
-    attention.chunked_attention(query, key, value, causal, plan, 0.3)
-    first = plan.span_masks(causal, group=2)
-    assert all(a is b for a, b in zip(first, plan.span_masks(causal, group=2), strict=True))  # built once
-    other = causal.clone()
-    other[:, :, 3, 9] = torch.finfo(torch.float32).min  # the 4th query no longer sees key 9
-    out, _ = attention.chunked_attention(query, key, value, other, plan, 0.3)
-    sdpa = torch.nn.functional.scaled_dot_product_attention(query, key, value, other, scale=0.3, enable_gqa=True)
-    assert (out - sdpa.transpose(1, 2)).abs().max() <= 1e-6  # a new mask is sliced again, not the cached one
+    whole = position_mask(positions, torch.arange(32), torch.float32)  # (1, 1, 6, 32)
+    masks = plan.span_masks(group=2, dtype=torch.float32)
+    assert len(masks) == len(plan.chunks(2)) == 3
+    for (a, z), mask in zip(plan.chunks(2), masks, strict=True):
+        first, end = int(positions[a]), int(positions[z - 1]) + 1
+        assert torch.equal(mask, whole[:, :, a:z, first:end].repeat(1, 1, 2, 1))  # rows repeated per folded head
+    assert all(a is b for a, b in zip(masks, plan.span_masks(group=2, dtype=torch.float32), strict=True))  # once
 
 
 def test_query_chunks_tile_the_queries_within_the_row_and_span_limits(monkeypatch):

@@ -1,13 +1,13 @@
 """The attention function every forward of the engine runs, registered with transformers as ``infoflow``.
 
 Inside :func:`capture` (scoring passes), it accumulates the question's attention norm on the scoring layers and
-stops the forward once the last layer needed is done. Inside :func:`sparse_queries` (the recompute), and for a
-causal forward with nothing cached (full prefill), it runs the compiled kernel (:mod:`.sparse_kernel`) or, where
-that did not build, the torch paths: :func:`chunked_attention` and SDPA's causal kernel. A decoding step and a
-question's rows in a scoring pass run a kernel for a few rows (:mod:`.few_row_attention`), or SDPA and
-:func:`grouped_attention`'s matmuls. Anything else (passage prefill under an explicit mask, teacher
-forcing) runs SDPA. On the last layer it computes only what :mod:`.last_layer` says the caller reads: the last row
-(full prefill, the recompute), or nothing past the K/V (a prefill without signals).
+stops the forward once the last layer needed is done. Inside :func:`sparse_queries` (the recompute, CacheBlend's
+check pass), and for a causal forward with nothing cached (full prefill), it runs the compiled kernel
+(:mod:`.sparse_kernel`) or, where that did not build, the torch paths: :func:`chunked_attention` and SDPA's causal
+kernel. A decoding step and a question's rows in a scoring pass run a kernel for a few rows
+(:mod:`.few_row_attention`), or SDPA and :func:`grouped_attention`'s matmuls. Anything else (passage prefill under
+an explicit mask, teacher forcing) runs SDPA. On the last layer it computes only what :mod:`.last_layer` says the
+caller reads: the last row (full prefill, the recompute), or nothing past the K/V (a prefill without signals).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class SparseQueries:
 
     input_positions: torch.Tensor  # (Q,) ascending: the queries' positions (their entries in the cache)
     _chunks: dict[int, list[tuple[int, int]]] = field(default_factory=dict, repr=False)  # by query heads per K/V
-    _span_masks: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = field(default_factory=dict, repr=False)
+    _span_masks: dict[tuple[int, torch.dtype], list[torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def chunks(self, group: int) -> list[tuple[int, int]]:
         """Query index ranges [a, z), one per chunk, for ``group`` query heads per K/V head; computed once per
@@ -81,18 +81,20 @@ class SparseQueries:
             self._chunks[group] = bounds
         return self._chunks[group]
 
-    def span_masks(self, mask: torch.Tensor, group: int) -> list[torch.Tensor]:
-        """Each chunk's part of ``mask`` (B, 1, Q, M) over its own span, rows repeated for ``group`` folded query
-        heads: (B, 1, group * n, span) per chunk. Built on a forward's first layer and reused by the others,
-        which get the same mask, instead of a repeat per chunk and layer."""
-        cached = self._span_masks.get(group)
-        if cached is None or cached[0] is not mask:
+    def span_masks(self, group: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Each chunk's additive mask over its own span, query i seeing key j iff j <= its position, rows repeated
+        for ``group`` folded query heads: (1, 1, group * n, span) per chunk. Built from the positions on a forward's
+        first layer and reused by the others; the whole (Q, M) mask is never formed."""
+        if (group, dtype) not in self._span_masks:
             masks = []
             for a, z in self.chunks(group):
-                first, end = int(self.input_positions[a]), int(self.input_positions[z - 1]) + 1
-                masks.append(mask[:, :, a:z, first:end].repeat(1, 1, group, 1))
-            cached = self._span_masks[group] = (mask, masks)
-        return cached[1]
+                pos = self.input_positions[a:z]
+                span = torch.arange(int(pos[0]), int(pos[-1]) + 1)
+                mask = torch.zeros(z - a, span.numel(), dtype=dtype)
+                mask.masked_fill_(span[None, :] > pos[:, None], torch.finfo(dtype).min)
+                masks.append(mask[None, None].repeat(1, 1, group, 1))
+            self._span_masks[group, dtype] = masks
+        return self._span_masks[group, dtype]
 
 
 _active: ContextVar[Capture | None] = ContextVar("infoflow_capture", default=None)
@@ -118,7 +120,7 @@ def sparse_queries(plan: SparseQueries) -> contextlib.AbstractContextManager[Spa
     return _setting(_sparse, plan)
 
 
-def chunked_attention(query, key, value, mask, plan: SparseQueries, scaling: float | None = None):
+def chunked_attention(query, key, value, plan: SparseQueries, scaling: float | None = None):
     """The torch path for :func:`~infoflow_rag.engine.sparse_kernel.sparse_attention`, where the compiled kernel
     does not run. Attention of sorted sparse queries, per query chunk in two flash calls merged by their
     log-sum-exp: the keys before the chunk's first position, which every query in it sees (no mask), and the
@@ -128,14 +130,14 @@ def chunked_attention(query, key, value, mask, plan: SparseQueries, scaling: flo
     group instead of once per head and works on long row blocks. Chunks come from ``plan.chunks``. What it buys
     against masked SDPA over 8 chunks is measured end to end in the README ("The recompute's attention").
 
-    query: (B, heads, Q, d); key/value: (B, kv_heads, M, d) in prompt order; mask: additive (B, 1, Q, M).
-    Returns (B, Q, heads, d) like transformers' attention functions.
+    query: (B, heads, Q, d); key/value: (B, kv_heads, M, d) in prompt order; the chunks' masks come from the
+    plan's positions (``plan.span_masks``). Returns (B, Q, heads, d) like transformers' attention functions.
     """
     b, n_heads, _, d = query.shape
     kv_heads = key.shape[1]
     group = n_heads // kv_heads
     outputs = []
-    for (a, z), span_mask in zip(plan.chunks(group), plan.span_masks(mask, group), strict=True):
+    for (a, z), span_mask in zip(plan.chunks(group), plan.span_masks(group, query.dtype), strict=True):
         first, end = int(plan.input_positions[a]), int(plan.input_positions[z - 1]) + 1
         rows = query[:, :, a:z].reshape(b, kv_heads, group * (z - a), d)  # query heads g*group.. read K/V head g
         out, lse = _flash(rows, key[:, :, first:end], value[:, :, first:end], attn_mask=span_mask, scale=scaling)
@@ -241,7 +243,7 @@ def _add_squared_norms(sq: torch.Tensor, per_head: torch.Tensor, heads: str) -> 
 
 
 def infoflow_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    c = _active.get()
+    c, plan = _active.get(), _sparse.get()
     layer = getattr(module, "layer_idx", None)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     want = last_layer.wanted(layer)
@@ -251,9 +253,9 @@ def infoflow_attention(module, query, key, value, attention_mask, scaling=None, 
         if layer == c.stop_after and c.stop_before_attention:
             raise StopForward
         scored, last = layer in c.score_layers, layer == c.stop_after
-        # A question's few rows: one probability block, where plain matmuls beat the flash kernel. Many rows
-        # (CacheBlend's check pass over the whole context) keep SDPA for their output.
-        few = query.shape[2] <= QUERY_CHUNK
+        # A question's few rows: one probability block, where plain matmuls beat the flash kernel. CacheBlend's
+        # check pass runs under a plan, which gives no mask: its rows, few or many, take the plan's path below.
+        few = query.shape[2] <= QUERY_CHUNK and plan is None
         out = None
         if scored or (few and not last):
             wanted = value if few and not last else None  # the last layer's output is never used
@@ -265,11 +267,12 @@ def infoflow_attention(module, query, key, value, attention_mask, scaling=None, 
             raise StopForward
         if out is not None:
             return out, None
-    plan = _sparse.get()
-    if plan is not None and query.shape[2] == plan.input_positions.numel() and attention_mask is not None:
+    if plan is not None:  # no mask was made (infoflow_mask): the plan's positions say what each query sees
+        if query.shape[2] != plan.input_positions.numel():
+            raise RuntimeError(f"{query.shape[2]} queries under a plan of {plan.input_positions.numel()} positions")
         out = _sorted_queries(query, key, value, plan.input_positions, scale, want)  # the compiled kernel
         if out is None:  # inference: no dropout
-            out, _ = chunked_attention(query, key, value, attention_mask, plan, scaling=scaling)
+            out, _ = chunked_attention(query, key, value, plan, scaling=scaling)
         return out, None
     # A causal forward with nothing cached (full prefill) is the sparse case with every position a query; the kernel
     # beats SDPA's causal kernel there too (README, "The recompute's attention kernel").
@@ -297,8 +300,16 @@ def _sorted_queries(query, key, value, positions: torch.Tensor, scale: float, wa
     return None if out is None else out.expand(-1, query.shape[2], -1, -1)
 
 
+def infoflow_mask(*args, **kwargs) -> torch.Tensor | None:
+    """The mask transformers makes for a forward given none: SDPA's, but none under a sparse-query plan, whose
+    positions say what each query sees. A (Q, M) float mask there would take 4 bytes a query and key: 39 MB for a
+    15 % recompute at 8K on SmolLM2, 252 MB for CacheBlend's check pass over the same context (README, "CacheBlend's
+    check pass")."""
+    return None if _sparse.get() is not None else sdpa_mask(*args, **kwargs)
+
+
 def register() -> str:
     """Register the attention function and its mask function (without the latter the mask silently becomes None)."""
     AttentionInterface.register(ATTN_IMPLEMENTATION, infoflow_attention)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, infoflow_mask)
     return ATTN_IMPLEMENTATION

@@ -1,8 +1,9 @@
 """The KV cache as the model sees it: a DynamicCache built from stacked tensors, layers that decoding appends to in
 place, and the additive position mask.
 
-An explicit additive 4D mask is always passed: with SDPA and no mask transformers assumes is_causal,
-which is wrong for sparse queries, and a bool mask would be wrong under eager attention.
+An explicit additive 4D mask is passed wherever the attention needs one: with SDPA and no mask transformers assumes
+is_causal, which is wrong for sparse queries, and a bool mask would be wrong under eager attention. Under a
+sparse-query plan (the recompute, CacheBlend's check pass) none is: the attention reads the plan's positions.
 """
 
 from __future__ import annotations

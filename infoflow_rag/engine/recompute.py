@@ -55,8 +55,7 @@ def recompute(
         out = model(
             input_ids=inputs[None],
             position_ids=in_pos[None],
-            attention_mask=position_mask(in_pos, positions, model.dtype),  # (1, 1, Q, M)
-            cache=cache,
+            cache=cache,  # no mask: the plan's positions say what each input sees (attention.infoflow_mask)
             logits_to_keep=1,
         )
     return Recomputed(out.logits[0, -1].float(), cache, length, positions)

@@ -93,12 +93,11 @@ def fresh_layer_kv(model: PreTrainedModel, placed: PlacedContext, layer: int) ->
 
     Placed in prompt order (in any geometry: it rotates the keys, the positions ascend), each token sees the cache
     up to its own entry, the recompute's case with every token a query: it runs as one, its cache indices p..N-1 as
-    the plan's positions, on the compiled kernel rather than SDPA under the (N - p, N) mask (SmolLM2, 4K,
+    the plan's positions, on the compiled kernel rather than SDPA under an (N - p, N) mask (SmolLM2, 4K,
     alternating: the check pass 480 -> 288 ms, the same picks; README, "CacheBlend's check pass").
     """
     p, n = placed.prefix_len, placed.token_ids.numel()
     ids, pos = placed.token_ids[p:], placed.positions[p:]
-    mask = position_mask(pos, placed.positions, model.dtype)
     cache = cache_from(placed.keys[:, :, :p], placed.values[:, :, :p])
     check = Capture(score_layers=frozenset(), n_keys=0, stop_after=layer, stop_before_attention=True)
     with capture(check), sparse_queries(SparseQueries(torch.arange(p, n))):
@@ -106,8 +105,7 @@ def fresh_layer_kv(model: PreTrainedModel, placed: PlacedContext, layer: int) ->
             model(
                 input_ids=ids[None],
                 position_ids=pos[None],
-                attention_mask=mask,
-                cache=cache,
+                cache=cache,  # no mask: the plan's positions say what each token sees (attention.infoflow_mask)
                 logits_to_keep=1,
             )
         except StopForward:
