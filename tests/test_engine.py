@@ -260,6 +260,11 @@ def test_cacheblend_check_pass_runs_the_sparse_kernel_and_gets_the_masked_kv(eng
     masked_keys, masked_values = scoring.fresh_layer_kv(engine.model, placed, 1)
     assert keys.shape == masked_keys.shape == (engine.model.config.num_key_value_heads, n - p, keys.shape[-1])
     assert (keys - masked_keys).abs().max() <= 1e-5 and (values - masked_values).abs().max() <= 1e-5
+    monkeypatch.undo()
+    without_attention_kernel(monkeypatch)  # the torch path's chunks, their masks from the plan's positions
+    monkeypatch.setattr(attention, "FOLDED_ROWS", 4)  # tiny model: 2 query heads per K/V head, 2 queries a chunk
+    chunked_keys, chunked_values = scoring.fresh_layer_kv(engine.model, placed, 1)
+    assert (chunked_keys - masked_keys).abs().max() <= 1e-5 and (chunked_values - masked_values).abs().max() <= 1e-5
 
 
 def test_forwards_under_a_plan_form_no_mask(engine, monkeypatch):

@@ -303,7 +303,7 @@ def _sorted_queries(query, key, value, positions: torch.Tensor, scale: float, wa
 def infoflow_mask(*args, **kwargs) -> torch.Tensor | None:
     """The mask transformers makes for a forward given none: SDPA's, but none under a sparse-query plan, whose
     positions say what each query sees. A (Q, M) float mask there would take 4 bytes a query and key: 39 MB for a
-    15 % recompute at 8K on SmolLM2, 252 MB for CacheBlend's check pass over the same context (README, "CacheBlend's
+    15 % recompute at 8K on SmolLM2, 251 MB for CacheBlend's check pass over the same context (README, "CacheBlend's
     check pass")."""
     return None if _sparse.get() is not None else sdpa_mask(*args, **kwargs)
 
