@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests import their helpers (tiny.py) by module name
 
@@ -176,6 +177,16 @@ def without_attention_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(attention, "sparse_attention", lambda *args: None)
     monkeypatch.setattr(attention, "decode_attention", lambda *args: None)
     monkeypatch.setattr(attention, "few_row_attention", lambda *args: None)
+
+
+def masked_sdpa_at(query, key, value, positions: torch.Tensor, scale: float) -> torch.Tensor:
+    """Sorted queries at ``positions`` (Q,) over a cache in prompt order, as one SDPA call under the whole (Q, M) mask
+    those positions imply: the reference for the sparse-query kernel and the torch path. -> (B, Q, heads, d)"""
+    from infoflow_rag.engine.attention import masked_sdpa
+    from infoflow_rag.engine.cache import position_mask
+
+    mask = position_mask(positions, torch.arange(key.shape[2]), query.dtype)  # (1, 1, Q, M)
+    return masked_sdpa(query, key, value, mask, scale)
 
 
 def without_fast_linears(monkeypatch: pytest.MonkeyPatch) -> None:

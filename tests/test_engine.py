@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import PASSAGES, QUESTION, sparse_kernel_calls_during, without_attention_kernel
+from conftest import PASSAGES, QUESTION, masked_sdpa_at, sparse_kernel_calls_during, without_attention_kernel
 from tiny import tiny_model
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -235,12 +235,9 @@ def test_geometries_all_run_and_recompute_globally(engine):
 
 def attention_under_the_whole_mask(monkeypatch) -> None:
     """Every sparse-query attention as one SDPA call under the whole (Q, M) mask its plan's positions imply."""
-
-    def whole(query, key, value, positions, scale, want):
-        mask = position_mask(positions, torch.arange(key.shape[2]), query.dtype)  # (1, 1, Q, M)
-        return attention.masked_sdpa(query, key, value, mask, scale)
-
-    monkeypatch.setattr(attention, "_sorted_queries", whole)
+    monkeypatch.setattr(
+        attention, "_sorted_queries", lambda q, k, v, positions, scale, want: masked_sdpa_at(q, k, v, positions, scale)
+    )
 
 
 @pytest.mark.parametrize("query_chunk", [4, attention.QUERY_CHUNK])  # fewer tokens than a question's rows, or more

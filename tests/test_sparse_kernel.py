@@ -3,16 +3,9 @@ path where it does not build."""
 
 import pytest
 import torch
-from conftest import PASSAGES, QUESTION, sparse_kernel_calls_during, without_attention_kernel
+from conftest import PASSAGES, QUESTION, masked_sdpa_at, sparse_kernel_calls_during, without_attention_kernel
 
 from infoflow_rag.engine import kernels, sparse_kernel
-from infoflow_rag.engine.attention import masked_sdpa
-from infoflow_rag.engine.cache import position_mask
-
-
-def _masked_sdpa(query, key, value, positions, scale):
-    mask = position_mask(positions, torch.arange(key.shape[2]), query.dtype)  # (1, 1, Q, M)
-    return masked_sdpa(query, key, value, mask, scale)
 
 
 @pytest.mark.parametrize(
@@ -34,8 +27,8 @@ def test_kernel_equals_masked_sdpa(heads, kv_heads, d, queries, keys):
     assert out is not None and out.shape == (1, queries, heads, d)
     # Against float64 attention, the kernel's float32 rounding stays within twice torch's own float32 SDPA's
     # (1.1e-5 on the largest case: logits up to ~30 over 1500 keys).
-    exact = _masked_sdpa(query.double(), key.double(), value.double(), positions, 0.3)
-    torch_error = (_masked_sdpa(query, key, value, positions, 0.3) - exact).abs().max()
+    exact = masked_sdpa_at(query.double(), key.double(), value.double(), positions, 0.3)
+    torch_error = (masked_sdpa_at(query, key, value, positions, 0.3) - exact).abs().max()
     assert (out - exact).abs().max() <= max(2 * torch_error, 1e-6)
 
 

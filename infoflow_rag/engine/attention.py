@@ -269,7 +269,10 @@ def infoflow_attention(module, query, key, value, attention_mask, scaling=None, 
             return out, None
     if plan is not None:  # no mask was made (infoflow_mask): the plan's positions say what each query sees
         if query.shape[2] != plan.input_positions.numel():
-            raise RuntimeError(f"{query.shape[2]} queries under a plan of {plan.input_positions.numel()} positions")
+            raise RuntimeError(
+                f"{query.shape[2]} queries under a plan of {plan.input_positions.numel()} positions: run the plan's "
+                "queries, one per position, or the forward outside sparse_queries (no mask is made within it)"
+            )
         out = _sorted_queries(query, key, value, plan.input_positions, scale, want)  # the compiled kernel
         if out is None:  # inference: no dropout
             out, _ = chunked_attention(query, key, value, plan, scaling=scaling)
