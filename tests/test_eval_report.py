@@ -172,6 +172,38 @@ def test_write_report_end_to_end(tmp_path):
     assert "| niah | infoflow@0.15 | 6 | 50.0 [50.0, 50.0] | 50.0 [50.0, 50.0] |" in md
 
 
+def test_eval_report_rewrites_a_results_files_report_beside_it(tmp_path, monkeypatch, capsys):
+    from infoflow_rag.cli import main
+
+    paths = [write_results_file(tmp_path / name / "results.jsonl", toy_results()) for name in ("a", "b")]
+    monkeypatch.setattr("sys.argv", ["infoflow-rag", "eval", "report", *map(str, paths)])
+    assert main(["eval", "report", *map(str, paths)]) == 0
+    for path in paths:
+        md = (path.parent / "results.md").read_text()
+        assert f"```sh\ninfoflow-rag eval report {paths[0]} {paths[1]}\n```" in md  # how it was generated
+        assert "## Paired comparison with infoflow@0.15" in md and (path.parent / "tradeoff.png").stat().st_size > 0
+    assert capsys.readouterr().out.splitlines() == [f"report: {p.parent / 'results.md'}" for p in paths]
+
+
+@pytest.mark.parametrize("flags", [["--main-n", "5"], ["--out", "elsewhere"], ["--ratio", "0.3", "--large-n", "2"]])
+def test_eval_report_refuses_the_suites_flags_beside_results_files(tmp_path, capsys, flags):
+    from infoflow_rag.cli import main
+
+    path = write_results_file(tmp_path / "results.jsonl", toy_results())
+    assert main(["eval", "report", str(path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert all(flag in err for flag in flags if flag.startswith("--")) and "set the suite's report" in err
+    assert not (tmp_path / "results.md").exists()
+
+
+def test_eval_report_names_a_file_that_is_not_a_results_file(tmp_path, capsys):
+    from infoflow_rag.cli import main
+
+    (tmp_path / "notes.jsonl").write_text('{"type": "result"}\n')
+    assert main(["eval", "report", str(tmp_path / "notes.jsonl")]) == 2
+    assert "notes.jsonl is not a results file" in capsys.readouterr().err
+
+
 def test_verdict_states_the_goal_from_the_numbers():
     from infoflow_rag.eval.verdicts import verdict
 

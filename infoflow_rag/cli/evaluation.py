@@ -180,8 +180,23 @@ def cmd_eval_suite(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_report(args: argparse.Namespace) -> int:
+    from ..eval.report import write_report
     from ..eval.suite import suite_parts, write_suite_report
 
+    if args.results:
+        _refuse_suite_flags(args)
+        for path in args.results:
+            print(f"report: {write_report(path, Path(path).parent)}")
+        return 0
     parts = suite_parts(args.main_n, args.sweep_n, args.ablation_n, args.ratio, args.compress_n, args.large_n)
     print(f"wrote {write_suite_report(args.out, parts, args.ratio)}")
     return 0
+
+
+def _refuse_suite_flags(args: argparse.Namespace) -> None:
+    """A flag of the suite's report set beside results files would be ignored: refused, named."""
+    if given := [flag for flag, (dest, unset) in args.suite_flags.items() if getattr(args, dest) != unset]:
+        raise ValueError(
+            f"{', '.join(given)} set the suite's report, not a results file's (written beside the file): "
+            "drop them, or the results files to rewrite the suite's"
+        )

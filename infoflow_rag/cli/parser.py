@@ -236,21 +236,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _suite_sizes(p)
     p.set_defaults(func=cmd_eval_suite)
-    p = ev.add_parser("report", help="rewrite RESULTS.md from the suite's results files (complete or not)")
-    p.add_argument("--out", default="docs", help="directory of the suite's results files")
-    _suite_sizes(p)
-    p.set_defaults(func=cmd_eval_report)
+    p = ev.add_parser(
+        "report",
+        help="rewrite RESULTS.md from the suite's results files (complete or not), or the reports of `eval run`'s",
+    )
+    p.add_argument(
+        "results",
+        nargs="*",
+        help="results files of `eval run`: rewrite each one's report (results.md and its plots beside it; no model "
+        "loads) instead of the suite's",
+    )
+    suite_flags = [p.add_argument("--out", default="docs", help="directory of the suite's results files")]
+    suite_flags += _suite_sizes(p)
+    # What the suite's flags are unset: set beside results files they would be ignored, so they are refused.
+    p.set_defaults(func=cmd_eval_report, suite_flags={a.option_strings[0]: (a.dest, a.default) for a in suite_flags})
     return parser
 
 
-def _suite_sizes(p: argparse.ArgumentParser) -> None:
+def _suite_sizes(p: argparse.ArgumentParser) -> list[argparse.Action]:
     """The flags that size the suite's parts (``eval suite`` runs them, ``eval report`` reads them)."""
-    p.add_argument("--main-n", type=positive_int, default=100, help="questions of the main table")
-    p.add_argument("--sweep-n", type=positive_int, default=30, help="questions of the ratio sweep")
-    p.add_argument("--ablation-n", type=positive_int, default=30, help="questions of the RoPE ablation")
-    p.add_argument("--compress-n", type=positive_int, default=30, help="questions of the KV compression part")
-    p.add_argument("--large-n", type=positive_int, default=60, help="questions of the 'large' part (qwen2.5-1.5b only)")
-    p.add_argument("--ratio", type=ratio, default=DEFAULT_RATIO, help="share of context tokens recomputed")
+    return [
+        p.add_argument("--main-n", type=positive_int, default=100, help="questions of the main table"),
+        p.add_argument("--sweep-n", type=positive_int, default=30, help="questions of the ratio sweep"),
+        p.add_argument("--ablation-n", type=positive_int, default=30, help="questions of the RoPE ablation"),
+        p.add_argument("--compress-n", type=positive_int, default=30, help="questions of the KV compression part"),
+        p.add_argument(
+            "--large-n", type=positive_int, default=60, help="questions of the 'large' part (qwen2.5-1.5b only)"
+        ),
+        p.add_argument("--ratio", type=ratio, default=DEFAULT_RATIO, help="share of context tokens recomputed"),
+    ]
 
 
 def _model(p: argparse.ArgumentParser, default: str = DEFAULT_MODEL, lead_in_flag: bool = True) -> None:
