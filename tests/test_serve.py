@@ -48,11 +48,12 @@ def client(pipeline) -> Iterator[TestClient]:
 def live_server(pipeline: Pipeline, **settings) -> Iterator[str]:
     """Serve ``pipeline`` with uvicorn on a free loopback port, in a thread; stopped on exit."""
     sock = loopback_socket()
-    srv = server(pipeline, ServerSettings(model_name=MODEL, **settings))
+    listening = threading.Event()  # set by the server once it accepts connections (the CLI's "serving ... on")
+    srv = server(pipeline, ServerSettings(model_name=MODEL, **settings), on_listening=listening.set)
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
-    while not srv.started:
+    while not listening.is_set():
         assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
         time.sleep(0.02)
     try:
@@ -230,8 +231,10 @@ def test_ignores_unknown_fields_and_accepts_neutral_values_of_unsupported_ones(c
 
 def test_unreachable_kv_store_refuses_start_and_degrades_to_prefill_while_serving(engine):
     down = Pipeline(engine, RedisKVStore("redis://127.0.0.1:1/0"))  # nothing listens on port 1
+    heard = []
     with pytest.raises(ValueError, match=r"redis://127.0.0.1:1/0.*pass another --store"):
-        serve(down, ServerSettings(model_name=MODEL))
+        serve(down, ServerSettings(model_name=MODEL), on_listening=lambda: heard.append("listening"))
+    assert heard == []  # the command line says "serving ... on" only once the server listens
     # A store that goes down while serving is a cache miss: answers go on, without reuse, and /health says why.
     with TestClient(create_app(down, ServerSettings(model_name=MODEL, max_tokens=4))) as c:
         for _ in range(2):
@@ -240,6 +243,17 @@ def test_unreachable_kv_store_refuses_start_and_degrades_to_prefill_while_servin
             assert body["infoflow"]["passages_computed"] == 1
         health = c.get("/health").json()
         assert health["status"] == "degraded" and "redis://127.0.0.1:1/0" in health["store"]
+
+
+def test_a_port_in_use_stops_the_server_before_it_says_it_listens(pipeline):
+    heard = []
+    with loopback_socket() as taken:
+        taken.listen()
+        port = taken.getsockname()[1]
+        srv = server(pipeline, ServerSettings(model_name=MODEL), port=port, on_listening=lambda: heard.append(port))
+        with pytest.raises(SystemExit):
+            srv.run()
+    assert heard == [] and not srv.started
 
 
 # --- concurrency: queue bound, timeout, disconnect ------------------------------------------------------

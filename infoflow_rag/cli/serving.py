@@ -145,8 +145,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_queue=args.max_queue,
             timeout=args.timeout,
         )
-        print(f"serving {settings.model_name} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
-        serve(pipeline, settings, host=args.host, port=args.port)
+
+        def listening() -> None:  # said once the port is bound, so a store or port problem is all the user sees
+            print(f"serving {settings.model_name} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
+
+        serve(pipeline, settings, host=args.host, port=args.port, on_listening=listening)
     return 0
 
 
