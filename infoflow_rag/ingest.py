@@ -23,6 +23,8 @@ from .index.splitting import MIN_WINDOW, TEXT_SUFFIXES, Document, load_source, s
 from .pipeline import Pipeline
 
 SPLITS = ("paragraph", "tokens")
+# Characters per token assumed where paragraphs are cut by length before any tokenizer runs (English prose: ~4).
+CHARS_PER_TOKEN = 4
 
 
 @dataclass
@@ -49,7 +51,7 @@ class IngestSummary:
 
 def split_documents(texts: list[str], split: str, window: int, tokenize: Callable, detokenize: Callable) -> list[str]:
     if split == "paragraph":
-        return [p for text in texts for p in split_paragraphs(text, max_chars=window * 4)]
+        return [p for text in texts for p in split_paragraphs(text, max_chars=window * CHARS_PER_TOKEN)]
     if split == "tokens":
         return [
             w.text

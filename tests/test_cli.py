@@ -16,6 +16,7 @@ from tiny import BagOfWordsEmbedder
 
 from infoflow_rag.allocator import allocator_state
 from infoflow_rag.cli import build_parser, main
+from infoflow_rag.cli.options import query_options
 from infoflow_rag.index.passage_index import PassageIndex
 
 
@@ -51,6 +52,10 @@ def test_shown_defaults_are_the_values_used():
     help_text = " ".join(ask.format_help().split())
     assert "passages retrieved (at most the index size) (default: 5)" in help_text
     assert "--selector NAME Tokens to recompute:" in help_text and "(default: sinkflow)" in help_text
+    # --keep's default (every token) is refused with --compress, so its help says what the command wants instead
+    assert "of passage tokens kept. (required with --compress)" in help_text and "kept. (default" not in help_text
+    with pytest.raises(ValueError, match="--compress snapkv needs --keep"):
+        query_options(build_parser().parse_args(["ask", "q", "--index", "i", "--compress", "snapkv"]))
 
 
 def test_version(capsys):

@@ -24,12 +24,18 @@ def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"lead_in": LEAD_INS[args.lead_in]} if "lead_in" in args else {}
 
 
+# The flag a command line must give with --compress: keep's default (every token) would make the policy a no-op.
+KEEP_WITH_COMPRESS = "keep"
+
+
 def add_option_flags(parser: argparse.ArgumentParser, what: str = "") -> None:
     """One flag per field of :class:`QueryOptions` (``--selector``, ``--ratio``, ``--keep``, ...), all unset by
     default: :func:`query_options` lays the given ones over the defaults and the options type validates them."""
     for name, field in QueryOptions.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        help_text = f"{what}{field.description} (default: {_shown(field.get_default(call_default_factory=True))})"
+        default = field.get_default(call_default_factory=True)
+        shown = "required with --compress" if name == KEEP_WITH_COMPRESS else f"default: {_shown(default)}"
+        help_text = f"{what}{field.description} ({shown})"
         if field.annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif any(dict in (kind, get_origin(kind)) for kind in (field.annotation, *get_args(field.annotation))):
@@ -54,7 +60,7 @@ def query_options(args: argparse.Namespace) -> QueryOptions:
     """The options given as flags over the defaults. With ``--compress``, ``--keep`` must be given too."""
     given = {name: value for name in QueryOptions.model_fields if (value := getattr(args, name, None)) is not None}
     options = DEFAULT_OPTIONS.replace(**given)
-    if options.compress != "none" and "keep" not in given:
+    if options.compress != "none" and KEEP_WITH_COMPRESS not in given:
         raise ValueError(
             f"--compress {options.compress} needs --keep: a share such as 0.5 or a token count such as 256"
         )

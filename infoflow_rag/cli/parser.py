@@ -106,7 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--split", choices=["paragraph", "tokens"], default="paragraph", help="passages: paragraphs or token windows"
     )
-    p.add_argument("--window", type=at_least(MIN_WINDOW), default=256, help="tokens per passage for --split tokens")
+    p.add_argument(
+        "--window",
+        type=at_least(MIN_WINDOW),
+        default=256,
+        help="passage size in tokens: each window's for --split tokens; for --split paragraph, a paragraph "
+        "longer than ~this many tokens (4 characters each) is cut at sentence ends",
+    )
     p.add_argument("--batch-size", type=positive_int, default=64, help="passages committed together")
     p.add_argument("--strict-utf8", action="store_true", help="stop at a file that is not UTF-8 (default: skip it)")
     p.add_argument("--follow-symlinks", action="store_true", help="read files linked from outside the source folder")
@@ -121,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(DEFAULT_PARAMS),
         default=None,
         help="FAISS index for a new index directory: exact inner product (flat, the default), or approximate for "
-        "large corpora; an existing index keeps its own (change it with `index repair`)",
+        "large corpora; an existing index keeps its own, and another kind is refused (change it with `index repair`)",
     )
     _index_param(p)
     _json(p)
@@ -145,7 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", required=True, help="index directory built by `infoflow-rag ingest` (read only)")
     _model(p)
     p.add_argument(
-        "--store", type=store_spec, default=None, help="KV store as for ingest, e.g. redis://host:6379/0 to share it"
+        "--store",
+        type=store_spec,
+        default=None,
+        help="KV store as for ingest, e.g. redis://host:6379/0 to share it (default: disk store inside the index)",
     )
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (loopback by default)")
     p.add_argument("--port", type=port, default=8000, help="TCP port to listen on")
@@ -200,8 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=128,
         help="passage size in tokens of the hotpotqa-fixed and niah sets",
     )
-    p.add_argument("--start", type=non_negative_int, default=0, help="first question (hotpotqa, squad)")
-    p.add_argument("--limit", type=positive_int, default=20, help="number of questions (hotpotqa, squad)")
+    p.add_argument("--start", type=non_negative_int, default=0, help="first question (hotpotqa, hotpotqa-fixed, squad)")
+    p.add_argument(
+        "--limit", type=positive_int, default=20, help="number of questions (hotpotqa, hotpotqa-fixed, squad)"
+    )
     p.add_argument("--lengths", default="1000,2000,4000", help="niah: haystack sizes in tokens")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="niah: needle depths (0 = start, 1 = end)")
     p.add_argument(

@@ -3,7 +3,8 @@
 Every entry point speaks this type: ``Engine.answer(question, passages, options)`` (keyword overrides are sugar
 for :meth:`QueryOptions.replace`), the pipeline, the eval grammar (a method is a name plus options), the CLI
 flags, the server's request fields and both framework adapters (which inherit :class:`OptionFields`). Results
-carry the options whole. Adding an option means a field here and the stage that reads it, nothing else.
+carry the options whole. Adding an option means a field here and the stage that reads it (and, where results
+written before it were answered otherwise than its default, that value in ``eval/results.py``'s ``_ADDED_OPTIONS``).
 
 A pydantic model rather than a dataclass: both adapters and the server are pydantic models already, so they
 inherit or derive these fields with their validation instead of copying them, and a results file or an HTTP
