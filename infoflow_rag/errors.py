@@ -19,3 +19,7 @@ class StoreUnavailableError(InfoFlowError):
 
 class IndexIntegrityError(InfoFlowError):
     """A passage index directory is missing a file, holds a corrupt one, or holds files of different indexes."""
+
+
+class ReadOnlyIndexError(InfoFlowError, PermissionError):
+    """The index directory, or its records file, is not writable by this process: it can only be searched."""

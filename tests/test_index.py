@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from tiny import BagOfWordsEmbedder
 
+from infoflow_rag.errors import IndexIntegrityError
 from infoflow_rag.index import (
     IVF_TRAIN_FACTOR,
     Embedder,
@@ -293,3 +294,52 @@ def test_two_threads_adding_the_same_texts_add_each_vector_once_and_later_passag
     index.close()
     reopened = PassageIndex.open(tmp_path / "index", BagOfWordsEmbedder())
     assert len({h.id for h in reopened.search("omicron pi rho", k=4)}) == 4
+
+
+# ---------------------------------------------------------------- lost records are reported, never recreated
+
+
+def _replace_records(directory: Path, content: bytes | None) -> None:
+    """passages.sqlite replaced by ``content``, or (None) by fresh, empty records as a new index has."""
+    (directory / "passages.sqlite").unlink()
+    if content is None:
+        PassageRecords(directory / "passages.sqlite").close()
+    else:
+        (directory / "passages.sqlite").write_bytes(content)
+
+
+def _another_database(path: Path) -> bytes:
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE notes (text TEXT)")
+    conn.close()
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("other", ["empty", "another-database"])
+def test_open_and_repair_report_records_without_a_passages_table_as_lost_and_write_nothing(
+    tmp_path: Path, other: str
+) -> None:
+    with PassageIndex.create(tmp_path / "index", embedder=BagOfWordsEmbedder()) as index:
+        index.add_passages(FACTS)
+    _replace_records(tmp_path / "index", b"" if other == "empty" else _another_database(tmp_path / "other.sqlite"))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "index").iterdir() if p.is_file()}
+    lost = r"passages.sqlite is unreadable \(it holds no passages table.*cannot be recovered.*ingest the source again"
+    with pytest.raises(IndexIntegrityError, match=lost):
+        PassageIndex.open(tmp_path / "index", embedder=BagOfWordsEmbedder())
+    with pytest.raises(IndexIntegrityError, match=lost):
+        PassageIndex.repair(tmp_path / "index", embedder=BagOfWordsEmbedder())
+    assert {p.name: p.read_bytes() for p in (tmp_path / "index").iterdir() if p.is_file()} == before
+
+
+def test_repair_refuses_to_empty_vectors_that_hold_passages(tmp_path: Path) -> None:
+    with PassageIndex.create(tmp_path, embedder=BagOfWordsEmbedder()) as index:
+        index.add_passages(FACTS)
+    _replace_records(tmp_path, None)  # e.g. recreated by an older version opening a 0-byte file
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(
+        IndexIntegrityError,
+        match=r"passages.sqlite holds no passages but .*vectors.faiss holds 4: .*nothing was changed; the passage "
+        "texts cannot be recovered",
+    ):
+        PassageIndex.repair(tmp_path, embedder=BagOfWordsEmbedder())
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -2,7 +2,7 @@
 
 from infoflow_rag.index.embedder import DEFAULT_MODEL, Embedder, TextEmbedder
 from infoflow_rag.index.faiss_index import IVF_TRAIN_FACTOR, IndexSpec, SearchResult, VectorIndex
-from infoflow_rag.index.passage_index import Hit, PassageIndex
+from infoflow_rag.index.passage_index import Hit, PassageIndex, ReadOnlyIndexError
 from infoflow_rag.index.records import AddResult, PassageRecord, PassageRecords, content_hash
 from infoflow_rag.index.splitting import (
     Document,
@@ -23,6 +23,7 @@ __all__ = [
     "PassageIndex",
     "PassageRecord",
     "PassageRecords",
+    "ReadOnlyIndexError",
     "SearchResult",
     "TextEmbedder",
     "TokenWindow",

@@ -80,6 +80,29 @@ def _empty_index(spec: IndexSpec) -> faiss.Index:
     return faiss.IndexIDMap2(inner)
 
 
+def stored_count(path: str | os.PathLike[str]) -> int:
+    """How many vectors the file at ``path`` holds, whatever its kind; ValueError if it is unreadable."""
+    return int(_read(path)[0].ntotal)
+
+
+def _read(path: str | os.PathLike[str]) -> tuple[faiss.Index, str | None]:
+    """The FAISS index saved at ``path`` and the identity in its header (None: an unstamped file)."""
+    data = Path(path).read_bytes()
+    identity = None
+    if data.startswith(FILE_MAGIC):
+        try:
+            (length,) = struct.unpack_from("<I", data, len(FILE_MAGIC))
+            start = len(FILE_MAGIC) + 4
+            identity = json.loads(data[start : start + length])["identity"]
+            data = data[start + length :]
+        except (struct.error, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} has an unreadable header: {e}") from e
+    try:
+        return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8)), identity
+    except RuntimeError as e:  # FAISS reports a truncated or foreign file this way
+        raise ValueError(f"{path} is not a readable FAISS index: {str(e).splitlines()[0]}") from e
+
+
 class VectorIndex:
     """A FAISS index keyed by int64 passage ids; build with :meth:`create` or :meth:`load`."""
 
@@ -102,20 +125,7 @@ class VectorIndex:
     @classmethod
     def load(cls, path: str | os.PathLike[str], spec: IndexSpec) -> VectorIndex:
         """The index saved at ``path``, checked against ``spec``; ValueError if it is unreadable or another kind."""
-        data = Path(path).read_bytes()
-        identity = None
-        if data.startswith(FILE_MAGIC):
-            try:
-                (length,) = struct.unpack_from("<I", data, len(FILE_MAGIC))
-                start = len(FILE_MAGIC) + 4
-                identity = json.loads(data[start : start + length])["identity"]
-                data = data[start + length :]
-            except (struct.error, ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path} has an unreadable header: {e}") from e
-        try:
-            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-        except RuntimeError as e:  # FAISS reports a truncated or foreign file this way
-            raise ValueError(f"{path} is not a readable FAISS index: {str(e).splitlines()[0]}") from e
+        index, identity = _read(path)
         inner = type(faiss.downcast_index(index.index)).__name__ if isinstance(index, faiss.IndexIDMap2) else None
         expected = {
             "flat": ("IndexFlatIP",),

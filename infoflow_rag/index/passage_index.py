@@ -14,6 +14,9 @@ do not share it (a recreated ``passages.sqlite`` next to old vectors would retri
 high scores), and any missing or unreadable file, with an :class:`IndexIntegrityError` that names the fix.
 ``repair`` rebuilds the vectors and ``index.json`` from the records, under a new identity.
 
+Read-only: an index this process may not write (a read-only mount, a copy it does not own) opens for search and
+reading, writing nothing; adding to it or repairing it is a :class:`ReadOnlyIndexError`.
+
 Threads may share one ``PassageIndex``: its lock keeps FAISS from being searched while it grows (FAISS releases
 the GIL, and a search during an add reads freed memory) and keeps two adds from adding the same vectors twice.
 One writer process at a time per directory.
@@ -35,10 +38,10 @@ from typing import Any
 import numpy as np
 
 from infoflow_rag.closing import Closing
-from infoflow_rag.errors import IndexIntegrityError
+from infoflow_rag.errors import IndexIntegrityError, ReadOnlyIndexError
 from infoflow_rag.files import atomic_write
 from infoflow_rag.index.embedder import DEFAULT_MODEL, Embedder, TextEmbedder
-from infoflow_rag.index.faiss_index import IndexSpec, VectorIndex, check_index_params
+from infoflow_rag.index.faiss_index import IndexSpec, VectorIndex, check_index_params, stored_count
 from infoflow_rag.index.records import AddResult, PassageRecord, PassageRecords
 
 logger = logging.getLogger(__name__)
@@ -85,7 +88,7 @@ class PassageIndex(Closing):
             raise FileExistsError(f"{directory} already holds a passage index; use PassageIndex.open")
         check_index_params(kind, params)  # before the directory is made or the embedder loads
         directory.mkdir(parents=True, exist_ok=True)
-        records = _open_records(directory)
+        records = _open_records(directory, create=True)
         # Passages without index.json (a create killed before its end, or a lost file) are kept, never overwritten.
         # A create killed before it stored any passage is simply finished.
         if n := len(records):
@@ -119,13 +122,22 @@ class PassageIndex(Closing):
                 "pass a matching embedder or none"
             )
         spec = IndexSpec.build(meta["kind"], meta["dim"], **meta["params"])
-        records = _open_records(directory, must_exist=True)
+        records = _open_records(directory, read_only=not _writable(directory))
         try:
             index = cls(directory, records, _load_vectors(directory, spec), embedder)
             index._check_identity(meta["identity"])
         except IndexIntegrityError:
             records.close()
             raise
+        if records.read_only:
+            if unembedded := len(records) - len(index._vectors):
+                logger.warning(
+                    "%s is read-only: %d passages without vectors (an add cut short) are not searchable until it is "
+                    "opened with write access",
+                    directory,
+                    unembedded,
+                )
+            return index
         repaired = index._embed_missing()
         if repaired:
             logger.warning("%s: embedded %d passages missing from %s", directory, len(repaired), VECTORS_FILE)
@@ -149,7 +161,17 @@ class PassageIndex(Closing):
         Every passage is embedded again; the three files get a new identity.
         """
         directory = Path(directory)
-        records = _open_records(directory, must_exist=True)
+        records = _open_records(directory, read_only=not _writable(directory))
+        if records.read_only:
+            records.close()
+            raise _read_only_error(directory, "it cannot be repaired in place; repair a writable copy of it")
+        if not len(records) and (held := _vectors_held(directory)):
+            records.close()
+            raise IndexIntegrityError(
+                f"{directory / RECORDS_FILE} holds no passages but {directory / VECTORS_FILE} holds {held}: "
+                f"rebuilding the vectors from the records would empty the index, so nothing was changed; "
+                f"{_reingest_hint(directory)}"
+            )
         old = _readable_meta(directory)
         embedder = embedder if embedder is not None else Embedder(old.get("embedder", DEFAULT_MODEL))
         kind = kind or old.get("kind", "flat")
@@ -180,6 +202,8 @@ class PassageIndex(Closing):
         Embeds every record still without a vector (the new ones, plus any left by an earlier call
         that failed after its commit) and rewrites the FAISS file, so add in large batches.
         """
+        if self._records.read_only:
+            raise _read_only_error(self.directory, "passages cannot be added to it; add them to a writable copy of it")
         added = self._records.add_many(texts, sources, metadatas)
         self._embed_missing(batch_size, show_progress)
         return added
@@ -290,16 +314,30 @@ def _reingest_hint(directory: Path) -> str:
     )
 
 
-def _open_records(directory: Path, must_exist: bool = False) -> PassageRecords:
+def _read_only_error(directory: Path, consequence: str) -> ReadOnlyIndexError:
+    return ReadOnlyIndexError(f"{directory} is read-only (this process may not write it): {consequence}")
+
+
+def _writable(directory: Path) -> bool:
+    """Whether this process may write the index: new files in the directory, and the records file in place.
+    With the effective ids (and, for root, capabilities) that writes use."""
+    check = os.access in os.supports_effective_ids
+    return all(os.access(p, os.W_OK, effective_ids=check) for p in (directory, directory / RECORDS_FILE))
+
+
+def _open_records(directory: Path, create: bool = False, read_only: bool = False) -> PassageRecords:
+    """The records of a new index (``create``), else of an existing one, whose schema is never created here."""
     path = directory / RECORDS_FILE
-    if must_exist and not directory.is_dir():
+    if not create and not directory.is_dir():
         raise FileNotFoundError(
             f"no index directory {directory}; build one with: infoflow-rag ingest SOURCE --index {directory}"
         )
-    if must_exist and not path.is_file():
+    if not create and not path.is_file():
         raise IndexIntegrityError(f"{path} is missing; {_reingest_hint(directory)}")
     try:
-        return PassageRecords(path)
+        return PassageRecords(path, create=create, read_only=read_only)
+    except PermissionError as e:  # readable only by a process that may write the directory
+        raise _read_only_error(directory, str(e)) from e
     except sqlite3.DatabaseError as e:
         raise IndexIntegrityError(f"{path} is unreadable ({e}); {_reingest_hint(directory)}") from e
 
@@ -312,6 +350,14 @@ def _load_vectors(directory: Path, spec: IndexSpec) -> VectorIndex:
         return VectorIndex.load(path, spec)
     except ValueError as e:
         raise IndexIntegrityError(f"{e}; {_repair_hint(directory)}") from e
+
+
+def _vectors_held(directory: Path) -> int:
+    """How many vectors the vectors file holds; 0 if it is missing or unreadable (then it holds nothing to keep)."""
+    try:
+        return stored_count(directory / VECTORS_FILE)
+    except (OSError, ValueError):
+        return 0
 
 
 def _read_meta(directory: Path) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from infoflow_rag.closing import Closing
@@ -63,23 +64,64 @@ def _check_lengths(texts: Sequence[str], **columns: Sequence[Any] | None) -> Non
             raise ValueError(f"{name} has {len(values)} entries for {len(texts)} texts; pass one per text or None")
 
 
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """A connection to the existing database at ``path`` that never writes it.
+
+    ``mode=ro`` first: it keeps SQLite's locks and reads the WAL, so commits of a process writing the index
+    through a writable path are seen, whole. It needs the ``-shm`` file to exist or be creatable. Where neither
+    holds (a read-only mount, a directory this process may not write), ``immutable=1``: no locks, no WAL, the
+    main file alone. Right only while nothing writes it, which a writer would announce by creating ``-wal`` and
+    ``-shm`` next to it; so it is used only with no WAL commits there, which it would silently skip.
+    """
+    uri = path.absolute().as_uri()
+    conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, check_same_thread=False)
+    try:
+        conn.execute("SELECT 1 FROM sqlite_master").fetchall()  # opens the file and its WAL index now
+        return conn
+    except sqlite3.OperationalError as e:
+        conn.close()
+        if e.sqlite_errorname not in ("SQLITE_CANTOPEN", "SQLITE_READONLY_DIRECTORY"):
+            raise
+    wal = Path(f"{path}-wal")
+    if wal.exists() and wal.stat().st_size:
+        raise PermissionError(
+            f"{wal} holds commits SQLite can only read after creating {path.name}-shm, and {path.parent} is not "
+            f"writable: open it once with write access (that moves the commits into {path.name})"
+        )
+    return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, check_same_thread=False)
+
+
 class PassageRecords(Closing):
     """A ``passages`` table in a WAL-mode SQLite file; every ``add_many`` is one transaction.
 
     Single writer per file; readers in other processes are fine (WAL). One connection may be used from
     several threads (frameworks run retrievers in thread pools): a lock serialises its use.
+
+    ``create=False`` opens existing records only: a file without the ``passages`` table (empty, or another
+    database) is a ``sqlite3.DatabaseError``, never given a schema. ``read_only=True`` (implies ``create=False``)
+    reads a file this process may not write, writing nothing; ``add_many`` then fails.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = True, read_only: bool = False) -> None:
         self.path = path
+        self.read_only = read_only
         self._lock = threading.RLock()
-        self._conn = sqlite3.connect(path, check_same_thread=False)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        # FULL, not WAL's usual NORMAL: the FAISS file is written after our commit and must never
-        # reference ids that a power loss could roll back (and a later insert reuse).
-        self._conn.execute("PRAGMA synchronous=FULL")
-        with self._conn:
-            self._conn.executescript(_SCHEMA)
+        self._conn = _connect_read_only(Path(path)) if read_only else sqlite3.connect(path, check_same_thread=False)
+        try:
+            tables = {name for (name,) in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if (read_only or not create) and "passages" not in tables:
+                raise sqlite3.DatabaseError("it holds no passages table: the file is empty or another database")
+            self._has_meta = "meta" in tables or not read_only
+            if not read_only:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                # FULL, not WAL's usual NORMAL: the FAISS file is written after our commit and must never
+                # reference ids that a power loss could roll back (and a later insert reuse).
+                self._conn.execute("PRAGMA synchronous=FULL")
+                with self._conn:
+                    self._conn.executescript(_SCHEMA)  # also adds the meta table records of index format 1 lack
+        except BaseException:
+            self._conn.close()
+            raise
 
     def add_many(
         self,
@@ -136,7 +178,7 @@ class PassageRecords(Closing):
     @property
     def identity(self) -> str | None:
         """The identity of the passage index these records belong to (None: never stamped)."""
-        rows = self._fetch("SELECT value FROM meta WHERE key = 'identity'")
+        rows = self._fetch("SELECT value FROM meta WHERE key = 'identity'") if self._has_meta else []
         return rows[0][0] if rows else None
 
     @identity.setter
