@@ -86,8 +86,9 @@ def fitting_passages(engine: Engine, texts: list[str], window: int) -> list[str]
     return out
 
 
-def no_documents(source: str | Path, follow_symlinks: bool = False) -> ValueError:
-    """The error for a source :func:`load_source` found no document in: it says what was looked for."""
+def no_documents(source: str | Path, follow_symlinks: bool = False, blank: int = 0) -> ValueError:
+    """The error for a source :func:`load_source` found no document with text in (``blank``: how many it found that
+    hold only whitespace): it says what was looked for."""
     path = Path(source)
     looked = (
         f"{'/'.join(TEXT_SUFFIXES)} files in it and its subfolders (UTF-8"
@@ -97,7 +98,14 @@ def no_documents(source: str | Path, follow_symlinks: bool = False) -> ValueErro
         if path.suffix.lower() == ".jsonl"
         else "readable UTF-8 text"
     )
-    return ValueError(f"no documents in {path}: looked for {looked}; nothing was indexed")
+    found = f"; the {blank} found hold only whitespace" if blank else ""
+    return ValueError(f"no documents with text in {path}: looked for {looked}{found}; nothing was indexed")
+
+
+def check_has_text(documents: list[Document], source: str | Path, follow_symlinks: bool = False) -> None:
+    """Refuse a source none of whose documents holds text: it would index nothing."""
+    if not any(doc.text.strip() for doc in documents):
+        raise no_documents(source, follow_symlinks, blank=len(documents))
 
 
 def ingest(
@@ -128,8 +136,7 @@ def ingest(
         if documents is not None
         else load_source(source, strict_utf8=strict_utf8, follow_symlinks=follow_symlinks)
     )
-    if not docs:
-        raise no_documents(source, follow_symlinks)
+    check_has_text(docs, source, follow_symlinks)
     engine = pipeline.engine
     tok = engine.tokenizer
     passages, sources, metas = [], [], []

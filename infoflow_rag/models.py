@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -216,8 +217,11 @@ def _load_gguf(gguf: Path, name: str, expected_sha256: str | None, dtype: torch.
     sha256 = file_sha256(gguf)
     _check_sha(gguf, sha256, expected_sha256)
     log.info("converting %s (one-off, cached in %s)", gguf.name, converted)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    except struct.error as err:  # the gguf reader's way of saying the file ends before its header or tensors do
+        raise ValueError(f"{gguf} is truncated or corrupt ({err}); copy or download the whole file again") from None
     # The dequantised weights are plain tensors; without this save_pretrained refuses a "quantized" model.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -31,6 +31,7 @@ from .matching import KnownPassage, PassageMatcher, RecentPassages  # noqa: F401
 from .models import DEFAULT_MODEL
 from .pipeline_answer import PipelineAnswer, PipelineStream, ReuseStats  # the adapters import them from here
 from .store import CacheKey, KVStore, check_store_spec, open_store
+from .text import check_text
 
 KV_DIR = "kv"
 _FIRST_BUILD = threading.Lock()  # around a lazy first pipeline build (rare: one lock for every owner)
@@ -195,6 +196,7 @@ class Pipeline(Closing):
             raise ValueError("this pipeline has no passage index: open one with Pipeline.open(index_dir)")
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
+        check_text(question, "the question")  # named here: the embedder would only know "text 0"
         return self.index.search(question, top_k)  # at most the index size: a huge top_k allocates nothing
 
     def ask(
@@ -210,6 +212,11 @@ class Pipeline(Closing):
         t = time.perf_counter()
         hits = self.retrieve(question, top_k)
         retrieve_s = time.perf_counter() - t
+        if not hits:  # the index is empty: say so, not the engine's "no passages" meant for a caller's own list
+            raise ValueError(
+                f"the index at {self.index.directory} holds no passages; add some first: "
+                f"infoflow-rag ingest SOURCE --index {self.index.directory}"
+            )
         texts = [h.text for h in hits]
         return self.stream_passages(question, texts, hits, retrieve_s, options, **overrides)
 

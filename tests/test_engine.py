@@ -303,9 +303,21 @@ def test_sampling_is_seeded(engine):
     assert a == b
 
 
+def test_a_tiny_temperature_samples_the_greedy_answer(engine):
+    kvs = engine.prefill(PASSAGES)
+    greedy = engine.answer(QUESTION, kvs, max_new_tokens=8).answer_ids
+    # 1e-300 is 0 in float32: logits over it are +-inf; shifted by their largest first, the others go to -inf, not NaN
+    assert engine.answer(QUESTION, kvs, temperature=1e-300, seed=5, max_new_tokens=8).answer_ids == greedy
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
+        ({"temperature": float("nan")}, "temperature must be a number >= 0"),
+        ({"temperature": float("inf")}, "temperature must be a number >= 0"),
+        ({"seed": 2**70}, r"seed must be an integer in \[0, 2\*\*63\), got 1180591620717411303424"),
+        ({"seed": "x"}, "seed must be an integer"),
+        ({"seed": -1}, "seed must be an integer"),
         ({"ratio": 0.0}, "ratio must be in"),
         ({"ratio": 1.5}, "ratio must be in"),
         ({"selector": "bogus"}, "known selectors: cacheblend, epic, full, infoflow, none, random"),
@@ -329,6 +341,8 @@ def test_empty_inputs_and_overlong_passages_raise(engine):
         engine.answer(QUESTION, ["x" * 5000])
     with pytest.raises(ValueError, match="context window"):
         engine.answer(QUESTION, ["y" * 1500] * 3)
+    with pytest.raises(ValueError, match="the prompt alone is .* tokens, which leaves no room for an answer"):
+        engine.full_prefill_answer(QUESTION, ["y" * 1500] * 3)  # the eval runner's reference: refused alike
 
 
 @pytest.mark.parametrize(

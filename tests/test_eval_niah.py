@@ -39,6 +39,16 @@ def test_eval_run_niah_rejects_a_bad_grid_before_loading_the_model(flag, value, 
     assert message in capsys.readouterr().err
 
 
+def test_eval_run_niah_refuses_lengths_past_the_window_before_any_prefill(model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("INFOFLOW_RAG_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "r.jsonl"
+    argv = ["eval", "run", "--model", model_dir, "--dataset", "niah", "--lengths", "150,4090,9000", "--depths", "0"]
+    assert main([*argv, "--max-new-tokens", "8", "--out", str(out)]) == 2  # the tiny model's window: 4096 tokens
+    err = capsys.readouterr().err
+    assert "--lengths 4090,9000: a haystack of that many tokens and 8 answer tokens do not fit the 4096-token" in err
+    assert not out.exists()  # not even the 150-token cells ran
+
+
 def test_niah_suite_part_is_the_whole_grid_cut_with_the_model_tokens():
     part = next(p for p in suite_parts(ratio=0.1) if p.name == "niah")
     assert part.methods == (

@@ -24,7 +24,7 @@ from tiny import BagOfWordsEmbedder, tiny_model
 from infoflow_rag import models
 from infoflow_rag.cli import build_parser, main
 from infoflow_rag.engine import Engine
-from infoflow_rag.errors import IndexIntegrityError
+from infoflow_rag.errors import IndexIntegrityError, StoreUnavailableError
 from infoflow_rag.index.embedder import Embedder
 from infoflow_rag.index.passage_index import META_FILE, RECORDS_FILE, VECTORS_FILE, PassageIndex
 from infoflow_rag.index.splitting import load_source
@@ -309,10 +309,13 @@ def test_5_symlinks_leaving_the_source_folder_are_not_followed_unless_asked(tmp_
     (source / "doc.txt").write_text("indexed")
     (source / "link.txt").symlink_to(secret)
     (source / "inside.txt").symlink_to(source / "doc.txt")  # a link that stays inside is fine
+    (source / "linked").symlink_to(secret.parent, target_is_directory=True)  # a folder outside
+    (source / "loop").symlink_to(source, target_is_directory=True)  # walked once, not forever
     with caplog.at_level(logging.WARNING):
         assert [d.id for d in load_source(source)] == ["doc.txt", "inside.txt"]
-    assert "link.txt: it links to" in caplog.text
-    assert [d.id for d in load_source(source, follow_symlinks=True)] == ["doc.txt", "inside.txt", "link.txt"]
+    assert "link.txt: it links to" in caplog.text and "linked: it links to" in caplog.text
+    followed = [d.id for d in load_source(source, follow_symlinks=True)]
+    assert followed == ["doc.txt", "inside.txt", "link.txt", "linked/secret.txt"]
 
 
 # --- 6. the store is a cache ---------------------------------------------------------------------------
@@ -347,7 +350,22 @@ def test_6_a_failed_disk_read_is_a_miss(tmp_path, engine, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING):
         lookups = [pipeline.kv_for(PASSAGES[:1]) for _ in range(2)]
     assert [lookup.fresh for lookup in lookups] == [[True], [True]]
-    assert len(store_warnings(caplog)) == 1 and "read failed" in store_warnings(caplog)[0]
+    assert len(store_warnings(caplog)) == 1 and "could not read an entry" in store_warnings(caplog)[0]
+
+
+def test_6_an_unreadable_disk_entry_costs_only_its_own_reuse(tmp_path, engine):
+    store = DiskKVStore(tmp_path / "kv")
+    pipeline = Pipeline(engine, store)
+    pipeline.kv_for(PASSAGES[:3])
+    keys = [pipeline.key(engine.passage_ids(text)) for text in PASSAGES[:3]]
+    store.path_for(keys[1]).unlink()
+    store.path_for(keys[1]).mkdir()  # a directory where its file was: reading and writing it fail with OS errors
+    for _ in range(2):  # the others are still read
+        assert pipeline.kv_for(PASSAGES[:3]).fresh == [False, True, False]
+    store.delete(keys[2])
+    with pytest.raises(StoreUnavailableError):  # the failed write is still said, after the one behind it was written
+        store.put_many(zip([keys[1], keys[2]], engine.prefill(PASSAGES[1:3]), strict=True))
+    assert store.path_for(keys[2]).is_file()
 
 
 def test_6_redis_down_is_a_miss_and_a_skipped_write(engine, caplog):

@@ -36,6 +36,20 @@ def test_ask_retrieves_loads_and_reports_stages(pipeline):
     assert t.ttft >= t.retrieve + t.load_kv + t.recompute
 
 
+def test_a_question_no_encoding_can_write_is_refused_by_name(pipeline):
+    # A command-line byte that is not UTF-8 arrives as a lone surrogate (Python's surrogateescape).
+    question = b"Who founded caf\xe9?".decode("utf-8", "surrogateescape")
+    with pytest.raises(ValueError, match="the question is not valid text: character 15 is a lone surrogate"):
+        pipeline.ask(question, top_k=2, max_new_tokens=4)
+
+
+def test_asking_an_empty_index_says_the_index_is_empty(tmp_path, engine):
+    index = PassageIndex.create(tmp_path / "empty", embedder=BagOfWordsEmbedder())
+    empty = Pipeline(engine, open_store("memory"), index)
+    with pytest.raises(ValueError, match=f"the index at {tmp_path / 'empty'} holds no passages; add some first"):
+        empty.ask(QUESTION, max_new_tokens=2)
+
+
 def test_stored_kv_is_the_prefilled_kv(pipeline):
     lookup = pipeline.kv_for(PASSAGES[:2])
     again = pipeline.kv_for(PASSAGES[:2])

@@ -186,7 +186,15 @@ USER = [{"role": "user", "content": "hi"}]
         ({"model": MODEL, "messages": [*USER, {"role": "assistant", "content": "x"}]}, 400, ["last message"]),
         ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, ["image_url"]),
         ({"model": MODEL, "messages": USER, "stop": ["end", ""]}, 400, ["stop strings must not be empty"]),
+        ({"model": MODEL, "messages": USER, "seed": 2**70}, 400, ["seed must be an integer in [0, 2**63)"]),
         ({"model": MODEL, "messages": [{"role": "user", "content": " "}]}, 400, ["last user message is empty"]),
+        # JSON escapes of lone surrogates: no encoding can write them, the tokenizer fails on them without saying where
+        (b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "hi \\ud800"}]}', 400, ["lone surrogate"]),
+        (
+            b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "passages": ["a \\udfff b"]}',
+            400,
+            ["a passage is not valid text", "lone surrogate"],
+        ),
     ],
     ids=lambda v: str(v)[:40] if not isinstance(v, list | int) else None,
 )
@@ -222,6 +230,18 @@ def test_an_empty_completion_prompt_is_refused(client):
 def test_a_bad_query_option_is_named_in_the_errors_param(client, option, value, words):
     error = chat(client, **{option: value}).json()["error"]
     assert (error["param"], error["code"]) == (option, "invalid_value") and words in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("keep", True), ("ratio", True), ("ratio", "0.5"), ("reorder", "yes"), ("reorder", 1), ("retrieve", True)],
+)
+def test_query_options_of_another_json_type_are_refused_not_converted(client, option, value):
+    # Converted, true would be keep=1 (one token), ratio=1.0 (a whole recompute); "0.5" a number sent as text
+    response = chat(client, **{option: value}, **({"compress": "snapkv"} if option == "keep" else {}))
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"].split(".")[0] == option, error
+    assert f"got {value!r}" in error["message"]
 
 
 def test_ignores_unknown_fields_and_accepts_neutral_values_of_unsupported_ones(client):

@@ -99,6 +99,8 @@ def test_load_source_jsonl(tmp_path: Path) -> None:
         ('{"title": "no text"}', 'string "text" field'),
         ('["text"]', 'string "text" field'),
         ('{"text": "x", "metadata": [1]}', '"metadata" must be an object'),
+        ('{"text": "caf\\ud800 x"}', '"text" is not valid text: character 3 is a lone surrogate'),
+        ('{"text": "x", "title": "\\udfff"}', '"title" is not valid text'),
     ],
 )
 def test_load_source_jsonl_error_names_the_line(tmp_path: Path, bad_line: str, message: str) -> None:

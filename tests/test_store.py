@@ -347,6 +347,9 @@ def test_open_store_disk_specs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert open_store("./c").root == Path("c")
     (tmp_path / "existing").mkdir()
     assert isinstance(open_store("existing"), DiskKVStore)
+    for empty in ("disk:", "disk: "):  # not the current directory
+        with pytest.raises(ValueError, match=f"{empty!r} names no directory; write disk:DIR"):
+            open_store(empty)
 
 
 @pytest.mark.redis

@@ -31,9 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _unwind) if unwind else None
     try:
         return args.func(args)
-    except (InfoFlowError, ValueError, ModuleNotFoundError, FileNotFoundError) as err:
+    except (InfoFlowError, ValueError, ModuleNotFoundError, OSError) as err:  # OSError: a path that is a file, ...
         print(f"infoflow-rag: error: {one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was written stays consistent (ingest and eval commit as they go)
+        resume = "; run the same command again to resume" if getattr(args, "resumable", False) else ""
+        print(f"infoflow-rag: interrupted{resume}", file=sys.stderr)
+        return 130
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -126,6 +126,14 @@ def cmd_eval_run(args: argparse.Namespace) -> int:
         lengths, depths = _token_counts(args.lengths, "--lengths"), _depths(args.depths)
         check_grid(lengths, depths)
     engine = load_engine(args)
+    window = engine.max_positions
+    if args.dataset == "niah" and (too_long := [n for n in lengths if n + args.max_new_tokens > window]):
+        # refused now, not after the shorter haystacks' answers: the needle grid's sizes are known before any prefill
+        raise ValueError(
+            f"--lengths {','.join(map(str, too_long))}: a haystack of that many tokens and {args.max_new_tokens} "
+            f"answer tokens do not fit the {window}-token context window of {args.model}; use lengths below "
+            f"{window - args.max_new_tokens}"
+        )
     if args.dataset == "hotpotqa":
         examples = load_hotpotqa("passage", start=args.start, limit=args.limit)
     elif args.dataset == "hotpotqa-fixed":  # windows cut with the model's own tokenizer

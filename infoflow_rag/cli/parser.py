@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=positive_int, default=64, help="passages committed together")
     p.add_argument("--strict-utf8", action="store_true", help="stop at a file that is not UTF-8 (default: skip it)")
-    p.add_argument("--follow-symlinks", action="store_true", help="read files linked from outside the source folder")
+    p.add_argument(
+        "--follow-symlinks", action="store_true", help="read files and folders linked from outside the source folder"
+    )
     p.add_argument(
         "--kv-dtype",
         choices=list(STORAGE_DTYPES),
@@ -131,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _index_param(p)
     _json(p)
-    p.set_defaults(func=cmd_ingest)
+    p.set_defaults(func=cmd_ingest, resumable=True)  # a re-run skips what is indexed and stored
 
     p = sub.add_parser("ask", help="retrieve, reuse KV, selectively recompute, answer")
     p.add_argument("question", help="the question to answer from the index")
@@ -234,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep only the questions (of --start/--limit) whose passages hold more tokens than this",
     )
     p.add_argument("--out", default="runs/eval/results.jsonl", help="results file (resumed if it exists)")
-    p.set_defaults(func=cmd_eval_run)
+    p.set_defaults(func=cmd_eval_run, resumable=True)  # a re-run resumes the results file
     p = ev.add_parser(
         "suite",
         help="main table + ratio sweep + RoPE ablation + KV compression on held-out HotpotQA, NIAH -> RESULTS.md",
@@ -246,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--start", type=non_negative_int, default=1000, help="first question (0-999 is the development slice)"
     )
     _suite_sizes(p)
-    p.set_defaults(func=cmd_eval_suite)
+    p.set_defaults(func=cmd_eval_suite, resumable=True)
     p = ev.add_parser(
         "report",
         help="rewrite RESULTS.md from the suite's results files (complete or not), or the reports of `eval run`'s",

@@ -26,14 +26,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from ..index.splitting import load_source
-    from ..ingest import ingest, no_documents
+    from ..ingest import check_has_text, ingest
     from ..pipeline import Pipeline
 
     # Only what was asked for: a new index takes it, an existing one must already have it (Pipeline.open).
     index_options = {**({"kind": args.index_kind} if args.index_kind else {}), **dict(args.index_param)}
     documents = load_source(args.source, strict_utf8=args.strict_utf8, follow_symlinks=args.follow_symlinks)
-    if not documents and not Path(args.index).exists():  # refused before the model loads or the index is created
-        raise no_documents(args.source, args.follow_symlinks)
+    if not Path(args.index).exists():  # refused before the model loads or the index is created
+        check_has_text(documents, args.source, args.follow_symlinks)
     with Pipeline.open(
         args.index,
         model=args.model,

@@ -3,6 +3,7 @@ answer stream that times it all and ends in an :class:`AnswerResult`."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,17 +30,22 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # NaN fails this too
+            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
 
 
 def pick(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator) -> int:
     """Next token from logits (vocab,): argmax, or nucleus sampling at the configured temperature."""
     if cfg.temperature == 0.0:
         return int(logits.argmax())
-    probs = (logits.float() / cfg.temperature).softmax(-1)
+    # In float64 (a temperature as small as 1e-300 is 0 in float32) and shifted by the largest logit first: a tiny
+    # temperature then sends the others to -inf and keeps the largest at 0, where inf - inf would give NaN.
+    logits = logits.double()
+    probs = ((logits - logits.max()) / cfg.temperature).softmax(-1)
     sorted_p, order = probs.sort(descending=True)
     keep = sorted_p.cumsum(-1) - sorted_p < cfg.top_p  # always keeps the top token
     sorted_p = sorted_p * keep

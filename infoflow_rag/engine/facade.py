@@ -368,7 +368,9 @@ class Engine:
     ) -> tuple[str, torch.Tensor]:
         """Plain prefill of the whole prompt, nothing cached: the reference answer and first-token logits."""
         gen = GenerationConfig(**generation)
-        out = prefill.full_prefill(self.model, self.prompt_ids(question, passages, template))
+        ids = self.prompt_ids(question, passages, template)
+        query.check_fits(len(ids), gen.max_new_tokens, self.max_positions)  # as every method's query is checked
+        out = prefill.full_prefill(self.model, ids)
         tokens = generate_tokens(self.model, out.cache, out.logits, out.next_position, gen, self.eos_ids)
         return "".join(text_deltas(tokens, self.tokenizer, gen.stop)).strip(), out.logits
 

@@ -105,6 +105,20 @@ class OptionFields(BaseModel):
     def _known_selector(cls, value: str) -> str:
         return validate_selector(value)
 
+    @field_validator("ratio", mode="before")
+    @classmethod
+    def _ratio_not_a_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # pydantic would read True as 1.0, a whole recompute (text stays: flags are text)
+            raise ValueError(f"ratio must be a number in (0, 1], e.g. 0.15, got {value!r}")
+        return value
+
+    @field_validator("reorder", mode="before")
+    @classmethod
+    def _reorder_a_bool(cls, value: Any) -> Any:
+        if not isinstance(value, bool):  # pydantic would read "yes", "off" or 1 as a bool
+            raise ValueError(f"reorder must be true or false, got {value!r}")
+        return value
+
     @field_validator("ratio")
     @classmethod
     def _ratio_in_range(cls, value: float) -> float:

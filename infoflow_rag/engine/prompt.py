@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from ..text import check_text
+
 _SENTINEL = "\x00INFOFLOW_USER_CONTENT\x00"
 PASSAGE_SEPARATOR = "\n\n"
 DEFAULT_QUESTION_TEMPLATE = (
@@ -52,8 +54,10 @@ class PromptFormat:
         return cls(head=bos + system, tail="\nAnswer:")
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Token ids of ``text`` with no BOS/EOS added (special tokens written in the text are kept)."""
+def encode(tokenizer: PreTrainedTokenizerBase, text: str, what: str = "the text") -> list[int]:
+    """Token ids of ``text`` (``what`` it is, for the error on text no encoding can write) with no BOS/EOS added
+    (special tokens written in the text are kept)."""
+    check_text(text, what)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -66,7 +70,7 @@ def encode_answer(tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat, text: s
 def encode_passage(tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat, text: str) -> list[int]:
     if not text.strip():
         raise ValueError("empty passage: every passage must contain text; drop empty strings before answering")
-    return encode(tokenizer, text + fmt.separator)
+    return encode(tokenizer, text + fmt.separator, "a passage")
 
 
 def encode_question(
@@ -81,6 +85,6 @@ def encode_question(
         raise ValueError(f"question template must contain '{{question}}' exactly once, got {template!r}")
     before, after = template.split("{question}")
     head = encode(tokenizer, before) if before else []
-    raw = encode(tokenizer, question)
+    raw = encode(tokenizer, question, "the question")
     rest = encode(tokenizer, after + fmt.tail)
     return QuestionBlock(head + raw + rest, slice(len(head), len(head) + len(raw)))

@@ -80,8 +80,7 @@ def run(
             segments = reorder.densest_last(engine, segments, prompt, options.ratio)
         timings.reorder = time.perf_counter() - t
     layout = engine.layout(segments, prompt)
-    if layout.length + max_new_tokens > engine.max_positions:
-        raise ValueError(_overflow(layout.length, max_new_tokens, engine.max_positions))
+    check_fits(layout.length, max_new_tokens, engine.max_positions)
     policy.check(PromptMap.from_layout(layout))
     if sel.name == "full":  # nothing cached is read: the reference, the whole prompt in one causal forward
         t = time.perf_counter()
@@ -117,17 +116,18 @@ def fresh_inputs(layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([seg.token_ids for _, seg in fresh]), torch.cat([s + torch.arange(len(seg)) for s, seg in fresh])
 
 
-def _overflow(prompt_tokens: int, max_new_tokens: int, window: int) -> str:
-    """Why the query does not fit the context window, naming what overflows and the fix."""
+def check_fits(prompt_tokens: int, max_new_tokens: int, window: int) -> None:
+    """Refuse a query that does not fit the context window, naming what overflows and the fix."""
+    if prompt_tokens + max_new_tokens <= window:
+        return
     if prompt_tokens >= window:
-        return (
+        raise ValueError(
             f"the prompt alone is {prompt_tokens} tokens, which leaves no room for an answer in the {window}-token "
             "context window; pass fewer or shorter passages"
         )
-    room = window - prompt_tokens
-    return (
+    raise ValueError(
         f"prompt of {prompt_tokens} tokens + max_new_tokens={max_new_tokens} exceeds the {window}-token context "
-        f"window: the prompt fits, the answer does not; ask for at most max_new_tokens={room}, "
+        f"window: the prompt fits, the answer does not; ask for at most max_new_tokens={window - prompt_tokens}, "
         "or pass fewer or shorter passages"
     )
 

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from ..text import check_text
+
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
@@ -67,6 +69,8 @@ class Embedder:
         """L2-normalised embeddings, float32 (len(texts), dim): inner product = cosine similarity."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        for i, text in enumerate(texts):
+            check_text(text, f"text {i} to embed")
         vectors = self.model.encode(
             list(texts),
             batch_size=batch_size,

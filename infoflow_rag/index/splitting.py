@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..text import check_text
+
 T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
@@ -112,23 +114,12 @@ def load_source(
     skipped and a malformed line raises ValueError naming its line number.
 
     A file (or jsonl line) that is not UTF-8 is skipped with a warning naming it, or refused with a
-    ValueError when ``strict_utf8``. In a directory, files whose real location is outside it (reached
-    through a symlink) are skipped with a warning unless ``follow_symlinks``.
+    ValueError when ``strict_utf8``. In a directory, files and folders whose real location is outside it (reached
+    through a symlink) are skipped with a warning unless ``follow_symlinks``, which reads linked folders too.
     """
     path = Path(path)
     if path.is_dir():
-        files = sorted(
-            (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES),
-            key=lambda p: p.relative_to(path).as_posix(),
-        )
-        if not follow_symlinks:
-            root = path.resolve()
-            outside = [p for p in files if not p.resolve().is_relative_to(root)]
-            for p in outside:
-                logger.warning(
-                    "skipping %s: it links to %s, outside %s (--follow-symlinks reads it)", p, p.resolve(), path
-                )
-            files = [p for p in files if p not in outside]
+        files = sorted(_text_files(path, follow_symlinks), key=lambda p: p.relative_to(path).as_posix())
         documents = (_read_text(p, p.relative_to(path).as_posix(), strict_utf8) for p in files)
         return [doc for doc in documents if doc is not None]
     if not path.exists():
@@ -141,6 +132,28 @@ def load_source(
         doc = _read_text(path, path.name, strict_utf8)
         return [doc] if doc is not None else []
     raise ValueError(f"cannot load {path}: expected a directory of .txt/.md files, a .txt/.md file or a .jsonl file")
+
+
+def _text_files(folder: Path, follow_symlinks: bool) -> list[Path]:
+    """The .txt/.md files under ``folder``; links leading outside it are skipped, with a warning, unless
+    ``follow_symlinks`` (then linked folders are walked too, each real folder once: a link cycle ends)."""
+    root, files, walked = folder.resolve(), [], set()
+
+    def outside(p: Path) -> bool:
+        if follow_symlinks or p.resolve().is_relative_to(root):
+            return False
+        logger.warning("skipping %s: it links to %s, outside %s (--follow-symlinks reads it)", p, p.resolve(), folder)
+        return True
+
+    for here, folders, names in os.walk(folder, followlinks=follow_symlinks):
+        if (real := os.path.realpath(here)) in walked:
+            folders.clear()
+            continue
+        walked.add(real)
+        folders[:] = [name for name in folders if not outside(Path(here, name))]  # os.walk descends into these
+        candidates = (Path(here, name) for name in names if Path(name).suffix.lower() in TEXT_SUFFIXES)
+        files += [p for p in candidates if p.is_file() and not outside(p)]
+    return files
 
 
 def _not_utf8(where: str, error: UnicodeDecodeError, strict: bool) -> None:
@@ -186,4 +199,7 @@ def _parse_jsonl_line(line: str, where: str, line_no: int) -> Document:
         raise ValueError(f'{where}: "title" must be a string, got {type(title).__name__}')
     if not isinstance(metadata, dict):
         raise ValueError(f'{where}: "metadata" must be an object, got {type(metadata).__name__}')
+    for name in ("text", "title"):
+        if obj.get(name) is not None:
+            check_text(obj[name], f'{where}: "{name}"')
     return Document(id=str(obj.get("id", line_no)), text=obj["text"], source=where, title=title, metadata=metadata)

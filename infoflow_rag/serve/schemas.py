@@ -50,10 +50,11 @@ class StreamOptions(BaseModel):
 
 
 # Every query option as an optional extension field (None: the server's default), typed as in QueryOptions.
-# The values are validated once, by QueryOptions, when the request's options are laid over the server's.
+# The values are validated once, by QueryOptions, when the request's options are laid over the server's; strictly
+# typed here, so JSON's true is not read as 1 (keep: one token) nor "0.5" as a number.
 QueryOptionFields = create_model(
     "QueryOptionFields",
-    __config__=ConfigDict(extra="ignore"),
+    __config__=ConfigDict(extra="ignore", strict=True),
     **{
         name: (field.annotation | None, Field(None, description=field.description))
         for name, field in QueryOptions.model_fields.items()

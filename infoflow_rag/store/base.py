@@ -90,9 +90,15 @@ class KVStore(Closing, ABC):
         return [self._get(key) for key in keys]
 
     def put_many(self, items: Iterable[tuple[CacheKey, PassageKV]]) -> None:
-        """``put`` for each ``(key, kv)`` pair."""
+        """``put`` for each ``(key, kv)`` pair; one that fails does not stop the others (its error is raised after)."""
+        failed: StoreUnavailableError | None = None
         for key, kv in items:
-            self.put(key, kv)
+            try:
+                self.put(key, kv)
+            except StoreUnavailableError as e:
+                failed = failed or e
+        if failed is not None:
+            raise failed
 
     @contextlib.contextmanager
     def _guard(self, action: str) -> Iterator[None]:

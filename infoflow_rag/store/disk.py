@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from infoflow_rag.store.codec import StorageDtype, decode, encode
 from infoflow_rag.store.format import CorruptEntryError, pack, unpack_file
 from infoflow_rag.store.keys import CacheKey
 
+logger = logging.getLogger(__name__)
+
 
 class DiskKVStore(KVStore):
     """Entries at ``root/<fingerprint digest>/<token hash>.safetensors``.
@@ -20,13 +23,16 @@ class DiskKVStore(KVStore):
     of processes, leave exactly one complete file. Reads memory-map the file and verify its
     checksum; a torn or corrupt file is logged, deleted, counted in ``stats.corrupt`` and reported
     as a miss. The directory needs no locking and can be shared by processes on one host.
-    Any other OS error (read-only directory, disk full, I/O error) raises StoreUnavailableError.
+    Any other OS error on a write or delete (read-only directory, disk full, I/O error) raises
+    StoreUnavailableError; on a read it makes that entry a miss (logged once per store), so one unreadable file
+    does not cost the other entries of a batch their reuse.
     """
 
     failures = (OSError,)
 
     def __init__(self, root: str | os.PathLike[str], dtype: StorageDtype = "float32") -> None:
         super().__init__(dtype)
+        self._read_failed = False  # a read error was logged
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
 
@@ -43,13 +49,16 @@ class DiskKVStore(KVStore):
 
     def _get(self, key: CacheKey) -> PassageKV | None:
         try:
-            with self._guard("read"):
-                try:
-                    return decode(unpack_file(key, self.path_for(key)))
-                except FileNotFoundError:  # a miss, not a failure
-                    return None
+            return decode(unpack_file(key, self.path_for(key)))
+        except FileNotFoundError:  # a miss, not a failure
+            return None
         except CorruptEntryError as e:
             self._drop_corrupt(key, e)
+            return None
+        except OSError as e:  # this file, not the store: a directory in its place, its permissions, a bad sector
+            if not self._read_failed:
+                self._read_failed = True
+                logger.warning("KV store %s could not read an entry, recomputed instead (said once): %s", self, e)
             return None
 
     def contains(self, key: CacheKey) -> bool:

@@ -51,7 +51,9 @@ def _backend(spec: str) -> tuple[type[KVStore], dict[str, Any]]:
     if spec.startswith(("redis://", "rediss://", "unix://")):
         return RedisKVStore, {"url": spec}
     if spec.startswith("disk:"):
-        return DiskKVStore, {"root": Path(spec.removeprefix("disk:")).expanduser()}
+        if not (root := spec.removeprefix("disk:")).strip():  # Path("") is ".": KV files all over the current directory
+            raise ValueError(f"{spec!r} names no directory; write disk:DIR, e.g. disk:./kv")
+        return DiskKVStore, {"root": Path(root).expanduser()}
     is_url = "://" in spec  # an unsupported scheme, not a directory called "s3:"
     if not is_url and (os.sep in spec or spec.startswith((".", "~")) or Path(spec).is_dir()):
         return DiskKVStore, {"root": Path(spec).expanduser()}

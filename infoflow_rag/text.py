@@ -1,0 +1,18 @@
+"""The one check every entry point applies to text before a tokenizer or an embedder sees it."""
+
+from __future__ import annotations
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuse ``text`` (``what`` it is: "the question", "passage 2", a file's line) if it holds a lone UTF-16
+    surrogate: no encoding can write one and tokenizers fail on it without saying where. It arrives from a JSON
+    escape such as "\\ud800", or from a command-line argument holding bytes that are not UTF-8 (Python keeps each
+    such byte as a surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        around = text[max(0, err.start - 20) : err.start + 20]
+        raise ValueError(
+            f"{what} is not valid text: character {err.start} is a lone surrogate ({text[err.start]!r}, in "
+            f"{around!r}); send UTF-8 text (a JSON string's \\ud800-\\udfff escapes only in valid pairs)"
+        ) from None
