@@ -51,6 +51,20 @@ def test_one_validation_names_the_value_and_the_fix(options, message):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"ratio": True}, r"ratio must be a number in \(0, 1\], e.g. 0.15, got True"),  # pydantic: 1.0, all of it
+        ({"reorder": "yes"}, "reorder must be true or false, got 'yes'"),
+        ({"reorder": 1}, "reorder must be true or false, got 1"),
+    ],
+)
+def test_values_pydantic_would_convert_are_refused(options, message):
+    with pytest.raises(InvalidOptionError, match=message):
+        QueryOptions(**options)
+    assert QueryOptions(ratio="0.5").ratio == 0.5  # text stays accepted: flags and method strings are text
+
+
 @pytest.mark.parametrize(("options", "message"), BAD, ids=[_id(o) for o, _ in BAD])
 def test_every_entry_point_refuses_the_same_values_through_it(options, message, capsys):
     # the eval grammar (where it can spell the value)
