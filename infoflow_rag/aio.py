@@ -31,16 +31,22 @@ async def iterate_in_thread(make: Callable[[], Iterable[T]]) -> AsyncIterator[T]
     items: asyncio.Queue = asyncio.Queue()
     stop = threading.Event()
 
+    def hand(message: tuple) -> bool:
+        try:
+            loop.call_soon_threadsafe(items.put_nowait, message)
+            return True
+        except RuntimeError:  # the loop is closed (asyncio.run returned): nobody reads any more
+            return False
+
     def produce() -> None:
         try:
             for item in make():
-                loop.call_soon_threadsafe(items.put_nowait, (item, None))
-                if stop.is_set():
-                    break
+                if stop.is_set() or not hand((item, None)):
+                    return  # the rest of make() is never asked for: the engine stops decoding
         except BaseException as err:  # handed to the consumer, which raises it
-            loop.call_soon_threadsafe(items.put_nowait, (_END, err))
+            hand((_END, err))
         else:
-            loop.call_soon_threadsafe(items.put_nowait, (_END, None))
+            hand((_END, None))
 
     threading.Thread(target=produce, name="infoflow-async", daemon=True).start()
     try:

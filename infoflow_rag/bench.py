@@ -30,7 +30,7 @@ from .engine import Engine
 from .engine.prefill import full_prefill
 from .engine.query import Prepared, selector_for
 from .engine.selection import DEFAULT_RATIO, CacheBlendSelector, InfoFlowSelector
-from .eval.methods import MethodSpec, engines_for, fixed_ratio, parse_method
+from .eval.methods import MethodSpec, check_methods, engines_for, fixed_ratio, parse_method
 from .store import STORAGE_DTYPES
 
 # The default (sinkflow over lead-in caches) beside the published methods, each over the cache it was published on.
@@ -107,13 +107,16 @@ def method_cost(engine: Engine, prep: Prepared) -> Cost:
     )
 
 
-def build_context(engine: Engine, n_tokens: int) -> tuple[str, list[str]]:
-    """HotpotQA paragraphs, in dataset order, until the passages hold ``n_tokens`` tokens."""
+def build_context(engine: Engine, n_tokens: int, n_passages: int | None = None) -> tuple[str, list[str]]:
+    """HotpotQA paragraphs, in dataset order, until the passages hold ``n_tokens`` tokens or number ``n_passages``
+    (read no further: the dev set's later questions are held out)."""
     passages, total = [], 0
     items = hotpotqa()
     question = items[0]["question"]
     for item in items:
         for title, sentences in item["context"]:
+            if len(passages) == n_passages:
+                return question, passages
             text = paragraph_text(title, sentences)
             n = len(engine.passage_ids(text))
             if total + n > n_tokens:
@@ -133,11 +136,11 @@ def bench_ttft(
     repeats: int = 3,
 ) -> list[BenchRow]:
     _check_repeats(repeats)
+    specs = bench_methods(methods, ratio)
     rows = []
     for n_tokens in contexts:
         question, texts = build_context(engine, n_tokens)
         ids = engine.prompt_ids(question, texts)
-        specs = {m: bench_method(m, ratio) for m in methods}
         engines = engines_for(engine, specs.values())
         # Offline work, never part of TTFT: each kind of cache a method reads.
         kvs = {k: e.prefill(texts) for k, e in engines.items() if any(s.lead_in == k for s in specs.values())}
@@ -208,6 +211,14 @@ def bench_method(method: str, ratio: float) -> MethodSpec:
     if "@" in method or fixed_ratio(spec.options.selector):
         return spec
     return dataclasses.replace(spec, options=spec.options.replace(ratio=ratio))
+
+
+def bench_methods(methods: tuple[str, ...], ratio: float) -> dict[str, MethodSpec]:
+    """Each method string's :func:`bench_method`, refused as ``eval`` refuses a list (a configuration twice, two
+    uncompressed ``full``): timings are kept by method, and a repeat would only show at the end of the run."""
+    specs = [bench_method(m, ratio) for m in methods]
+    check_methods(specs)  # on the list: a dict by string would already have folded "full,full" into one
+    return dict(zip(methods, specs, strict=True))
 
 
 def _check_repeats(repeats: int) -> None:
@@ -319,8 +330,7 @@ def bench_store(engine: Engine, directory: str, n_passages: int = 40, repeats: i
 
     _check_repeats(repeats)
 
-    question, texts = build_context(engine, 10**9)
-    texts = texts[:n_passages]
+    question, texts = build_context(engine, 10**9, n_passages)
     kvs = engine.prefill(texts)
     keys = [CacheKey.for_tokens(engine.fingerprint, kv.token_ids) for kv in kvs]
     tokens = sum(len(kv) for kv in kvs)

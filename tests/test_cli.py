@@ -269,6 +269,8 @@ def test_bench_prefill_says_how_busy_the_machine_was_in_both_forms(model_dir, ca
         (["--methods", "infoflow,bogus"], "unknown selector 'bogus'"),
         (["--methods", "infoflow+tail"], "unknown compression policy 'tail'; known policies: infokv"),
         (["--methods", "full+leadin"], "full prefill reads no cached passage"),
+        (["--methods", "full,full"], "methods repeat ['full']; give each configuration once"),
+        (["--methods", "infoflow,infoflow@0.15"], "methods repeat ['infoflow@0.15']"),  # --ratio's default: the same
         (["--ratio", "1.5"], "ratio must be in (0, 1], got 1.5"),
     ],
 )

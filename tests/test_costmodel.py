@@ -154,6 +154,18 @@ def test_method_cost_counts_the_tokens_the_recompute_runs(engine):
         assert method_cost(engine, prep).recompute_flops == recompute_flops(shape, inputs), selector
 
 
+def test_a_context_of_a_few_passages_reads_no_further_into_the_dataset(engine, monkeypatch):
+    # bench store asks for its first passages: the dev set's later questions are held out, and reading them all
+    # (tokenizing every paragraph) took half a minute
+    from infoflow_rag.bench import build_context
+
+    seen = []
+    real = engine.passage_ids
+    monkeypatch.setattr(engine, "passage_ids", lambda text: seen.append(text) or real(text))
+    _, texts = build_context(engine, 10**9, n_passages=3)
+    assert len(texts) == 3 and seen == texts
+
+
 def test_every_bench_refuses_fewer_than_one_timed_run(engine, tmp_path):
     from infoflow_rag.bench import bench_prefill, bench_store, bench_ttft
 

@@ -294,6 +294,13 @@ def test_stream_yields_the_answer_and_stops_on_stop_string(engine):
     stop = full[2:4]
     cut = engine.answer(QUESTION, kvs, max_new_tokens=16, stop=(stop,)).answer
     assert stop not in cut and full.startswith(cut)
+    # One string is one stop: a stop whose first character occurs earlier would cut there if read as characters.
+    at = [k for k in range(1, len(full) - 1) if full[k] in full[:k] and full[k : k + 2] not in full[: k + 1]]
+    assert at, f"the check below needs an answer with a repeated character: {full!r}"
+    one = full[at[0] : at[0] + 2]
+    assert engine.answer(QUESTION, kvs, max_new_tokens=16, stop=one).answer == full[: at[0]].strip()
+    with pytest.raises(ValueError, match="stop strings must not be empty"):  # found at once: every answer empty
+        engine.answer(QUESTION, kvs, max_new_tokens=16, stop=("x", ""))
 
 
 def test_sampling_is_seeded(engine):

@@ -32,9 +32,10 @@ def test_eval_run_niah_on_the_tiny_model(model_dir, tmp_path, monkeypatch):
         ("--depths", "0,1.5", "--depths takes comma-separated fractions in [0, 1]"),
         ("--depths", "half", "--depths takes comma-separated fractions in [0, 1]"),
         ("--lengths", "1k", "--lengths takes comma-separated token counts >= 1"),
+        ("--out", "runs/results.md", "--out runs/results.md: a results file ends in .jsonl"),  # its report's name
     ],
 )
-def test_eval_run_niah_rejects_a_bad_grid_before_loading_the_model(flag, value, message, capsys):
+def test_eval_run_niah_rejects_a_bad_flag_before_loading_the_model(flag, value, message, capsys):
     assert main(["eval", "run", "--model", "no-such-model", "--dataset", "niah", flag, value]) == 2
     assert message in capsys.readouterr().err
 

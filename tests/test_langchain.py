@@ -18,9 +18,19 @@ from conftest import (
     ticks_while,
 )
 from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.documents import Document
 from langchain_core.embeddings import DeterministicFakeEmbedding
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    HumanMessage,
+    HumanMessageChunk,
+    SystemMessage,
+    SystemMessageChunk,
+    ToolMessage,
+)
 from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.retrievers import BaseRetriever
 from langchain_core.vectorstores import InMemoryVectorStore
 from langchain_infoflow import ChatInfoFlow, InfoFlowRetriever, create_infoflow_rag_chain, messages_to_turns
 from langchain_tests.unit_tests import ChatModelUnitTests
@@ -158,6 +168,22 @@ def test_chain_runs_async_and_astream_streams_the_answer(pipeline):
     assert chunks[-1]["stats"]["passages_hit"] == 2
 
 
+class FixedRetriever(BaseRetriever):
+    documents: list[Document]
+
+    def _get_relevant_documents(self, query: str, *, run_manager) -> list[Document]:
+        return self.documents
+
+
+def test_chain_skips_blank_documents_and_says_when_the_retriever_found_none(pipeline, engine):
+    llm = chat(pipeline)
+    answered = create_infoflow_rag_chain(FixedRetriever(documents=[Document(" "), Document(CAPITAL)]), llm)
+    assert answered.invoke({"question": QUESTION})["stats"]["context_tokens"] == len(engine.passage_ids(CAPITAL))
+    for documents in ([], [Document("\n")]):  # a score threshold can leave none
+        with pytest.raises(ValueError, match="the retriever returned no document with text for 'What is the"):
+            create_infoflow_rag_chain(FixedRetriever(documents=documents), llm).invoke({"question": QUESTION})
+
+
 def test_chain_rejects_a_bad_question_and_a_foreign_llm(pipeline):
     retriever = InfoFlowRetriever(index=pipeline.index)
     with pytest.raises(ValueError, match=r'the chain takes \{"question": str\}'):
@@ -224,11 +250,18 @@ def test_per_call_options_override_the_fields(tiny_pipeline):
         "options": QueryOptions(selector="cacheblend", ratio=0.5),
         "max_new_tokens": 3,
         "temperature": 0.0,
-        "stop": ("\n",),
+        "stop": ["\n"],
     }
     assert llm.invoke("Hello", max_tokens=2).usage_metadata["output_tokens"] <= 2
     with pytest.raises(ValueError, match="serves 'tiny-llama', not 'other'"):
         llm.invoke("Hello", model="other")
+
+
+def test_tokens_are_counted_by_the_served_models_tokenizer(tiny_pipeline, engine, monkeypatch):
+    # LangChain's default counts with GPT-2's tokenizer, fetched from a model hub: never here
+    monkeypatch.setattr("transformers.GPT2TokenizerFast.from_pretrained", lambda *a, **k: pytest.fail("hub fetch"))
+    llm = chat(tiny_pipeline)
+    assert llm.get_num_tokens("Who wrote it?") == len(encode(engine.tokenizer, "Who wrote it?")) > 0
 
 
 def test_messages_to_turns_keeps_text_and_refuses_tools_and_images():
@@ -242,6 +275,9 @@ def test_messages_to_turns_keeps_text_and_refuses_tools_and_images():
     ]
     with pytest.raises(ValueError, match="got a 'tool' message; tool calling is not supported yet"):
         messages_to_turns([HumanMessage("Hi"), ToolMessage("4", tool_call_id="1")])
+    # chunks too: a streamed reply added up (AIMessageChunk) goes back into the history as it is
+    chunks = [SystemMessageChunk("Be brief."), HumanMessageChunk("Hi"), AIMessageChunk("Hel") + AIMessageChunk("lo")]
+    assert messages_to_turns(chunks) == turns
     with pytest.raises(ValueError, match=r"text only, got content blocks of type \['image'\]"):
         messages_to_turns([HumanMessage([{"type": "image", "url": "https://example.com/a.png"}])])
 

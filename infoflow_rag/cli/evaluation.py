@@ -60,12 +60,11 @@ def cmd_bench_prefill(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_ttft(args: argparse.Namespace) -> int:
-    from ..bench import bench_method, bench_ttft, format_table
+    from ..bench import bench_methods, bench_ttft, format_table
 
     contexts = _token_counts(args.context, "--context", minimum=64)
     methods = tuple(args.methods.split(","))
-    for method in methods:  # a typo or a bad ratio fails before the model loads
-        bench_method(method, args.ratio)
+    bench_methods(methods, args.ratio)  # a typo, a bad ratio or a repeat fails before the model loads
     engine = load_engine(args)
     rows, finished = [], 0
     watch = MachineWatch()
@@ -120,6 +119,8 @@ def cmd_eval_run(args: argparse.Namespace) -> int:
     from ..eval.runner import run_eval
 
     # Everything the flags say is checked before the model loads, so a typo fails at once.
+    if Path(args.out).suffix != ".jsonl":  # the report is written beside it as results.md and PNGs: never over it
+        raise ValueError(f"--out {args.out}: a results file ends in .jsonl, e.g. --out runs/eval/results.jsonl")
     methods = [parse_method(m) for m in args.methods.split(",")]
     check_methods(methods)
     if args.dataset == "niah":

@@ -26,7 +26,7 @@ class GenerationConfig:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int = 0
-    stop: tuple[str, ...] = ()  # stop strings: generation ends before the first occurrence
+    stop: tuple[str, ...] | str = ()  # stop strings (one string: one stop): generation ends before the first one
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -37,6 +37,10 @@ class GenerationConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)  # a string is one stop, as OpenAI's
+        if "" in stops:  # found at once: every answer would be empty
+            raise ValueError(f"stop strings must not be empty, got {self.stop!r}; drop the empty string")
+        object.__setattr__(self, "stop", stops)  # frozen: a tuple from here on
 
 
 def pick(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator) -> int:

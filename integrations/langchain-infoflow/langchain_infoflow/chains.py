@@ -87,7 +87,12 @@ class InfoFlowAnswer(Runnable[dict, dict]):
             yield AddableDict(stats=stream.answer.stats())
 
     def _start(self, inputs: dict) -> PipelineStream:
-        passages = [doc.page_content for doc in inputs["documents"]]
+        passages = [doc.page_content for doc in inputs["documents"] if doc.page_content.strip()]  # blank: no passage
+        if not passages:  # the engine's own "no passages" speaks of a caller's list, not of a retriever
+            raise ValueError(
+                f"the retriever returned no document with text for {inputs['question']!r}; ingest passages into its "
+                "index, or lower its score threshold"
+            )
         return self.llm.get_pipeline().stream_passages(inputs["question"], passages, **self.llm.engine_options())
 
 

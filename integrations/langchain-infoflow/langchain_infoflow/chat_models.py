@@ -97,7 +97,7 @@ class ChatInfoFlow(BaseChatModel, OptionFields):
             "options": options,
             "max_new_tokens": overrides.pop("max_tokens", self.max_tokens),
             "temperature": self.temperature,
-            "stop": tuple(stop or ()),
+            "stop": stop or (),  # a string is one stop (the engine's GenerationConfig reads it so)
             **overrides,
         }
 
@@ -146,6 +146,11 @@ class ChatInfoFlow(BaseChatModel, OptionFields):
                 await run_manager.on_llm_new_token(step, chunk=chunk)
             yield chunk
 
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids by the served model's own tokenizer: LangChain's default is GPT-2's, fetched from a model hub
+        (``get_num_tokens``, ``trim_messages(token_counter=llm)`` count with this)."""
+        return self.get_pipeline().engine.tokenizer.encode(text, add_special_tokens=False)
+
     def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> Runnable:
         raise NotImplementedError(
             "ChatInfoFlow does not support tool calling (bind_tools, tool messages). For a JSON reply that follows "
@@ -193,7 +198,15 @@ class ChatInfoFlow(BaseChatModel, OptionFields):
         return {**answer.stats(), "model_name": self.model, "model_provider": "infoflow"}
 
 
-ROLES = {"system": "system", "human": "user", "ai": "assistant"}  # message type -> chat template role
+# message type -> chat template role; chunks too: a streamed reply added up is an AIMessageChunk in the history
+ROLES = {
+    "system": "system",
+    "human": "user",
+    "ai": "assistant",
+    "SystemMessageChunk": "system",
+    "HumanMessageChunk": "user",
+    "AIMessageChunk": "assistant",
+}
 
 
 def messages_to_turns(messages: Sequence[BaseMessage]) -> list[Turn]:
@@ -205,7 +218,7 @@ def messages_to_turns(messages: Sequence[BaseMessage]) -> list[Turn]:
             raise ValueError(
                 f"ChatInfoFlow reads system, human and AI text messages, got a {message.type!r} message"
                 + (" with tool calls" if role else "")
-                + "; tool calling is not supported yet"
+                + ("; tool calling is not supported yet" if role or message.type in ("tool", "function") else "")
             )
         blocks = message.content if isinstance(message.content, list) else []
         kinds = {b.get("type") for b in blocks if isinstance(b, dict)} - {"text"}
