@@ -253,6 +253,7 @@ def test_per_call_options_override_the_fields(tiny_pipeline):
         "stop": ["\n"],
     }
     assert llm.invoke("Hello", max_tokens=2).usage_metadata["output_tokens"] <= 2
+    assert llm.invoke("Hello", max_tokens=2, stream=True).content == llm.invoke("Hello", max_tokens=2).content
     with pytest.raises(ValueError, match="serves 'tiny-llama', not 'other'"):
         llm.invoke("Hello", model="other")
 

@@ -86,6 +86,7 @@ class ChatInfoFlow(BaseChatModel, OptionFields):
     def engine_options(self, stop: list[str] | None = None, **overrides: Any) -> dict[str, Any]:
         """Pipeline arguments for one call: ``options`` (the fields' QueryOptions), generation settings, and
         per-call overrides of either (``max_tokens`` included)."""
+        overrides.pop("stream", None)  # LangChain's own switch (invoke(stream=True)), forwarded to _stream
         model = overrides.pop("model", self.model)
         if model != self.model:
             raise ValueError(
