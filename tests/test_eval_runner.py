@@ -153,7 +153,9 @@ def test_resume_after_a_crash_redoes_nothing(tmp_path):
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        ({"engine": FakeEngine(model_info={**MODEL_INFO, "sha256": "cd" * 32})}, "model_info"),
+        # the key that differs, not both whole dicts
+        ({"engine": FakeEngine(model_info={**MODEL_INFO, "sha256": "cd" * 32})}, r"model_info\['sha256'\]: file has"),
+        ({"engine": FakeEngine(model_info={**MODEL_INFO, "extra": 1})}, r"model_info\['extra'\]: file has '\(none\)'"),
         ({"prompt": "Q: {question}"}, "prompt"),
         ({"max_new_tokens": 64}, "max_new_tokens"),
     ],

@@ -55,12 +55,18 @@ class RunHeader:
     started: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
     def mismatches(self, other: RunHeader) -> list[str]:
-        """Descriptions of the comparability fields on which ``other`` differs from this header."""
-        names = ("model_info", "prompt", "max_new_tokens")
+        """Descriptions of the comparability fields on which ``other`` differs from this header (in model_info, of
+        the keys that differ: the whole dicts would bury them)."""
         # Compare as read back from JSON: a tuple returns as a list, an int dict key as a string.
-        return [
+        mine, theirs = _as_json(self.model_info), _as_json(other.model_info)
+        differing = [
+            f"model_info[{key!r}]: file has {mine.get(key, '(none)')!r}, this run has {theirs.get(key, '(none)')!r}"
+            for key in sorted(mine.keys() | theirs.keys())
+            if mine.get(key) != theirs.get(key)
+        ]
+        return differing + [
             f"{name}: file has {getattr(self, name)!r}, this run has {getattr(other, name)!r}"
-            for name in names
+            for name in ("prompt", "max_new_tokens")
             if _as_json(getattr(self, name)) != _as_json(getattr(other, name))
         ]
 
