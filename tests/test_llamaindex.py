@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 
 import faiss
+import numpy as np
 import pytest
 from conftest import (
     PASSAGES,
@@ -394,6 +396,35 @@ FACTS = [
     "Mount Kilimanjaro, in Tanzania, is the highest mountain in Africa.",
     "The telephone was invented by Alexander Graham Bell, who was born in Edinburgh.",
 ]
+
+
+def test_async_embeddings_leave_the_event_loop_free(monkeypatch):
+    embedding = InfoFlowEmbedding()
+
+    def slow(texts, batch_size=64, show_progress=False):  # as long as MiniLM takes on a large batch
+        time.sleep(0.3)
+        return np.ones((len(texts), 4), dtype=np.float32)
+
+    monkeypatch.setattr(embedding._embedder, "encode", slow)
+
+    async def embed_while_ticking():
+        ticks = 0
+
+        async def tick():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        ticker = asyncio.create_task(tick())
+        vectors = await embedding.aget_text_embedding_batch(["a", "b"])
+        query = await embedding.aget_query_embedding("q")
+        ticker.cancel()
+        return ticks, vectors, query
+
+    ticks, vectors, query = asyncio.run(embed_while_ticking())
+    assert len(vectors) == 2 and len(query) == 4
+    assert ticks > 20  # 0.6 s of embedding; with the loop blocked it ticked once or twice
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 
 from infoflow_rag.index.embedder import DEFAULT_MODEL, Embedder
+from infoflow_rag.pipeline import run_in_thread
 
 
 class InfoFlowEmbedding(BaseEmbedding):
@@ -36,5 +37,12 @@ class InfoFlowEmbedding(BaseEmbedding):
     def _get_query_embedding(self, query: str) -> Embedding:
         return self._get_text_embeddings([query])[0]
 
+    # On a worker thread: embedding a batch takes seconds, which the event loop would otherwise spend blocked.
     async def _aget_query_embedding(self, query: str) -> Embedding:
-        return self._get_query_embedding(query)
+        return await run_in_thread(lambda: self._get_query_embedding(query))
+
+    async def _aget_text_embedding(self, text: str) -> Embedding:
+        return await run_in_thread(lambda: self._get_text_embedding(text))
+
+    async def _aget_text_embeddings(self, texts: list[str]) -> list[Embedding]:
+        return await run_in_thread(lambda: self._get_text_embeddings(texts))
