@@ -235,7 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="keep only the questions (of --start/--limit) whose passages hold more tokens than this",
     )
-    p.add_argument("--out", default="runs/eval/results.jsonl", help="results file (resumed if it exists)")
+    p.add_argument(
+        "--out",
+        default="runs/eval/results.jsonl",
+        help="results file, .jsonl (resumed if it exists; its report, results.md and plots, is written beside it)",
+    )
     p.set_defaults(func=cmd_eval_run, resumable=True)  # a re-run resumes the results file
     p = ev.add_parser(
         "suite",
