@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 _END = object()
@@ -19,6 +19,22 @@ _END = object()
 async def run_in_thread(work: Callable[[], T]) -> T:
     """``work()`` on a worker thread (with the caller's context variables), awaited."""
     return await asyncio.to_thread(work)
+
+
+class Steps(Protocol):
+    def steps(self) -> Iterable[Any]:
+        """Pieces of work done one by one, the last item the result (a PipelineStream's text deltas, then its
+        answer)."""
+
+
+async def finish_in_thread(start: Callable[[], Steps]) -> Any:
+    """The last of ``start().steps()``, the stream created and run on a worker thread step by step: a cancelled
+    await (``asyncio.wait_for``, a client gone) stops it at its next step, where :func:`run_in_thread` would decode to
+    the end."""
+    last = None
+    async for last in iterate_in_thread(lambda: start().steps()):  # noqa: B007 (the loop keeps the last item)
+        pass
+    return last
 
 
 async def iterate_in_thread(make: Callable[[], Iterable[T]]) -> AsyncIterator[T]:

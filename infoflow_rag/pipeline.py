@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .aio import iterate_in_thread, run_in_thread  # noqa: F401  (for the adapters)
+from .aio import finish_in_thread, iterate_in_thread, run_in_thread  # noqa: F401  (for the adapters)
 from .chat import Conversations, Turn
 from .closing import Closing
 from .engine import Engine, QueryOptions

@@ -1,10 +1,11 @@
 """The engine's work on a worker thread for async callers: an abandoned stream ends quietly."""
 
 import asyncio
+import contextlib
 import threading
 import time
 
-from infoflow_rag.aio import iterate_in_thread
+from infoflow_rag.aio import finish_in_thread, iterate_in_thread
 
 
 def test_a_stream_left_open_ends_quietly_when_its_event_loop_closes(monkeypatch):
@@ -24,3 +25,31 @@ def test_a_stream_left_open_ends_quietly_when_its_event_loop_closes(monkeypatch)
     assert asyncio.run(first_item()) == 0
     time.sleep(0.2)  # the producer's next hand-off would meet the closed loop
     assert errors == [] and len(produced) < 50  # no "Event loop is closed" from the thread, and it stopped
+
+
+class CountedSteps:
+    """A stream of 100 slow steps whose last is its result; counts the steps taken."""
+
+    def __init__(self) -> None:
+        self.taken = 0
+
+    def steps(self):
+        for i in range(100):
+            self.taken += 1
+            time.sleep(0.005)
+            yield i
+
+
+def test_finish_in_thread_returns_the_last_step_and_a_cancelled_await_stops_the_steps():
+    assert asyncio.run(finish_in_thread(CountedSteps)) == 99
+    stream = CountedSteps()
+
+    async def cancelled() -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(finish_in_thread(lambda: stream), timeout=0.05)
+        taken = stream.taken
+        await asyncio.sleep(0.2)  # time for 40 more steps, had it gone on
+        assert stream.taken - taken <= 1  # at most the step under way when the await was cancelled
+
+    asyncio.run(cancelled())
+    assert stream.taken < 100

@@ -9,7 +9,7 @@ from langchain_core.documents import Document
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 from langchain_core.runnables.utils import AddableDict
 
-from infoflow_rag.pipeline import PipelineStream, iterate_in_thread, run_in_thread
+from infoflow_rag.pipeline import PipelineAnswer, PipelineStream, finish_in_thread, iterate_in_thread
 
 from .chat_models import ChatInfoFlow
 
@@ -67,7 +67,7 @@ class InfoFlowAnswer(Runnable[dict, dict]):
             yield chunk
 
     async def _aanswer(self, inputs: dict) -> dict:
-        return await run_in_thread(lambda: self._answer(inputs))
+        return self._output(inputs, await finish_in_thread(lambda: self._start(inputs)))
 
     async def _achunks(self, inputs: AsyncIterator[dict]) -> AsyncIterator[AddableDict]:
         async for item in inputs:
@@ -75,7 +75,10 @@ class InfoFlowAnswer(Runnable[dict, dict]):
                 yield chunk
 
     def _answer(self, inputs: dict) -> dict:
-        answer = self._start(inputs).finish()
+        return self._output(inputs, self._start(inputs).finish())
+
+    @staticmethod
+    def _output(inputs: dict, answer: PipelineAnswer) -> dict:
         return {"answer": answer.answer, "documents": inputs["documents"], "stats": answer.stats()}
 
     def _chunks(self, inputs: Iterator[dict]) -> Iterator[AddableDict]:

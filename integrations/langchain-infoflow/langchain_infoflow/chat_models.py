@@ -20,8 +20,8 @@ from infoflow_rag.pipeline import (
     PipelineStream,
     Turn,
     built_on_first_use,
+    finish_in_thread,
     iterate_in_thread,
-    run_in_thread,
 )
 
 from .retrieved import RETRIEVED, watch_retrievers
@@ -118,8 +118,7 @@ class ChatInfoFlow(BaseChatModel, OptionFields):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        answer = await run_in_thread(lambda: self._start(messages, stop, kwargs).finish())
-        return self._result(answer)
+        return self._result(await finish_in_thread(lambda: self._start(messages, stop, kwargs)))
 
     def _stream(
         self,

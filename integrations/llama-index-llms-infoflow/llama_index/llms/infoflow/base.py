@@ -32,8 +32,8 @@ from infoflow_rag.pipeline import (
     RecentPassages,
     Turn,
     built_on_first_use,
+    finish_in_thread,
     iterate_in_thread,
-    run_in_thread,
 )
 
 if TYPE_CHECKING:
@@ -115,8 +115,7 @@ class InfoFlowLLM(CustomLLM, OptionFields):
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        start = self._completion(prompt, formatted, kwargs)
-        return _response(await run_in_thread(lambda: start().finish()), chat=False)
+        return _response(await finish_in_thread(self._completion(prompt, formatted, kwargs)), chat=False)
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
@@ -133,8 +132,7 @@ class InfoFlowLLM(CustomLLM, OptionFields):
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        start = self._chat(messages, kwargs)
-        return _response(await run_in_thread(lambda: start().finish()), chat=True)
+        return _response(await finish_in_thread(self._chat(messages, kwargs)), chat=True)
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
