@@ -25,6 +25,7 @@ FACTS = [
     "Basalt forms when lava cools quickly at the surface.",
 ]
 CAP_DAC_OVERRIDE = 1  # root's right to write regardless of permission bits
+CAP_DAC_READ_SEARCH = 2  # root's right to read regardless of them
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
@@ -37,9 +38,9 @@ class _CapData(ctypes.Structure):
 
 
 @contextlib.contextmanager
-def _without_dac_override() -> Iterator[None]:
-    """This thread without CAP_DAC_OVERRIDE in its effective set (Linux capabilities are per thread), so root meets
-    permission bits as any user does; restored from the permitted set afterwards."""
+def _without_dac_override(*also: int) -> Iterator[None]:
+    """This thread without CAP_DAC_OVERRIDE (and the capabilities ``also`` numbers) in its effective set (Linux
+    capabilities are per thread), so root meets permission bits as any user does; restored afterwards."""
     if not sys.platform.startswith("linux"):
         pytest.skip("running as root, and dropping root's write override needs Linux capabilities")
     libc = ctypes.CDLL(None, use_errno=True)
@@ -47,7 +48,8 @@ def _without_dac_override() -> Iterator[None]:
     if libc.capget(ctypes.byref(header), data) != 0:
         pytest.skip(f"running as root, and capget failed: {os.strerror(ctypes.get_errno())}")
     saved = data[0].effective
-    data[0].effective &= ~(1 << CAP_DAC_OVERRIDE)
+    for capability in (CAP_DAC_OVERRIDE, *also):
+        data[0].effective &= ~(1 << capability)
     if libc.capset(ctypes.byref(header), data) != 0:
         pytest.skip(f"running as root, and capset failed: {os.strerror(ctypes.get_errno())}")
     try:
@@ -151,3 +153,21 @@ def test_read_only_records_of_index_format_1_have_no_identity(tmp_path: Path) ->
     conn.close()
     with PassageRecords(path, create=False, read_only=True) as records:
         assert records.identity is None and [r.text for r in records] == ["kept"]
+
+
+def test_records_this_process_may_not_read_are_named_not_called_lost(tmp_path: Path) -> None:
+    """SQLite says only "unable to open database file", which read as a lost file: "delete the directory"."""
+    with PassageIndex.create(tmp_path, embedder=BagOfWordsEmbedder()) as index:
+        index.add_passages(FACTS)
+    records = tmp_path / "passages.sqlite"
+    mode = records.stat().st_mode
+    records.chmod(0)
+    try:
+        with _without_dac_override(CAP_DAC_READ_SEARCH) if os.geteuid() == 0 else contextlib.nullcontext():
+            with pytest.raises(PermissionError):  # the premise: this process really cannot read it
+                records.read_bytes()
+            with pytest.raises(PermissionError, match=f"{records} is not readable by this process") as refused:
+                PassageIndex.open(tmp_path, embedder=BagOfWordsEmbedder())
+    finally:
+        records.chmod(mode)
+    assert "delete" not in str(refused.value) and "ingest" not in str(refused.value)

@@ -319,10 +319,15 @@ def _read_only_error(directory: Path, consequence: str) -> ReadOnlyIndexError:
 
 
 def _writable(directory: Path) -> bool:
-    """Whether this process may write the index: new files in the directory, and the records file in place.
-    With the effective ids (and, for root, capabilities) that writes use."""
-    check = os.access in os.supports_effective_ids
-    return all(os.access(p, os.W_OK, effective_ids=check) for p in (directory, directory / RECORDS_FILE))
+    """Whether this process may write the index: new files in the directory, and the records file in place."""
+    return _allowed(os.W_OK, directory, directory / RECORDS_FILE)
+
+
+def _allowed(mode: int, *paths: Path) -> bool:
+    """Whether this process may ``mode`` (os.R_OK, os.W_OK) every path, with the effective ids (and, for root,
+    capabilities) that its reads and writes use."""
+    effective = os.access in os.supports_effective_ids
+    return all(os.access(path, mode, effective_ids=effective) for path in paths)
 
 
 def _open_records(directory: Path, create: bool = False, read_only: bool = False) -> PassageRecords:
@@ -334,6 +339,8 @@ def _open_records(directory: Path, create: bool = False, read_only: bool = False
         )
     if not create and not path.is_file():
         raise IndexIntegrityError(f"{path} is missing; {_reingest_hint(directory)}")
+    if not create and not _allowed(os.R_OK, path):  # SQLite would only say "unable to open", read as a lost file
+        raise PermissionError(f"{path} is not readable by this process (its permissions); give it read access")
     try:
         return PassageRecords(path, create=create, read_only=read_only)
     except PermissionError as e:  # readable only by a process that may write the directory
