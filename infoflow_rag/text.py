@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def check_text(text: str, what: str) -> None:
-    """Refuse ``text`` (``what`` it is: "the question", "passage 2", a file's line) if it holds a lone UTF-16
+    """Refuse ``text`` (``what`` it is: "the question", "a passage", a file's line) if it holds a lone UTF-16
     surrogate: no encoding can write one and tokenizers fail on it without saying where. It arrives from a JSON
     escape such as "\\ud800", or from a command-line argument holding bytes that are not UTF-8 (Python keeps each
     such byte as a surrogate)."""

@@ -60,19 +60,27 @@ def _without_dac_override(*also: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def unwritable(directory: Path) -> Iterator[None]:
-    """``directory`` and the files in it without write permission, as a copy owned by another user would be."""
-    modes = {path: path.stat().st_mode for path in [directory, *directory.iterdir()]}
+def denied(paths: list[Path], bits: int, *capabilities: int) -> Iterator[None]:
+    """``paths`` without the permission ``bits``, as another user's files would be; as root, this thread also
+    without CAP_DAC_OVERRIDE and ``capabilities``, which would override them."""
+    modes = {path: path.stat().st_mode for path in paths}
     for path, mode in modes.items():
-        path.chmod(mode & ~0o222)
+        path.chmod(mode & ~bits)
     try:
-        with _without_dac_override() if os.geteuid() == 0 else contextlib.nullcontext():
-            with pytest.raises(PermissionError):  # the premise: this process really cannot write there
-                (directory / "probe").touch()
+        with _without_dac_override(*capabilities) if os.geteuid() == 0 else contextlib.nullcontext():
             yield
     finally:
         for path, mode in modes.items():
             path.chmod(mode)
+
+
+@contextlib.contextmanager
+def unwritable(directory: Path) -> Iterator[None]:
+    """``directory`` and the files in it without write permission, as a copy owned by another user would be."""
+    with denied([directory, *directory.iterdir()], 0o222):
+        with pytest.raises(PermissionError):  # the premise: this process really cannot write there
+            (directory / "probe").touch()
+        yield
 
 
 def snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
@@ -160,14 +168,9 @@ def test_records_this_process_may_not_read_are_named_not_called_lost(tmp_path: P
     with PassageIndex.create(tmp_path, embedder=BagOfWordsEmbedder()) as index:
         index.add_passages(FACTS)
     records = tmp_path / "passages.sqlite"
-    mode = records.stat().st_mode
-    records.chmod(0)
-    try:
-        with _without_dac_override(CAP_DAC_READ_SEARCH) if os.geteuid() == 0 else contextlib.nullcontext():
-            with pytest.raises(PermissionError):  # the premise: this process really cannot read it
-                records.read_bytes()
-            with pytest.raises(PermissionError, match=f"{records} is not readable by this process") as refused:
-                PassageIndex.open(tmp_path, embedder=BagOfWordsEmbedder())
-    finally:
-        records.chmod(mode)
+    with denied([records], 0o777, CAP_DAC_READ_SEARCH):
+        with pytest.raises(PermissionError):  # the premise: this process really cannot read it
+            records.read_bytes()
+        with pytest.raises(PermissionError, match=f"{records} is not readable by this process") as refused:
+            PassageIndex.open(tmp_path, embedder=BagOfWordsEmbedder())
     assert "delete" not in str(refused.value) and "ingest" not in str(refused.value)

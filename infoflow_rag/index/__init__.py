@@ -1,8 +1,9 @@
 """Model-free retrieval: source splitting, SQLite passage records, embeddings and FAISS search."""
 
+from infoflow_rag.errors import ReadOnlyIndexError  # raised by PassageIndex, declared with the other errors
 from infoflow_rag.index.embedder import DEFAULT_MODEL, Embedder, TextEmbedder
 from infoflow_rag.index.faiss_index import IVF_TRAIN_FACTOR, IndexSpec, SearchResult, VectorIndex
-from infoflow_rag.index.passage_index import Hit, PassageIndex, ReadOnlyIndexError
+from infoflow_rag.index.passage_index import Hit, PassageIndex
 from infoflow_rag.index.records import AddResult, PassageRecord, PassageRecords, content_hash
 from infoflow_rag.index.splitting import (
     Document,
