@@ -137,6 +137,7 @@ def bench_ttft(
 ) -> list[BenchRow]:
     _check_repeats(repeats)
     specs = bench_methods(methods, ratio)
+    check_contexts(engine, contexts)
     rows = []
     for n_tokens in contexts:
         question, texts = build_context(engine, n_tokens)
@@ -202,6 +203,22 @@ def bench_ttft(
                 )
             )
     return rows
+
+
+def check_contexts(engine: Engine, contexts: list[int]) -> None:
+    """Refuse a context whose prompt leaves no room for the first token in the model's window, before any prefill
+    (a too long one failed only once every passage was prefilled, minutes in), naming the most it can take."""
+    for n_tokens in contexts:
+        question, texts = build_context(engine, n_tokens)
+        prompt = len(engine.prompt_ids(question, texts))
+        if prompt < engine.max_positions:
+            continue
+        context = sum(len(engine.passage_ids(t)) for t in texts)
+        most = engine.max_positions - 1 - (prompt - context)  # the window less the first token and the prompt's rest
+        raise ValueError(
+            f"a context of {n_tokens} tokens makes a {prompt}-token prompt, which leaves no room for the first token "
+            f"in the model's {engine.max_positions}-token window; ask for at most {most} context tokens"
+        )
 
 
 def bench_method(method: str, ratio: float) -> MethodSpec:

@@ -176,3 +176,19 @@ def test_every_bench_refuses_fewer_than_one_timed_run(engine, tmp_path):
     ):
         with pytest.raises(ValueError, match="repeats must be >= 1 .*got 0"):
             run()
+
+
+def test_bench_ttft_refuses_a_context_past_the_window_before_any_prefill(engine, monkeypatch):
+    # A context whose prompt leaves no room for the first token failed once every passage was prefilled (minutes
+    # in, at 20K tokens on SmolLM2); it is refused first, with the most the model can take, which is accepted.
+    from infoflow_rag.bench import bench_ttft, check_contexts
+
+    window = engine.max_positions
+    monkeypatch.setattr(type(engine), "prefill", lambda *a, **k: pytest.fail("prefilled before the refusal"))
+    with pytest.raises(ValueError, match=rf"leaves no room .* {window}-token window; ask for at most \d+") as refused:
+        bench_ttft(engine, [600, window + 100], methods=("infoflow",), repeats=1)
+    most = int(refused.value.args[0].rsplit("at most ", 1)[1].split()[0])
+    assert 0 < most < window
+    check_contexts(engine, [most])  # the figure it names fits
+    with pytest.raises(ValueError, match="no room"):
+        check_contexts(engine, [most + 200])

@@ -60,12 +60,13 @@ def cmd_bench_prefill(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_ttft(args: argparse.Namespace) -> int:
-    from ..bench import bench_methods, bench_ttft, format_table
+    from ..bench import bench_methods, bench_ttft, check_contexts, format_table
 
     contexts = _token_counts(args.context, "--context", minimum=64)
     methods = tuple(args.methods.split(","))
     bench_methods(methods, args.ratio)  # a typo, a bad ratio or a repeat fails before the model loads
     engine = load_engine(args)
+    check_contexts(engine, contexts)  # every one before the first runs: a run is minutes per context
     rows, finished = [], 0
     watch = MachineWatch()
     # One context at a time, each printed when done: a long run shows its figures as it goes, and a run cut
