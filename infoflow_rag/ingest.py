@@ -137,6 +137,7 @@ def ingest(
         else load_source(source, strict_utf8=strict_utf8, follow_symlinks=follow_symlinks)
     )
     check_has_text(docs, source, follow_symlinks)
+    pipeline.index.check_writable()  # before the passages are split and a progress bar is shown
     engine = pipeline.engine
     tok = engine.tokenizer
     passages, sources, metas = [], [], []

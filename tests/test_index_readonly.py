@@ -174,3 +174,23 @@ def test_records_this_process_may_not_read_are_named_not_called_lost(tmp_path: P
         with pytest.raises(PermissionError, match=f"{records} is not readable by this process") as refused:
             PassageIndex.open(tmp_path, embedder=BagOfWordsEmbedder())
     assert "delete" not in str(refused.value) and "ingest" not in str(refused.value)
+
+
+def test_ingest_into_a_read_only_index_is_refused_before_any_work(tmp_path: Path, engine, capsys, monkeypatch) -> None:
+    # It split every document and showed its progress bar before the first add was refused.
+    from infoflow_rag import ingest as ingesting
+    from infoflow_rag.pipeline import Pipeline
+    from infoflow_rag.store import open_store
+
+    with PassageIndex.create(tmp_path / "index", embedder=BagOfWordsEmbedder()) as index:
+        index.add_passages(FACTS[:2])
+    source = tmp_path / "docs"
+    source.mkdir()
+    (source / "owls.txt").write_text("Owls hunt mostly at night.")
+    monkeypatch.setattr(ingesting, "split_documents", lambda *a: pytest.fail("split before the refusal"))
+    with unwritable(tmp_path / "index"):
+        pipeline = Pipeline(engine, open_store("memory"), PassageIndex.open(tmp_path / "index", BagOfWordsEmbedder()))
+        with pytest.raises(ReadOnlyIndexError, match="is read-only.*add them to a writable copy"):
+            ingesting.ingest(pipeline, source, progress=True)
+        pipeline.index.close()
+    assert "ingest" not in capsys.readouterr().err  # no progress bar

@@ -79,10 +79,8 @@ class PassageIndex(Closing):
         kind: str = "flat",
         **params: int,
     ) -> PassageIndex:
-        """A new empty index in ``directory`` (default embedder: the bundled all-MiniLM-L6-v2).
-
-        ``kind`` and ``params`` as in :meth:`VectorIndex.create`.
-        """
+        """A new empty index in ``directory`` (default embedder: the bundled all-MiniLM-L6-v2); ``kind`` and
+        ``params`` as in :meth:`VectorIndex.create`."""
         directory = Path(directory)
         if (directory / META_FILE).exists():
             raise FileExistsError(f"{directory} already holds a passage index; use PassageIndex.open")
@@ -108,10 +106,8 @@ class PassageIndex(Closing):
 
     @classmethod
     def open(cls, directory: str | os.PathLike[str], embedder: TextEmbedder | None = None) -> PassageIndex:
-        """The index in ``directory``, repaired if an add was interrupted (see the module docstring).
-
-        Without ``embedder``, the one named in index.json is loaded (lazily, on first use).
-        """
+        """The index in ``directory``, repaired if an add was interrupted (see the module docstring). Without
+        ``embedder``, the one named in index.json is loaded (lazily, on first use)."""
         directory = Path(directory)
         meta = _read_meta(directory)
         if embedder is None:
@@ -202,11 +198,15 @@ class PassageIndex(Closing):
         Embeds every record still without a vector (the new ones, plus any left by an earlier call
         that failed after its commit) and rewrites the FAISS file, so add in large batches.
         """
-        if self._records.read_only:
-            raise _read_only_error(self.directory, "passages cannot be added to it; add them to a writable copy of it")
+        self.check_writable()
         added = self._records.add_many(texts, sources, metadatas)
         self._embed_missing(batch_size, show_progress)
         return added
+
+    def check_writable(self) -> None:
+        """Refuse (:class:`ReadOnlyIndexError`) to add to an index this process may not write, before any work."""
+        if self._records.read_only:
+            raise _read_only_error(self.directory, "passages cannot be added to it; add them to a writable copy of it")
 
     def search(self, query: str, k: int = 5) -> list[Hit]:
         """The ``k`` passages most similar to ``query``, best first (fewer if the index is smaller)."""
