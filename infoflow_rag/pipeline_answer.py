@@ -50,6 +50,7 @@ class PipelineAnswer:
             "recompute_fraction": result.recompute_fraction,
             "context_tokens": result.context_tokens,
             "generated_tokens": result.generated_tokens,
+            "finish_reason": result.finish_reason,
             "compress": options.compress,
             "keep": options.keep,
             "kv_tokens": result.kv_tokens,

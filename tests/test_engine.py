@@ -288,7 +288,7 @@ def test_stream_yields_the_answer_and_stops_on_stop_string(engine):
     kvs = engine.prefill(PASSAGES)
     stream = engine.stream(QUESTION, kvs, max_new_tokens=16)
     deltas = list(stream)
-    assert "".join(deltas).strip() == stream.result.answer
+    assert "".join(deltas) == stream.result.answer  # streamed, the answer adds up to what it is returned as
     full = engine.answer(QUESTION, kvs, max_new_tokens=16).answer
     assert len(full) >= 4, "the stop-string check below needs a longer answer"
     stop = full[2:4]
@@ -301,6 +301,38 @@ def test_stream_yields_the_answer_and_stops_on_stop_string(engine):
     assert engine.answer(QUESTION, kvs, max_new_tokens=16, stop=one).answer == full[: at[0]].strip()
     with pytest.raises(ValueError, match="stop strings must not be empty"):  # found at once: every answer empty
         engine.answer(QUESTION, kvs, max_new_tokens=16, stop=("x", ""))
+
+
+@pytest.mark.parametrize(
+    ("deltas", "expected"),
+    [
+        (["  ", " a", " b ", "\n", "c\n\n", "  "], ["a", " b", " \nc"]),  # whitespace waits for the text after it
+        (["", " \n"], []),
+        ([" a\n", "\n", "\n b"], ["a", "\n\n\n b"]),
+        (["a b", " ", " c"], ["a b", "  c"]),
+    ],
+)
+def test_streamed_deltas_add_up_to_the_stripped_answer(deltas, expected):
+    # The stream gave the model's opening space or closing newline, the returned answer not: a LangChain stream
+    # added up differed from invoke's message, a server stream from the same request unstreamed.
+    from infoflow_rag.engine.decoding import stripped
+
+    assert list(stripped(iter(deltas))) == expected and "".join(expected) == "".join(deltas).strip()
+
+
+def test_finish_reason_says_whether_max_new_tokens_cut_the_answer(engine):
+    kvs = engine.prefill(PASSAGES)
+    full = engine.answer(QUESTION, kvs, max_new_tokens=12)
+    assert full.generated_tokens == 12 and full.finish_reason == "length"  # the tiny model never says EOS so soon
+    texts = [engine.tokenizer.decode(full.answer_ids[:k], skip_special_tokens=True) for k in range(13)]
+    # A character that first shows with token k: a stop string found at the last token allowed still ends the
+    # answer by itself, "stop", not "length".
+    k, char = next((k, c) for k in range(2, 13) for c in texts[k] if c != "\ufffd" and c not in "".join(texts[:k]))
+    cut = engine.answer(QUESTION, kvs, max_new_tokens=k, stop=char)
+    assert cut.generated_tokens == k and cut.finish_reason == "stop"
+    assert engine.answer(QUESTION, kvs, max_new_tokens=k - 1, stop=char).finish_reason == "length"
+    earlier = engine.answer(QUESTION, kvs, max_new_tokens=12, stop=char)
+    assert earlier.generated_tokens == k and earlier.finish_reason == "stop"
 
 
 def test_sampling_is_seeded(engine):
@@ -337,6 +369,23 @@ def test_a_tiny_temperature_samples_the_greedy_answer(engine):
 def test_bad_arguments_raise_clear_errors(engine, kwargs, message):
     with pytest.raises(ValueError, match=message):
         engine.answer(QUESTION, PASSAGES, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda e: e.answer(QUESTION, PASSAGES, max_tokens=3), r"unknown settings \['max_tokens'\]; .*max_new_tokens"),
+        (lambda e: e.answer_prompt(["Say hi."], foo=1), r"unknown settings \['foo'\]; .*query options are: selector"),
+        (lambda e: e.full_prefill_answer(QUESTION, PASSAGES, max_token=3), r"unknown settings \['max_token'\]"),
+        (lambda e: e.answer(QUESTION, PASSAGES, options=3), "options must be a QueryOptions, got 3; pass QueryOptions"),
+        (lambda e: e.answer(QUESTION, PASSAGES, {"selector": "epic"}), "options must be a QueryOptions, got {'sel"),
+    ],
+)
+def test_unknown_keywords_and_options_that_are_not_options_are_named(engine, call, message):
+    # They failed inside GenerationConfig ("__init__() got an unexpected keyword argument"), a class no caller
+    # names, or as "'int' object has no attribute 'split'"; the LlamaIndex adapter passes its kwargs on to these.
+    with pytest.raises(TypeError, match=message):
+        call(engine)
 
 
 def test_empty_inputs_and_overlong_passages_raise(engine):

@@ -227,6 +227,8 @@ def test_a_plain_lcel_chain_over_any_retriever_reuses_on_the_second_query(engine
 def test_chat_model_without_known_passages_reports_no_reuse(tiny_pipeline):
     message = chat(tiny_pipeline).invoke("Name a river in Europe.")
     assert message.response_metadata["reused_share"] == 0 and message.usage_metadata["output_tokens"] >= 1
+    cut = message.usage_metadata["output_tokens"] == chat(tiny_pipeline).max_tokens  # the random model runs on
+    assert message.response_metadata["finish_reason"] == ("length" if cut else "stop")
 
 
 def test_chat_model_streams_with_stats_on_the_last_chunk(pipeline):

@@ -118,6 +118,7 @@ def test_stock_query_engine_reuses_the_ingested_passages_kv(pipeline, completion
     assert stats["passages_hit"] == len(PASSAGES) and stats["passages_computed"] == 0
     assert 0 < stats["reused_share"] < 1 and stats["reused_tokens"] == stats["context_tokens"]
     assert 0 < stats["recompute_fraction"] <= 0.16 and stats["ttft"] > 0
+    assert stats["finish_reason"] == ("length" if stats["generated_tokens"] == MAX_NEW_TOKENS else "stop")
     assert completion.raw["reuse"]["reused_tokens"] == stats["reused_tokens"]
     assert all(f"\n{text}\n" in prompt for text in registered_texts())
     assert "\ntitle: fact 2\n\n  The capital of Australia" in prompt and "internal_id" not in prompt

@@ -7,12 +7,13 @@ import math
 import numbers
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from .options import QueryOptions
 from .result import AnswerResult
 
 if TYPE_CHECKING:
@@ -41,6 +42,18 @@ class GenerationConfig:
         if "" in stops:  # found at once: every answer would be empty
             raise ValueError(f"stop strings must not be empty, got {self.stop!r}; drop the empty string")
         object.__setattr__(self, "stop", stops)  # frozen: a tuple from here on
+
+    @classmethod
+    def of(cls, settings: dict[str, Any]) -> GenerationConfig:
+        """From keyword settings, a name that is none of them refused with the names there are (Python's own
+        error named this class, which no caller writes, for a misspelt or foreign keyword such as max_tokens)."""
+        known = [f.name for f in fields(cls)]
+        if unknown := sorted(set(settings) - set(known)):
+            raise TypeError(
+                f"unknown settings {unknown}; generation settings are: {', '.join(known)}; "
+                f"query options are: {', '.join(QueryOptions.model_fields)}"
+            )
+        return cls(**settings)
 
 
 def pick(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator) -> int:
@@ -124,6 +137,21 @@ def text_deltas(tokens: Iterator[int], tokenizer: PreTrainedTokenizerBase, stop:
         yield text[emitted:]
 
 
+def stripped(deltas: Iterator[str]) -> Iterator[str]:
+    """``deltas`` without the whitespace that opens or closes their text: streamed, an answer adds up to what it is
+    returned as (whitespace is held back until more text follows it)."""
+    held, started = "", False
+    for delta in deltas:
+        if not started:
+            delta = delta.lstrip()
+            started = bool(delta)
+        text = delta.rstrip()
+        if text:
+            yield held + text
+            held = ""
+        held += delta[len(text) :]
+
+
 def decode(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -153,7 +181,7 @@ def decode(
     out = prep.out  # compression evicts from out.cache in place, so the generator's cache follows
     tokens = generate_tokens(model, out.cache, out.logits, out.next_position, gen, eos_ids, constraint)
     answer = []
-    for delta in text_deltas(timed(tokens), tokenizer, gen.stop):
+    for delta in stripped(text_deltas(timed(tokens), tokenizer, gen.stop)):
         answer.append(delta)
         yield delta
     if not generated:  # EOS straight away: the first token was still picked
@@ -162,10 +190,20 @@ def decode(
     timings.decode = time.perf_counter() - t - timings.first_token - timings.compress
     kv_bytes = sum(t.nbytes for layer in out.cache.layers for t in (layer.keys, layer.values))
     kv_tokens = prep.out.positions.numel()  # prompt entries decoding read: after compression, if it ran
-    return result("".join(answer).strip(), prep, generated, kv_tokens, kv_bytes)
+    return result("".join(answer), prep, generated, kv_tokens, kv_bytes, _finish_reason(generated, tokenizer, gen))
 
 
-def result(answer: str, prep: Prepared, generated: list[int], kv_tokens: int, kv_bytes: int) -> AnswerResult:
+def _finish_reason(generated: list[int], tokenizer: PreTrainedTokenizerBase, gen: GenerationConfig) -> str:
+    """Why the answer ended: "length", max_new_tokens (unless a stop string did at that very token); else "stop"."""
+    if len(generated) < gen.max_new_tokens:
+        return "stop"
+    text = tokenizer.decode(generated, skip_special_tokens=True)  # what text_deltas searched for the stop strings
+    return "stop" if any(s in text for s in gen.stop) else "length"
+
+
+def result(
+    answer: str, prep: Prepared, generated: list[int], kv_tokens: int, kv_bytes: int, finish_reason: str
+) -> AnswerResult:
     layout, chosen = prep.layout, prep.chosen.tolist()
     spans = prep.placed.spans if prep.placed is not None else []
     selected: dict[int, list[int]] = {p: [i - s for i in chosen if s <= i < e] for p, s, e in spans}
@@ -186,6 +224,7 @@ def result(answer: str, prep: Prepared, generated: list[int], kv_tokens: int, kv
         kv_tokens=kv_tokens,
         kv_bytes=kv_bytes,
         answer_ids=list(generated),
+        finish_reason=finish_reason,
     )
 
 

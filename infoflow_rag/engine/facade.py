@@ -231,7 +231,7 @@ class Engine:
         """Like :meth:`answer`, but iterate to receive text deltas; ``.result`` is set once exhausted."""
         options, rest = split_overrides(options, overrides)
         template = rest.pop("template", DEFAULT_QUESTION_TEMPLATE)
-        gen = GenerationConfig(**rest)
+        gen = GenerationConfig.of(rest)
         prep = self.prepare(question, passages, options, template=template, max_new_tokens=gen.max_new_tokens)
         return AnswerStream(self._decode(prep, gen))
 
@@ -245,7 +245,7 @@ class Engine:
         self, pieces: Sequence[str | PassageKV], options: QueryOptions | None = None, **overrides: Any
     ) -> AnswerStream:
         options, rest = split_overrides(options, overrides)
-        gen = GenerationConfig(**rest)
+        gen = GenerationConfig.of(rest)
         return AnswerStream(self._decode(self.prepare_prompt(pieces, options, max_new_tokens=gen.max_new_tokens), gen))
 
     def prepare(
@@ -301,7 +301,7 @@ class Engine:
 
     def decode(self, prep: Prepared, **generation: Any) -> AnswerResult:
         """Decode the answer from a :meth:`prepare`-d query (generation settings as in :meth:`answer`)."""
-        return AnswerStream(self._decode(prep, GenerationConfig(**generation))).finish()
+        return AnswerStream(self._decode(prep, GenerationConfig.of(generation))).finish()
 
     def teacher_force(self, prep: Prepared, tokens: Sequence[int]) -> torch.Tensor:
         """Next-token logits (float32) of ``prep``'s cache along ``tokens`` fed as the answer. -> (n+1, vocab)
@@ -367,7 +367,7 @@ class Engine:
         self, question: str, passages: Sequence[str], template: str = DEFAULT_QUESTION_TEMPLATE, **generation
     ) -> tuple[str, torch.Tensor]:
         """Plain prefill of the whole prompt, nothing cached: the reference answer and first-token logits."""
-        gen = GenerationConfig(**generation)
+        gen = GenerationConfig.of(generation)
         ids = self.prompt_ids(question, passages, template)
         query.check_fits(len(ids), gen.max_new_tokens, self.max_positions)  # as every method's query is checked
         out = prefill.full_prefill(self.model, ids)

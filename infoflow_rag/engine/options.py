@@ -241,6 +241,10 @@ def fixed_ratio(selector: str) -> float | None:
 
 def split_overrides(options: QueryOptions | None, overrides: dict[str, Any]) -> tuple[QueryOptions, dict[str, Any]]:
     """``options`` (default: the defaults) with the option-named ``overrides`` applied, and the other overrides."""
+    if options is not None and not isinstance(options, QueryOptions):
+        raise TypeError(
+            f"options must be a QueryOptions, got {options!r}; pass QueryOptions(...) or its fields as keywords"
+        )
     return (options or DEFAULT_OPTIONS).split(overrides)
 
 

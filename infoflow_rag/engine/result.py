@@ -42,6 +42,7 @@ class AnswerResult:
     kv_bytes: int = 0  # peak KV cache bytes while decoding: its entries after the last token (the buffer they are
     # appended into keeps room for max_new_tokens entries, or a quarter more once that is full: engine/cache.py)
     answer_ids: list[int] = field(default_factory=list)  # the generated token ids, EOS excluded
+    finish_reason: str = "stop"  # "stop": EOS or a stop string ended the answer; "length": max_new_tokens did
 
     @property
     def recompute_fraction(self) -> float:

@@ -234,9 +234,8 @@ async def _respond(
     except BaseException:
         relay.close()
         raise
-    max_tokens = _max_tokens(body, settings)
     if body.stream:
-        events = _stream(first, relay, shape, max_tokens, body.include_usage)
+        events = _stream(first, relay, shape, body.include_usage)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     try:
         event = first
@@ -245,14 +244,14 @@ async def _respond(
         if isinstance(event, Failed):
             raise from_exception(event.error)
         assert isinstance(event, Done)
-        return shape.completion(event.answer, max_tokens, job.queue_s)
+        return shape.completion(event.answer, job.queue_s)
     except ClientGone:
         return JSONResponse({}, status_code=499)
     finally:
         relay.close()
 
 
-async def _stream(first: Event, relay: Relay, shape: Shape, max_tokens: int, with_usage: bool) -> AsyncIterator[str]:
+async def _stream(first: Event, relay: Relay, shape: Shape, with_usage: bool) -> AsyncIterator[str]:
     try:
         if opening := shape.opening(with_usage):
             yield sse(opening)
@@ -263,7 +262,7 @@ async def _stream(first: Event, relay: Relay, shape: Shape, max_tokens: int, wit
         if isinstance(event, Failed):  # the status line is long gone: report the error as an event
             yield sse(from_exception(event.error).response().body.decode())
             return
-        for chunk in shape.closing(event.answer, max_tokens, relay.job.queue_s, with_usage):
+        for chunk in shape.closing(event.answer, relay.job.queue_s, with_usage):
             yield sse(chunk)
         yield sse("[DONE]")
     except APIError as err:  # timed out mid-stream

@@ -29,10 +29,6 @@ def stats(answer: PipelineAnswer, queue_s: float) -> dict:
     return {**answer.stats(), "queue_s": queue_s, "sources": sources}
 
 
-def finish_reason(answer: PipelineAnswer, max_tokens: int) -> str:
-    return "length" if answer.result.generated_tokens >= max_tokens else "stop"
-
-
 def sse(data: dict | str) -> str:
     """One server-sent event."""
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
@@ -62,9 +58,9 @@ class Shape:
         message = {"role": "assistant", "content": text, "refusal": None}
         return {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
 
-    def completion(self, answer: PipelineAnswer, max_tokens: int, queue_s: float) -> dict:
+    def completion(self, answer: PipelineAnswer, queue_s: float) -> dict:
         obj = "chat.completion" if self.chat else "text_completion"
-        body = self._envelope(obj, [self._choice(answer.answer, finish_reason(answer, max_tokens), stream=False)])
+        body = self._envelope(obj, [self._choice(answer.answer, answer.result.finish_reason, stream=False)])
         return {**body, "usage": usage(answer), STATS_KEY: stats(answer, queue_s)}
 
     def chunk(self, text: str | None, reason: str | None = None, with_usage: bool = False) -> dict:
@@ -80,9 +76,9 @@ class Shape:
         body["choices"][0]["delta"]["role"] = "assistant"
         return body
 
-    def closing(self, answer: PipelineAnswer, max_tokens: int, queue_s: float, with_usage: bool) -> list[dict]:
+    def closing(self, answer: PipelineAnswer, queue_s: float, with_usage: bool) -> list[dict]:
         """The finishing chunk (with the InfoFlow stats), then, if asked for, the usage chunk."""
-        last = {**self.chunk(None, finish_reason(answer, max_tokens), with_usage), STATS_KEY: stats(answer, queue_s)}
+        last = {**self.chunk(None, answer.result.finish_reason, with_usage), STATS_KEY: stats(answer, queue_s)}
         if not with_usage:
             return [last]
         obj = "chat.completion.chunk" if self.chat else "text_completion"
