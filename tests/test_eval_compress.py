@@ -355,5 +355,5 @@ def test_eval_run_keeps_only_long_contexts_when_asked(model_dir, tmp_path, monke
     assert main([*argv, "--max-new-tokens", "2", "--min-context-tokens", "100", "--out", str(out)]) == 0
     assert "1 of 1 questions have more than 100 context tokens" in capsys.readouterr().out
     assert len(read_results(out).results) == 1
-    assert main([*argv, "--min-context-tokens", "1000000", "--out", str(tmp_path / "none.jsonl")]) == 2
+    assert main([*argv, "--min-context-tokens", "1000000", "--out", str(tmp_path / "none" / "none.jsonl")]) == 2
     assert "none of the 1 questions has more than 1000000 context tokens" in capsys.readouterr().err

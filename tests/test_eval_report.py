@@ -196,6 +196,20 @@ def test_eval_report_refuses_the_suites_flags_beside_results_files(tmp_path, cap
     assert not (tmp_path / "results.md").exists()
 
 
+def test_two_results_files_in_one_directory_are_refused_before_any_report(tmp_path, capsys):
+    # Their reports share results.md and the plots' names: the second overwrote the first's.
+    from infoflow_rag.cli import main
+
+    paths = [write_results_file(tmp_path / name, toy_results()) for name in ("a.jsonl", "b.jsonl")]
+    assert main(["eval", "report", *map(str, paths)]) == 2
+    assert f"{tmp_path} holds other results files (b.jsonl)" in capsys.readouterr().err
+    assert not (tmp_path / "results.md").exists()  # not even the first's
+    with pytest.raises(ValueError, match=f"a directory of its own, e.g. {tmp_path / 'b' / 'b.jsonl'}"):
+        write_report(paths[1], tmp_path)
+    assert main(["eval", "run", "--out", str(tmp_path / "c.jsonl"), "--limit", "1"]) == 2  # before the model loads
+    assert "holds other results files (a.jsonl, b.jsonl)" in capsys.readouterr().err
+
+
 def test_eval_report_names_a_file_that_is_not_a_results_file(tmp_path, capsys):
     from infoflow_rag.cli import main
 

@@ -116,12 +116,13 @@ def _depths(text: str) -> list[float]:
 def cmd_eval_run(args: argparse.Namespace) -> int:
     from ..eval.datasets import check_grid, load_hotpotqa, load_niah, load_squad, tokenizer_codec
     from ..eval.methods import check_methods, parse_method
-    from ..eval.report import write_report
+    from ..eval.report import check_report_directory, write_report
     from ..eval.runner import run_eval
 
     # Everything the flags say is checked before the model loads, so a typo fails at once.
     if Path(args.out).suffix != ".jsonl":  # the report is written beside it as results.md and PNGs: never over it
         raise ValueError(f"--out {args.out}: a results file ends in .jsonl, e.g. --out runs/eval/results.jsonl")
+    check_report_directory(args.out, Path(args.out).parent)
     methods = [parse_method(m) for m in args.methods.split(",")]
     check_methods(methods)
     if args.dataset == "niah":
@@ -190,11 +191,13 @@ def cmd_eval_suite(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_report(args: argparse.Namespace) -> int:
-    from ..eval.report import write_report
+    from ..eval.report import check_report_directory, write_report
     from ..eval.suite import suite_parts, write_suite_report
 
     if args.results:
         _refuse_suite_flags(args)
+        for path in args.results:  # every one before the first report is written
+            check_report_directory(path, Path(path).parent)
         for path in args.results:
             print(f"report: {write_report(path, Path(path).parent)}")
         return 0

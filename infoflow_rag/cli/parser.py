@@ -238,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         default="runs/eval/results.jsonl",
-        help="results file, .jsonl (resumed if it exists; its report, results.md and plots, is written beside it)",
+        help="results file, .jsonl, in a directory of its own (resumed if it exists; its report, results.md and plots, "
+        "is written beside it)",
     )
     p.set_defaults(func=cmd_eval_run, resumable=True)  # a re-run resumes the results file
     p = ev.add_parser(

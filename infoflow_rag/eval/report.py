@@ -59,12 +59,27 @@ def write_results_md(
     return out
 
 
+def check_report_directory(results_path: str | Path, out_dir: str | Path) -> None:
+    """Refuse to report ``results_path`` into a directory that holds other results files: the reports of two share
+    their names (results.md, tradeoff.png, niah_heatmap.png, as a suite's plots do), so the last would overwrite."""
+    results, out = Path(results_path), Path(out_dir)
+    others = sorted(p.name for p in out.glob("*.jsonl") if p.resolve() != results.resolve())
+    if others:
+        raise ValueError(
+            f"{out} holds other results files ({', '.join(others)}), whose reports the report of {results.name} "
+            f"(results.md and its plots) would overwrite; give it a directory of its own, e.g. "
+            f"{out / results.stem / results.name}"
+        )
+
+
 def write_report(results_path: str | Path, out_dir: str | Path, baseline: str = DEFAULT_BASELINE) -> Path:
-    """The standard report of a results file: ``results.md`` plus its PNGs in ``out_dir``.
+    """The standard report of a results file: ``results.md`` plus its PNGs in ``out_dir`` (refused where another
+    results file's report would be overwritten: :func:`check_report_directory`).
 
     The paired comparison is included when ``baseline`` was run, the compression table when a method
     compressed the KV cache, the NIAH heatmap when NIAH results exist.
     """
+    check_report_directory(results_path, out_dir)
     run = read_results(results_path)
     out = Path(out_dir)
     sections = [Section("Accuracy and speed", tables.summary_table(run.results))]
@@ -85,4 +100,4 @@ def write_report(results_path: str | Path, out_dir: str | Path, baseline: str = 
     return write_results_md(out / "results.md", run, *sections)
 
 
-__all__ = ["DEFAULT_BASELINE", "Section", "write_report", "write_results_md"]
+__all__ = ["DEFAULT_BASELINE", "Section", "check_report_directory", "write_report", "write_results_md"]
