@@ -326,6 +326,20 @@ def test_client_disconnect_cancels_its_generation(pipeline):
         assert time.monotonic() - t < 5  # 3000 tokens take ~8 s on the tiny model
 
 
+def test_client_hanging_up_on_an_unstreamed_answer_cancels_its_generation(pipeline):
+    # Its tokens came faster than the disconnect poll, which only ran when none came in time: the answer generated
+    # to its end (~18 s for 400 tokens on SmolLM2) with the worker blocked for every queued request.
+    with live_server(pipeline) as url, httpx.Client(base_url=url, timeout=30) as http:
+        body = {"model": MODEL, "messages": STORY, "max_tokens": 3000}
+        t = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
+        _wait_for(lambda: http.get("/health").json()["cancelled"] == 1)
+        health = http.get("/health").json()
+        assert health["completed"] == 0 and not health["running"]
+        assert time.monotonic() - t < 5  # 3000 tokens take ~8 s on the tiny model
+
+
 def _wait_for(condition, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

@@ -26,7 +26,7 @@ from .responses import Shape, sse
 from .schemas import ChatCompletionRequest, CommonRequest, CompletionRequest
 from .worker import Delta, Done, Event, Failed, Job, QueueFull, Worker
 
-DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
+DISCONNECT_POLL_S = 0.25  # how often a request checks that its client is still there, events arriving or not
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class Relay:
     def __init__(self, job: Job, request: Request, timeout: float):
         self.job, self.request, self.timeout = job, request, timeout
         self._getter: asyncio.Future[Event] | None = None  # kept across polls: cancelling a get could drop an event
+        self._next_check = time.monotonic()  # when to ask again whether the client is still there
 
     async def next(self) -> Event:
         while True:
@@ -68,13 +69,17 @@ class Relay:
                     kind="timeout_error",
                     code="timeout",
                 )
+            # Checked on a clock, not only when no event came in time: tokens that arrive faster than the poll
+            # kept an unstreamed answer generating to its end for a client that had hung up.
+            if (now := time.monotonic()) >= self._next_check:
+                self._next_check = now + DISCONNECT_POLL_S
+                if await self.request.is_disconnected():
+                    raise ClientGone
             self._getter = self._getter or asyncio.ensure_future(self.job.events.get())
-            done, _ = await asyncio.wait({self._getter}, timeout=min(remaining, DISCONNECT_POLL_S))
+            done, _ = await asyncio.wait({self._getter}, timeout=min(remaining, self._next_check - now))
             if done:
                 event, self._getter = self._getter.result(), None
                 return event
-            if await self.request.is_disconnected():
-                raise ClientGone
 
     def close(self) -> None:
         """Stop the job (a no-op once it is done) and stop listening."""
