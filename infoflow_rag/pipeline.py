@@ -101,12 +101,14 @@ class Pipeline(Closing):
             check_store_spec(store)
         # Everything that can be refused without the model is, before it loads; what is opened is closed on failure.
         with contextlib.ExitStack() as opened:
-            if has_index:
+            index = None
+            if not has_index:
+                with contextlib.suppress(FileExistsError):  # made since the check, by another process: open it
+                    index = opened.enter_context(PassageIndex.create(index_dir, **index_options))
+            if index is None:
                 shape = dict(index_options)
                 index = opened.enter_context(PassageIndex.open(index_dir, shape.pop("embedder", None)))
                 index.check_same_spec(**shape)
-            else:
-                index = opened.enter_context(PassageIndex.create(index_dir, **index_options))
             if store is None or isinstance(store, str):
                 store = opened.enter_context(open_store(store or f"disk:{index_dir / KV_DIR}", dtype=kv_dtype))
             index.embedder.encode(["warm-up"])  # load the embedder now: a query's retrieval time is then a search

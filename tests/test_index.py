@@ -161,7 +161,12 @@ def test_index_json_records_the_configuration(tmp_path: Path) -> None:
         '"M": 8',
     ):
         assert expected in meta
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json", "passages.sqlite", "vectors.faiss"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".create.lock",
+        "index.json",
+        "passages.sqlite",
+        "vectors.faiss",
+    ]
 
 
 def test_add_passages_dedupes_without_reembedding(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import os
 import shutil
 import struct
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,58 @@ def test_3_cli_reports_a_broken_index_in_one_line_and_repairs_it(tmp_path, capsy
     assert f"rebuilt the vectors of {len(PASSAGES)} passages" in capsys.readouterr().out
     with PassageIndex.open(tmp_path) as index:
         assert index.search("Which city is the capital of Australia?", k=1)[0].text == PASSAGES[2]
+
+
+class SlowToLoadEmbedder(BagOfWordsEmbedder):
+    """Takes a while to give its dimension, as the real one takes to load: two creates meet in between."""
+
+    @property
+    def dim(self) -> int:
+        time.sleep(0.3)
+        return 64
+
+
+def test_3_two_creates_at_once_make_one_index(tmp_path):
+    # Each passed the no-index check before the other wrote index.json and stamped an identity of its own: both
+    # reported success, and the files were left disagreeing ("vectors.faiss belongs to another index").
+    outcomes: list[object] = []
+
+    def create() -> None:
+        try:
+            PassageIndex.create(tmp_path, embedder=SlowToLoadEmbedder()).close()
+            outcomes.append("created")
+        except FileExistsError as e:
+            outcomes.append(e)
+
+    threads = [threading.Thread(target=create) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes.count("created") == 1 and [type(o) for o in outcomes if o != "created"] == [FileExistsError]
+    with PassageIndex.open(tmp_path, embedder=BagOfWordsEmbedder()) as index:
+        assert len(index) == 0
+
+
+def test_3_two_pipelines_creating_one_index_at_once_both_serve_it(tmp_path, engine):
+    # Two ingests into a new directory: the one that finds the index made meanwhile opens it.
+    pipelines: list[Pipeline] = []
+
+    def open_and_add(texts: list[str]) -> None:
+        pipeline = Pipeline.open(tmp_path, model=engine, create=True, embedder=SlowToLoadEmbedder())
+        pipeline.index.add_passages(texts)
+        pipelines.append(pipeline)
+
+    threads = [threading.Thread(target=open_and_add, args=(half,)) for half in (PASSAGES[:2], PASSAGES[2:])]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(pipelines) == 2
+    for pipeline in pipelines:
+        pipeline.close()
+    with PassageIndex.open(tmp_path, embedder=BagOfWordsEmbedder()) as index:
+        assert sorted(r.text for r in index) == sorted(PASSAGES)
 
 
 # --- 4. cache keys cover the weights; stored KV checked against the passage ---------------------------

@@ -2,7 +2,7 @@
 
 Layout: ``passages.sqlite`` (ids, text, metadata; the source of truth), ``vectors.faiss`` (one
 vector per passage id) and ``index.json`` (format version, embedder name, dim, index kind and
-params; written last by ``create``, so its presence marks a complete index).
+params; written last by ``create``, so its presence marks a complete index), beside an empty ``.create.lock``.
 
 Crash-safety rule: records are committed before vectors are written, and the FAISS file is only
 ever replaced atomically. So at any instant the FAISS ids are a subset of the record ids, and a
@@ -19,7 +19,9 @@ reading, writing nothing; adding to it or repairing it is a :class:`ReadOnlyInde
 
 Threads may share one ``PassageIndex``: its lock keeps FAISS from being searched while it grows (FAISS releases
 the GIL, and a search during an add reads freed memory) and keeps two adds from adding the same vectors twice.
-One writer process at a time per directory.
+Processes: creates are one at a time per directory (a lock file, ``.create.lock``; the second finds the first's
+index and :meth:`create` refuses, ``Pipeline.open`` opens it); two processes adding at once keep the records whole,
+and vectors one wrote over the other's are embedded again by the next :meth:`open`, as after a kill.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sqlite3
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
@@ -36,20 +37,32 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock
 
 from infoflow_rag.closing import Closing
-from infoflow_rag.errors import IndexIntegrityError, ReadOnlyIndexError
+from infoflow_rag.errors import IndexIntegrityError
 from infoflow_rag.files import atomic_write
 from infoflow_rag.index.embedder import DEFAULT_MODEL, Embedder, TextEmbedder
-from infoflow_rag.index.faiss_index import IndexSpec, VectorIndex, check_index_params, stored_count
+from infoflow_rag.index.faiss_index import IndexSpec, VectorIndex, check_index_params
+from infoflow_rag.index.index_files import (
+    CREATE_LOCK,
+    FORMAT_VERSION,
+    META_FILE,
+    RECORDS_FILE,
+    VECTORS_FILE,
+    load_vectors,
+    open_records,
+    read_meta,
+    read_only_error,
+    readable_meta,
+    reingest_hint,
+    repair_hint,
+    vectors_held,
+    writable,
+)
 from infoflow_rag.index.records import AddResult, PassageRecord, PassageRecords
 
 logger = logging.getLogger(__name__)
-
-FORMAT_VERSION = 2  # 2: the three files carry the index identity
-RECORDS_FILE = "passages.sqlite"
-VECTORS_FILE = "vectors.faiss"
-META_FILE = "index.json"
 
 
 @dataclass(frozen=True)
@@ -82,18 +95,25 @@ class PassageIndex(Closing):
         """A new empty index in ``directory`` (default embedder: the bundled all-MiniLM-L6-v2); ``kind`` and
         ``params`` as in :meth:`VectorIndex.create`."""
         directory = Path(directory)
-        if (directory / META_FILE).exists():
-            raise FileExistsError(f"{directory} already holds a passage index; use PassageIndex.open")
+        _refuse_existing(directory)  # before the directory is touched
         check_index_params(kind, params)  # before the directory is made or the embedder loads
         directory.mkdir(parents=True, exist_ok=True)
-        records = _open_records(directory, create=True)
+        # Two creates at once (two ingests into a new directory) each stamped an identity of their own, and the
+        # files ended up disagreeing; under the lock the second finds index.json and is refused.
+        with FileLock(directory / CREATE_LOCK):
+            _refuse_existing(directory)
+            return cls._create(directory, embedder, kind, params)
+
+    @classmethod
+    def _create(cls, directory: Path, embedder: TextEmbedder | None, kind: str, params: dict[str, int]) -> PassageIndex:
+        records = open_records(directory, create=True)
         # Passages without index.json (a create killed before its end, or a lost file) are kept, never overwritten.
         # A create killed before it stored any passage is simply finished.
         if n := len(records):
             records.close()
             raise IndexIntegrityError(
                 f"{directory / META_FILE} is missing, though {RECORDS_FILE} holds {n} passages; "
-                f"{_repair_hint(directory)}"
+                f"{repair_hint(directory)}"
             )
         try:
             embedder = embedder if embedder is not None else Embedder()
@@ -109,7 +129,7 @@ class PassageIndex(Closing):
         """The index in ``directory``, repaired if an add was interrupted (see the module docstring). Without
         ``embedder``, the one named in index.json is loaded (lazily, on first use)."""
         directory = Path(directory)
-        meta = _read_meta(directory)
+        meta = read_meta(directory)
         if embedder is None:
             embedder = Embedder(meta["embedder"])
         elif embedder.name != meta["embedder"]:
@@ -118,9 +138,9 @@ class PassageIndex(Closing):
                 "pass a matching embedder or none"
             )
         spec = IndexSpec.build(meta["kind"], meta["dim"], **meta["params"])
-        records = _open_records(directory, read_only=not _writable(directory))
+        records = open_records(directory, read_only=not writable(directory))
         try:
-            index = cls(directory, records, _load_vectors(directory, spec), embedder)
+            index = cls(directory, records, load_vectors(directory, spec), embedder)
             index._check_identity(meta["identity"])
         except IndexIntegrityError:
             records.close()
@@ -157,18 +177,18 @@ class PassageIndex(Closing):
         Every passage is embedded again; the three files get a new identity.
         """
         directory = Path(directory)
-        records = _open_records(directory, read_only=not _writable(directory))
+        records = open_records(directory, read_only=not writable(directory))
         if records.read_only:
             records.close()
-            raise _read_only_error(directory, "it cannot be repaired in place; repair a writable copy of it")
-        if not len(records) and (held := _vectors_held(directory)):
+            raise read_only_error(directory, "it cannot be repaired in place; repair a writable copy of it")
+        if not len(records) and (held := vectors_held(directory)):
             records.close()
             raise IndexIntegrityError(
                 f"{directory / RECORDS_FILE} holds no passages but {directory / VECTORS_FILE} holds {held}: "
                 f"rebuilding the vectors from the records would empty the index, so nothing was changed; "
-                f"{_reingest_hint(directory)}"
+                f"{reingest_hint(directory)}"
             )
-        old = _readable_meta(directory)
+        old = readable_meta(directory)
         embedder = embedder if embedder is not None else Embedder(old.get("embedder", DEFAULT_MODEL))
         kind = kind or old.get("kind", "flat")
         params = {**(old.get("params", {}) if kind == old.get("kind") else {}), **params}
@@ -206,7 +226,7 @@ class PassageIndex(Closing):
     def check_writable(self) -> None:
         """Refuse (:class:`ReadOnlyIndexError`) to add to an index this process may not write, before any work."""
         if self._records.read_only:
-            raise _read_only_error(self.directory, "passages cannot be added to it; add them to a writable copy of it")
+            raise read_only_error(self.directory, "passages cannot be added to it; add them to a writable copy of it")
 
     def search(self, query: str, k: int = 5) -> list[Hit]:
         """The ``k`` passages most similar to ``query``, best first (fewer if the index is smaller)."""
@@ -276,13 +296,13 @@ class PassageIndex(Closing):
             if found != identity:
                 raise IndexIntegrityError(
                     f"{self.directory / name} belongs to another index (identity {found}, {META_FILE} says "
-                    f"{identity}): searching would return the wrong passages; {_repair_hint(self.directory)}"
+                    f"{identity}): searching would return the wrong passages; {repair_hint(self.directory)}"
                 )
         unknown = set(self._vectors.ids().tolist()) - set(self._records.ids())
         if unknown:
             raise IndexIntegrityError(
                 f"{self.directory / VECTORS_FILE} holds {len(unknown)} passage ids missing from {RECORDS_FILE}; "
-                f"{_repair_hint(self.directory)}"
+                f"{repair_hint(self.directory)}"
             )
 
     def _embed_missing(self, batch_size: int = 64, show_progress: bool = False) -> list[int]:
@@ -303,96 +323,6 @@ class PassageIndex(Closing):
         return missing
 
 
-def _repair_hint(directory: Path) -> str:
-    return f"rebuild the vectors from the passage records with: infoflow-rag index repair {directory}"
-
-
-def _reingest_hint(directory: Path) -> str:
-    return (
-        "the passage texts cannot be recovered from the other files: delete the directory and ingest the source "
-        f"again (infoflow-rag ingest SOURCE --index {directory})"
-    )
-
-
-def _read_only_error(directory: Path, consequence: str) -> ReadOnlyIndexError:
-    return ReadOnlyIndexError(f"{directory} is read-only (this process may not write it): {consequence}")
-
-
-def _writable(directory: Path) -> bool:
-    """Whether this process may write the index: new files in the directory, and the records file in place."""
-    return _allowed(os.W_OK, directory, directory / RECORDS_FILE)
-
-
-def _allowed(mode: int, *paths: Path) -> bool:
-    """Whether this process may ``mode`` (os.R_OK, os.W_OK) every path, with the effective ids (and, for root,
-    capabilities) that its reads and writes use."""
-    effective = os.access in os.supports_effective_ids
-    return all(os.access(path, mode, effective_ids=effective) for path in paths)
-
-
-def _open_records(directory: Path, create: bool = False, read_only: bool = False) -> PassageRecords:
-    """The records of a new index (``create``), else of an existing one, whose schema is never created here."""
-    path = directory / RECORDS_FILE
-    if not create and not directory.is_dir():
-        raise FileNotFoundError(
-            f"no index directory {directory}; build one with: infoflow-rag ingest SOURCE --index {directory}"
-        )
-    if not create and not path.is_file():
-        raise IndexIntegrityError(f"{path} is missing; {_reingest_hint(directory)}")
-    if not create and not _allowed(os.R_OK, path):  # SQLite would only say "unable to open", read as a lost file
-        raise PermissionError(f"{path} is not readable by this process (its permissions); give it read access")
-    try:
-        return PassageRecords(path, create=create, read_only=read_only)
-    except PermissionError as e:  # readable only by a process that may write the directory
-        raise _read_only_error(directory, str(e)) from e
-    except sqlite3.DatabaseError as e:
-        raise IndexIntegrityError(f"{path} is unreadable ({e}); {_reingest_hint(directory)}") from e
-
-
-def _load_vectors(directory: Path, spec: IndexSpec) -> VectorIndex:
-    path = directory / VECTORS_FILE
-    if not path.is_file():
-        raise IndexIntegrityError(f"{path} is missing; {_repair_hint(directory)}")
-    try:
-        return VectorIndex.load(path, spec)
-    except ValueError as e:
-        raise IndexIntegrityError(f"{e}; {_repair_hint(directory)}") from e
-
-
-def _vectors_held(directory: Path) -> int:
-    """How many vectors the vectors file holds; 0 if it is missing or unreadable (then it holds nothing to keep)."""
-    try:
-        return stored_count(directory / VECTORS_FILE)
-    except (OSError, ValueError):
-        return 0
-
-
-def _read_meta(directory: Path) -> dict[str, Any]:
-    """index.json, checked; FileNotFoundError if the directory holds no index at all."""
-    path = directory / META_FILE
-    if not path.exists():
-        if (directory / RECORDS_FILE).exists():
-            raise IndexIntegrityError(f"{path} is missing; {_repair_hint(directory)}")
-        raise FileNotFoundError(f"{directory} is not a passage index (no {META_FILE}); use PassageIndex.create")
-    meta = _readable_meta(directory)
-    if meta.get("format_version") == 1:
-        raise IndexIntegrityError(
-            f"{directory} was written by an older infoflow-rag, without the identity that ties its files "
-            f"together; {_repair_hint(directory)}"
-        )
-    fields = {"format_version", "identity", "embedder", "dim", "kind", "params"}
-    if meta.get("format_version") != FORMAT_VERSION or not fields <= set(meta):
-        raise IndexIntegrityError(
-            f"{path} is unreadable or of an unknown format (version {meta.get('format_version')!r}, expected "
-            f"{FORMAT_VERSION} with fields {sorted(fields)}); {_repair_hint(directory)}"
-        )
-    return meta
-
-
-def _readable_meta(directory: Path) -> dict[str, Any]:
-    """What index.json holds, or {} if it is missing or unreadable (repair then falls back to defaults)."""
-    try:
-        meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # JSON and UTF-8 errors are ValueErrors
-        return {}
-    return meta if isinstance(meta, dict) else {}
+def _refuse_existing(directory: Path) -> None:
+    if (directory / META_FILE).exists():
+        raise FileExistsError(f"{directory} already holds a passage index; use PassageIndex.open")
