@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from pathlib import Path
 
 TEMP_SUFFIX = ".tmp"
+# A temp file this old was left by a process that died mid-write (SIGKILL, power loss): a write takes seconds at most.
+STALE_TEMP_S = 3600.0
 
 
 def _process_umask() -> int:
@@ -41,3 +44,19 @@ def atomic_write(path: Path, data: bytes | memoryview) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temps(directory: Path, older_than_s: float = STALE_TEMP_S) -> int:
+    """Delete the temp files :func:`atomic_write` left in ``directory`` when its process died mid-write, those older
+    than ``older_than_s`` (another process's write under way is younger); nothing where they cannot be deleted.
+    Returns how many were deleted: each was the size of the file it was writing, and nothing else would free it."""
+    cutoff, removed = time.time() - older_than_s, 0
+    with contextlib.suppress(OSError), os.scandir(directory) as entries:
+        for entry in entries:
+            if not (entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX)):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed

@@ -165,6 +165,18 @@ def test_3_cli_reports_a_broken_index_in_one_line_and_repairs_it(tmp_path, capsy
         assert index.search("Which city is the capital of Australia?", k=1)[0].text == PASSAGES[2]
 
 
+def test_3_opening_an_index_deletes_the_temp_files_of_writes_killed_midway(tmp_path):
+    with PassageIndex.create(tmp_path, embedder=BagOfWordsEmbedder()) as index:
+        index.add_passages(PASSAGES)
+    stale, fresh = tmp_path / f".{VECTORS_FILE}.dead.tmp", tmp_path / f".{VECTORS_FILE}.writing.tmp"
+    for temp in (stale, fresh):
+        temp.write_bytes(b"x" * 100)
+    hours_ago = time.time() - 2 * 3600
+    os.utime(stale, (hours_ago, hours_ago))
+    with PassageIndex.open(tmp_path, embedder=BagOfWordsEmbedder()) as index:
+        assert not stale.exists() and fresh.exists() and len(index) == len(PASSAGES)
+
+
 class SlowToLoadEmbedder(BagOfWordsEmbedder):
     """Takes a while to give its dimension, as the real one takes to load: two creates meet in between."""
 

@@ -268,6 +268,21 @@ def test_disk_entry_under_wrong_key_is_dropped(tmp_path: Path) -> None:
     assert store.stats.corrupt == 1
 
 
+def test_opening_a_disk_store_deletes_the_temp_files_of_writes_killed_midway(tmp_path: Path) -> None:
+    # A SIGKILL during a put left its temp file (the entry's size) for good: nothing else deletes it.
+    kv = make_kv()
+    DiskKVStore(tmp_path).put(key_for(kv), kv)
+    entry = DiskKVStore(tmp_path).path_for(key_for(kv))
+    stale, fresh = entry.parent / f".{entry.name}.dead.tmp", entry.parent / f".{entry.name}.writing.tmp"
+    for temp in (stale, fresh):
+        temp.write_bytes(b"x" * 100)
+    hours_ago = time.time() - 2 * 3600
+    os.utime(stale, (hours_ago, hours_ago))
+    store = DiskKVStore(tmp_path)
+    assert not stale.exists() and fresh.exists()  # a write under way in another process is minutes old at most
+    assert torch.equal(store.get(key_for(kv)).keys, kv.keys)
+
+
 def _write_same_key(root: str, writer: int, barrier: multiprocessing.synchronize.Barrier) -> None:
     kv = make_kv(scale=writer + 1)  # same tokens (same key) but a different payload per writer
     store = DiskKVStore(root)

@@ -41,7 +41,7 @@ from filelock import FileLock
 
 from infoflow_rag.closing import Closing
 from infoflow_rag.errors import IndexIntegrityError
-from infoflow_rag.files import atomic_write
+from infoflow_rag.files import atomic_write, remove_stale_temps
 from infoflow_rag.index.embedder import DEFAULT_MODEL, Embedder, TextEmbedder
 from infoflow_rag.index.faiss_index import IndexSpec, VectorIndex, check_index_params
 from infoflow_rag.index.index_files import (
@@ -154,6 +154,8 @@ class PassageIndex(Closing):
                     unembedded,
                 )
             return index
+        if stale := remove_stale_temps(directory):  # what a kill mid-write left: a whole vectors file, say
+            logger.info("%s: deleted %d temp files of writes cut short", directory, stale)
         repaired = index._embed_missing()
         if repaired:
             logger.warning("%s: embedded %d passages missing from %s", directory, len(repaired), VECTORS_FILE)

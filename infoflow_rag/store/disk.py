@@ -6,7 +6,7 @@ import logging
 import os
 from pathlib import Path
 
-from infoflow_rag.files import atomic_write
+from infoflow_rag.files import atomic_write, remove_stale_temps
 from infoflow_rag.kv import PassageKV
 from infoflow_rag.store.base import KVStore
 from infoflow_rag.store.codec import StorageDtype, decode, encode
@@ -22,7 +22,8 @@ class DiskKVStore(KVStore):
     Writes are atomic (temp file + fsync + rename), so concurrent writers of one key, in any number
     of processes, leave exactly one complete file. Reads memory-map the file and verify its
     checksum; a torn or corrupt file is logged, deleted, counted in ``stats.corrupt`` and reported
-    as a miss. The directory needs no locking and can be shared by processes on one host.
+    as a miss. The directory needs no locking and can be shared by processes on one host. Opening it deletes what
+    writes killed midway left (temp files over an hour old: :func:`~infoflow_rag.files.remove_stale_temps`).
     Any other OS error on a write or delete (read-only directory, disk full, I/O error) raises
     StoreUnavailableError; on a read it makes that entry a miss (logged once per store), so one unreadable file
     does not cost the other entries of a batch their reuse.
@@ -35,6 +36,11 @@ class DiskKVStore(KVStore):
         self._read_failed = False  # a read error was logged
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        # Entries sit one directory down (one per model fingerprint); a write killed midway left its temp file there.
+        with os.scandir(self.root) as entries:
+            stale = sum(remove_stale_temps(Path(d.path)) for d in entries if d.is_dir(follow_symlinks=False))
+        if stale:
+            logger.info("KV store %s: deleted %d temp files of writes cut short", self.root, stale)
 
     def path_for(self, key: CacheKey) -> Path:
         """Where the entry for ``key`` lives (whether or not it exists)."""
