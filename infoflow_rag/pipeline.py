@@ -42,7 +42,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class KVLookup:
     kvs: list[PassageKV]
-    fresh: list[bool]  # per passage: prefilled by this call (else served from the store)
+    fresh: list[bool]  # per passage: prefilled by this call (else served from the store, or a copy of a passage
+    # earlier in the call, which reuses its KV)
     load_s: float  # reading from the store
     prefill_s: float
 
@@ -157,18 +158,27 @@ class Pipeline(Closing):
             self._report_once("read", e)
             found = [None] * len(keys)
         load_s = time.perf_counter() - t
-        fresh = [kv is None for kv in found]
-        missing = [i for i, new in enumerate(fresh) if new]
+        # A passage the store lacks is prefilled once, however often it comes (boilerplate repeated across the
+        # files of one ingest batch was prefilled and written once per copy); its copies reuse that KV.
+        first: dict[CacheKey, int] = {}  # each missing passage's first place in ``texts``
+        for i, key in enumerate(keys):
+            if found[i] is None:
+                first.setdefault(key, i)
+        fresh = [first.get(key) == i for i, key in enumerate(keys)]
+        missing = sorted(first.values())
         prefill_s = 0.0
         if missing:
             t = time.perf_counter()
-            computed = self.engine.prefill([texts[i] for i in missing], progress=progress)
+            computed = dict(
+                zip(missing, self.engine.prefill([texts[i] for i in missing], progress=progress), strict=True)
+            )
             try:
-                self.store.put_many((keys[i], kv) for i, kv in zip(missing, computed, strict=True))
+                self.store.put_many((keys[i], kv) for i, kv in computed.items())
             except StoreUnavailableError as e:  # the computed KV still serves this call
                 self._report_once("write", e)
-            for i, kv in zip(missing, computed, strict=True):
-                found[i] = kv
+            for i, key in enumerate(keys):
+                if found[i] is None:
+                    found[i] = computed[first[key]]
             prefill_s = time.perf_counter() - t
         return KVLookup(found, fresh, load_s, prefill_s)
 

@@ -479,6 +479,25 @@ def test_7_reused_share_is_zero_without_hits(indexed):
     assert second.reuse.passages_hit == 2 and 0 < second.reuse.reused_share < 1
 
 
+def test_7_a_passage_that_comes_twice_in_one_batch_is_prefilled_once(tmp_path, engine, monkeypatch):
+    # Boilerplate repeated across the files of one ingest batch was prefilled and written once per copy.
+    source = tmp_path / "docs"
+    source.mkdir()
+    for name, text in (("a.txt", PASSAGES[0]), ("b.txt", PASSAGES[1]), ("c.txt", PASSAGES[0])):
+        (source / name).write_text(text)
+    pipeline = Pipeline(engine, open_store("memory"), PassageIndex.create(tmp_path / "index", BagOfWordsEmbedder()))
+    prefilled: list[str] = []
+    prefill = type(engine).prefill
+    monkeypatch.setattr(
+        type(engine), "prefill", lambda self, texts, **k: prefilled.extend(texts) or prefill(self, texts, **k)
+    )
+    summary = ingest(pipeline, source, progress=False)
+    assert sorted(prefilled) == sorted(PASSAGES[:2]) and summary.kv_computed == 2
+    assert summary.tokens == sum(len(engine.passage_ids(t)) for t in PASSAGES[:2])
+    lookup = pipeline.kv_for([PASSAGES[2], PASSAGES[2]])  # the same in a query's passages
+    assert lookup.fresh == [True, False] and lookup.kvs[0] is lookup.kvs[1] and prefilled[2:] == [PASSAGES[2]]
+
+
 def test_7_ingest_counts_only_its_own_new_passages_while_another_writer_adds(tmp_path, engine, monkeypatch):
     source = tmp_path / "docs.jsonl"
     source.write_text("".join(json.dumps({"text": t}) + "\n" for t in PASSAGES))
