@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         default=",".join(BENCH_METHODS),
-        help="comma-separated methods in the eval grammar (infoflow+reorder, sinkflow+leadin, ...); --ratio unless @",
+        help="comma-separated methods in the eval grammar (infoflow+reorder, sinkflow+leadin, ...; +leadin over "
+        "lead-in caches, the others over plain ones); --ratio unless @",
     )
     p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per method (median and range reported)")
     _json(p)
