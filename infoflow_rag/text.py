@@ -1,4 +1,4 @@
-"""The one check every entry point applies to text before a tokenizer or an embedder sees it."""
+"""The checks every entry point applies to text before a tokenizer or an embedder sees it."""
 
 from __future__ import annotations
 
@@ -16,3 +16,13 @@ def check_text(text: str, what: str) -> None:
             f"{what} is not valid text: character {err.start} is a lone surrogate ({text[err.start]!r}, in "
             f"{around!r}); send UTF-8 text (a JSON string's \\ud800-\\udfff escapes only in valid pairs)"
         ) from None
+
+
+def check_text_list(items: object, name: str) -> None:
+    """Refuse one text where a list of them is due (``name``: "passages", say): iterated, it would be one item per
+    character."""
+    if isinstance(items, str | bytes):
+        raise TypeError(
+            f"{name} must be a list, not one {type(items).__name__} (it would be read a character at a time): "
+            f"{items!r:.60}; wrap it in a list"
+        )

@@ -342,6 +342,28 @@ def test_sampling_is_seeded(engine):
     assert a == b
 
 
+@pytest.mark.parametrize(
+    ("call", "name"),
+    [
+        (lambda e: e.answer(QUESTION, "Acme Rockets"), "passages"),
+        (lambda e: e.prefill("Acme"), "passages"),
+        (lambda e: e.answer_prompt("Say hi."), "pieces"),
+    ],
+)
+def test_one_text_where_a_list_is_due_is_refused(engine, call, name):
+    # Iterated, "Acme" would be four one-character passages, answered over without a word of warning.
+    with pytest.raises(TypeError, match=f"{name} must be a list, not one str .*; wrap it in a list"):
+        call(engine)
+
+
+def test_sampling_without_a_seed_differs_between_calls(engine):
+    kvs = engine.prefill(PASSAGES)
+    # At temperature 1 the tiny random model's 8-token samples differ from seed to seed (the seeded test above holds
+    # one fixed); four calls all alike is what a fixed default seed gave.
+    answers = {tuple(engine.answer(QUESTION, kvs, temperature=1.0, max_new_tokens=8).answer_ids) for _ in range(4)}
+    assert len(answers) > 1
+
+
 def test_a_tiny_temperature_samples_the_greedy_answer(engine):
     kvs = engine.prefill(PASSAGES)
     greedy = engine.answer(QUESTION, kvs, max_new_tokens=8).answer_ids
@@ -354,7 +376,7 @@ def test_a_tiny_temperature_samples_the_greedy_answer(engine):
     [
         ({"temperature": float("nan")}, "temperature must be a number >= 0"),
         ({"temperature": float("inf")}, "temperature must be a number >= 0"),
-        ({"seed": 2**70}, r"seed must be an integer in \[0, 2\*\*63\), got 1180591620717411303424"),
+        ({"seed": 2**70}, r"seed must be an integer in \[0, 2\*\*63\) or None, got 1180591620717411303424"),
         ({"seed": "x"}, "seed must be an integer"),
         ({"seed": -1}, "seed must be an integer"),
         ({"ratio": 0.0}, "ratio must be in"),
@@ -362,6 +384,15 @@ def test_a_tiny_temperature_samples_the_greedy_answer(engine):
         ({"selector": "bogus"}, "known selectors: cacheblend, epic, full, infoflow, none, random"),
         ({"geometry": "sideways"}, "unknown geometry"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer >= 1, got 2.5"),
+        ({"max_new_tokens": "8"}, "max_new_tokens must be an integer >= 1, got '8'"),
+        ({"max_new_tokens": True}, "max_new_tokens must be an integer >= 1, got True"),
+        ({"temperature": "0.5"}, "temperature must be a number >= 0 .*, got '0.5'"),
+        ({"temperature": None}, "temperature must be a number >= 0 .*, got None"),
+        ({"top_p": None}, r"top_p must be a number in \(0, 1\], got None"),
+        ({"stop": ["x", None]}, r"stop must be a string or a list of strings, got \['x', None\]"),
+        ({"stop": 5}, "stop must be a string or a list of strings, got 5"),
+        ({"stop": ["}"], "json_schema": {"type": "object"}}, r"stop \['}'\] cannot be combined with json_schema"),
         ({"selector_options": {"layers": [1, 99]}}, r"scoring layers \[99\] out of range"),
         ({"score_rows": "all"}, "unknown score_rows 'all'; choose one of question, block"),
     ],

@@ -244,6 +244,14 @@ def test_search_on_small_index_returns_fewer_hits(tmp_path: Path) -> None:
         assert len(index.search("Rhine", k=10)) == 2
 
 
+@pytest.mark.parametrize("k", [0, "3", 2.5, True])
+def test_search_refuses_a_k_that_is_not_a_positive_integer(tmp_path: Path, k) -> None:
+    # "3" and 2.5 reached FAISS, which failed without naming k; True would have been one hit
+    with PassageIndex.create(tmp_path, embedder=BagOfWordsEmbedder()) as index:
+        with pytest.raises(ValueError, match=f"k must be an integer >= 1, got {k!r}"):
+            index.search("Rhine", k=k)
+
+
 # ---------------------------------------------------------------- the real embedder (loads MiniLM, ~5 s)
 
 

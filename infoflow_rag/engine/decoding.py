@@ -26,22 +26,35 @@ class GenerationConfig:
     max_new_tokens: int = 32
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
-    seed: int = 0
+    seed: int | None = None  # None: a fresh seed per answer, so sampling differs from one call to the next
     stop: tuple[str, ...] | str = ()  # stop strings (one string: one stop): generation ends before the first one
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not 0 <= self.temperature < math.inf:  # NaN fails this too
-            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
-        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)  # a string is one stop, as OpenAI's
+        # Types first: a float or a string here would fail deep in torch or in a comparison, naming neither.
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not _is_real(self.temperature) or not 0 <= self.temperature < math.inf:  # NaN fails this too
+            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be an integer in [0, 2**63) or None, got {self.seed!r}")
+        # A string is one stop, as OpenAI's; None none.
+        stops = (self.stop,) if isinstance(self.stop, str) else () if self.stop is None else self.stop
+        if not isinstance(stops, list | tuple) or not all(isinstance(s, str) for s in stops):
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
         if "" in stops:  # found at once: every answer would be empty
             raise ValueError(f"stop strings must not be empty, got {self.stop!r}; drop the empty string")
-        object.__setattr__(self, "stop", stops)  # frozen: a tuple from here on
+        object.__setattr__(self, "stop", tuple(stops))  # frozen: a tuple from here on
+
+    def check_schema(self, json_schema: dict | None) -> None:
+        """Refuse stop strings with a JSON schema: a stop would cut the JSON before it closes, an answer that does
+        not parse (the schema promises one that does)."""
+        if json_schema is not None and self.stop:
+            raise ValueError(
+                f"stop {list(self.stop)} cannot be combined with json_schema: a stop would cut the JSON before it "
+                f"closes; drop the stop strings (the schema already ends the answer)"
+            )
 
     @classmethod
     def of(cls, settings: dict[str, Any]) -> GenerationConfig:
@@ -54,6 +67,14 @@ class GenerationConfig:
                 f"query options are: {', '.join(QueryOptions.model_fields)}"
             )
         return cls(**settings)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def pick(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator) -> int:
@@ -86,7 +107,11 @@ def generate_tokens(
 
     One query per step needs no mask: it sees the whole cache, whatever order its entries are in.
     """
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator()
+    if cfg.seed is None:
+        generator.seed()  # a fresh, non-deterministic seed
+    else:
+        generator.manual_seed(cfg.seed)
 
     def next_token(logits: torch.Tensor, left: int) -> int:
         if constraint is None:

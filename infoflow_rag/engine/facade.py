@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..kv import PassageKV
 from ..models import DEFAULT_MODEL, LoadedModel, load_model, parameters_sha256
+from ..text import check_text_list
 from . import attention, decoding, last_layer, linears, norms, prefill, query, recompute
 from .check import check_supported, run_check
 from .compression import PromptMap, compress_cache
@@ -190,6 +191,7 @@ class Engine:
         rest of the prefill: callers that know no policy will read them pass False.
         """
         signals = self.record_signals if signals is None else signals
+        check_text_list(passages, "passages")
         ids = [self.passage_ids(text) for text in passages]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out: list[PassageKV | None] = [None] * len(ids)
@@ -232,6 +234,7 @@ class Engine:
         options, rest = split_overrides(options, overrides)
         template = rest.pop("template", DEFAULT_QUESTION_TEMPLATE)
         gen = GenerationConfig.of(rest)
+        gen.check_schema(options.json_schema)  # before any prefill
         prep = self.prepare(question, passages, options, template=template, max_new_tokens=gen.max_new_tokens)
         return AnswerStream(self._decode(prep, gen))
 
@@ -246,6 +249,7 @@ class Engine:
     ) -> AnswerStream:
         options, rest = split_overrides(options, overrides)
         gen = GenerationConfig.of(rest)
+        gen.check_schema(options.json_schema)  # before any prefill
         return AnswerStream(self._decode(self.prepare_prompt(pieces, options, max_new_tokens=gen.max_new_tokens), gen))
 
     def prepare(
@@ -265,6 +269,7 @@ class Engine:
         """
         t0 = time.perf_counter()
         options = _only_options(options, overrides)
+        check_text_list(passages, "passages")
         if not passages:
             raise ValueError("no passages: pass at least one passage (text or PassageKV) to answer over")
         block = encode_question(self.tokenizer, self.format, question, template)
@@ -287,6 +292,7 @@ class Engine:
         """
         t0 = time.perf_counter()
         options = _only_options(options, overrides)
+        check_text_list(pieces, "pieces")
         pieces = list(pieces)
         trailing = pieces.pop() if pieces and isinstance(pieces[-1], str) else ""
         tail = torch.tensor(encode(self.tokenizer, trailing + self.format.tail), dtype=torch.long)
@@ -325,6 +331,7 @@ class Engine:
 
     def _decode(self, prep: Prepared, gen: GenerationConfig):
         schema = prep.options.json_schema
+        gen.check_schema(schema)
         constraint = None if schema is None else JsonConstraint(self.json_vocabulary, json_grammar(schema))
         return decoding.decode(self.model, self.tokenizer, self.eos_ids, prep, gen, self.compress, constraint)
 

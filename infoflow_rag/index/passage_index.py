@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 import os
 import threading
 import uuid
@@ -232,8 +233,8 @@ class PassageIndex(Closing):
 
     def search(self, query: str, k: int = 5) -> list[Hit]:
         """The ``k`` passages most similar to ``query``, best first (fewer if the index is smaller)."""
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
         query_vector = self.embedder.encode([query])
         with self._lock:
             k = min(k, len(self._vectors))  # never ask FAISS for more rows than exist: it allocates them all

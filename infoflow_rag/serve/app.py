@@ -193,7 +193,7 @@ def _generation(body: CommonRequest, settings: ServerSettings, context_window: i
         "max_new_tokens": max_tokens,
         "temperature": pick(body.temperature, settings.temperature),
         "top_p": pick(body.top_p, 1.0),
-        "seed": pick(body.seed, 0),
+        "seed": body.seed,
         "stop": body.stops,
     }
 
