@@ -14,6 +14,8 @@ from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 _END = object()
+AHEAD = 4  # items a worker may hand over before the consumer takes them: a slow or gone reader stops decoding
+_POLL_S = 0.05  # how often a worker waiting for room looks whether its reader is gone
 
 
 async def run_in_thread(work: Callable[[], T]) -> T:
@@ -41,11 +43,25 @@ async def iterate_in_thread(make: Callable[[], Iterable[T]]) -> AsyncIterator[T]
     """The items of ``make()``, created and iterated on a worker thread and handed over through a queue.
 
     An exception in the thread is raised here; leaving the ``async for`` early stops the thread at its
-    next item.
+    next item, and a reader that stops reading stops it within :data:`AHEAD` items.
+
+    The thread is not a daemon: at interpreter exit Python waits for it to finish its step, as killing it inside a
+    torch forward aborts the process ("terminate called without an active exception"). It ends once its reader is
+    gone (the loop closed, or the main thread done: an async generator never closed leaves no other sign).
     """
     loop = asyncio.get_running_loop()
     items: asyncio.Queue = asyncio.Queue()
     stop = threading.Event()
+    room = threading.Semaphore(AHEAD)
+
+    def reader_gone() -> bool:
+        return stop.is_set() or loop.is_closed() or not threading.main_thread().is_alive()
+
+    def wait_for_room() -> bool:
+        while not room.acquire(timeout=_POLL_S):
+            if reader_gone():
+                return False
+        return not stop.is_set()
 
     def hand(message: tuple) -> bool:
         try:
@@ -57,14 +73,14 @@ async def iterate_in_thread(make: Callable[[], Iterable[T]]) -> AsyncIterator[T]
     def produce() -> None:
         try:
             for item in make():
-                if stop.is_set() or not hand((item, None)):
+                if not wait_for_room() or not hand((item, None)):
                     return  # the rest of make() is never asked for: the engine stops decoding
         except BaseException as err:  # handed to the consumer, which raises it
             hand((_END, err))
         else:
             hand((_END, None))
 
-    threading.Thread(target=produce, name="infoflow-async", daemon=True).start()
+    threading.Thread(target=produce, name="infoflow-async").start()
     try:
         while True:
             item, error = await items.get()
@@ -72,6 +88,8 @@ async def iterate_in_thread(make: Callable[[], Iterable[T]]) -> AsyncIterator[T]
                 if error is not None:
                     raise error
                 return
+            room.release()
             yield item
     finally:
         stop.set()
+        room.release()  # a worker waiting for room sees the stop at once

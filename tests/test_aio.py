@@ -2,10 +2,12 @@
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import threading
 import time
 
-from infoflow_rag.aio import finish_in_thread, iterate_in_thread
+from infoflow_rag.aio import AHEAD, finish_in_thread, iterate_in_thread
 
 
 def test_a_stream_left_open_ends_quietly_when_its_event_loop_closes(monkeypatch):
@@ -53,3 +55,49 @@ def test_finish_in_thread_returns_the_last_step_and_a_cancelled_await_stops_the_
 
     asyncio.run(cancelled())
     assert stream.taken < 100
+
+
+def test_a_reader_that_stops_reading_stops_the_producer_within_a_few_items():
+    produced = []
+
+    def fast():
+        for i in range(1000):
+            produced.append(i)
+            time.sleep(0.001)
+            yield i
+
+    async def read_one_then_wait() -> int:
+        stream = iterate_in_thread(fast)
+        await anext(stream)
+        await asyncio.sleep(0.3)  # time for ~300 items, had the producer run ahead unbounded
+        ahead = len(produced)
+        await stream.aclose()
+        return ahead
+
+    assert asyncio.run(read_one_then_wait()) <= 1 + AHEAD + 1  # the one read, AHEAD handed over, one waiting
+
+
+# The worker is inside one torch product when the script ends: a daemon thread resumed after the interpreter has
+# finalised aborts the process ("terminate called without an active exception", exit status 134).
+_EXIT_DURING_A_FORWARD = """
+import asyncio, torch
+from infoflow_rag.aio import iterate_in_thread
+
+def steps():
+    yield 0
+    a = torch.ones(4000, 4000)
+    for _ in range(3):
+        yield float((a @ a)[0, 0])
+
+async def main():
+    stream = iterate_in_thread(steps)
+    await anext(stream)
+    await asyncio.sleep(0.05)  # the worker is in its first product
+
+asyncio.run(main())
+"""
+
+
+def test_a_script_that_ends_while_the_worker_runs_torch_exits_cleanly():
+    done = subprocess.run([sys.executable, "-c", _EXIT_DURING_A_FORWARD], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-500:]

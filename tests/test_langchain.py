@@ -105,6 +105,13 @@ def test_retriever_returns_scored_documents(pipeline):
     assert docs[0].metadata["score"] > docs[1].metadata["score"] and docs[0].id == "3"
 
 
+def test_retriever_takes_k_per_call_as_langchains_own_do(pipeline):
+    retriever = InfoFlowRetriever(index=pipeline.index, k=3)
+    assert len(retriever.invoke(QUESTION)) == 3
+    assert [d.page_content for d in retriever.invoke(QUESTION, k=1)] == [CAPITAL]
+    assert len(asyncio.run(retriever.ainvoke(QUESTION, k=2))) == 2
+
+
 def test_chain_answers_over_the_documents_as_separate_cached_passages(pipeline, engine):
     chain = create_infoflow_rag_chain(InfoFlowRetriever(index=pipeline.index, k=2), chat(pipeline))
     first = chain.invoke({"question": QUESTION})
