@@ -145,12 +145,12 @@ def test_jsonl_lines_are_kept_through_a_line_inserted_above_and_replaced_when_ed
     lines({"text": P[0]}, {"id": "x", "text": P[1]}, {"text": P[2]})
     ingest(pipeline, path, progress=False)
     ids = {r.text: r.id for r in pipeline.index}
-    lines({"text": P[3]}, {"text": P[0]}, {"id": "x", "text": P[1]}, {"text": P[2]})
-    assert counts(ingest(pipeline, path, progress=False)) == (1, 0, 0, 1)
-    assert {t: i for t, i in ((r.text, r.id) for r in pipeline.index) if t in ids} == ids
-    lines({"text": P[3]}, {"id": "x", "text": P[4]}, {"text": P[2]})  # the first line without an id and line x edited
+    lines({"text": P[3]}, {"text": P[0]}, {"id": "x", "text": P[1]})  # one line inserted above, the last deleted
+    assert counts(ingest(pipeline, path, progress=False)) == (1, 1, 1, 1)  # by line number: 3 lines, none gone
+    assert {r.text: r.id for r in pipeline.index if r.text != P[3]} == {P[0]: ids[P[0]], P[1]: ids[P[1]]}
+    lines({"text": P[3]}, {"id": "x", "text": P[4]})  # the line of P0 deleted, line x edited
     assert counts(ingest(pipeline, path, progress=False)) == (1, 2, 1, 1)
-    assert texts(pipeline) == searchable(pipeline) == sorted([P[2], P[3], P[4]])
+    assert texts(pipeline) == searchable(pipeline) == sorted([P[3], P[4]])
 
 
 # --- index directories written before documents were tracked ---------------------------------------------------
