@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from infoflow_rag.files import atomic_write
 
 IVF_TRAIN_FACTOR = 39
-REBUILD_BATCH = 4096  # vectors per add while an HNSW graph is rebuilt, so its progress bar moves
+REBUILD_BATCH = 4096  # vectors per add while an index is refilled after a removal, so its progress bar moves
 FILE_MAGIC = b"infoflow-vectors\0"  # then a little-endian uint32 header length, the JSON header, FAISS bytes
 DEFAULT_PARAMS: dict[str, dict[str, int]] = {
     "flat": {},

@@ -29,8 +29,8 @@ CREATE TABLE IF NOT EXISTS passages (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)
 """
-# Which documents hold each passage (a passage, stored once per text, may be in several); made, and filled from the
-# passages' sources, the first time an index of an older version is opened for writing.
+# Which documents hold each passage (a passage, stored once per text, may be in several); made when records are
+# first opened for writing, and for an index of an older version filled from its passages' sources.
 _LINKS_SCHEMA = (
     "CREATE TABLE document_passages (file TEXT NOT NULL, entry TEXT NOT NULL, passage_id INTEGER NOT NULL, "
     "PRIMARY KEY (file, entry, passage_id)) WITHOUT ROWID",
@@ -151,10 +151,13 @@ class PassageRecords(Closing):
 
     def _link_documents(self) -> None:
         """Make the document links table once, linking each stored passage to the document its source names."""
+        exists = "SELECT 1 FROM sqlite_master WHERE name = 'document_passages'"
+        if self._fetch(exists):  # as it mostly is: no write lock taken
+            return
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")  # a second process opening at once waits, then finds the table
             try:
-                if not self._conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'document_passages'").fetchall():
+                if not self._conn.execute(exists).fetchall():
                     for statement in _LINKS_SCHEMA:
                         self._conn.execute(statement)
                     rows = self._conn.execute("SELECT id, source, metadata FROM passages").fetchall()
