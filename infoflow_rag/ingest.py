@@ -4,6 +4,11 @@ Each batch is committed in this order: passage records + vectors (the index repa
 those two on open), then KV files (each written atomically). A re-run skips passages already indexed
 (content hash) and KV already stored (key check), so a killed ingest resumes where it stopped.
 
+Then the source replaces what it held before: a document ingested again holds only its passages of now, and the
+documents ingested earlier from under the source that it no longer has hold none (see ``index.documents``);
+passages no document holds any more are removed. Until then (a kill before the end) the old passages stay beside
+the new, as before the run; a re-run finishes the replacement.
+
 Every passage is checked before anything is written: one longer than the model's window is split into
 token windows that fit, so no stored passage can fail a later query or stop a re-run.
 """
@@ -19,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .engine import Engine
 from .engine.prompt import encode
+from .index.documents import DocumentKey, Scope
 from .index.splitting import MIN_WINDOW, TEXT_SUFFIXES, Document, load_source, split_paragraphs, split_token_windows
 from .pipeline import Pipeline
 
@@ -32,6 +38,8 @@ class IngestSummary:
     documents: int
     passages: int  # passages in the source after splitting
     new_passages: int  # added to the index by this run
+    removed_passages: int  # removed by this run: no document holds them any more
+    removed_documents: int  # ingested earlier from under the source, gone from it now
     kv_computed: int  # passages prefilled by this run (the rest were already stored)
     tokens: int  # passage tokens prefilled by this run
     kv_bytes: int  # bytes of KV prefilled by this run (in memory, float32)
@@ -120,7 +128,8 @@ def ingest(
     follow_symlinks: bool = False,
     documents: list[Document] | None = None,
 ) -> IngestSummary:
-    """Index and prefill every passage of ``source`` (folder of .txt/.md, or .jsonl).
+    """Index and prefill every passage of ``source`` (folder of .txt/.md, or .jsonl), and remove the passages of its
+    documents that they no longer hold (see the module docstring).
 
     ``strict_utf8`` and ``follow_symlinks`` as in :func:`load_source`: by default non-UTF-8 files and files
     linked from outside the folder are skipped with a warning. ``documents``: ``source`` already read by
@@ -140,18 +149,26 @@ def ingest(
     pipeline.index.check_writable()  # before the passages are split and a progress bar is shown
     engine = pipeline.engine
     tok = engine.tokenizer
-    passages, sources, metas = [], [], []
+    passages, sources, metas, keys = [], [], [], []
     for doc in docs:
         texts = split_documents([doc.text], split, window, lambda s: encode(tok, s), tok.decode)
         for text in fitting_passages(engine, texts, window):
             passages.append(text)
             sources.append(doc.source)
             metas.append({**doc.metadata, "document": doc.id, **({"title": doc.title} if doc.title else {})})
-    summary = IngestSummary(len(docs), len(passages), 0, 0, 0, 0, 0.0)
+            keys.append(doc.key)
+    # Every document read, with the passages it holds now (none: it was emptied, and gives up all it held).
+    held: dict[DocumentKey, set[int]] = {doc.key: set() for doc in docs if doc.key is not None}
+    summary = IngestSummary(len(docs), len(passages), 0, 0, 0, 0, 0, 0, 0.0)
     bar = tqdm(total=len(passages), desc="ingest", unit="passage", disable=not progress)
     for start in range(0, len(passages), batch_size):
         end = start + batch_size
-        added = pipeline.index.add_passages(passages[start:end], sources[start:end], metas[start:end])
+        added = pipeline.index.add_passages(
+            passages[start:end], sources[start:end], metas[start:end], documents=keys[start:end]
+        )
+        for key, passage_id in zip(keys[start:end], added.ids, strict=True):
+            if key is not None:
+                held[key].add(passage_id)
         summary.new_passages += len(added.new_ids)  # this run's own: other writers' passages are not counted
         pipeline.matcher.add(zip(added.ids, passages[start:end], strict=True))
         lookup = pipeline.kv_for(passages[start:end])
@@ -160,5 +177,8 @@ def ingest(
         summary.kv_bytes += sum(kv.nbytes for kv, new in zip(lookup.kvs, lookup.fresh, strict=True) if new)
         bar.update(len(passages[start:end]))
     bar.close()
+    removal = pipeline.index.replace_documents(Scope.of(source), held, show_progress=progress)
+    pipeline.matcher.remove(removal.passage_ids)  # a prompt quoting one is no longer answered as a known passage
+    summary.removed_passages, summary.removed_documents = len(removal.passage_ids), removal.documents
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -41,14 +41,27 @@ class PassageMatcher:
     def __init__(self, passages: Iterable[tuple[int, str]] = ()):
         self._by_anchor: dict[str, list[tuple[int, str]]] = {}
         self._anchor_lengths: set[int] = set()
+        self._write_lock = threading.Lock()  # an add in one thread and a remove in another must not lose either
         self.add(passages)
 
     def add(self, passages: Iterable[tuple[int, str]]) -> None:
-        for key, text in passages:
-            if text.strip():
-                anchor = text[:ANCHOR_CHARS]
-                self._by_anchor.setdefault(anchor, []).append((key, text))
-                self._anchor_lengths.add(len(anchor))
+        with self._write_lock:
+            for key, text in passages:
+                if text.strip():
+                    anchor = text[:ANCHOR_CHARS]
+                    self._by_anchor.setdefault(anchor, []).append((key, text))
+                    self._anchor_lengths.add(len(anchor))
+
+    def remove(self, keys: Iterable[int]) -> None:
+        """Forget the passages of ``keys`` (removed from the index): a prompt quoting one is fresh text again."""
+        gone = set(keys)
+        with self._write_lock:
+            for anchor, entries in list(self._by_anchor.items()):
+                kept = [entry for entry in entries if entry[0] not in gone]
+                if not kept:
+                    del self._by_anchor[anchor]
+                elif len(kept) < len(entries):  # a new list, not the old one changed: find() may be reading it
+                    self._by_anchor[anchor] = kept
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._by_anchor.values())

@@ -127,10 +127,18 @@ def test_ingest_summary_counts_in_the_singular_and_the_plural(tmp_path, model_di
     (corpus / "one.txt").write_text(PASSAGES[0])
     index = str(tmp_path / "index")
     assert main(["ingest", str(corpus), "--index", index, "--model", model_dir]) == 0
-    assert capsys.readouterr().out.startswith("1 passage from 1 document: 1 new, 1 prefilled (")
+    assert capsys.readouterr().out.startswith("1 passage from 1 document: 1 new, 0 removed, 1 prefilled (")
     (corpus / "two.txt").write_text(PASSAGES[1])
     assert main(["ingest", str(corpus), "--index", index, "--model", model_dir]) == 0
-    assert capsys.readouterr().out.startswith("2 passages from 2 documents: 1 new, 1 prefilled (")
+    assert capsys.readouterr().out.startswith("2 passages from 2 documents: 1 new, 0 removed, 1 prefilled (")
+    (corpus / "one.txt").unlink()
+    (corpus / "two.txt").write_text(f"{PASSAGES[1]}\n\n{PASSAGES[2]}\n\n{PASSAGES[3]}")
+    assert main(["ingest", str(corpus), "--index", index, "--model", model_dir]) == 0
+    assert capsys.readouterr().out.startswith("3 passages from 1 document: 2 new, 1 removed (1 document gone), 2 ")
+    (corpus / "two.txt").write_text(PASSAGES[1])
+    assert main(["ingest", str(corpus), "--index", index, "--model", model_dir, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["new_passages"], summary["removed_passages"], summary["removed_documents"]) == (0, 2, 0)
 
 
 def test_ask_says_where_the_kv_came_from_and_json_leaves_out_token_ids(tmp_path, model_dir, capsys, monkeypatch):

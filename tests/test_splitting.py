@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from infoflow_rag.index import Document, load_source, split_paragraphs, split_token_windows
+from infoflow_rag.index.documents import ADDED_BY_CALLER, DocumentKey, Scope, legacy_key
 
 
 class WhitespaceTokenizer:
@@ -76,7 +79,8 @@ def test_load_source_directory_is_recursive_sorted_and_filtered(tmp_path: Path) 
         ("b/z.md", "# Zed\n\nbody"),
     ]
     assert docs[0].source == str(tmp_path / "a.txt")
-    assert load_source(tmp_path / "a.txt") == [Document("a.txt", "alpha", str(tmp_path / "a.txt"))]
+    key = DocumentKey(str(tmp_path.resolve() / "a.txt"), "")
+    assert load_source(tmp_path / "a.txt") == [Document("a.txt", "alpha", str(tmp_path / "a.txt"), key=key)]
 
 
 def test_load_source_jsonl(tmp_path: Path) -> None:
@@ -88,31 +92,55 @@ def test_load_source_jsonl(tmp_path: Path) -> None:
     ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     first, second = load_source(path)
-    assert first == Document("d1", "first", f"{path}:1", "T", {"year": 2020})
+    key = DocumentKey(str(path.resolve()), "id=d1")
+    assert first == Document("d1", "first", f"{path}:1", "T", {"year": 2020}, key)
     assert (second.id, second.source, second.title, second.metadata) == ("3", f"{path}:3", None, {})
+    assert second.key == DocumentKey(str(path.resolve()), f"sha256={hashlib.sha256(b'second').hexdigest()}")
 
 
-@pytest.mark.parametrize(
-    ("bad_line", "message"),
-    [
-        ('{"text": "unterminated', "invalid JSON"),
-        ('{"title": "no text"}', 'string "text" field'),
-        ('["text"]', 'string "text" field'),
-        ('{"text": "x", "metadata": [1]}', '"metadata" must be an object'),
-        ('{"text": "caf\\ud800 x"}', '"text" is not valid text: character 3 is a lone surrogate'),
-        ('{"text": "x", "title": "\\udfff"}', '"title" is not valid text'),
-    ],
-)
-def test_load_source_jsonl_error_names_the_line(tmp_path: Path, bad_line: str, message: str) -> None:
-    path = tmp_path / "docs.jsonl"
-    path.write_text(f'{{"text": "ok"}}\n\n{bad_line}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=f"docs.jsonl:3: .*{message}"):
-        load_source(path)
+def test_document_keys_do_not_depend_on_the_working_directory_or_on_lines_inserted_above(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "docs" / "sub").mkdir(parents=True)
+    (tmp_path / "docs" / "sub" / "a.md").write_text("alpha", encoding="utf-8")
+    (tmp_path / "docs" / "lines.jsonl").write_text('{"text": "x"}\n{"id": 7, "text": "y"}\n', encoding="utf-8")
+    expected = DocumentKey(os.path.realpath(tmp_path / "docs" / "sub" / "a.md"), "")
+    monkeypatch.chdir(tmp_path)
+    keys = [load_source("docs")[0].key, load_source("docs/sub/a.md")[0].key]
+    monkeypatch.chdir(tmp_path / "docs" / "sub")
+    keys += [load_source("..")[0].key, load_source("a.md")[0].key, load_source(tmp_path / "docs")[0].key]
+    assert keys == [expected] * 5
+    before = [d.key for d in load_source(tmp_path / "docs" / "lines.jsonl")]
+    (tmp_path / "docs" / "lines.jsonl").write_text(
+        '{"text": "new first line"}\n{"text": "x"}\n{"id": 7, "text": "y edited"}\n', encoding="utf-8"
+    )
+    after = [d.key for d in load_source(tmp_path / "docs" / "lines.jsonl")]
+    assert after[1:] == before and after[0] not in before
 
 
-def test_load_source_rejects_unknown_paths(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no such source"):
-        load_source(tmp_path / "missing.jsonl")
-    (tmp_path / "data.csv").write_text("a,b", encoding="utf-8")
-    with pytest.raises(ValueError, match="expected a directory of .txt/.md files"):
-        load_source(tmp_path / "data.csv")
+def test_an_ingest_covers_the_documents_that_could_be_read_from_its_path(tmp_path: Path) -> None:
+    docs = os.path.realpath(tmp_path / "docs")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "data.jsonl").write_text("")
+    a, b = DocumentKey(f"{docs}/a.md", ""), DocumentKey(f"{docs}/sub/b.txt", "")
+    line = DocumentKey(f"{docs}/data.jsonl", "id=1")
+    elsewhere = DocumentKey(f"{docs}-other/c.md", "")  # a folder whose name starts with the same letters
+    folder, single, jsonl = Scope.of(tmp_path / "docs"), Scope.of(tmp_path / "docs" / "a.md"), Scope.of(line.file)
+    assert [folder.document(k) for k in (a, b, line, elsewhere, ADDED_BY_CALLER)] == [a, b, None, None, None]
+    assert [single.document(k) for k in (a, b, line)] == [a, None, None]
+    other_line = DocumentKey(f"{docs}/data.jsonl", "sha256=00")
+    assert [jsonl.document(k) for k in (a, line, other_line)] == [None, line, other_line]
+
+
+def test_sources_recorded_before_document_keys_name_their_document(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs").mkdir()
+    here = os.getcwd()
+    assert legacy_key(None, None) == ADDED_BY_CALLER
+    assert legacy_key("docs/a.md", "a.md") == DocumentKey("docs/a.md", "")
+    assert legacy_key("docs/x.JSONL:12", "d7") == DocumentKey("docs/x.JSONL", "id=d7")  # the line's id
+    assert legacy_key("notes:12", "notes") == DocumentKey("notes:12", "")  # not a .jsonl line
+    # Relative, as ingest was given them: read from the working directory.
+    assert Scope.of(tmp_path / "docs").document(legacy_key("docs/a.md", "a.md")) == (f"{here}/docs/a.md", "")
+    assert Scope.of("docs/x.JSONL").document(legacy_key("docs/x.JSONL:12", "d7")) == (f"{here}/docs/x.JSONL", "id=d7")
+    assert Scope.of("docs").document(legacy_key("docs/x.JSONL:12", "d7")) is None

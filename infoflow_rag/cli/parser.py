@@ -94,7 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     _json(p)
     p.set_defaults(func=cmd_bench_store)
 
-    p = sub.add_parser("ingest", help="index a folder of .txt/.md files or a .jsonl file, prefill and store KV")
+    p = sub.add_parser(
+        "ingest",
+        help="index a folder of .txt/.md files or a .jsonl file, prefill and store KV; "
+        "run again, it replaces what the source held (edited and deleted documents)",
+    )
     p.add_argument("source", help="folder of .txt/.md files (read recursively), one such file, or a .jsonl file")
     p.add_argument("--index", required=True, help="index directory (created if missing)")
     _model(p)

@@ -55,9 +55,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
     else:
+        gone = f" ({counted(summary.removed_documents, 'document')} gone)" if summary.removed_documents else ""
         print(
             f"{counted(summary.passages, 'passage')} from {counted(summary.documents, 'document')}: "
-            f"{summary.new_passages} new, "
+            f"{summary.new_passages} new, {summary.removed_passages} removed{gone}, "
             f"{summary.kv_computed} prefilled ({summary.tokens} tokens, {summary.kv_bytes / 2**20:.1f} MiB KV) "
             f"in {summary.seconds:.1f} s = {summary.passages_per_s:.1f} passages/s, "
             f"{summary.tokens_per_s:.0f} tokens/s"

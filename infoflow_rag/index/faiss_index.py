@@ -16,16 +16,18 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
+from tqdm.auto import tqdm
 
 from infoflow_rag.files import atomic_write
 
 IVF_TRAIN_FACTOR = 39
+REBUILD_BATCH = 4096  # vectors per add while an index is refilled after a removal, so its progress bar moves
 FILE_MAGIC = b"infoflow-vectors\0"  # then a little-endian uint32 header length, the JSON header, FAISS bytes
 DEFAULT_PARAMS: dict[str, dict[str, int]] = {
     "flat": {},
@@ -166,6 +168,28 @@ class VectorIndex:
         if not self.is_trained and len(self) >= IVF_TRAIN_FACTOR * self.spec.params["nlist"]:
             self._train_ivf()
 
+    def remove(self, ids: Collection[int], show_progress: bool = False) -> None:
+        """Drop the vectors of ``ids`` (those stored).
+
+        A flat index (and IVF before training) drops them in place. A trained IVF cannot (its lists keep positions the
+        id map would no longer match) nor can HNSW: the index is emptied, keeping its training and parameters, and the
+        vectors kept are added again; for HNSW that builds its graph anew, a while for a large index
+        (``show_progress`` shows a bar).
+        """
+        drop = np.fromiter(ids, dtype=np.int64, count=len(ids))
+        if isinstance(faiss.downcast_index(self._index.index), faiss.IndexFlat):
+            self._index.remove_ids(drop)
+            return
+        vectors, stored = self._stored()
+        kept = ~np.isin(stored, drop)  # (n,)
+        vectors, stored = vectors[kept], stored[kept]
+        self._index.reset()
+        with tqdm(total=len(stored), desc=f"rebuild {self.spec.kind}", unit="vector", disable=not show_progress) as bar:
+            for start in range(0, len(stored), REBUILD_BATCH):
+                end = start + REBUILD_BATCH
+                self._index.add_with_ids(vectors[start:end], stored[start:end])
+                bar.update(len(stored[start:end]))
+
     def search(self, vectors: np.ndarray, k: int) -> SearchResult:
         """The ``k`` highest inner products for each row of ``vectors`` (queries, dim) or one (dim,) query."""
         queries = np.atleast_2d(np.ascontiguousarray(vectors, dtype=np.float32))  # (queries, dim)
@@ -180,10 +204,18 @@ class VectorIndex:
         body = faiss.serialize_index(self._index)  # (bytes,) uint8
         atomic_write(Path(path), FILE_MAGIC + struct.pack("<I", len(header)) + header + body.tobytes())
 
+    def _stored(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every stored vector (n, dim) and its passage id (n,)."""
+        inner = faiss.downcast_index(self._index.index)
+        if isinstance(inner, faiss.IndexIVFFlat):  # reads a vector by position only through a direct map
+            inner.make_direct_map()
+            vectors = inner.reconstruct_n(0, inner.ntotal)
+            inner.make_direct_map(False)  # kept, it would be saved with the index and refuse later removals
+            return vectors, self.ids()
+        return inner.reconstruct_n(0, inner.ntotal), self.ids()
+
     def _train_ivf(self) -> None:
-        flat = faiss.downcast_index(self._index.index)
-        vectors = flat.reconstruct_n(0, flat.ntotal)  # (n, dim)
-        ids = self.ids()
+        vectors, ids = self._stored()  # (n, dim), (n,): the flat buffer's
         quantizer = faiss.IndexFlatIP(self.spec.dim)
         ivf = faiss.IndexIVFFlat(quantizer, self.spec.dim, self.spec.params["nlist"], faiss.METRIC_INNER_PRODUCT)
         ivf.train(vectors)

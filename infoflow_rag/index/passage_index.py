@@ -5,9 +5,16 @@ vector per passage id) and ``index.json`` (format version, embedder name, dim, i
 params; written last by ``create``, so its presence marks a complete index), beside an empty ``.create.lock``.
 
 Crash-safety rule: records are committed before vectors are written, and the FAISS file is only
-ever replaced atomically. So at any instant the FAISS ids are a subset of the record ids, and a
-kill between the two writes leaves records without vectors. ``PassageIndex.open`` repairs that by
-embedding and adding exactly those records, so the two files never disagree once opened.
+ever replaced atomically. So at any instant every FAISS id is a record's or a removed passage's: a kill between
+the two writes leaves records without vectors, or vectors of passages removed. Search
+returns only passages with a record, and ``PassageIndex.open`` repairs the rest: it embeds and adds exactly the
+records without a vector, and drops the vectors without a record. Removed ids are never given again.
+
+Removal: a passage goes when no document holds it any more (:meth:`replace_documents`, which ingest calls). Flat and
+IVF drop its vector at once. HNSW cannot remove one without building its graph anew, which costs about as much as
+building the index, so its vectors of removed passages stay, skipped by search (which fetches more to still return
+k hits), until they are more than the live ones: the graph is then rebuilt from the vectors kept. So the rebuilds
+cost little per removed passage, and a search rarely has to fetch more than twice k.
 
 Identity: ``create`` draws a random identity and writes it into all three files. ``open`` refuses files that
 do not share it (a recreated ``passages.sqlite`` next to old vectors would retrieve the wrong passages with
@@ -32,7 +39,7 @@ import numbers
 import os
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +50,7 @@ from filelock import FileLock
 from infoflow_rag.closing import Closing
 from infoflow_rag.errors import IndexIntegrityError
 from infoflow_rag.files import atomic_write, remove_stale_temps
+from infoflow_rag.index.documents import DocumentKey, Scope
 from infoflow_rag.index.embedder import DEFAULT_MODEL, Embedder, TextEmbedder
 from infoflow_rag.index.faiss_index import IndexSpec, VectorIndex, check_index_params
 from infoflow_rag.index.index_files import (
@@ -61,7 +69,7 @@ from infoflow_rag.index.index_files import (
     vectors_held,
     writable,
 )
-from infoflow_rag.index.records import AddResult, PassageRecord, PassageRecords
+from infoflow_rag.index.records import AddResult, PassageRecord, PassageRecords, Removal
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +92,8 @@ class PassageIndex(Closing):
         self._records = records
         self._vectors = vectors
         self._lock = threading.RLock()  # around every FAISS read and write; embedding runs outside it
+        self._dead = 0  # vectors of removed passages kept (HNSW, between rebuilds), as far as this process knows
+        self._removals = -1  # records.removals when _dead was counted (-1: never counted)
 
     @classmethod
     def create(
@@ -147,7 +157,7 @@ class PassageIndex(Closing):
             records.close()
             raise
         if records.read_only:
-            if unembedded := len(records) - len(index._vectors):
+            if unembedded := len(set(records.ids()) - set(index._vectors.ids().tolist())):
                 logger.warning(
                     "%s is read-only: %d passages without vectors (an add cut short) are not searchable until it is "
                     "opened with write access",
@@ -157,6 +167,8 @@ class PassageIndex(Closing):
             return index
         if stale := remove_stale_temps(directory):  # what a kill mid-write left: a whole vectors file, say
             logger.info("%s: deleted %d temp files of writes cut short", directory, stale)
+        if dropped := index._drop_removed():
+            logger.warning("%s: dropped %d vectors of passages removed from %s", directory, dropped, RECORDS_FILE)
         repaired = index._embed_missing()
         if repaired:
             logger.warning("%s: embedded %d passages missing from %s", directory, len(repaired), VECTORS_FILE)
@@ -212,19 +224,35 @@ class PassageIndex(Closing):
         sources: Sequence[str | None] | None = None,
         metadatas: Sequence[dict[str, Any]] | None = None,
         *,
+        documents: Sequence[DocumentKey | None] | None = None,
         batch_size: int = 64,
         show_progress: bool = False,
     ) -> AddResult:
         """Passage ids for ``texts``, in order, and the ids this call created (``new_ids``: exact even when other
         processes add at the same time); texts already present keep their id and are not re-embedded.
 
+        ``documents``: the document each text is from, for :meth:`replace_documents` (ingest's); passages added
+        without one are never removed by it.
+
         Embeds every record still without a vector (the new ones, plus any left by an earlier call
         that failed after its commit) and rewrites the FAISS file, so add in large batches.
         """
         self.check_writable()
-        added = self._records.add_many(texts, sources, metadatas)
+        added = self._records.add_many(texts, sources, metadatas, documents=documents)
         self._embed_missing(batch_size, show_progress)
         return added
+
+    def replace_documents(
+        self, scope: Scope, held: Mapping[DocumentKey, Collection[int]], *, show_progress: bool = False
+    ) -> Removal:
+        """Each document of ``held`` now holds exactly those passage ids, and the other stored documents ``scope``
+        covers hold none (gone from the source); passages no document holds any more are removed: from the records,
+        committed first, then from the vectors (see the module docstring)."""
+        self.check_writable()
+        removal = self._records.replace_documents(held, scope.document)
+        if removal.passage_ids:
+            self._drop_removed(show_progress)
+        return removal
 
     def check_writable(self) -> None:
         """Refuse (:class:`ReadOnlyIndexError`) to add to an index this process may not write, before any work."""
@@ -236,14 +264,22 @@ class PassageIndex(Closing):
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
         query_vector = self.embedder.encode([query])
-        with self._lock:
-            k = min(k, len(self._vectors))  # never ask FAISS for more rows than exist: it allocates them all
-            if k == 0:
-                return []
-            found = self._vectors.search(query_vector, k)
-        pairs = [(int(i), float(s)) for i, s in zip(found.ids[0], found.scores[0], strict=True) if i >= 0]
-        records = self._records.get_many([i for i, _ in pairs])
-        return [Hit(r.id, score, r.text, r.source, r.metadata) for r, (_, score) in zip(records, pairs, strict=True)]
+        wanted = k
+        while True:
+            with self._lock:
+                stored = len(self._vectors)
+                if stored == 0:
+                    return []
+                # never ask FAISS for more rows than exist: it allocates them all
+                found = self._vectors.search(query_vector, min(wanted, stored))
+            pairs = [(int(i), float(s)) for i, s in zip(found.ids[0], found.scores[0], strict=True) if i >= 0]
+            # Vectors of removed passages (kept by HNSW, or by a process that opened before another removed them)
+            # have no record: skipped, and more are fetched until k hits are found or every vector was searched.
+            records = self._records.find_many([i for i, _ in pairs])
+            hits = [Hit(i, score, r.text, r.source, r.metadata) for i, score in pairs if (r := records.get(i))]
+            if len(hits) >= k or wanted >= stored:
+                return hits[:k]
+            wanted *= 2
 
     def get(self, ids: Sequence[int]) -> list[PassageRecord]:
         """Records for ``ids``, in order; KeyError naming unknown ids."""
@@ -294,14 +330,16 @@ class PassageIndex(Closing):
         atomic_write(self.directory / META_FILE, json.dumps(meta, indent=2).encode())
 
     def _check_identity(self, identity: str) -> None:
-        """The records and vectors must be this index's, and the vectors a subset of the records."""
+        """The records and vectors must be this index's, and the vectors those of records or of removed passages."""
         for name, found in ((RECORDS_FILE, self._records.identity), (VECTORS_FILE, self._vectors.identity)):
             if found != identity:
                 raise IndexIntegrityError(
                     f"{self.directory / name} belongs to another index (identity {found}, {META_FILE} says "
                     f"{identity}): searching would return the wrong passages; {repair_hint(self.directory)}"
                 )
-        unknown = set(self._vectors.ids().tolist()) - set(self._records.ids())
+        # An id no higher than the highest removed may be a removed passage's (a removal cut short, or HNSW's).
+        highest_removed = self._records.highest_removed
+        unknown = [i for i in set(self._vectors.ids().tolist()) - set(self._records.ids()) if i > highest_removed]
         if unknown:
             raise IndexIntegrityError(
                 f"{self.directory / VECTORS_FILE} holds {len(unknown)} passage ids missing from {RECORDS_FILE}; "
@@ -311,10 +349,15 @@ class PassageIndex(Closing):
     def _embed_missing(self, batch_size: int = 64, show_progress: bool = False) -> list[int]:
         """Embed the records that have no vector yet, add them to FAISS and save it; their ids."""
         with self._lock:
-            # FAISS ids are always a subset of record ids, so equal counts mean nothing is missing.
-            if len(self._vectors) == len(self._records):
+            # FAISS ids are record ids, plus the removed passages' kept: equal counts mean nothing is missing, unless
+            # passages were removed since they were counted (by another process, say: counts may then meet by chance).
+            removals = self._records.removals
+            if removals == self._removals and len(self._vectors) == len(self._records) + self._dead:
                 return []
-            missing = sorted(set(self._records.ids()) - set(self._vectors.ids().tolist()))
+            stored, recorded = set(self._vectors.ids().tolist()), set(self._records.ids())
+            missing, self._dead, self._removals = sorted(recorded - stored), len(stored - recorded), removals
+            if not missing:
+                return []
         texts = [r.text for r in self._records.get_many(missing)]
         vectors = self.embedder.encode(texts, batch_size, show_progress)  # (len(missing), dim)
         with self._lock:  # another thread may have added some of them meanwhile: add each id once
@@ -324,6 +367,20 @@ class PassageIndex(Closing):
                 self._vectors.add(np.asarray(missing, dtype=np.int64)[new], vectors[new])
                 self._vectors.save(self.directory / VECTORS_FILE)
         return missing
+
+    def _drop_removed(self, show_progress: bool = False) -> int:
+        """Drop the vectors of passages removed from the records, and save them; how many were dropped. HNSW keeps
+        them until they are more than the live ones (see the module docstring)."""
+        with self._lock:
+            dead = set(self._vectors.ids().tolist()) - set(self._records.ids())
+            if self.spec.kind == "hnsw" and 2 * len(dead) <= len(self._vectors):
+                self._dead = len(dead)
+                return 0
+            if dead:
+                self._vectors.remove(dead, show_progress)
+                self._vectors.save(self.directory / VECTORS_FILE)
+            self._dead = 0
+            return len(dead)
 
 
 def _refuse_existing(directory: Path) -> None:

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..text import check_text
+from .documents import TEXT_SUFFIXES, DocumentKey, file_key
+from .records import content_hash
 
 T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
-TEXT_SUFFIXES = (".txt", ".md")
 MIN_WINDOW = 8  # tokens: ingest's smallest passage window (smaller ones are mostly template, not text)
 _BLANK_LINE = re.compile(r"\n\s*\n")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -32,6 +33,7 @@ class Document:
     source: str  # file path, or "<file>:<line>" for jsonl
     title: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    key: DocumentKey | None = None  # what identifies it from one ingest to the next; None: not read from a file
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ def load_source(
     path = Path(path)
     if path.is_dir():
         files = sorted(_text_files(path, follow_symlinks), key=lambda p: p.relative_to(path).as_posix())
-        documents = (_read_text(p, p.relative_to(path).as_posix(), strict_utf8) for p in files)
+        documents = (_read_text(path, p, strict_utf8) for p in files)
         return [doc for doc in documents if doc is not None]
     if not path.exists():
         raise FileNotFoundError(
@@ -129,7 +131,7 @@ def load_source(
     if path.suffix.lower() == ".jsonl":
         return _read_jsonl(path, strict_utf8)
     if path.suffix.lower() in TEXT_SUFFIXES:
-        doc = _read_text(path, path.name, strict_utf8)
+        doc = _read_text(path.parent, path, strict_utf8)
         return [doc] if doc is not None else []
     raise ValueError(f"cannot load {path}: expected a directory of .txt/.md files, a .txt/.md file or a .jsonl file")
 
@@ -164,17 +166,19 @@ def _not_utf8(where: str, error: UnicodeDecodeError, strict: bool) -> None:
     logger.warning("skipped: %s; convert it to UTF-8 to ingest it", problem)
 
 
-def _read_text(path: Path, doc_id: str, strict_utf8: bool) -> Document | None:
+def _read_text(root: Path, path: Path, strict_utf8: bool) -> Document | None:
+    """The document of the file ``path``, read under the folder ``root``."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         _not_utf8(str(path), e, strict_utf8)
         return None
-    return Document(id=doc_id, text=text, source=str(path))
+    key = DocumentKey(file_key(root, path), "")
+    return Document(id=path.relative_to(root).as_posix(), text=text, source=str(path), key=key)
 
 
 def _read_jsonl(path: Path, strict_utf8: bool) -> list[Document]:
-    documents = []
+    documents, file = [], file_key(path.parent, path)
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
             try:
@@ -183,11 +187,11 @@ def _read_jsonl(path: Path, strict_utf8: bool) -> list[Document]:
                 _not_utf8(f"{path}:{line_no}", e, strict_utf8)
                 continue
             if line.strip():
-                documents.append(_parse_jsonl_line(line, f"{path}:{line_no}", line_no))
+                documents.append(_parse_jsonl_line(line, f"{path}:{line_no}", line_no, file))
     return documents
 
 
-def _parse_jsonl_line(line: str, where: str, line_no: int) -> Document:
+def _parse_jsonl_line(line: str, where: str, line_no: int, file: str) -> Document:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -202,4 +206,7 @@ def _parse_jsonl_line(line: str, where: str, line_no: int) -> Document:
     for name in ("text", "title"):
         if obj.get(name) is not None:
             check_text(obj[name], f'{where}: "{name}"')
-    return Document(id=str(obj.get("id", line_no)), text=obj["text"], source=where, title=title, metadata=metadata)
+    doc_id = str(obj.get("id", line_no))
+    # By its id, else by its text: a line number changes when a line is inserted above.
+    key = DocumentKey(file, f"id={doc_id}" if "id" in obj else f"sha256={content_hash(obj['text'])}")
+    return Document(id=doc_id, text=obj["text"], source=where, title=title, metadata=metadata, key=key)
