@@ -301,6 +301,9 @@ def test_a_conversation_is_the_model_chat_template_of_all_turns(tiny_pipeline, e
     message = chat(tiny_pipeline).invoke([MESSAGES[role](text) for role, text in CONVERSATION])
     assert prompts == [chat_template(engine, CONVERSATION)]
     assert message.usage_metadata["input_tokens"] == len(encode(engine.tokenizer, prompts[0]))
+    # what trim_messages(token_counter=llm) counts: the same tokens
+    counted = chat(tiny_pipeline).get_num_tokens_from_messages([MESSAGES[role](t) for role, t in CONVERSATION])
+    assert counted == message.usage_metadata["input_tokens"]
     streamed = list(chat(tiny_pipeline).stream([MESSAGES[role](text) for role, text in CONVERSATION]))
     assert prompts[1] == prompts[0] and "".join(c.content for c in streamed).strip() == message.content
     with pytest.raises(ValueError, match="the last message must be the user's, got 'assistant'"):

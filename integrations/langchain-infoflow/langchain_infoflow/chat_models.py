@@ -14,6 +14,8 @@ from langchain_core.runnables import Runnable
 from pydantic import Field, model_validator
 
 from infoflow_rag import DEFAULT_MODEL, OptionFields
+from infoflow_rag.chat import render
+from infoflow_rag.engine.prompt import encode
 from infoflow_rag.pipeline import (
     Pipeline,
     PipelineAnswer,
@@ -150,6 +152,15 @@ class ChatInfoFlow(BaseChatModel, OptionFields):
         """Token ids by the served model's own tokenizer: LangChain's default is GPT-2's, fetched from a model hub
         (``get_num_tokens``, ``trim_messages(token_counter=llm)`` count with this)."""
         return self.get_pipeline().engine.tokenizer.encode(text, add_special_tokens=False)
+
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
+        """The prompt's tokens through the model's chat template, as ``usage_metadata["input_tokens"]`` counts them
+        (LangChain's default counts a "Human: ..." transcript, fewer: ``trim_messages(token_counter=llm)`` would
+        keep too much). Tools are refused, as by :meth:`bind_tools`."""
+        if tools:
+            self.bind_tools(tools)
+        engine = self.get_pipeline().engine
+        return len(encode(engine.tokenizer, render(engine, messages_to_turns(messages))))
 
     def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> Runnable:
         raise NotImplementedError(
