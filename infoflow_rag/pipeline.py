@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .aio import finish_in_thread, iterate_in_thread, run_in_thread  # noqa: F401  (for the adapters)
-from .chat import Conversations, Turn
+from .chat import Conversations, Turn, render  # noqa: F401  (render: for the adapters)
 from .closing import Closing
 from .engine import Engine, QueryOptions
 from .engine.options import split_overrides

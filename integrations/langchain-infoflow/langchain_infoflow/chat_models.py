@@ -14,16 +14,16 @@ from langchain_core.runnables import Runnable
 from pydantic import Field, model_validator
 
 from infoflow_rag import DEFAULT_MODEL, OptionFields
-from infoflow_rag.chat import render
-from infoflow_rag.engine.prompt import encode
 from infoflow_rag.pipeline import (
     Pipeline,
     PipelineAnswer,
     PipelineStream,
     Turn,
     built_on_first_use,
+    encode,
     finish_in_thread,
     iterate_in_thread,
+    render,
 )
 
 from .retrieved import RETRIEVED, watch_retrievers
