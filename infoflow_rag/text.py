@@ -8,6 +8,7 @@ def check_text(text: str, what: str) -> None:
     surrogate: no encoding can write one and tokenizers fail on it without saying where. It arrives from a JSON
     escape such as "\\ud800", or from a command-line argument holding bytes that are not UTF-8 (Python keeps each
     such byte as a surrogate)."""
+    check_str(text, what)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
@@ -16,6 +17,13 @@ def check_text(text: str, what: str) -> None:
             f"{what} is not valid text: character {err.start} is a lone surrogate ({text[err.start]!r}, in "
             f"{around!r}); send UTF-8 text (a JSON string's \\ud800-\\udfff escapes only in valid pairs)"
         ) from None
+
+
+def check_str(value: object, what: str) -> None:
+    """Refuse a ``value`` that is not a str (None, a number): a tokenizer or ``.strip()`` would fail without naming
+    ``what`` it is."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be text (a str), got {type(value).__name__}: {value!r:.60}")
 
 
 def check_text_list(items: object, name: str) -> None:

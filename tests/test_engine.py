@@ -343,6 +343,21 @@ def test_sampling_is_seeded(engine):
 
 
 @pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda e: e.answer(None, PASSAGES), "the question must be text \\(a str\\), got NoneType: None"),
+        (lambda e: e.answer(QUESTION, PASSAGES, template=5), "the question template must be text .*, got int: 5"),
+        (lambda e: e.answer(QUESTION, [PASSAGES[0], None]), "a passage must be text .*, got NoneType: None"),
+        (lambda e: e.prefill([3]), "a passage must be text .*, got int: 3"),
+    ],
+)
+def test_a_value_that_is_not_text_is_refused_by_name(engine, call, message):
+    # None.strip() or a tokenizer's own error named neither the argument nor its type
+    with pytest.raises(TypeError, match=message):
+        call(engine)
+
+
+@pytest.mark.parametrize(
     ("call", "name"),
     [
         (lambda e: e.answer(QUESTION, "Acme Rockets"), "passages"),

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from ..text import check_text
+from ..text import check_str, check_text
 
 _SENTINEL = "\x00INFOFLOW_USER_CONTENT\x00"
 PASSAGE_SEPARATOR = "\n\n"
@@ -68,6 +68,7 @@ def encode_answer(tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat, text: s
 
 
 def encode_passage(tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat, text: str) -> list[int]:
+    check_str(text, "a passage")
     if not text.strip():
         raise ValueError("empty passage: every passage must contain text; drop empty strings before answering")
     return encode(tokenizer, text + fmt.separator, "a passage")
@@ -79,6 +80,8 @@ def encode_question(
     question: str,
     template: str = DEFAULT_QUESTION_TEMPLATE,
 ) -> QuestionBlock:
+    check_str(question, "the question")
+    check_str(template, "the question template")
     if not question.strip():
         raise ValueError("empty question: pass the question text to answer")
     if template.count("{question}") != 1:
